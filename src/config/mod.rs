@@ -1,0 +1,520 @@
+//! The operator's config file (TOML).
+//!
+//! Loading is three steps, none of which does I/O beyond reading the file:
+//! parse the TOML, expand `${ENV}` references in strings, deserialize while
+//! collecting every unknown field, then [`validate`] the whole thing. Every
+//! problem found is reported at once, each with the file, the field path and
+//! the reason. Connectivity (can the database be opened?) is checked later,
+//! by the sources themselves.
+//!
+//! Defaults live in the `default_*` functions of this module and nowhere else.
+
+mod validate;
+
+pub use validate::{ConfigError, ConfigErrors};
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Network endpoints.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The log between sources and micro-DBs.
+    #[serde(default)]
+    pub bus: BusConfig,
+    /// Durable snapshots of the micro-DBs.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    /// How change events find their entity.
+    #[serde(default)]
+    pub router: RouterConfig,
+    /// Where undecodable or unroutable input goes.
+    #[serde(default)]
+    pub dlq: DlqConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// When present, `fabric run` creates the demo SQLite sources if missing
+    /// and keeps mutating them.
+    #[serde(default)]
+    pub demo: Option<DemoConfig>,
+    /// The systems the fabric reads.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// The business entities the fabric assembles.
+    #[serde(default)]
+    pub entities: Vec<EntityConfig>,
+    /// The file this config was read from (not a TOML field).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerConfig {
+    /// Address of the gRPC façade.
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: String,
+    /// Address of the admin HTTP endpoint (`/healthz`, `/metrics`).
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: String,
+    /// How many entity changes a slow `WatchEntities` client may fall behind
+    /// before it is told it lagged.
+    #[serde(default = "default_watch_buffer")]
+    pub watch_buffer: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusKind {
+    Embedded,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BusConfig {
+    /// `embedded` (in-process log) or `kafka`.
+    #[serde(default = "default_bus_kind")]
+    pub kind: BusKind,
+    /// Number of partitions: the unit of ordering, of apply parallelism and
+    /// of snapshot files. Changing it re-shards entities (snapshots are
+    /// re-read and re-partitioned at start).
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Embedded bus settings.
+    #[serde(default)]
+    pub embedded: EmbeddedBusConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddedBusConfig {
+    /// Records a partition may hold unapplied before producers wait
+    /// (backpressure towards the sources).
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotConfig {
+    /// Directory of snapshot files.
+    #[serde(default = "default_snapshot_dir")]
+    pub dir: PathBuf,
+    /// Time between snapshots, e.g. `"30s"`.
+    #[serde(default = "default_snapshot_interval")]
+    pub interval: String,
+    /// Snapshot rounds kept on disk (at least 2, so a corrupt newest file has
+    /// a predecessor to fall back to).
+    #[serde(default = "default_snapshot_keep")]
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouterConfig {
+    /// Change events whose `id_via` link is not known yet may wait, at most
+    /// this many at once; beyond it the oldest goes to the dead-letter output.
+    #[serde(default = "default_pending_max")]
+    pub pending_max: usize,
+    /// How long such an event may wait for its link, e.g. `"30s"`.
+    #[serde(default = "default_pending_timeout")]
+    pub pending_timeout: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DlqConfig {
+    /// In embedded mode, dead letters are appended to this JSON-lines file.
+    #[serde(default = "default_dlq_file")]
+    pub file: PathBuf,
+    /// How many recent dead letters the status APIs keep in memory.
+    #[serde(default = "default_dlq_keep_last")]
+    pub keep_last: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A `tracing` filter, e.g. `"info,entity_fabric=debug"`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DemoConfig {
+    /// Directory of the three demo SQLite databases.
+    #[serde(default = "default_demo_dir")]
+    pub dir: PathBuf,
+    /// Customers created in a new demo.
+    #[serde(default = "default_demo_customers")]
+    pub customers: u32,
+    /// Source transactions per second the demo mutator commits (0: none).
+    #[serde(default = "default_demo_rate")]
+    pub mutations_per_second: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Sqlite,
+    Jsonl,
+    GrpcPush,
+    PostgresCdc,
+    MysqlBinlog,
+    SqlPoll,
+    DebeziumKafka,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Sqlite => "sqlite",
+            SourceKind::Jsonl => "jsonl",
+            SourceKind::GrpcPush => "grpc_push",
+            SourceKind::PostgresCdc => "postgres_cdc",
+            SourceKind::MysqlBinlog => "mysql_binlog",
+            SourceKind::SqlPoll => "sql_poll",
+            SourceKind::DebeziumKafka => "debezium_kafka",
+        }
+    }
+}
+
+/// One source. Fields that do not apply to its `kind` are refused.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SourceConfig {
+    /// Unique name; entity tables refer to it.
+    pub name: String,
+    /// The connector.
+    pub kind: SourceKind,
+    /// `sqlite`, `jsonl`: the file.
+    pub path: Option<PathBuf>,
+    /// Connection URL (database connectors).
+    pub url: Option<String>,
+    /// `sqlite`: the tables to capture (`customers` or `main.customers`).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// How often to look for new changes, e.g. `"100ms"`.
+    pub poll_interval: Option<String>,
+    /// `sqlite`: most changelog rows read per poll.
+    pub batch_size: Option<usize>,
+    /// `sqlite`: on first start, read the tables' existing rows (default true).
+    pub initial_snapshot: Option<bool>,
+}
+
+impl SourceConfig {
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .unwrap_or(Duration::from_millis(default_poll_interval_ms()))
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(default_batch_size())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdType {
+    Int,
+    String,
+    Uuid,
+}
+
+impl IdType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdType::Int => "int",
+            IdType::String => "string",
+            IdType::Uuid => "uuid",
+        }
+    }
+
+    /// Parses a client-supplied id into its canonical text form.
+    pub fn canonical(self, id: &str) -> Option<String> {
+        match self {
+            IdType::Int => id.trim().parse::<i64>().ok().map(|i| i.to_string()),
+            IdType::String => (!id.is_empty()).then(|| id.to_string()),
+            IdType::Uuid => uuid::Uuid::parse_str(id.trim())
+                .ok()
+                .map(|u| u.hyphenated().to_string()),
+        }
+    }
+}
+
+/// One entity type.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EntityConfig {
+    /// Unique name, e.g. `customer`.
+    pub name: String,
+    /// The type of the entity id.
+    #[serde(default = "default_id_type")]
+    pub id_type: IdType,
+    /// Free text for the catalog.
+    pub description: Option<String>,
+    /// The table whose row is the entity itself (default: the first table).
+    pub root_table: Option<String>,
+    /// Deleting the root row deletes the whole entity (default true).
+    #[serde(default = "default_true")]
+    pub delete_with_root: bool,
+    /// The micro-DB tables.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+    /// Named projections readers ask for.
+    #[serde(default)]
+    pub views: BTreeMap<String, ViewConfig>,
+}
+
+impl EntityConfig {
+    pub fn root_table(&self) -> &str {
+        self.root_table
+            .as_deref()
+            .or_else(|| self.tables.first().map(|t| t.name.as_str()))
+            .unwrap_or("")
+    }
+
+    pub fn table(&self, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+}
+
+/// One micro-DB table of an entity type, filled from one source table.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableConfig {
+    /// The table's name inside the micro-DB.
+    pub name: String,
+    /// The source it is read from.
+    pub source: String,
+    /// The source table (`customers`, `public.customers`).
+    pub from: String,
+    /// The column holding the entity id.
+    pub id_column: Option<String>,
+    /// Or: a one-hop link through another table of this entity type.
+    pub id_via: Option<IdVia>,
+    /// The columns that identify a row.
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+}
+
+/// `payments.invoice_id -> invoices.<pk> -> invoices.<id_column>`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdVia {
+    /// A table of the same entity type that has an `id_column` and a
+    /// single-column primary key.
+    pub table: String,
+    /// The column of this table that holds the linked table's primary key.
+    pub column: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// SHA-256 of the text, hex: joinable, not readable.
+    Hash,
+    /// The text `"***"`.
+    Redact,
+    /// Null.
+    Null,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ViewConfig {
+    /// The tables the view shows.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// `table.column` to keep; empty keeps every column of the view's tables.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// `table.column` to a mask.
+    #[serde(default)]
+    pub mask: BTreeMap<String, Mask>,
+}
+
+impl Config {
+    /// Reads, expands, deserializes and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(path, "", format!("cannot read the file: {e}"))
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// As [`Config::load`], from text (`path` names it in errors).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        validate::load(path, text)
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.server.grpc_addr.parse().expect("validated")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.server.admin_addr.parse().expect("validated")
+    }
+
+    pub fn snapshot_interval(&self) -> Duration {
+        humantime::parse_duration(&self.snapshot.interval).expect("validated")
+    }
+
+    pub fn pending_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.router.pending_timeout).expect("validated")
+    }
+
+    pub fn entity(&self, name: &str) -> Option<&EntityConfig> {
+        self.entities.iter().find(|e| e.name == name)
+    }
+
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// Resolves a relative path against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        match self.file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: default_grpc_addr(),
+            admin_addr: default_admin_addr(),
+            watch_buffer: default_watch_buffer(),
+        }
+    }
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            kind: default_bus_kind(),
+            partitions: default_partitions(),
+            embedded: EmbeddedBusConfig::default(),
+        }
+    }
+}
+
+impl Default for EmbeddedBusConfig {
+    fn default() -> Self {
+        EmbeddedBusConfig {
+            max_buffered: default_max_buffered(),
+        }
+    }
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            dir: default_snapshot_dir(),
+            interval: default_snapshot_interval(),
+            keep: default_snapshot_keep(),
+        }
+    }
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            pending_max: default_pending_max(),
+            pending_timeout: default_pending_timeout(),
+        }
+    }
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        DlqConfig {
+            file: default_dlq_file(),
+            keep_last: default_dlq_keep_last(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_grpc_addr() -> String {
+    "127.0.0.1:50051".into()
+}
+fn default_admin_addr() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_watch_buffer() -> usize {
+    4096
+}
+fn default_bus_kind() -> BusKind {
+    BusKind::Embedded
+}
+fn default_partitions() -> u32 {
+    8
+}
+fn default_max_buffered() -> usize {
+    100_000
+}
+fn default_snapshot_dir() -> PathBuf {
+    "data/snapshots".into()
+}
+fn default_snapshot_interval() -> String {
+    "30s".into()
+}
+fn default_snapshot_keep() -> usize {
+    3
+}
+fn default_pending_max() -> usize {
+    100_000
+}
+fn default_pending_timeout() -> String {
+    "30s".into()
+}
+fn default_dlq_file() -> PathBuf {
+    "data/dlq.jsonl".into()
+}
+fn default_dlq_keep_last() -> usize {
+    100
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_demo_dir() -> PathBuf {
+    "data/demo".into()
+}
+fn default_demo_customers() -> u32 {
+    5000
+}
+fn default_demo_rate() -> f64 {
+    20.0
+}
+fn default_id_type() -> IdType {
+    IdType::Int
+}
+fn default_true() -> bool {
+    true
+}
+/// Default `poll_interval` of polling sources, in milliseconds.
+pub fn default_poll_interval_ms() -> u64 {
+    50
+}
+/// Default `batch_size` of polling sources.
+pub fn default_batch_size() -> usize {
+    10_000
+}

@@ -1,0 +1,493 @@
+//! Config loading and validation: every problem at once, each with its field path.
+
+use super::{BusKind, Config, SourceKind};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the field, e.g. `entities[0].tables[2].source`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a config file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn one(file: &Path, field: &str, reason: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }])
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "invalid config: {n} problem{}",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Collector<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector<'_> {
+    fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+pub(super) fn load(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut c = Collector {
+        file: path,
+        errors: Vec::new(),
+    };
+    let mut doc: toml::Table = toml::from_str(text)
+        .map_err(|e| ConfigErrors::one(path, "", format!("not valid TOML: {}", e.message())))?;
+    expand_env(&mut c, "", &mut doc);
+    let mut unknown = Vec::new();
+    let parsed: Result<Config, _> =
+        serde_ignored::deserialize(toml::Value::Table(doc), |p: serde_ignored::Path<'_>| {
+            unknown.push(render_path(&p.to_string()));
+        });
+    for u in unknown {
+        c.err(u, "unknown field");
+    }
+    let mut config = match parsed {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            c.err("", e.to_string().trim().replace('\n', " "));
+            return Err(ConfigErrors(c.errors));
+        }
+    };
+    config.file = path.to_path_buf();
+    check(&mut c, &config);
+    if c.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+/// `sources.1.url` -> `sources[1].url`.
+fn render_path(p: &str) -> String {
+    let mut out = String::new();
+    for part in p.split('.') {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// Replaces `${NAME}` in every string with the environment variable; `$${`
+/// stands for a literal `${`.
+fn expand_env(c: &mut Collector<'_>, path: &str, table: &mut toml::Table) {
+    for (k, v) in table.iter_mut() {
+        let p = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        expand_value(c, &p, v);
+    }
+}
+
+fn expand_value(c: &mut Collector<'_>, path: &str, v: &mut toml::Value) {
+    match v {
+        toml::Value::String(s) if s.contains("${") => match expand_str(s) {
+            Ok(x) => *s = x,
+            Err(e) => c.err(path, e),
+        },
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter_mut().enumerate() {
+                expand_value(c, &format!("{path}[{i}]"), x);
+            }
+        }
+        toml::Value::Table(t) => expand_env(c, path, t),
+        _ => {}
+    }
+}
+
+fn expand_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("${") {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| "unterminated ${...} reference".to_string())?;
+            let name = &tail[..end];
+            let val = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&val);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn check(c: &mut Collector<'_>, cfg: &Config) {
+    for (field, addr) in [
+        ("server.grpc_addr", &cfg.server.grpc_addr),
+        ("server.admin_addr", &cfg.server.admin_addr),
+    ] {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            c.err(
+                field,
+                format!("{addr:?} is not a socket address (ip:port, e.g. 127.0.0.1:50051)"),
+            );
+        }
+    }
+    if cfg.server.watch_buffer == 0 {
+        c.err("server.watch_buffer", "must be at least 1");
+    }
+    if cfg.bus.kind == BusKind::Kafka {
+        c.err(
+            "bus.kind",
+            "the kafka bus is not part of this build yet; use \"embedded\"",
+        );
+    }
+    if !(1..=4096).contains(&cfg.bus.partitions) {
+        c.err("bus.partitions", "must be between 1 and 4096");
+    }
+    if cfg.bus.embedded.max_buffered == 0 {
+        c.err("bus.embedded.max_buffered", "must be at least 1");
+    }
+    check_duration(c, "snapshot.interval", &cfg.snapshot.interval);
+    if cfg.snapshot.keep < 2 {
+        c.err(
+            "snapshot.keep",
+            "must be at least 2, so that a corrupt newest snapshot has a predecessor",
+        );
+    }
+    check_duration(c, "router.pending_timeout", &cfg.router.pending_timeout);
+    if !matches!(cfg.log.format.as_str(), "text" | "json") {
+        c.err("log.format", "must be \"text\" or \"json\"");
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cfg.log.level) {
+        c.err("log.level", format!("not a valid filter: {e}"));
+    }
+    if let Some(d) = &cfg.demo
+        && !(d.mutations_per_second.is_finite() && d.mutations_per_second >= 0.0)
+    {
+        c.err("demo.mutations_per_second", "must be a number >= 0");
+    }
+
+    let mut source_names = HashMap::new();
+    for (i, s) in cfg.sources.iter().enumerate() {
+        let p = format!("sources[{i}]");
+        if s.name.is_empty() {
+            c.err(format!("{p}.name"), "must not be empty");
+        } else if let Some(j) = source_names.insert(s.name.as_str(), i) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate source name {:?} (also sources[{j}])", s.name),
+            );
+        }
+        check_source(c, &p, s);
+    }
+
+    let mut entity_names = HashSet::new();
+    for (i, e) in cfg.entities.iter().enumerate() {
+        let p = format!("entities[{i}]");
+        if e.name.is_empty() || e.name.contains('/') {
+            c.err(format!("{p}.name"), "must be non-empty and contain no '/'");
+        } else if !entity_names.insert(e.name.as_str()) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate entity type {:?}", e.name),
+            );
+        }
+        if e.tables.is_empty() {
+            c.err(format!("{p}.tables"), "an entity type needs at least one table");
+        }
+        let mut table_names = HashMap::new();
+        let mut source_tables = HashMap::new();
+        for (j, t) in e.tables.iter().enumerate() {
+            let tp = format!("{p}.tables[{j}]");
+            if t.name.is_empty() {
+                c.err(format!("{tp}.name"), "must not be empty");
+            } else if let Some(k) = table_names.insert(t.name.as_str(), j) {
+                c.err(
+                    format!("{tp}.name"),
+                    format!("duplicate table {:?} (also {p}.tables[{k}])", t.name),
+                );
+            }
+            match cfg.source(&t.source) {
+                None => c.err(
+                    format!("{tp}.source"),
+                    format!(
+                        "unknown source {:?} (known: {})",
+                        t.source,
+                        known(cfg.sources.iter().map(|s| s.name.as_str()))
+                    ),
+                ),
+                Some(s) if s.kind == SourceKind::Sqlite => {
+                    let listed = s
+                        .tables
+                        .iter()
+                        .any(|x| strip_main(x) == strip_main(&t.from));
+                    if !listed {
+                        c.err(
+                            format!("{tp}.from"),
+                            format!(
+                                "table {:?} is not in the tables of source {:?}",
+                                t.from, s.name
+                            ),
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+            if let Some(k) = source_tables.insert((t.source.as_str(), t.from.as_str()), j) {
+                c.err(
+                    format!("{tp}.from"),
+                    format!(
+                        "source table {:?} of {:?} is already mapped by {p}.tables[{k}]",
+                        t.from, t.source
+                    ),
+                );
+            }
+            if t.primary_key.is_empty() {
+                c.err(format!("{tp}.primary_key"), "needs at least one column");
+            }
+            match (&t.id_column, &t.id_via) {
+                (Some(_), Some(_)) => c.err(
+                    format!("{tp}.id_via"),
+                    "set either id_column or id_via, not both",
+                ),
+                (None, None) => c.err(
+                    format!("{tp}.id_column"),
+                    "set id_column (the column holding the entity id) or id_via",
+                ),
+                (Some(col), None) if col.is_empty() => {
+                    c.err(format!("{tp}.id_column"), "must not be empty")
+                }
+                (None, Some(via)) => match e.table(&via.table) {
+                    None => c.err(
+                        format!("{tp}.id_via.table"),
+                        format!(
+                            "links to table {:?}, which entity type {:?} does not have",
+                            via.table, e.name
+                        ),
+                    ),
+                    Some(target) if target.name == t.name => {
+                        c.err(format!("{tp}.id_via.table"), "a table cannot link to itself")
+                    }
+                    Some(target) if target.id_column.is_none() => c.err(
+                        format!("{tp}.id_via.table"),
+                        format!(
+                            "table {:?} finds its entity through id_via itself; links are one hop",
+                            target.name
+                        ),
+                    ),
+                    Some(target) if target.primary_key.len() != 1 => c.err(
+                        format!("{tp}.id_via.table"),
+                        format!(
+                            "table {:?} must have a single-column primary key to be linked to",
+                            target.name
+                        ),
+                    ),
+                    Some(_) => {}
+                },
+                _ => {}
+            }
+        }
+        if let Some(root) = &e.root_table
+            && e.table(root).is_none()
+        {
+            c.err(
+                format!("{p}.root_table"),
+                format!("no table {root:?} in entity type {:?}", e.name),
+            );
+        }
+        if let Some(root) = e.table(e.root_table()) {
+            if root.id_via.is_some() {
+                c.err(
+                    format!("{p}.root_table"),
+                    "the root table must find its entity by id_column",
+                );
+            }
+        }
+        for (name, v) in &e.views {
+            let vp = format!("{p}.views.{name}");
+            let mut in_view = BTreeSet::new();
+            for (k, t) in v.tables.iter().enumerate() {
+                if e.table(t).is_none() {
+                    c.err(
+                        format!("{vp}.tables[{k}]"),
+                        format!("no table {t:?} in entity type {:?}", e.name),
+                    );
+                }
+                in_view.insert(t.as_str());
+            }
+            if v.tables.is_empty() {
+                c.err(format!("{vp}.tables"), "a view needs at least one table");
+            }
+            for (k, col) in v.columns.iter().enumerate() {
+                check_column_ref(c, &format!("{vp}.columns[{k}]"), col, &in_view);
+            }
+            for col in v.mask.keys() {
+                check_column_ref(c, &format!("{vp}.mask.\"{col}\""), col, &in_view);
+            }
+        }
+    }
+}
+
+fn check_column_ref(c: &mut Collector<'_>, field: &str, col: &str, in_view: &BTreeSet<&str>) {
+    match col.split_once('.') {
+        Some((t, cname)) if !cname.is_empty() => {
+            if !in_view.contains(t) {
+                c.err(field, format!("table {t:?} is not one of the view's tables"));
+            }
+        }
+        _ => c.err(field, format!("{col:?} is not of the form table.column")),
+    }
+}
+
+fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
+    let allowed: &[&str] = match s.kind {
+        SourceKind::Sqlite => &[
+            "path",
+            "tables",
+            "poll_interval",
+            "batch_size",
+            "initial_snapshot",
+        ],
+        SourceKind::Jsonl => &["path", "poll_interval"],
+        SourceKind::GrpcPush => &[],
+        other => {
+            c.err(
+                format!("{p}.kind"),
+                format!(
+                    "source kind {:?} is not part of this build yet (available: sqlite, jsonl, grpc_push)",
+                    other.as_str()
+                ),
+            );
+            return;
+        }
+    };
+    let present = [
+        ("path", s.path.is_some()),
+        ("url", s.url.is_some()),
+        ("tables", !s.tables.is_empty()),
+        ("poll_interval", s.poll_interval.is_some()),
+        ("batch_size", s.batch_size.is_some()),
+        ("initial_snapshot", s.initial_snapshot.is_some()),
+    ];
+    for (field, is_set) in present {
+        if is_set && !allowed.contains(&field) {
+            c.err(
+                format!("{p}.{field}"),
+                format!("not a field of a {} source", s.kind.as_str()),
+            );
+        }
+    }
+    if matches!(s.kind, SourceKind::Sqlite | SourceKind::Jsonl) && s.path.is_none() {
+        c.err(
+            format!("{p}.path"),
+            format!("a {} source needs a path", s.kind.as_str()),
+        );
+    }
+    if s.kind == SourceKind::Sqlite && s.tables.is_empty() {
+        c.err(
+            format!("{p}.tables"),
+            "a sqlite source needs the tables to capture",
+        );
+    }
+    if let Some(d) = &s.poll_interval {
+        check_duration(c, &format!("{p}.poll_interval"), d);
+    }
+    if s.batch_size == Some(0) {
+        c.err(format!("{p}.batch_size"), "must be at least 1");
+    }
+}
+
+fn check_duration(c: &mut Collector<'_>, field: &str, s: &str) {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => c.err(field, "must be longer than zero"),
+        Ok(_) => {}
+        Err(e) => c.err(
+            field,
+            format!("{s:?} is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\""),
+        ),
+    }
+}
+
+fn strip_main(t: &str) -> &str {
+    t.strip_prefix("main.").unwrap_or(t)
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_references_expand() {
+        assert_eq!(expand_str("a$${b}").unwrap(), "a${b}");
+        assert!(expand_str("${ENTITY_FABRIC_SURELY_UNSET_VAR}").is_err());
+        assert!(expand_str("${UNTERMINATED").is_err());
+        let home = std::env::var("PATH").unwrap();
+        assert_eq!(expand_str("x${PATH}y").unwrap(), format!("x{home}y"));
+    }
+
+    #[test]
+    fn paths_render_with_indexes() {
+        assert_eq!(render_path("entities.0.tables.2.foo"), "entities[0].tables[2].foo");
+    }
+}

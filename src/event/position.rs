@@ -1,0 +1,141 @@
+//! Source positions and checkpoints.
+//!
+//! A position says where a source is in its own log. Positions of one source
+//! are totally ordered; checkpoints only move forward.
+
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// A position in one source's change stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Position {
+    /// A sequence number: a SQLite changelog `seq`, a push client's sequence.
+    Seq(u64),
+    /// A byte offset in a file: the offset right after the last line read.
+    FileOffset(u64),
+}
+
+impl Position {
+    fn rank(&self) -> (u8, u64) {
+        match self {
+            Position::Seq(s) => (0, *s),
+            Position::FileOffset(o) => (1, *o),
+        }
+    }
+}
+
+impl PartialOrd for Position {
+    /// Positions of different kinds (a source whose kind changed) do not compare.
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        let (a, x) = self.rank();
+        let (b, y) = other.rank();
+        (a == b).then(|| x.cmp(&y))
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Seq(s) => write!(f, "seq:{s}"),
+            Position::FileOffset(o) => write!(f, "offset:{o}"),
+        }
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, n) = s
+            .split_once(':')
+            .ok_or_else(|| format!("position {s:?} has no kind prefix"))?;
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("position {s:?} has a bad number"))?;
+        match kind {
+            "seq" => Ok(Position::Seq(n)),
+            "offset" => Ok(Position::FileOffset(n)),
+            _ => Err(format!("position {s:?} has an unknown kind")),
+        }
+    }
+}
+
+/// The checkpoint of each source: the position it may resume from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoints(pub BTreeMap<String, Position>);
+
+impl Checkpoints {
+    /// Moves `source` forward to `pos`. A regression is refused and reported.
+    pub fn advance(&mut self, source: &str, pos: Position) -> Result<(), String> {
+        match self.0.get(source) {
+            Some(old) if pos < *old => Err(format!(
+                "checkpoint of source {source} would move back from {old} to {pos}"
+            )),
+            _ => {
+                self.0.insert(source.to_string(), pos);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn get(&self, source: &str) -> Option<&Position> {
+        self.0.get(source)
+    }
+
+    /// The position safe for every set in `all`: per source the lowest one;
+    /// a source missing from any set is missing from the result (start over).
+    pub fn lowest<'a>(all: impl IntoIterator<Item = &'a Checkpoints>) -> Checkpoints {
+        let mut iter = all.into_iter();
+        let Some(first) = iter.next() else {
+            return Checkpoints::default();
+        };
+        let mut out = first.clone();
+        for cp in iter {
+            out.0.retain(|source, pos| match cp.0.get(source) {
+                Some(other) => {
+                    if other < pos {
+                        *pos = other.clone();
+                    }
+                    true
+                }
+                None => false,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_refuse_regression() {
+        let mut c = Checkpoints::default();
+        c.advance("a", Position::Seq(5)).unwrap();
+        c.advance("a", Position::Seq(7)).unwrap();
+        assert!(c.advance("a", Position::Seq(6)).is_err());
+        assert_eq!(c.get("a"), Some(&Position::Seq(7)));
+    }
+
+    #[test]
+    fn lowest_takes_minimum_and_drops_missing() {
+        let mut a = Checkpoints::default();
+        a.advance("s", Position::Seq(10)).unwrap();
+        a.advance("t", Position::Seq(3)).unwrap();
+        let mut b = Checkpoints::default();
+        b.advance("s", Position::Seq(4)).unwrap();
+        let low = Checkpoints::lowest([&a, &b]);
+        assert_eq!(low.get("s"), Some(&Position::Seq(4)));
+        assert_eq!(low.get("t"), None);
+    }
+
+    #[test]
+    fn position_round_trips_text() {
+        for p in [Position::Seq(9), Position::FileOffset(123)] {
+            assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Entity Fabric: one in-memory micro-database per business entity,
+//! assembled from many sources by change data capture and served over gRPC.
+//!
+//! # Layout
+//!
+//! - [`config`] — the operator's TOML file, loaded and validated at once.
+//! - [`event`] — values, rows, positions, source transactions, change sets.
+//! - [`sources`] — connectors (`sqlite`, `jsonl`, `grpc_push`) behind one trait.
+//! - [`router`] — maps row changes to entity keys (`id_column`, `id_via`).
+//! - [`bus`] — the partitioned log between router and appliers (embedded).
+//! - [`store`] — the micro-DBs (`DashMap` per partition) and snapshot files.
+//! - [`app`] — wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
+//! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
+//! - [`admin`] — `/healthz` and `/metrics`.
+//! - [`view`] — projections and masks applied on the way out.
+//! - [`demo`] — the demo SQLite sources and their mutator.
+//! - [`telemetry`] — logging, metric names, dead letters.
+
+pub mod admin;
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod grpc;
+pub mod router;
+pub mod sources;
+pub mod store;
+pub mod telemetry;
+pub mod view;
+
+/// Generated protobuf and gRPC code for `fabric.v1`.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("fabric.v1");
+
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/fabric_descriptor.bin"));
+}

@@ -1,0 +1,216 @@
+//! Sources: connectors that read a system of record and hand its
+//! transactions to the router.
+//!
+//! Every connector implements [`Source`]. It is built from its config by
+//! [`build`] (a plain `match`: the registry of connectors), then run as a
+//! task with a [`SourceContext`]: where to resume, where to send
+//! transactions, which position is durable (so it may prune or acknowledge
+//! upstream), its status counters and the shutdown signal.
+//!
+//! Contract for every connector:
+//! - A [`SourceTxn`] holds whole source transactions and the position *after*
+//!   them; positions of one source strictly increase.
+//! - Resuming from a position re-reads nothing before it and loses nothing
+//!   after it (at-least-once; the store's apply is idempotent).
+//! - Upstream is acknowledged (changelog pruned, slot advanced) only up to
+//!   the position received on `durable` (DESIGN.md invariant 3).
+//! - Bad input is reported with [`SourceContext::dead_letter`], never a crash.
+
+pub mod debezium;
+pub mod grpc_push;
+pub mod jsonl;
+pub mod sqlite;
+
+use crate::config::{Config, SourceConfig, SourceKind};
+use crate::event::{Position, SourceTxn};
+use crate::telemetry::DeadLetters;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Who is at fault and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The config asks for something the source does not have.
+    #[error("source {source_name}: {reason}")]
+    Config { source_name: String, reason: String },
+    /// The external system failed or is unreachable: retry with backoff.
+    #[error("source {source_name}: {operation}: {reason}")]
+    External {
+        source_name: String,
+        operation: String,
+        reason: String,
+    },
+    /// The pipeline behind the source is gone (shutting down).
+    #[error("source {source_name}: the router is gone")]
+    Closed { source_name: String },
+}
+
+impl SourceError {
+    pub fn external(source: &str, operation: &str, e: impl std::fmt::Display) -> Self {
+        SourceError::External {
+            source_name: source.to_string(),
+            operation: operation.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// True when retrying later can help.
+    pub fn retryable(&self) -> bool {
+        matches!(self, SourceError::External { .. })
+    }
+}
+
+/// A transaction on its way to the router, with an optional notice for the
+/// sender once it is on the bus.
+#[derive(Debug)]
+pub struct TxnEnvelope {
+    pub txn: SourceTxn,
+    pub on_routed: Option<oneshot::Sender<()>>,
+}
+
+/// Live state of one source, shown by the catalog and metrics.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    pub state: Mutex<String>,
+    pub last_error: Mutex<String>,
+    pub transactions: AtomicU64,
+    pub changes: AtomicU64,
+    /// Commit time of the last transaction read, microseconds since epoch.
+    pub last_commit_micros: AtomicI64,
+    /// True while the source has nothing more to read right now.
+    pub caught_up: std::sync::atomic::AtomicBool,
+}
+
+impl SourceStatus {
+    pub fn set_state(&self, s: &str) {
+        *self.state.lock() = s.to_string();
+    }
+
+    pub fn set_error(&self, e: &str) {
+        *self.last_error.lock() = e.to_string();
+    }
+
+    /// Now minus the last read commit time, 0 when caught up.
+    pub fn lag_millis(&self) -> i64 {
+        if self.caught_up.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let last = self.last_commit_micros.load(Ordering::Relaxed);
+        if last == 0 {
+            return 0;
+        }
+        ((now_micros() - last) / 1000).max(0)
+    }
+}
+
+/// What a running source gets.
+pub struct SourceContext {
+    pub name: Arc<str>,
+    /// Where to resume; `None` on a first start (take the initial snapshot).
+    pub resume: Option<Position>,
+    out: mpsc::Sender<TxnEnvelope>,
+    /// The highest position whose effects are durable: safe to acknowledge upstream.
+    pub durable: watch::Receiver<Option<Position>>,
+    pub status: Arc<SourceStatus>,
+    pub dead_letters: Arc<DeadLetters>,
+    pub shutdown: CancellationToken,
+}
+
+impl SourceContext {
+    pub fn new(
+        name: Arc<str>,
+        resume: Option<Position>,
+        out: mpsc::Sender<TxnEnvelope>,
+        durable: watch::Receiver<Option<Position>>,
+        status: Arc<SourceStatus>,
+        dead_letters: Arc<DeadLetters>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        SourceContext {
+            name,
+            resume,
+            out,
+            durable,
+            status,
+            dead_letters,
+            shutdown,
+        }
+    }
+
+    /// Hands one transaction to the router; waits when the pipeline is full.
+    pub async fn send(&self, txn: SourceTxn) -> Result<(), SourceError> {
+        self.send_inner(txn, None).await
+    }
+
+    /// As [`send`](Self::send), and returns a receiver told once the
+    /// transaction is on the bus.
+    pub async fn send_acked(&self, txn: SourceTxn) -> Result<oneshot::Receiver<()>, SourceError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_inner(txn, Some(tx)).await?;
+        Ok(rx)
+    }
+
+    async fn send_inner(
+        &self,
+        txn: SourceTxn,
+        on_routed: Option<oneshot::Sender<()>>,
+    ) -> Result<(), SourceError> {
+        debug_assert_eq!(txn.source, self.name);
+        self.status.transactions.fetch_add(1, Ordering::Relaxed);
+        self.status
+            .changes
+            .fetch_add(txn.changes.len() as u64, Ordering::Relaxed);
+        self.status
+            .last_commit_micros
+            .store(txn.commit_micros, Ordering::Relaxed);
+        self.out
+            .send(TxnEnvelope { txn, on_routed })
+            .await
+            .map_err(|_| SourceError::Closed {
+                source_name: self.name.to_string(),
+            })
+    }
+
+    /// Records input that cannot be decoded: counted, kept, never fatal.
+    pub fn dead_letter(&self, table: &str, reason: &str, raw: &str) {
+        self.dead_letters.record(&self.name, table, reason, raw);
+    }
+}
+
+/// A connector.
+#[async_trait]
+pub trait Source: Send {
+    /// Reads until `ctx.shutdown` fires or a fatal error. Retryable errors
+    /// returned here make the caller restart the source with backoff from
+    /// the last routed position.
+    async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError>;
+}
+
+/// The registry of connectors.
+pub fn build(
+    cfg: &SourceConfig,
+    config: &Config,
+    push: &grpc_push::PushRegistry,
+) -> Result<Box<dyn Source>, SourceError> {
+    match cfg.kind {
+        SourceKind::Sqlite => Ok(Box::new(sqlite::SqliteSource::new(cfg, config)?)),
+        SourceKind::Jsonl => Ok(Box::new(jsonl::JsonlSource::new(cfg, config)?)),
+        SourceKind::GrpcPush => Ok(Box::new(push.register(&cfg.name))),
+        other => Err(SourceError::Config {
+            source_name: cfg.name.clone(),
+            reason: format!("source kind {} is not part of this build", other.as_str()),
+        }),
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

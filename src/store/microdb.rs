@@ -1,0 +1,240 @@
+//! One entity's micro-database and the pure logic of applying a change set.
+//!
+//! An [`Entity`] is immutable once published: apply builds the next version
+//! from the current one (rows are shared through `Arc`, so the copy costs a
+//! pointer per row, not the rows) and the store swaps it in. Readers holding
+//! the previous `Arc<Entity>` keep a consistent version.
+
+use crate::event::{EntityChangeSet, EntityKey, Op, Position, Row, Value};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Rows of one micro-DB table, by primary key.
+pub type TableRows = BTreeMap<Vec<Value>, Arc<Row>>;
+
+/// One entity: its tables, version and applied source positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entity {
+    pub key: EntityKey,
+    /// Grows by one per applied change set that changed something.
+    pub version: u64,
+    /// Micro-DB table name to rows. Tables with no rows are absent.
+    pub tables: BTreeMap<Arc<str>, TableRows>,
+    /// Per source, the position of the last change set applied.
+    pub positions: BTreeMap<Arc<str>, Position>,
+    /// Source commit time of the last applied change, microseconds since epoch.
+    pub updated_micros: i64,
+}
+
+/// What applying a change set did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The set is older than what the entity already reflects: nothing done.
+    Stale,
+    /// Nothing changed (a replay of what is already there); positions moved.
+    Unchanged(Entity),
+    /// The entity has a new version.
+    Changed {
+        entity: Entity,
+        changed_tables: Vec<Arc<str>>,
+    },
+    /// The entity is gone (root row deleted, or no row left).
+    Deleted { version: u64, changed_tables: Vec<Arc<str>> },
+}
+
+impl Entity {
+    pub fn new(key: EntityKey) -> Self {
+        Entity {
+            key,
+            version: 0,
+            tables: BTreeMap::new(),
+            positions: BTreeMap::new(),
+            updated_micros: 0,
+        }
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.tables.values().map(|t| t.len()).sum()
+    }
+
+    /// Applies `set` to `current` (None: the entity does not exist yet).
+    ///
+    /// Idempotent: a set at or below the entity's position for its source
+    /// that carries the same rows changes nothing; a set strictly below it is
+    /// skipped, so replaying an older stretch of the log never moves an entity
+    /// back in time.
+    pub fn apply(current: Option<&Entity>, set: &EntityChangeSet) -> Applied {
+        if let Some(cur) = current
+            && let Some(seen) = cur.positions.get(&set.source)
+            && set.position < *seen
+        {
+            return Applied::Stale;
+        }
+        let mut next = current
+            .cloned()
+            .unwrap_or_else(|| Entity::new(set.key.clone()));
+        let mut changed: Vec<Arc<str>> = Vec::new();
+        for ch in &set.changes {
+            let did = match ch.op {
+                Op::Read | Op::Insert | Op::Update => {
+                    let Some(row) = &ch.row else { continue };
+                    let rows = next.tables.entry(ch.table.clone()).or_default();
+                    match rows.get(&ch.pk) {
+                        Some(old) if **old == *row => false,
+                        _ => {
+                            rows.insert(ch.pk.clone(), Arc::new(row.clone()));
+                            true
+                        }
+                    }
+                }
+                Op::Delete => {
+                    let did = next
+                        .tables
+                        .get_mut(&ch.table)
+                        .is_some_and(|rows| rows.remove(&ch.pk).is_some());
+                    if next.tables.get(&ch.table).is_some_and(|r| r.is_empty()) {
+                        next.tables.remove(&ch.table);
+                    }
+                    did
+                }
+                Op::Truncate => next.tables.remove(&ch.table).is_some(),
+            };
+            if did && !changed.contains(&ch.table) {
+                changed.push(ch.table.clone());
+            }
+        }
+        next.positions
+            .insert(set.source.clone(), set.position.clone());
+        let version = current.map_or(0, |c| c.version);
+        if set.delete_entity || next.tables.is_empty() {
+            if current.is_none() {
+                return Applied::Stale;
+            }
+            for t in current.map(|c| c.tables.keys()).into_iter().flatten() {
+                if !changed.contains(t) {
+                    changed.push(t.clone());
+                }
+            }
+            return Applied::Deleted {
+                version: version + 1,
+                changed_tables: changed,
+            };
+        }
+        if changed.is_empty() {
+            return Applied::Unchanged(next);
+        }
+        next.version = version + 1;
+        next.updated_micros = set.commit_micros;
+        Applied::Changed {
+            entity: next,
+            changed_tables: changed,
+        }
+    }
+
+    /// Removes every row of `table` (a source TRUNCATE); true if any was there.
+    pub fn truncated(&self, table: &str, source: &Arc<str>, position: &Position) -> Option<Entity> {
+        if !self.tables.contains_key(table) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.tables.remove(table);
+        next.version += 1;
+        next.positions.insert(source.clone(), position.clone());
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TableChange;
+
+    fn row(id: i64, name: &str) -> Row {
+        let mut r = Row::new();
+        r.insert("id".into(), Value::Int(id));
+        r.insert("name".into(), Value::Text(name.into()));
+        r
+    }
+
+    fn set(pos: u64, changes: Vec<TableChange>) -> EntityChangeSet {
+        EntityChangeSet {
+            key: EntityKey::new("customer", "1"),
+            source: "crm".into(),
+            position: Position::Seq(pos),
+            commit_micros: pos as i64,
+            changes,
+            delete_entity: false,
+        }
+    }
+
+    fn upsert(table: &str, id: i64, name: &str) -> TableChange {
+        TableChange {
+            table: table.into(),
+            op: Op::Update,
+            pk: vec![Value::Int(id)],
+            row: Some(row(id, name)),
+        }
+    }
+
+    fn changed(a: Applied) -> Entity {
+        match a {
+            Applied::Changed { entity, .. } => entity,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_set_is_one_version() {
+        let e = changed(Entity::apply(
+            None,
+            &set(1, vec![upsert("customer", 1, "a"), upsert("orders", 7, "x")]),
+        ));
+        assert_eq!(e.version, 1);
+        assert_eq!(e.row_count(), 2);
+        let e2 = changed(Entity::apply(Some(&e), &set(2, vec![upsert("orders", 8, "y")])));
+        assert_eq!(e2.version, 2);
+        assert_eq!(e2.row_count(), 3);
+    }
+
+    #[test]
+    fn replay_is_idempotent() {
+        let s1 = set(1, vec![upsert("customer", 1, "a")]);
+        let s2 = set(2, vec![upsert("customer", 1, "b")]);
+        let e1 = changed(Entity::apply(None, &s1));
+        let e2 = changed(Entity::apply(Some(&e1), &s2));
+        // Replaying an older set does not move the row back.
+        assert_eq!(Entity::apply(Some(&e2), &s1), Applied::Stale);
+        // Replaying the same set changes nothing, not even the version.
+        match Entity::apply(Some(&e2), &s2) {
+            Applied::Unchanged(e) => assert_eq!(e.version, 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn root_delete_deletes_entity() {
+        let e = changed(Entity::apply(None, &set(1, vec![upsert("customer", 1, "a")])));
+        let mut del = set(2, vec![]);
+        del.delete_entity = true;
+        assert!(matches!(
+            Entity::apply(Some(&e), &del),
+            Applied::Deleted { version: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn deleting_last_row_deletes_entity() {
+        let e = changed(Entity::apply(None, &set(1, vec![upsert("orders", 1, "a")])));
+        let d = set(
+            2,
+            vec![TableChange {
+                table: "orders".into(),
+                op: Op::Delete,
+                pk: vec![Value::Int(1)],
+                row: None,
+            }],
+        );
+        assert!(matches!(Entity::apply(Some(&e), &d), Applied::Deleted { .. }));
+    }
+}

@@ -1,0 +1,238 @@
+//! The micro-DB store: every entity's micro-database, in memory.
+//!
+//! Entities live in one `DashMap` per shard (a shard is a bus partition:
+//! the applier of a partition is the only writer of its shard). Readers get an
+//! `Arc<Entity>`: a consistent version, never a half-applied change set, and
+//! no lock held after the lookup. Every change is also published on a
+//! broadcast channel for `WatchEntities`.
+//!
+//! The store knows nothing of sources or of the bus: it applies change sets.
+
+pub mod microdb;
+pub mod snapshot;
+
+pub use microdb::{Applied, Entity};
+
+use crate::event::{EntityChangeSet, EntityKey, TruncateTable};
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use tokio::sync::broadcast;
+
+/// What happened to an entity, for watchers.
+#[derive(Debug, Clone)]
+pub struct EntityChange {
+    pub key: EntityKey,
+    pub version: u64,
+    /// The entity after the change; `None` when it was deleted.
+    pub entity: Option<Arc<Entity>>,
+    pub changed_tables: Vec<Arc<str>>,
+}
+
+type Shard = DashMap<EntityKey, Arc<Entity>>;
+
+/// All micro-DBs.
+pub struct Store {
+    shards: Vec<Shard>,
+    /// Entity count per entity type.
+    counts: HashMap<Arc<str>, AtomicI64>,
+    changes: broadcast::Sender<Arc<EntityChange>>,
+}
+
+impl Store {
+    /// A store of `shards` shards for the given entity types; watchers may lag
+    /// `watch_buffer` changes behind.
+    pub fn new(shards: u32, entity_types: &[&str], watch_buffer: usize) -> Self {
+        let (changes, _) = broadcast::channel(watch_buffer.max(1));
+        Store {
+            shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
+            counts: entity_types
+                .iter()
+                .map(|t| (Arc::<str>::from(*t), AtomicI64::new(0)))
+                .collect(),
+            changes,
+        }
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    fn shard(&self, key: &EntityKey) -> &Shard {
+        &self.shards[key.partition(self.shard_count()) as usize]
+    }
+
+    /// The current version of an entity.
+    pub fn get(&self, key: &EntityKey) -> Option<Arc<Entity>> {
+        self.shard(key).get(key).map(|e| e.value().clone())
+    }
+
+    /// Subscribes to every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EntityChange>> {
+        self.changes.subscribe()
+    }
+
+    fn count(&self, entity_type: &str, delta: i64) {
+        if let Some(c) = self.counts.get(entity_type) {
+            c.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Entities of one type.
+    pub fn entity_count(&self, entity_type: &str) -> u64 {
+        self.counts
+            .get(entity_type)
+            .map_or(0, |c| c.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// Entities in one shard.
+    pub fn shard_len(&self, shard: u32) -> usize {
+        self.shards.get(shard as usize).map_or(0, |s| s.len())
+    }
+
+    /// Applies one change set. Call only from the shard's single writer.
+    pub fn apply(&self, set: &EntityChangeSet) -> Applied {
+        let shard = self.shard(&set.key);
+        let current = shard.get(&set.key).map(|e| e.value().clone());
+        let applied = Entity::apply(current.as_deref(), set);
+        match &applied {
+            Applied::Stale => {}
+            Applied::Unchanged(e) => {
+                shard.insert(set.key.clone(), Arc::new(e.clone()));
+            }
+            Applied::Changed {
+                entity,
+                changed_tables,
+            } => {
+                let entity = Arc::new(entity.clone());
+                if shard.insert(set.key.clone(), entity.clone()).is_none() {
+                    self.count(&set.key.entity_type, 1);
+                }
+                self.publish(EntityChange {
+                    key: set.key.clone(),
+                    version: entity.version,
+                    entity: Some(entity),
+                    changed_tables: changed_tables.clone(),
+                });
+            }
+            Applied::Deleted {
+                version,
+                changed_tables,
+            } => {
+                if shard.remove(&set.key).is_some() {
+                    self.count(&set.key.entity_type, -1);
+                }
+                self.publish(EntityChange {
+                    key: set.key.clone(),
+                    version: *version,
+                    entity: None,
+                    changed_tables: changed_tables.clone(),
+                });
+            }
+        }
+        applied
+    }
+
+    /// Clears one table in every entity of `shard` of the truncated type.
+    /// Returns how many entities changed.
+    pub fn truncate(&self, shard: u32, t: &TruncateTable) -> usize {
+        let Some(s) = self.shards.get(shard as usize) else {
+            return 0;
+        };
+        let keys: Vec<EntityKey> = s
+            .iter()
+            .filter(|e| e.key().entity_type == t.entity_type && e.value().tables.contains_key(&t.table))
+            .map(|e| e.key().clone())
+            .collect();
+        let mut n = 0;
+        for key in keys {
+            let Some(cur) = s.get(&key).map(|e| e.value().clone()) else {
+                continue;
+            };
+            let Some(next) = cur.truncated(&t.table, &t.source, &t.position) else {
+                continue;
+            };
+            n += 1;
+            if next.tables.is_empty() {
+                s.remove(&key);
+                self.count(&key.entity_type, -1);
+                self.publish(EntityChange {
+                    key,
+                    version: next.version,
+                    entity: None,
+                    changed_tables: vec![t.table.clone()],
+                });
+            } else {
+                let next = Arc::new(next);
+                s.insert(key.clone(), next.clone());
+                self.publish(EntityChange {
+                    key,
+                    version: next.version,
+                    entity: Some(next),
+                    changed_tables: vec![t.table.clone()],
+                });
+            }
+        }
+        n
+    }
+
+    fn publish(&self, change: EntityChange) {
+        // No receiver is fine: nobody is watching.
+        let _ = self.changes.send(Arc::new(change));
+    }
+
+    /// Every entity of one shard, for a snapshot (cheap: `Arc` clones).
+    pub fn shard_entities(&self, shard: u32) -> Vec<Arc<Entity>> {
+        self.shards
+            .get(shard as usize)
+            .map(|s| s.iter().map(|e| e.value().clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Puts a restored entity in place (start-up only).
+    pub fn restore(&self, entity: Entity) {
+        let key = entity.key.clone();
+        if self.shard(&key).insert(key.clone(), Arc::new(entity)).is_none() {
+            self.count(&key.entity_type, 1);
+        }
+    }
+
+    /// The ids of one entity type, sorted (ints numerically), after `after`,
+    /// at most `limit`.
+    pub fn list_ids(&self, entity_type: &str, after: Option<&str>, limit: usize) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .filter(|e| &*e.key().entity_type == entity_type)
+                    .map(|e| e.key().id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort_by(|a, b| id_order(a, b));
+        let start = match after {
+            Some(a) => ids.partition_point(|x| id_order(x, a) != std::cmp::Ordering::Greater),
+            None => 0,
+        };
+        ids.into_iter().skip(start).take(limit).collect()
+    }
+
+    /// Every entity of every shard, for walks over the whole store.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Entity>)) {
+        for s in &self.shards {
+            for e in s.iter() {
+                f(e.value());
+            }
+        }
+    }
+}
+
+/// Orders ids numerically when both are integers, else as text.
+fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}

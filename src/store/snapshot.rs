@@ -1,0 +1,364 @@
+//! Snapshot files: every micro-DB of one bus partition, durable and checked.
+//!
+//! File name: `r<round>-p<partition>.snap`. Layout:
+//!
+//! ```text
+//! magic "EFSNAP01" | format version u32 | partition u32 | partitions u32 | round u64
+//! lz4 frame { meta (postcard, length-prefixed) | entity count u64 | entities (postcard, each length-prefixed) }
+//! trailer: crc32 of every byte before it u32 | length of every byte before it u64 | "EFSNAPOK"
+//! ```
+//!
+//! Written to a `.tmp` file, fsynced, renamed, and the directory fsynced
+//! (DESIGN.md invariant 4). A reader checks magic, version, length and
+//! checksum before decoding a byte, so a torn or corrupt file is refused
+//! whole, never half-loaded.
+
+use super::microdb::Entity;
+use crate::event::Checkpoints;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: &[u8; 8] = b"EFSNAP01";
+const TRAILER_MAGIC: &[u8; 8] = b"EFSNAPOK";
+/// Bumped when the encoding changes; older versions are refused by name.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 4 + 4 + 8;
+const TRAILER_LEN: usize = 4 + 8 + 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: i/o error: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("snapshot {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("snapshot {path} has format version {found}, this build reads {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// What a snapshot file says besides its entities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub partition: u32,
+    pub partitions: u32,
+    /// Snapshot round: all partitions snapshotted together share it.
+    pub round: u64,
+    /// The bus offset of the next record of this partition not reflected.
+    pub bus_offset: u64,
+    /// Per source, the position from which replay restores everything this
+    /// partition lacks.
+    pub checkpoints: Checkpoints,
+    pub created_micros: i64,
+}
+
+/// A snapshot file read back.
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    pub meta: SnapshotMeta,
+    pub entities: Vec<Entity>,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// One file on disk.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotFile {
+    pub round: u64,
+    pub partition: u32,
+    pub path: PathBuf,
+}
+
+pub fn file_name(round: u64, partition: u32) -> String {
+    format!("r{round:012}-p{partition:04}.snap")
+}
+
+fn parse_name(name: &str) -> Option<(u64, u32)> {
+    let rest = name.strip_prefix('r')?.strip_suffix(".snap")?;
+    let (r, p) = rest.split_once("-p")?;
+    Some((r.parse().ok()?, p.parse().ok()?))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Summing<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_prefixed(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(&(bytes.len() as u64).to_le_bytes())?;
+    w.write_all(bytes)
+}
+
+/// Writes one partition's snapshot durably; returns its path and size.
+/// Blocking: call from `spawn_blocking`.
+pub fn write(
+    dir: &Path,
+    meta: &SnapshotMeta,
+    entities: &[Arc<Entity>],
+) -> Result<(PathBuf, u64), SnapshotError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(file_name(meta.round, meta.partition));
+    let tmp = path.with_extension("snap.tmp");
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut out = Summing {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    let encode = |e: postcard::Error| SnapshotError::Corrupt {
+        path: path.clone(),
+        reason: format!("cannot encode: {e}"),
+    };
+    (|| -> io::Result<()> {
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        out.write_all(&meta.partition.to_le_bytes())?;
+        out.write_all(&meta.partitions.to_le_bytes())?;
+        out.write_all(&meta.round.to_le_bytes())?;
+        Ok(())
+    })()
+    .map_err(io_err(&tmp))?;
+    let mut lz = lz4_flex::frame::FrameEncoder::new(&mut out);
+    let m = postcard::to_stdvec(meta).map_err(encode)?;
+    write_prefixed(&mut lz, &m).map_err(io_err(&tmp))?;
+    lz.write_all(&(entities.len() as u64).to_le_bytes())
+        .map_err(io_err(&tmp))?;
+    let mut buf = Vec::with_capacity(4096);
+    for e in entities {
+        buf.clear();
+        buf = postcard::to_extend(&**e, buf).map_err(encode)?;
+        write_prefixed(&mut lz, &buf).map_err(io_err(&tmp))?;
+    }
+    lz.finish().map_err(|e| SnapshotError::Io {
+        path: tmp.clone(),
+        source: io::Error::other(e),
+    })?;
+    let crc = out.crc.clone().finalize();
+    let len = out.len;
+    let mut inner = out.inner;
+    (|| -> io::Result<()> {
+        inner.write_all(&crc.to_le_bytes())?;
+        inner.write_all(&len.to_le_bytes())?;
+        inner.write_all(TRAILER_MAGIC)?;
+        let file = inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })()
+    .map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok((path, len + TRAILER_LEN as u64))
+}
+
+/// Reads and checks one snapshot file. Blocking.
+pub fn read(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let corrupt = |reason: String| SnapshotError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(corrupt(format!("only {} bytes", bytes.len())));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(corrupt("not a snapshot file (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    let body_len = bytes.len() - TRAILER_LEN;
+    let trailer = &bytes[body_len..];
+    if &trailer[12..20] != TRAILER_MAGIC {
+        return Err(corrupt("no trailer: the file is torn".into()));
+    }
+    let crc = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(trailer[4..12].try_into().expect("8 bytes"));
+    if len != body_len as u64 {
+        return Err(corrupt(format!(
+            "length {len} in trailer, {body_len} bytes in file"
+        )));
+    }
+    let actual = crc32fast::hash(&bytes[..body_len]);
+    if actual != crc {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {crc:08x}, computed {actual:08x})"
+        )));
+    }
+    let mut lz = lz4_flex::frame::FrameDecoder::new(&bytes[HEADER_LEN..body_len]);
+    let read_prefixed = |lz: &mut lz4_flex::frame::FrameDecoder<&[u8]>| -> Result<Vec<u8>, SnapshotError> {
+        let mut n = [0u8; 8];
+        lz.read_exact(&mut n)
+            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+        let n = u64::from_le_bytes(n);
+        if n > body_len as u64 * 1024 {
+            return Err(corrupt(format!("implausible record length {n}")));
+        }
+        let mut buf = vec![0u8; n as usize];
+        lz.read_exact(&mut buf)
+            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+        Ok(buf)
+    };
+    let meta: SnapshotMeta = postcard::from_bytes(&read_prefixed(&mut lz)?)
+        .map_err(|e| corrupt(format!("bad metadata: {e}")))?;
+    let mut n = [0u8; 8];
+    lz.read_exact(&mut n)
+        .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+    let count = u64::from_le_bytes(n);
+    let mut entities = Vec::with_capacity(count.min(1 << 20) as usize);
+    for i in 0..count {
+        let buf = read_prefixed(&mut lz)?;
+        let e: Entity =
+            postcard::from_bytes(&buf).map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
+        entities.push(e);
+    }
+    Ok(LoadedSnapshot {
+        meta,
+        entities,
+        path: path.to_path_buf(),
+        bytes: bytes.len() as u64,
+    })
+}
+
+/// Snapshot files in `dir`, newest round first. Leftover `.tmp` files of an
+/// interrupted write are removed.
+pub fn list(dir: &Path) -> Result<Vec<SnapshotFile>, SnapshotError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".snap.tmp") {
+            let _ = fs::remove_file(entry.path());
+            continue;
+        }
+        if let Some((round, partition)) = parse_name(&name) {
+            out.push(SnapshotFile {
+                round,
+                partition,
+                path: entry.path(),
+            });
+        }
+    }
+    out.sort_by(|a, b| b.cmp(a));
+    Ok(out)
+}
+
+/// Deletes every round but the newest `keep` complete ones.
+pub fn prune(dir: &Path, keep: usize) -> Result<Vec<u64>, SnapshotError> {
+    let files = list(dir)?;
+    let mut rounds: Vec<u64> = files.iter().map(|f| f.round).collect();
+    rounds.dedup();
+    let doomed: Vec<u64> = rounds.iter().skip(keep).copied().collect();
+    for f in files.iter().filter(|f| doomed.contains(&f.round)) {
+        fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+    }
+    Ok(rounds.into_iter().take(keep).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EntityKey, Position, Value};
+
+    fn entity(id: i64) -> Arc<Entity> {
+        let mut e = Entity::new(EntityKey::new("customer", id.to_string()));
+        let mut row = crate::event::Row::new();
+        row.insert("id".into(), Value::Int(id));
+        row.insert("name".into(), Value::Text(format!("c{id}")));
+        e.tables
+            .entry("customer".into())
+            .or_default()
+            .insert(vec![Value::Int(id)], Arc::new(row));
+        e.version = 3;
+        e.positions.insert("crm".into(), Position::Seq(9));
+        Arc::new(e)
+    }
+
+    fn meta(round: u64) -> SnapshotMeta {
+        let mut checkpoints = Checkpoints::default();
+        checkpoints.advance("crm", Position::Seq(9)).unwrap();
+        SnapshotMeta {
+            partition: 1,
+            partitions: 4,
+            round,
+            bus_offset: 77,
+            checkpoints,
+            created_micros: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ents: Vec<_> = (0..100).map(entity).collect();
+        let (path, _) = write(dir.path(), &meta(5), &ents).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(back.meta, meta(5));
+        assert_eq!(back.entities.len(), 100);
+        assert_eq!(back.entities[7], *ents[7]);
+    }
+
+    #[test]
+    fn any_flipped_byte_or_truncation_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let ents: Vec<_> = (0..10).map(entity).collect();
+        let (path, _) = write(dir.path(), &meta(1), &ents).unwrap();
+        let good = fs::read(&path).unwrap();
+        for i in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            fs::write(&path, &bad).unwrap();
+            assert!(read(&path).is_err(), "flip at {i} not detected");
+        }
+        for cut in [1, 10, good.len() / 2] {
+            fs::write(&path, &good[..good.len() - cut]).unwrap();
+            assert!(read(&path).is_err(), "truncation by {cut} not detected");
+        }
+    }
+
+    #[test]
+    fn prune_keeps_newest_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        for r in 1..=5 {
+            write(dir.path(), &meta(r), &[entity(1)]).unwrap();
+        }
+        assert_eq!(prune(dir.path(), 2).unwrap(), vec![5, 4]);
+        let left: Vec<u64> = list(dir.path()).unwrap().iter().map(|f| f.round).collect();
+        assert_eq!(left, vec![5, 4]);
+    }
+}

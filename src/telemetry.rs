@@ -1,0 +1,286 @@
+//! Logging, metrics and dead letters: everything the fabric tells operators.
+//!
+//! Metric names live in this file and nowhere else. Log levels: `error` — the
+//! fabric lost a capability (a source is down for good); `warn` — something
+//! is wrong but handled (corrupt snapshot skipped, retry, dead letter);
+//! `info` — lifecycle (start, restore, snapshot round); `debug` — per batch;
+//! `trace` — per event.
+
+use crate::config::LogConfig;
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tracing_subscriber::EnvFilter;
+
+/// Starts logging to stderr. `RUST_LOG` overrides the configured level.
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless.
+    let _ = if cfg.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub entity_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
+/// Every metric the fabric exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Row changes applied to micro-DBs, per source.
+    pub changes_applied: Family<SourceLabel, Counter>,
+    /// Source transactions read, per source.
+    pub source_transactions: Family<SourceLabel, Counter>,
+    /// Seconds between a source commit and now, for the last transaction read.
+    pub source_lag: Family<SourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Dead-lettered inputs, per source.
+    pub dead_letters: Family<SourceLabel, Counter>,
+    /// Entities held, per entity type.
+    pub entities: Family<TypeLabel, Gauge>,
+    /// Change events waiting for an `id_via` link.
+    pub router_pending: Gauge,
+    /// Waiting events given up on (sent to the dead-letter output).
+    pub router_pending_expired: Counter,
+    /// Bus records not yet applied, per partition.
+    pub bus_lag: Family<PartitionLabel, Gauge>,
+    /// Duration of a whole snapshot round.
+    pub snapshot_duration: Histogram,
+    /// Bytes written by the last snapshot round.
+    pub snapshot_bytes: Gauge,
+    /// Unix time of the last completed snapshot round.
+    pub snapshot_last_unix: Gauge,
+    /// gRPC request latency, per method.
+    pub grpc_latency: Family<MethodLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("fabric");
+        let changes_applied = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "changes_applied",
+            "Row changes applied to micro-DBs",
+            changes_applied.clone(),
+        );
+        let source_transactions = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "source_transactions",
+            "Source transactions read",
+            source_transactions.clone(),
+        );
+        let source_lag = Family::<SourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "source_lag_seconds",
+            "Now minus the commit time of the last transaction read (0 when caught up)",
+            source_lag.clone(),
+        );
+        let dead_letters = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "dead_letters",
+            "Inputs sent to the dead-letter output",
+            dead_letters.clone(),
+        );
+        let entities = Family::<TypeLabel, Gauge>::default();
+        r.register("entities", "Entities held in memory", entities.clone());
+        let router_pending = Gauge::default();
+        r.register(
+            "router_pending",
+            "Change events waiting for their id_via link",
+            router_pending.clone(),
+        );
+        let router_pending_expired = Counter::default();
+        r.register(
+            "router_pending_expired",
+            "Waiting change events given up on and dead-lettered",
+            router_pending_expired.clone(),
+        );
+        let bus_lag = Family::<PartitionLabel, Gauge>::default();
+        r.register(
+            "bus_lag_records",
+            "Bus records not yet applied",
+            bus_lag.clone(),
+        );
+        let snapshot_duration = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        r.register(
+            "snapshot_duration_seconds",
+            "Duration of a snapshot round",
+            snapshot_duration.clone(),
+        );
+        let snapshot_bytes = Gauge::default();
+        r.register(
+            "snapshot_bytes",
+            "Bytes written by the last snapshot round",
+            snapshot_bytes.clone(),
+        );
+        let snapshot_last_unix = Gauge::default();
+        r.register(
+            "snapshot_last_unix_seconds",
+            "Unix time of the last completed snapshot round",
+            snapshot_last_unix.clone(),
+        );
+        let grpc_latency = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+        });
+        r.register(
+            "grpc_request_duration_seconds",
+            "gRPC request latency",
+            grpc_latency.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(r),
+            changes_applied,
+            source_transactions,
+            source_lag,
+            dead_letters,
+            entities,
+            router_pending,
+            router_pending_expired,
+            bus_lag,
+            snapshot_duration,
+            snapshot_bytes,
+            snapshot_last_unix,
+            grpc_latency,
+        }
+    }
+
+    pub fn source(name: &str) -> SourceLabel {
+        SourceLabel {
+            source: name.to_string(),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
+/// One dead letter, as kept in memory and written to the file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub time: String,
+    pub source: String,
+    pub table: String,
+    pub reason: String,
+    pub raw: String,
+}
+
+/// The embedded dead-letter output: a JSON-lines file plus the last few in
+/// memory, counted per source.
+pub struct DeadLetters {
+    file: Mutex<Option<File>>,
+    path: PathBuf,
+    recent: Mutex<VecDeque<DeadLetter>>,
+    keep_last: usize,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl DeadLetters {
+    /// Opens (appends to) `path`; a file that cannot be opened is reported
+    /// once and dead letters are then only counted and kept in memory.
+    pub fn new(path: &Path, keep_last: usize, metrics: std::sync::Arc<Metrics>) -> Self {
+        let file = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| OpenOptions::new().create(true).append(true).open(path));
+        let file = match file {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the dead-letter file; dead letters are only counted");
+                None
+            }
+        };
+        DeadLetters {
+            file: Mutex::new(file),
+            path: path.to_path_buf(),
+            recent: Mutex::new(VecDeque::new()),
+            keep_last,
+            metrics,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn record(&self, source: &str, table: &str, reason: &str, raw: &str) {
+        let dl = DeadLetter {
+            time: crate::event::value::format_timestamp(crate::sources::now_micros()),
+            source: source.to_string(),
+            table: table.to_string(),
+            reason: reason.to_string(),
+            raw: raw.to_string(),
+        };
+        tracing::warn!(source, table, reason, "dead letter");
+        self.metrics
+            .dead_letters
+            .get_or_create(&Metrics::source(source))
+            .inc();
+        if let Some(f) = self.file.lock().as_mut() {
+            let line = serde_json::to_string(&dl).unwrap_or_default();
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!(error = %e, "cannot write the dead-letter file");
+            }
+        }
+        let mut recent = self.recent.lock();
+        recent.push_back(dl);
+        while recent.len() > self.keep_last {
+            recent.pop_front();
+        }
+    }
+
+    /// The most recent dead letters, oldest first.
+    pub fn recent(&self) -> Vec<DeadLetter> {
+        self.recent.lock().iter().cloned().collect()
+    }
+
+    /// Dead letters recorded for one source since start.
+    pub fn count(&self, source: &str) -> u64 {
+        self.metrics
+            .dead_letters
+            .get_or_create(&Metrics::source(source))
+            .get()
+    }
+}
