@@ -1,1 +1,322 @@
-fn main() {}
+//! The `fabric` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use entity_fabric::config::Config;
+use entity_fabric::proto;
+use entity_fabric::proto::entity_service_client::EntityServiceClient;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "fabric", version, about = "Entity Fabric: one live micro-database per business entity")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the fabric: sources, bus, micro-DBs, snapshots, gRPC and admin HTTP.
+    Run {
+        /// The config file.
+        #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
+        config: PathBuf,
+    },
+    /// Validates a config file: prints OK or every problem, exits non-zero on problems.
+    Check {
+        #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
+        config: PathBuf,
+    },
+    /// Reads one entity over gRPC.
+    Get {
+        /// Entity type, e.g. `customer`.
+        entity_type: String,
+        /// Entity id.
+        id: String,
+        /// A view of the entity type.
+        #[arg(long)]
+        view: Option<String>,
+        /// Print the entity as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The fabric's gRPC address.
+        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Prints entity changes as they happen, one JSON document per line.
+    Watch {
+        entity_type: String,
+        /// Only this entity.
+        id: Option<String>,
+        #[arg(long)]
+        view: Option<String>,
+        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Creates the demo SQLite sources (CRM, billing, support) and keeps changing them.
+    Demo {
+        /// Where the three databases go.
+        #[arg(long, default_value = "data/demo")]
+        dir: PathBuf,
+        /// Customers to create when the databases do not exist yet.
+        #[arg(long, default_value_t = 5000)]
+        customers: u32,
+        /// Source transactions per second (0: create only).
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            entity_fabric::telemetry::init_logging(&cfg.log);
+            let shutdown = CancellationToken::new();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received");
+                s.cancel();
+            });
+            entity_fabric::app::run(cfg, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "OK: {} ({} sources, {} entity types, {} partitions)",
+                    config.display(),
+                    c.sources.len(),
+                    c.entities.len(),
+                    c.bus.partitions
+                );
+                for s in &c.sources {
+                    if let Some(note) = entity_fabric::sources::limits(s.kind) {
+                        println!("  note: source {}: {note}", s.name);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprint!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Get {
+            entity_type,
+            id,
+            view,
+            json,
+            addr,
+        } => {
+            let mut client = connect(&addr).await?;
+            let resp = client
+                .get_entity(proto::GetEntityRequest {
+                    r#type: entity_type,
+                    id,
+                    view: view.unwrap_or_default(),
+                })
+                .await;
+            match resp {
+                Ok(r) => {
+                    let e = r.into_inner();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&entity_json(&e))?);
+                    } else {
+                        print_entity(&e);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Watch {
+            entity_type,
+            id,
+            view,
+            addr,
+        } => {
+            let mut client = connect(&addr).await?;
+            let mut stream = client
+                .watch_entities(proto::WatchEntitiesRequest {
+                    r#type: entity_type,
+                    id: id.unwrap_or_default(),
+                    from_version: 0,
+                    view: view.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            loop {
+                tokio::select! {
+                    _ = wait_for_signal() => return Ok(ExitCode::SUCCESS),
+                    msg = stream.message() => match msg {
+                        Ok(Some(c)) => {
+                            let op = proto::entity_change::Operation::try_from(c.operation)
+                                .map(|o| o.as_str_name().to_lowercase())
+                                .unwrap_or_default();
+                            let doc = serde_json::json!({
+                                "operation": op,
+                                "changed_tables": c.changed_tables,
+                                "entity": c.entity.as_ref().map(entity_json),
+                            });
+                            println!("{doc}");
+                        }
+                        Ok(None) => return Ok(ExitCode::SUCCESS),
+                        Err(s) => {
+                            eprintln!("error: {}", s.message());
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
+                }
+            }
+        }
+        Command::Demo {
+            dir,
+            customers,
+            rate,
+        } => {
+            entity_fabric::telemetry::init_logging(&Default::default());
+            if entity_fabric::demo::ensure(&dir, customers).await? {
+                println!("created demo databases in {} ({customers} customers)", dir.display());
+            } else {
+                println!("demo databases already in {}", dir.display());
+            }
+            if rate > 0.0 {
+                println!("committing {rate} transactions per second; Ctrl-C stops");
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    s.cancel();
+                });
+                let n = entity_fabric::demo::mutate(&dir, rate, stop).await?;
+                println!("{n} transactions committed");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<EntityServiceClient<tonic::transport::Channel>> {
+    EntityServiceClient::connect(addr.to_string())
+        .await
+        .with_context(|| format!("cannot reach the fabric at {addr}"))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn value_json(v: &proto::Value) -> serde_json::Value {
+    entity_fabric::view::value_from_proto(v)
+        .map(|v| v.to_json())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn entity_json(e: &proto::Entity) -> serde_json::Value {
+    let tables: serde_json::Map<String, serde_json::Value> = e
+        .tables
+        .iter()
+        .map(|t| {
+            let rows: Vec<serde_json::Value> = t
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut cols: Vec<(&String, &proto::Value)> = r.columns.iter().collect();
+                    cols.sort_by(|a, b| a.0.cmp(b.0));
+                    serde_json::Value::Object(
+                        cols.into_iter().map(|(k, v)| (k.clone(), value_json(v))).collect(),
+                    )
+                })
+                .collect();
+            (t.name.clone(), serde_json::Value::Array(rows))
+        })
+        .collect();
+    serde_json::json!({
+        "type": e.r#type,
+        "id": e.id,
+        "version": e.version,
+        "view": e.view,
+        "updated_at": entity_fabric::event::value::format_timestamp(e.updated_at_micros),
+        "positions": e.positions.iter().map(|p| (p.source.clone(), serde_json::Value::String(p.position.clone()))).collect::<serde_json::Map<_,_>>(),
+        "tables": tables,
+    })
+}
+
+fn print_entity(e: &proto::Entity) {
+    println!("{} {}  version {}", e.r#type, e.id, e.version);
+    let positions: Vec<String> = e
+        .positions
+        .iter()
+        .map(|p| format!("{}@{}", p.source, p.position))
+        .collect();
+    println!("  sources: {}", positions.join(", "));
+    for t in &e.tables {
+        println!("  {} ({} rows)", t.name, t.rows.len());
+        for r in &t.rows {
+            let mut cols: Vec<(&String, &proto::Value)> = r.columns.iter().collect();
+            cols.sort_by(|a, b| a.0.cmp(b.0));
+            let text: Vec<String> = cols
+                .into_iter()
+                .map(|(k, v)| format!("{k}={}", compact(&value_json(v))))
+                .collect();
+            println!("    {}", text.join("  "));
+        }
+    }
+}
+
+fn compact(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,1 +1,652 @@
-//! placeholder
+//! The router: maps each row change of a source transaction to its entity.
+//!
+//! A table finds its entity either by a column of its own (`id_column`) or
+//! through a one-hop link (`id_via`): `payments.invoice_id` names an invoice,
+//! and the invoice's `customer_id` names the customer. The router keeps a
+//! link index (link table primary key -> entity id) learned from the link
+//! table's own events; at start it is rebuilt from the restored micro-DBs.
+//!
+//! A change whose link is not known yet waits, bounded in count
+//! (`router.pending_max`) and time (`router.pending_timeout`). When the link
+//! arrives, the waiting change joins the transaction that brought it (so it
+//! carries that transaction's position and is applied in log order after
+//! it). When a bound is hit it goes to the dead-letter output with the reason.
+//!
+//! Checkpoints: a source's routed checkpoint never passes a transaction that
+//! still has a waiting change, so a crash while a change waits re-reads it.
+//!
+//! The router is single-threaded (one task); its output is one
+//! [`EntityChangeSet`] per entity touched by a transaction, so each entity's
+//! part of a transaction is applied atomically.
+
+use crate::config::{Config, IdType};
+use crate::event::{
+    BusRecord, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn,
+    TableChange, TruncateTable, Value,
+};
+use crate::store::Store;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How one source table feeds one micro-DB table.
+#[derive(Debug, Clone)]
+struct Route {
+    entity_type: Arc<str>,
+    id_type: IdType,
+    table: Arc<str>,
+    primary_key: Vec<String>,
+    rule: IdRule,
+    is_root: bool,
+    delete_with_root: bool,
+    /// Other tables link through this one: keep its link index.
+    is_link_target: bool,
+}
+
+#[derive(Debug, Clone)]
+enum IdRule {
+    Column(String),
+    Via { table: Arc<str>, column: String },
+}
+
+/// Input the router could not map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unroutable {
+    pub source: String,
+    pub table: String,
+    pub reason: String,
+    pub raw: String,
+}
+
+/// The router's output for one transaction.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// `(partition, record)` in order.
+    pub records: Vec<(u32, BusRecord)>,
+    pub dead: Vec<Unroutable>,
+}
+
+struct Pending {
+    since: Instant,
+    source: Arc<str>,
+    /// The source's routed checkpoint before the transaction of this change.
+    checkpoint_before: Option<Position>,
+    route: Route,
+    change: RowChange,
+    link: LinkKey,
+    seq: u64,
+}
+
+type LinkKey = (Arc<str>, Arc<str>, String);
+
+pub struct Router {
+    routes: HashMap<(String, String), Vec<Route>>,
+    partitions: u32,
+    /// (entity type, link table, link pk text) -> entity id.
+    links: HashMap<LinkKey, Arc<str>>,
+    pending: VecDeque<Pending>,
+    next_seq: u64,
+    pending_max: usize,
+    pending_timeout: Duration,
+    /// Per source: the position of the last routed transaction.
+    routed: BTreeMap<Arc<str>, Position>,
+}
+
+/// `main.customers` and `customers` name the same SQLite table.
+fn norm(table: &str) -> &str {
+    table.strip_prefix("main.").unwrap_or(table)
+}
+
+impl Router {
+    pub fn new(config: &Config, partitions: u32) -> Self {
+        let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
+        for e in &config.entities {
+            let root = e.root_table();
+            for t in &e.tables {
+                let rule = match (&t.id_column, &t.id_via) {
+                    (Some(c), _) => IdRule::Column(c.clone()),
+                    (None, Some(v)) => IdRule::Via {
+                        table: v.table.as_str().into(),
+                        column: v.column.clone(),
+                    },
+                    (None, None) => continue,
+                };
+                let is_link_target = e.tables.iter().any(|o| {
+                    o.id_via.as_ref().is_some_and(|v| v.table == t.name)
+                });
+                routes
+                    .entry((t.source.clone(), norm(&t.from).to_string()))
+                    .or_default()
+                    .push(Route {
+                        entity_type: e.name.as_str().into(),
+                        id_type: e.id_type,
+                        table: t.name.as_str().into(),
+                        primary_key: t.primary_key.clone(),
+                        rule,
+                        is_root: t.name == root,
+                        delete_with_root: e.delete_with_root,
+                        is_link_target,
+                    });
+            }
+        }
+        Router {
+            routes,
+            partitions,
+            links: HashMap::new(),
+            pending: VecDeque::new(),
+            next_seq: 0,
+            pending_max: config.router.pending_max,
+            pending_timeout: config.pending_timeout(),
+            routed: BTreeMap::new(),
+        }
+    }
+
+    /// Rebuilds the link index from restored micro-DBs.
+    pub fn learn_links_from(&mut self, store: &Store) {
+        let targets: Vec<(Arc<str>, Arc<str>)> = self
+            .routes
+            .values()
+            .flatten()
+            .filter(|r| r.is_link_target)
+            .map(|r| (r.entity_type.clone(), r.table.clone()))
+            .collect();
+        store.for_each(|e| {
+            for (ty, table) in &targets {
+                if *e.key.entity_type != **ty {
+                    continue;
+                }
+                if let Some(rows) = e.tables.get(table) {
+                    for pk in rows.keys() {
+                        if let Some(t) = pk.first().and_then(Value::id_text) {
+                            self.links
+                                .insert((ty.clone(), table.clone(), t), e.key.id.clone());
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Changes waiting for a link.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Per source, the position from which a restart loses nothing routed so
+    /// far: the last routed transaction, or, while a change of the source
+    /// waits for its link, the checkpoint before that change's transaction.
+    pub fn checkpoints(&self) -> BTreeMap<Arc<str>, Option<Position>> {
+        let mut out: BTreeMap<Arc<str>, Option<Position>> = self
+            .routed
+            .iter()
+            .map(|(s, p)| (s.clone(), Some(p.clone())))
+            .collect();
+        // The oldest waiting change of each source holds its checkpoint back.
+        let mut held = std::collections::HashSet::new();
+        for p in &self.pending {
+            if held.insert(p.source.clone()) {
+                out.insert(p.source.clone(), p.checkpoint_before.clone());
+            }
+        }
+        out
+    }
+
+    /// Routes one transaction.
+    pub fn route(&mut self, txn: &SourceTxn) -> Routed {
+        let mut out = Routed::default();
+        let checkpoint_before = self.routed.get(&txn.source).cloned();
+        // Per entity, in first-touch order, its changes and whether its root went.
+        let mut sets: Vec<EntityChangeSet> = Vec::new();
+        let mut index: HashMap<EntityKey, usize> = HashMap::new();
+        for change in &txn.changes {
+            let key = (txn.source.to_string(), norm(&change.table).to_string());
+            let Some(routes) = self.routes.get(&key).cloned() else {
+                // A table no entity type uses: not an error, just not ours.
+                continue;
+            };
+            for route in &routes {
+                if change.op == Op::Truncate {
+                    for p in 0..self.partitions {
+                        out.records.push((
+                            p,
+                            BusRecord::Truncate(TruncateTable {
+                                entity_type: route.entity_type.clone(),
+                                table: route.table.clone(),
+                                source: txn.source.clone(),
+                                position: txn.position.clone(),
+                                commit_micros: txn.commit_micros,
+                            }),
+                        ));
+                    }
+                    continue;
+                }
+                match self.resolve(route, change) {
+                    Ok(Resolved::Ready(items)) => {
+                        for (key, tc, delete_entity) in items {
+                            let released = if route.is_link_target {
+                                self.learn(route, &tc, &key)
+                            } else {
+                                Vec::new()
+                            };
+                            push_change(&mut sets, &mut index, txn, key.clone(), tc, delete_entity);
+                            for p in released {
+                                self.place(&mut sets, &mut index, txn, &mut out, p);
+                            }
+                        }
+                    }
+                    Ok(Resolved::Wait(link)) => {
+                        self.wait(txn, checkpoint_before.clone(), route, change, link, &mut out);
+                    }
+                    Err(reason) => out.dead.push(Unroutable {
+                        source: txn.source.to_string(),
+                        table: change.table.clone(),
+                        reason,
+                        raw: raw_of(change),
+                    }),
+                }
+            }
+        }
+        for set in sets {
+            let p = set.key.partition(self.partitions);
+            out.records.push((p, BusRecord::Changes(set)));
+        }
+        self.routed.insert(txn.source.clone(), txn.position.clone());
+        out
+    }
+
+    /// Gives up on changes that waited too long; returns them as dead letters.
+    pub fn expire(&mut self, now: Instant) -> Vec<Unroutable> {
+        let mut dead = Vec::new();
+        while let Some(p) = self.pending.front() {
+            if now.duration_since(p.since) < self.pending_timeout {
+                break;
+            }
+            let p = self.pending.pop_front().expect("front exists");
+            dead.push(Unroutable {
+                source: p.source.to_string(),
+                table: p.change.table.clone(),
+                reason: format!(
+                    "no {}.{} row with key {} arrived within {:?} to link this row to a {}",
+                    p.route.entity_type, p.link.1, p.link.2, self.pending_timeout, p.route.entity_type
+                ),
+                raw: raw_of(&p.change),
+            });
+        }
+        dead
+    }
+
+    fn wait(
+        &mut self,
+        txn: &SourceTxn,
+        checkpoint_before: Option<Position>,
+        route: &Route,
+        change: &RowChange,
+        link: LinkKey,
+        out: &mut Routed,
+    ) {
+        if self.pending.len() >= self.pending_max
+            && let Some(old) = self.pending.pop_front()
+        {
+            out.dead.push(Unroutable {
+                source: old.source.to_string(),
+                table: old.change.table.clone(),
+                reason: format!(
+                    "more than {} changes wait for links (router.pending_max); the oldest, waiting for {}.{} key {}, is given up",
+                    self.pending_max, old.route.entity_type, old.link.1, old.link.2
+                ),
+                raw: raw_of(&old.change),
+            });
+        }
+        self.next_seq += 1;
+        self.pending.push_back(Pending {
+            since: Instant::now(),
+            source: txn.source.clone(),
+            checkpoint_before,
+            route: route.clone(),
+            change: change.clone(),
+            link,
+            seq: self.next_seq,
+        });
+    }
+
+    /// Records the link a link-table row gives and returns the changes that waited for it.
+    fn learn(&mut self, route: &Route, tc: &TableChange, key: &EntityKey) -> Vec<Pending> {
+        if tc.op == Op::Delete {
+            // Keep the link: late changes of linked rows (deletes of payments
+            // of a deleted invoice) must still find their entity.
+            return Vec::new();
+        }
+        let Some(pk) = tc.pk.first().and_then(Value::id_text) else {
+            return Vec::new();
+        };
+        let lk: LinkKey = (route.entity_type.clone(), route.table.clone(), pk);
+        self.links.insert(lk.clone(), key.id.clone());
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        let mut released = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        for p in self.pending.drain(..) {
+            if p.link == lk {
+                released.push(p);
+            } else {
+                keep.push_back(p);
+            }
+        }
+        self.pending = keep;
+        released.sort_by_key(|p| p.seq);
+        released
+    }
+
+    /// Routes a released change into the current transaction's sets.
+    fn place(
+        &mut self,
+        sets: &mut Vec<EntityChangeSet>,
+        index: &mut HashMap<EntityKey, usize>,
+        txn: &SourceTxn,
+        out: &mut Routed,
+        p: Pending,
+    ) {
+        match self.resolve(&p.route, &p.change) {
+            Ok(Resolved::Ready(items)) => {
+                for (key, tc, del) in items {
+                    push_change(sets, index, txn, key, tc, del);
+                }
+            }
+            Ok(Resolved::Wait(_)) | Err(_) => out.dead.push(Unroutable {
+                source: p.source.to_string(),
+                table: p.change.table.clone(),
+                reason: "link resolved but the row still cannot be routed".into(),
+                raw: raw_of(&p.change),
+            }),
+        }
+    }
+
+    fn entity_id(&self, route: &Route, row: &Row) -> Result<Option<Arc<str>>, String> {
+        match &route.rule {
+            IdRule::Column(col) => {
+                let v = row
+                    .get(col)
+                    .ok_or_else(|| format!("the row has no id column {col:?}"))?;
+                let text = v
+                    .id_text()
+                    .ok_or_else(|| format!("id column {col:?} is {v}, which cannot be an id"))?;
+                let id = route.id_type.canonical(&text).ok_or_else(|| {
+                    format!(
+                        "id column {col:?} holds {text:?}, not a valid {} id",
+                        route.id_type.as_str()
+                    )
+                })?;
+                Ok(Some(id.into()))
+            }
+            IdRule::Via { table, column } => {
+                let v = row
+                    .get(column)
+                    .ok_or_else(|| format!("the row has no link column {column:?}"))?;
+                let text = v.id_text().ok_or_else(|| {
+                    format!("link column {column:?} is {v}, which cannot name a {table} row")
+                })?;
+                Ok(self
+                    .links
+                    .get(&(route.entity_type.clone(), table.clone(), text))
+                    .cloned())
+            }
+        }
+    }
+
+    fn resolve(&self, route: &Route, change: &RowChange) -> Result<Resolved, String> {
+        let image = change
+            .image()
+            .ok_or_else(|| format!("a {} change with no row image", change.op.as_str()))?;
+        let pk = route
+            .primary_key
+            .iter()
+            .map(|c| {
+                image
+                    .get(c)
+                    .cloned()
+                    .ok_or_else(|| format!("the row has no primary key column {c:?}"))
+            })
+            .collect::<Result<Vec<Value>, String>>()?;
+        let Some(id) = self.entity_id(route, image)? else {
+            let IdRule::Via { table, column } = &route.rule else {
+                unreachable!("only links can be unknown")
+            };
+            let text = image.get(column).and_then(Value::id_text).unwrap_or_default();
+            return Ok(Resolved::Wait((route.entity_type.clone(), table.clone(), text)));
+        };
+        let key = EntityKey {
+            entity_type: route.entity_type.clone(),
+            id,
+        };
+        let mut items = Vec::with_capacity(2);
+        // An update that moves the row to another entity: delete it from the old one.
+        if change.op == Op::Update
+            && let (Some(before), Some(_)) = (&change.before, &change.after)
+            && let Ok(Some(old_id)) = self.entity_id(route, before)
+            && old_id != key.id
+        {
+            let old_pk: Vec<Value> = route
+                .primary_key
+                .iter()
+                .map(|c| before.get(c).cloned().unwrap_or(Value::Null))
+                .collect();
+            items.push((
+                EntityKey {
+                    entity_type: route.entity_type.clone(),
+                    id: old_id,
+                },
+                TableChange {
+                    table: route.table.clone(),
+                    op: Op::Delete,
+                    pk: old_pk,
+                    row: None,
+                },
+                route.is_root && route.delete_with_root,
+            ));
+        }
+        let delete_entity = change.op == Op::Delete && route.is_root && route.delete_with_root;
+        items.push((
+            key,
+            TableChange {
+                table: route.table.clone(),
+                op: change.op,
+                pk,
+                row: match change.op {
+                    Op::Delete | Op::Truncate => None,
+                    _ => change.after.clone(),
+                },
+            },
+            delete_entity,
+        ));
+        Ok(Resolved::Ready(items))
+    }
+}
+
+enum Resolved {
+    Ready(Vec<(EntityKey, TableChange, bool)>),
+    Wait(LinkKey),
+}
+
+fn push_change(
+    sets: &mut Vec<EntityChangeSet>,
+    index: &mut HashMap<EntityKey, usize>,
+    txn: &SourceTxn,
+    key: EntityKey,
+    tc: TableChange,
+    delete_entity: bool,
+) {
+    let i = *index.entry(key.clone()).or_insert_with(|| {
+        sets.push(EntityChangeSet {
+            key,
+            source: txn.source.clone(),
+            position: txn.position.clone(),
+            commit_micros: txn.commit_micros,
+            changes: Vec::new(),
+            delete_entity: false,
+        });
+        sets.len() - 1
+    });
+    let set = &mut sets[i];
+    if delete_entity {
+        set.delete_entity = true;
+    } else if set.delete_entity && tc.op != Op::Delete {
+        // The root came back later in the same transaction.
+        set.delete_entity = false;
+    }
+    set.changes.push(tc);
+}
+
+fn raw_of(change: &RowChange) -> String {
+    let img = |r: &Option<Row>| {
+        r.as_ref().map(|r| {
+            serde_json::Value::Object(r.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+        })
+    };
+    serde_json::json!({
+        "table": change.table,
+        "op": change.op.as_str(),
+        "before": img(&change.before),
+        "after": img(&change.after),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+[[sources]]
+name = "billing"
+kind = "grpc_push"
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "invoices"
+  source = "billing"
+  from = "invoices"
+  id_column = "customer_id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "payments"
+  source = "billing"
+  from = "payments"
+  id_via = { table = "invoices", column = "invoice_id" }
+  primary_key = ["id"]
+"#;
+
+    fn router() -> Router {
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), CFG).unwrap();
+        Router::new(&cfg, 4)
+    }
+
+    fn row(pairs: &[(&str, i64)]) -> Row {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::Int(*v)))
+            .collect()
+    }
+
+    fn txn(pos: u64, changes: Vec<RowChange>) -> SourceTxn {
+        SourceTxn {
+            source: "billing".into(),
+            position: Position::Seq(pos),
+            commit_micros: 0,
+            changes,
+        }
+    }
+
+    fn insert(table: &str, r: Row) -> RowChange {
+        RowChange {
+            table: table.into(),
+            op: Op::Insert,
+            before: None,
+            after: Some(r),
+        }
+    }
+
+    fn sets(r: &Routed) -> Vec<&EntityChangeSet> {
+        r.records
+            .iter()
+            .filter_map(|(_, b)| match b {
+                BusRecord::Changes(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn id_via_follows_link_in_same_txn() {
+        let mut r = router();
+        let out = r.route(&txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        ));
+        let s = sets(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(&*s[0].key.id, "7");
+        assert_eq!(s[0].changes.len(), 2);
+    }
+
+    #[test]
+    fn unknown_link_waits_then_joins_the_txn_that_brings_it() {
+        let mut r = router();
+        let out = r.route(&txn(1, vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))]));
+        assert!(sets(&out).is_empty());
+        assert_eq!(r.pending_len(), 1);
+        // The checkpoint stays before the transaction with the waiting change.
+        assert_eq!(r.checkpoints().get("billing").cloned().flatten(), None);
+        let out = r.route(&txn(2, vec![insert("invoices", row(&[("id", 10), ("customer_id", 7)]))]));
+        let s = sets(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].position, Position::Seq(2));
+        assert_eq!(s[0].changes.len(), 2);
+        assert_eq!(r.pending_len(), 0);
+        assert_eq!(
+            r.checkpoints().get("billing").cloned().flatten(),
+            Some(Position::Seq(2))
+        );
+    }
+
+    #[test]
+    fn waiting_too_long_is_dead_lettered_with_reason() {
+        let mut r = router();
+        r.route(&txn(1, vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))]));
+        let dead = r.expire(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].reason.contains("key 99"), "{}", dead[0].reason);
+        assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn missing_id_column_is_unroutable() {
+        let mut r = router();
+        let out = r.route(&txn(1, vec![insert("invoices", row(&[("id", 10)]))]));
+        assert_eq!(out.dead.len(), 1);
+        assert!(out.dead[0].reason.contains("customer_id"));
+    }
+
+    #[test]
+    fn update_moving_a_row_deletes_it_from_the_old_entity() {
+        let mut r = router();
+        let out = r.route(&txn(
+            1,
+            vec![RowChange {
+                table: "invoices".into(),
+                op: Op::Update,
+                before: Some(row(&[("id", 10), ("customer_id", 7)])),
+                after: Some(row(&[("id", 10), ("customer_id", 8)])),
+            }],
+        ));
+        let s = sets(&out);
+        assert_eq!(s.len(), 2);
+        assert_eq!(&*s[0].key.id, "7");
+        assert_eq!(s[0].changes[0].op, Op::Delete);
+        assert_eq!(&*s[1].key.id, "8");
+    }
+}

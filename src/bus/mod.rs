@@ -1,1 +1,92 @@
-//! placeholder
+//! The bus: the ordered, partitioned log between the router and the appliers.
+//!
+//! One trait, [`Bus`], and its implementations: [`embedded`] (in-process,
+//! the default) and, in Kafka mode, a Kafka topic. Every implementation
+//! passes the same contract suite (`tests/bus_contract.rs`):
+//!
+//! - records of one partition are read in the order they were appended,
+//!   each with its offset; offsets of a partition are dense and increasing;
+//! - `produce` returns only once the records are appended (on Kafka: acknowledged);
+//! - a consumer started at offset `o` sees exactly the records from `o` on;
+//! - a consumer waits for records that are not there yet.
+//!
+//! Partitioning is not the bus's choice: the router picks the partition of an
+//! entity key with [`crate::event::EntityKey::partition`], so the store's shards
+//! and the bus agree.
+
+pub mod embedded;
+
+use crate::event::BusRecord;
+use async_trait::async_trait;
+use std::fmt;
+use std::sync::Arc;
+
+/// An offset in one bus partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub u64);
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus partition {partition} does not exist (the bus has {partitions})")]
+    NoSuchPartition { partition: u32, partitions: u32 },
+    #[error(
+        "bus partition {partition}: offset {requested} is no longer held (earliest is {earliest})"
+    )]
+    OffsetOutOfRange {
+        partition: u32,
+        requested: u64,
+        earliest: u64,
+    },
+    #[error("bus partition {partition} already has a consumer")]
+    ConsumerExists { partition: u32 },
+    #[error("the bus is closed")]
+    Closed,
+}
+
+/// A record read from the bus.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub partition: u32,
+    pub offset: Offset,
+    pub record: Arc<BusRecord>,
+}
+
+/// The reading end of one partition.
+#[async_trait]
+pub trait PartitionConsumer: Send {
+    /// Waits for at least one record, then returns up to `max` in order.
+    /// Returns an empty batch only when the bus is closed.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivered>, BusError>;
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    fn partitions(&self) -> u32;
+
+    /// Appends each record to its partition, in the order given; returns
+    /// their offsets once appended. May wait (backpressure).
+    async fn produce(&self, records: Vec<(u32, BusRecord)>) -> Result<Vec<Offset>, BusError>;
+
+    /// Reads `partition` from offset `from` on.
+    async fn consume(
+        &self,
+        partition: u32,
+        from: Offset,
+    ) -> Result<Box<dyn PartitionConsumer>, BusError>;
+
+    /// The offset the next record appended to `partition` will get.
+    fn end_offset(&self, partition: u32) -> Offset;
+
+    /// Everything below `offset` in `partition` is durable elsewhere (a
+    /// snapshot): the bus may drop it, and Kafka commits it.
+    async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError>;
+
+    /// Wakes every consumer with an empty batch and refuses further produces.
+    fn close(&self);
+}

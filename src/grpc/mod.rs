@@ -1,1 +1,114 @@
-//! placeholder
+//! The gRPC façade: `EntityService`, `CatalogService`, `IngestService`, the
+//! standard health service and server reflection (so `grpcurl` and any
+//! stock client work without our `.proto` files).
+
+mod catalog;
+mod entity;
+mod ingest;
+
+use crate::app::Fabric;
+use crate::proto::catalog_service_server::CatalogServiceServer;
+use crate::proto::entity_service_server::EntityServiceServer;
+use crate::proto::ingest_service_server::IngestServiceServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// The fully qualified names of our services, for health.
+pub const SERVICES: [&str; 3] = [
+    "fabric.v1.EntityService",
+    "fabric.v1.CatalogService",
+    "fabric.v1.IngestService",
+];
+
+/// Binds `addr` now (so a busy port fails start-up) and returns the server future.
+pub async fn serve(
+    fabric: Arc<Fabric>,
+    addr: SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    stop: CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {addr}: {e}"))?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(EntityServiceServer::new(entity::EntityApi::new(fabric.clone())))
+        .add_service(CatalogServiceServer::new(catalog::CatalogApi {
+            fabric: fabric.clone(),
+        }))
+        .add_service(IngestServiceServer::new(ingest::IngestApi { fabric }));
+    Ok(router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }))
+}
+
+/// Marks every service (and the server as a whole, `""`) serving or not.
+pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    for s in SERVICES {
+        reporter.set_service_status(s, status).await;
+    }
+}
+
+/// Records a request's latency when dropped.
+struct Timer<'a> {
+    fabric: &'a Fabric,
+    method: &'static str,
+    started: Instant,
+}
+
+impl<'a> Timer<'a> {
+    fn start(fabric: &'a Fabric, method: &'static str) -> Self {
+        Timer {
+            fabric,
+            method,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.fabric
+            .metrics
+            .grpc_latency
+            .get_or_create(&crate::telemetry::MethodLabel {
+                method: self.method.to_string(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The entity type config of `name`, or INVALID_ARGUMENT naming the known ones.
+fn entity_type<'a>(
+    fabric: &'a Fabric,
+    name: &str,
+) -> Result<&'a crate::config::EntityConfig, Status> {
+    fabric.config.entity(name).ok_or_else(|| {
+        let known: Vec<&str> = fabric.config.entities.iter().map(|e| e.name.as_str()).collect();
+        Status::invalid_argument(format!(
+            "unknown entity type {name:?} (known: {})",
+            known.join(", ")
+        ))
+    })
+}

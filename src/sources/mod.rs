@@ -214,3 +214,16 @@ pub fn now_micros() -> i64 {
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
 }
+
+/// What a source kind cannot see, for `fabric check` and the docs.
+pub fn limits(kind: SourceKind) -> Option<&'static str> {
+    match kind {
+        SourceKind::Sqlite => Some(
+            "sqlite has no transaction ids: one poll batch of whole committed transactions is applied atomically; a transaction larger than batch_size may be seen in two steps",
+        ),
+        SourceKind::Jsonl => Some(
+            "jsonl groups consecutive events with the same Debezium transaction id; events without one are their own transaction",
+        ),
+        _ => None,
+    }
+}

@@ -1,0 +1,109 @@
+//! The applier of one bus partition: the single writer of its store shard.
+//!
+//! It applies records in offset order and answers snapshot requests between
+//! records: a request names the bus offset the snapshot must reach; the
+//! applier answers, once it has applied at least that far, with the shard's
+//! entities (cheap `Arc` clones) and the offset they reflect.
+
+use crate::bus::{Bus, BusError, Offset};
+use crate::event::BusRecord;
+use crate::store::{Applied, Entity, Store};
+use crate::telemetry::Metrics;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a snapshot of one partition captures.
+pub struct Capture {
+    /// The offset of the next record not reflected.
+    pub offset: Offset,
+    pub entities: Vec<Arc<Entity>>,
+}
+
+/// "Capture the shard once you have applied everything below `until`."
+pub struct CaptureRequest {
+    pub until: Offset,
+    pub reply: oneshot::Sender<Capture>,
+}
+
+/// Live numbers of one partition.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    /// The offset of the next record to apply.
+    pub applied: AtomicU64,
+    /// The offset the last snapshot reflects.
+    pub snapshot: AtomicU64,
+}
+
+const BATCH: usize = 1024;
+
+#[tracing::instrument(skip_all, fields(partition))]
+pub async fn run(
+    partition: u32,
+    from: Offset,
+    bus: Arc<dyn Bus>,
+    store: Arc<Store>,
+    state: Arc<PartitionState>,
+    metrics: Arc<Metrics>,
+    mut requests: mpsc::Receiver<CaptureRequest>,
+) -> Result<(), BusError> {
+    let mut consumer = bus.consume(partition, from).await?;
+    let mut next = from;
+    state.applied.store(next.0, Ordering::Release);
+    let mut waiting: Vec<CaptureRequest> = Vec::new();
+    let mut requests_open = true;
+    loop {
+        // Answer every request already satisfied.
+        let (ready, still): (Vec<_>, Vec<_>) =
+            waiting.drain(..).partition(|r: &CaptureRequest| r.until <= next);
+        waiting = still;
+        if !ready.is_empty() {
+            let entities = store.shard_entities(partition);
+            for r in ready {
+                let _ = r.reply.send(Capture {
+                    offset: next,
+                    entities: entities.clone(),
+                });
+            }
+        }
+        tokio::select! {
+            biased;
+            req = requests.recv(), if requests_open => match req {
+                Some(r) => waiting.push(r),
+                None => requests_open = false,
+            },
+            batch = consumer.next_batch(BATCH) => {
+                let batch = batch?;
+                if batch.is_empty() {
+                    // The bus is closed: answer what can be answered and stop.
+                    return Ok(());
+                }
+                for d in batch {
+                    debug_assert_eq!(d.offset, next, "bus offsets must be dense");
+                    apply(&store, partition, &d.record, &metrics);
+                    next = Offset(d.offset.0 + 1);
+                }
+                state.applied.store(next.0, Ordering::Release);
+            }
+        }
+    }
+}
+
+fn apply(store: &Store, partition: u32, record: &BusRecord, metrics: &Metrics) {
+    match record {
+        BusRecord::Changes(set) => {
+            let applied = store.apply(set);
+            if !matches!(applied, Applied::Stale) {
+                metrics
+                    .changes_applied
+                    .get_or_create(&Metrics::source(&set.source))
+                    .inc_by(set.changes.len() as u64);
+            }
+            tracing::trace!(key = %set.key, position = %set.position, "applied");
+        }
+        BusRecord::Truncate(t) => {
+            let n = store.truncate(partition, t);
+            tracing::debug!(table = %t.table, entities = n, "truncated");
+        }
+    }
+}

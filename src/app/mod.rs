@@ -1,0 +1,426 @@
+//! Wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
+//!
+//! Start-up: load snapshots into the store, rebuild the router's link index
+//! from them, start one applier per partition, the router, the sources
+//! (each resuming from its restored checkpoint), the snapshot timer and the
+//! servers. Every task lives in one `JoinSet` under one cancellation token.
+//!
+//! Shutdown (SIGINT/SIGTERM or the caller's token): stop the sources, let
+//! the router drain what they sent, take a final snapshot round (which waits
+//! until the appliers applied everything routed), close the bus, stop the
+//! servers. A crash instead of a shutdown loses nothing: the sources resume
+//! from the last acknowledged checkpoint and apply is idempotent.
+
+pub mod applier;
+pub mod snapshots;
+
+use crate::bus::embedded::EmbeddedBus;
+use crate::bus::{Bus, Offset};
+use crate::config::{Config, SourceKind};
+use crate::event::Position;
+use crate::router::Router;
+use crate::sources::grpc_push::PushRegistry;
+use crate::sources::{SourceContext, SourceStatus, TxnEnvelope};
+use crate::store::Store;
+use crate::telemetry::{DeadLetters, Metrics};
+use crate::view::View;
+use anyhow::Context;
+use applier::PartitionState;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// One configured source at run time.
+pub struct SourceRuntime {
+    pub name: Arc<str>,
+    pub kind: SourceKind,
+    pub status: Arc<SourceStatus>,
+    /// The position acknowledged to the source.
+    pub durable: watch::Sender<Option<Position>>,
+}
+
+/// What the servers see of the running fabric.
+pub struct Fabric {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+    pub dead_letters: Arc<DeadLetters>,
+    pub sources: Vec<SourceRuntime>,
+    pub partitions: Vec<Arc<PartitionState>>,
+    /// Per entity type, its compiled views.
+    pub views: HashMap<String, HashMap<String, View>>,
+    pub push: PushRegistry,
+    /// Per source, the routed checkpoint (see [`Router::checkpoints`]).
+    pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
+    /// False until restore is done and every task runs.
+    pub ready: std::sync::atomic::AtomicBool,
+}
+
+impl Fabric {
+    /// Refreshes the gauges computed from live state, then renders `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        for e in &self.config.entities {
+            m.entities
+                .get_or_create(&crate::telemetry::TypeLabel {
+                    entity_type: e.name.clone(),
+                })
+                .set(self.store.entity_count(&e.name) as i64);
+        }
+        for s in &self.sources {
+            m.source_lag
+                .get_or_create(&Metrics::source(&s.name))
+                .set(s.status.lag_millis() as f64 / 1000.0);
+            let txns = s.status.transactions.load(std::sync::atomic::Ordering::Relaxed);
+            let c = m.source_transactions.get_or_create(&Metrics::source(&s.name));
+            let have = c.get();
+            if txns > have {
+                c.inc_by(txns - have);
+            }
+        }
+        for (p, st) in self.partitions.iter().enumerate() {
+            let applied = st.applied.load(std::sync::atomic::Ordering::Acquire);
+            let end = self.bus.end_offset(p as u32).0;
+            m.bus_lag
+                .get_or_create(&crate::telemetry::PartitionLabel {
+                    partition: p.to_string(),
+                })
+                .set(end.saturating_sub(applied) as i64);
+        }
+        m.render()
+    }
+}
+
+/// Runs the fabric until `shutdown` fires; returns after a clean shutdown.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let partitions = config.bus.partitions;
+    let entity_types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
+    let store = Arc::new(Store::new(partitions, &entity_types, config.server.watch_buffer));
+    let dead_letters = Arc::new(DeadLetters::new(
+        &config.resolve(&config.dlq.file),
+        config.dlq.keep_last,
+        metrics.clone(),
+    ));
+
+    if let Some(demo) = &config.demo {
+        let dir = config.resolve(&demo.dir);
+        if crate::demo::ensure(&dir, demo.customers)
+            .await
+            .with_context(|| format!("cannot create the demo databases in {}", dir.display()))?
+        {
+            tracing::info!(dir = %dir.display(), customers = demo.customers, "demo databases created");
+        }
+    }
+
+    // Restore.
+    let snap_dir = config.resolve(&config.snapshot.dir);
+    let restored = {
+        let store = store.clone();
+        let dir = snap_dir.clone();
+        tokio::task::spawn_blocking(move || snapshots::restore(&dir, &store, partitions)).await??
+    };
+    let mut router = Router::new(&config, partitions);
+    router.learn_links_from(&store);
+
+    let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(
+        partitions,
+        config.bus.embedded.max_buffered,
+        &restored.offsets,
+    ));
+    let push = PushRegistry::default();
+    let sources: Vec<SourceRuntime> = config
+        .sources
+        .iter()
+        .map(|s| SourceRuntime {
+            name: s.name.as_str().into(),
+            kind: s.kind,
+            status: Arc::new(SourceStatus::default()),
+            durable: watch::channel(restored.checkpoints.get(&s.name).cloned()).0,
+        })
+        .collect();
+    let routed: BTreeMap<Arc<str>, Option<Position>> = sources
+        .iter()
+        .map(|s| (s.name.clone(), restored.checkpoints.get(&s.name).cloned()))
+        .collect();
+    let views = config
+        .entities
+        .iter()
+        .map(|e| (e.name.clone(), View::compile_all(e)))
+        .collect();
+    let fabric = Arc::new(Fabric {
+        config: config.clone(),
+        store: store.clone(),
+        bus: bus.clone(),
+        metrics: metrics.clone(),
+        dead_letters: dead_letters.clone(),
+        sources,
+        partitions: (0..partitions)
+            .map(|p| {
+                Arc::new(PartitionState {
+                    applied: restored.offsets[p as usize].into(),
+                    snapshot: restored.offsets[p as usize].into(),
+                })
+            })
+            .collect(),
+        views,
+        push: push.clone(),
+        routed: Mutex::new(routed),
+        ready: false.into(),
+    });
+
+    let mut appliers = JoinSet::new();
+    let mut capture_tx = Vec::new();
+    for p in 0..partitions {
+        let (tx, rx) = mpsc::channel(4);
+        capture_tx.push(tx);
+        appliers.spawn(applier::run(
+            p,
+            Offset(restored.offsets[p as usize]),
+            bus.clone(),
+            store.clone(),
+            fabric.partitions[p as usize].clone(),
+            metrics.clone(),
+            rx,
+        ));
+    }
+
+    // Router.
+    let (txn_tx, txn_rx) = mpsc::channel::<TxnEnvelope>(1024);
+    let router_task = tokio::spawn(route_loop(router, txn_rx, fabric.clone()));
+
+    // Sources.
+    let sources_stop = CancellationToken::new();
+    let mut source_tasks = JoinSet::new();
+    for (i, cfg) in config.sources.iter().enumerate() {
+        let src = &fabric.sources[i];
+        let resume = restored.checkpoints.get(&cfg.name).cloned();
+        source_tasks.spawn(supervise(
+            cfg.clone(),
+            config.clone(),
+            push.clone(),
+            resume,
+            txn_tx.clone(),
+            src.durable.subscribe(),
+            src.status.clone(),
+            dead_letters.clone(),
+            sources_stop.clone(),
+            fabric.clone(),
+        ));
+    }
+    drop(txn_tx);
+
+    // Demo mutator.
+    let mut side = JoinSet::new();
+    if let Some(demo) = config.demo.clone()
+        && demo.mutations_per_second > 0.0
+    {
+        let dir = config.resolve(&demo.dir);
+        let stop = sources_stop.clone();
+        side.spawn(async move {
+            match crate::demo::mutate(&dir, demo.mutations_per_second, stop).await {
+                Ok(n) => tracing::info!(transactions = n, "demo mutator stopped"),
+                Err(e) => tracing::error!(error = %e, "demo mutator failed"),
+            }
+        });
+    }
+
+    // Servers.
+    let servers_stop = CancellationToken::new();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let grpc = crate::grpc::serve(
+        fabric.clone(),
+        config.grpc_addr(),
+        health_service,
+        servers_stop.clone(),
+    )
+    .await?;
+    side.spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!(error = %e, "grpc server failed");
+        }
+    });
+    let admin = crate::admin::serve(fabric.clone(), config.admin_addr(), servers_stop.clone()).await?;
+    side.spawn(async move {
+        if let Err(e) = admin.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    crate::grpc::set_serving(&health_reporter, true).await;
+    fabric.ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(
+        grpc = %config.grpc_addr(),
+        admin = %config.admin_addr(),
+        partitions,
+        entities = restored.entities,
+        "fabric running"
+    );
+
+    // Snapshot timer.
+    let mut snapshotter = snapshots::Snapshotter {
+        fabric: fabric.clone(),
+        requests: capture_tx,
+        next_round: restored.next_round,
+        written: VecDeque::new(),
+    };
+    let mut tick = tokio::time::interval(config.snapshot_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(e) = snapshotter.round().await {
+                    tracing::error!(error = %e, "snapshot round failed; the next one retries");
+                }
+            }
+            Some(res) = appliers.join_next() => {
+                match res {
+                    Ok(Ok(())) => anyhow::bail!("an applier stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::bail!("an applier failed: {e}"),
+                    Err(e) => anyhow::bail!("an applier panicked: {e}"),
+                }
+            }
+        }
+    }
+
+    tracing::info!("shutting down: stopping sources");
+    crate::grpc::set_serving(&health_reporter, false).await;
+    sources_stop.cancel();
+    while source_tasks.join_next().await.is_some() {}
+    let _ = router_task.await;
+    tracing::info!("taking the final snapshot");
+    if let Err(e) = snapshotter.round().await {
+        tracing::error!(error = %e, "final snapshot failed; the next start replays from the previous one");
+    }
+    bus.close();
+    while appliers.join_next().await.is_some() {}
+    servers_stop.cancel();
+    while side.join_next().await.is_some() {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The router task: routes each transaction, puts it on the bus, then
+/// publishes the new checkpoints (after the bus took the records, never before).
+#[tracing::instrument(skip_all)]
+async fn route_loop(mut router: Router, mut rx: mpsc::Receiver<TxnEnvelope>, f: Arc<Fabric>) {
+    let mut sweep = tokio::time::interval(Duration::from_millis(500));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let env = tokio::select! {
+            env = rx.recv() => match env { Some(e) => e, None => break },
+            _ = sweep.tick() => {
+                let dead = router.expire(std::time::Instant::now());
+                f.metrics.router_pending_expired.inc_by(dead.len() as u64);
+                for d in dead {
+                    f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
+                }
+                f.metrics.router_pending.set(router.pending_len() as i64);
+                *f.routed.lock() = router.checkpoints();
+                continue;
+            }
+        };
+        let routed = router.route(&env.txn);
+        for d in &routed.dead {
+            f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
+        }
+        if !routed.records.is_empty()
+            && let Err(e) = f.bus.produce(routed.records).await
+        {
+            tracing::error!(error = %e, "cannot append to the bus; stopping the router");
+            return;
+        }
+        *f.routed.lock() = router.checkpoints();
+        f.metrics.router_pending.set(router.pending_len() as i64);
+        if let Some(tx) = env.on_routed {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Runs one source, restarting it with backoff after retryable errors.
+#[allow(clippy::too_many_arguments)]
+#[tracing::instrument(skip_all, fields(source = %cfg.name))]
+async fn supervise(
+    cfg: crate::config::SourceConfig,
+    config: Arc<Config>,
+    push: PushRegistry,
+    mut resume: Option<Position>,
+    out: mpsc::Sender<TxnEnvelope>,
+    durable: watch::Receiver<Option<Position>>,
+    status: Arc<SourceStatus>,
+    dead_letters: Arc<DeadLetters>,
+    stop: CancellationToken,
+    fabric: Arc<Fabric>,
+) {
+    let name: Arc<str> = cfg.name.as_str().into();
+    let mut backoff = Duration::from_millis(200);
+    let mut built_push = None;
+    loop {
+        status.set_state("starting");
+        let source = match cfg.kind {
+            // A push source is registered once; restarts reuse it.
+            SourceKind::GrpcPush => match built_push.take() {
+                Some(s) => Ok(s),
+                None => crate::sources::build(&cfg, &config, &push),
+            },
+            _ => crate::sources::build(&cfg, &config, &push),
+        };
+        let source = match source {
+            Ok(s) => s,
+            Err(e) => {
+                status.set_state("failed");
+                status.set_error(&e.to_string());
+                tracing::error!(error = %e, "source cannot start");
+                return;
+            }
+        };
+        let ctx = SourceContext::new(
+            name.clone(),
+            resume.clone(),
+            out.clone(),
+            durable.clone(),
+            status.clone(),
+            dead_letters.clone(),
+            stop.clone(),
+        );
+        let result = source.run(ctx).await;
+        if stop.is_cancelled() {
+            status.set_state("stopped");
+            return;
+        }
+        match result {
+            Ok(()) => {
+                status.set_state("stopped");
+                return;
+            }
+            Err(e) if e.retryable() => {
+                status.set_state("retrying");
+                status.set_error(&e.to_string());
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "source failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => { status.set_state("stopped"); return; }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                // Resume after what reached the router.
+                if let Some(p) = fabric.routed.lock().get(&name).cloned().flatten() {
+                    resume = Some(p);
+                }
+            }
+            Err(e) => {
+                status.set_state("failed");
+                status.set_error(&e.to_string());
+                tracing::error!(error = %e, "source failed");
+                return;
+            }
+        }
+    }
+}

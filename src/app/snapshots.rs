@@ -1,0 +1,226 @@
+//! Snapshot rounds and restore.
+//!
+//! A round snapshots every partition together:
+//! 1. read each source's routed checkpoint `C` (everything before it is on the bus),
+//! 2. then read each partition's end offset `E[p]` (so `E` covers `C`),
+//! 3. ask each applier for its shard once it has applied up to `E[p]`,
+//! 4. write one file per partition holding the shard, its offset and `C`.
+//!
+//! Acknowledgement (invariant 3): a source position is acknowledged only once
+//! it is inside the *oldest* round still kept on disk. If the newest file of
+//! a partition turns out corrupt at restart, the previous one is used and the
+//! source still holds every change after that older file's checkpoint.
+//!
+//! Restore: per partition, the newest file that reads back whole; resume
+//! each source from the lowest checkpoint of the files used. A partition with
+//! no readable file makes every source start over (initial snapshot); apply
+//! is idempotent, so that converges.
+
+use super::applier::{CaptureRequest, PartitionState};
+use super::Fabric;
+use crate::bus::Offset;
+use crate::event::{Checkpoints, Position};
+use crate::store::snapshot::{self, SnapshotMeta};
+use crate::store::Store;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// What restore found.
+pub struct Restored {
+    pub checkpoints: Checkpoints,
+    /// Per partition (of the current count), the bus offset to start from.
+    pub offsets: Vec<u64>,
+    pub next_round: u64,
+    pub entities: usize,
+}
+
+/// Loads the newest readable snapshot of every partition into `store`.
+/// Blocking: call from `spawn_blocking`.
+pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Restored> {
+    let files = snapshot::list(dir)?;
+    let next_round = files.iter().map(|f| f.round).max().map_or(1, |r| r + 1);
+    let mut out = Restored {
+        checkpoints: Checkpoints::default(),
+        offsets: vec![0; partitions as usize],
+        next_round,
+        entities: 0,
+    };
+    if files.is_empty() {
+        tracing::info!(dir = %dir.display(), "no snapshot: starting empty");
+        return Ok(out);
+    }
+    // The partition count of the newest round decides which files belong together.
+    let mut by_partition: BTreeMap<u32, Vec<&snapshot::SnapshotFile>> = BTreeMap::new();
+    for f in &files {
+        by_partition.entry(f.partition).or_default().push(f);
+    }
+    let mut used: Vec<SnapshotMeta> = Vec::new();
+    let mut file_partitions = None;
+    let mut complete = true;
+    for (partition, candidates) in &by_partition {
+        let mut loaded = None;
+        for f in candidates {
+            let started = Instant::now();
+            match snapshot::read(&f.path) {
+                Ok(s) if file_partitions.is_none_or(|n| n == s.meta.partitions) => {
+                    tracing::info!(
+                        path = %f.path.display(),
+                        entities = s.entities.len(),
+                        bytes = s.bytes,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot read"
+                    );
+                    loaded = Some(s);
+                    break;
+                }
+                Ok(s) => tracing::warn!(
+                    path = %f.path.display(),
+                    partitions = s.meta.partitions,
+                    "snapshot from a different partition count skipped"
+                ),
+                Err(e) => tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one"),
+            }
+        }
+        let Some(s) = loaded else {
+            tracing::warn!(partition, "no readable snapshot for this partition");
+            complete = false;
+            continue;
+        };
+        file_partitions.get_or_insert(s.meta.partitions);
+        out.entities += s.entities.len();
+        for e in s.entities {
+            store.restore(e);
+        }
+        used.push(s.meta);
+    }
+    let n = file_partitions.unwrap_or(partitions);
+    if used.len() as u32 != n {
+        complete = false;
+    }
+    if complete {
+        out.checkpoints = Checkpoints::lowest(used.iter().map(|m| &m.checkpoints));
+        if n == partitions {
+            for m in &used {
+                out.offsets[m.partition as usize] = m.bus_offset;
+            }
+        }
+    } else {
+        tracing::warn!("snapshots do not cover every partition: every source starts over from its beginning");
+    }
+    tracing::info!(
+        entities = out.entities,
+        checkpoints = ?out.checkpoints.0,
+        "restored"
+    );
+    Ok(out)
+}
+
+/// Takes snapshot rounds and acknowledges sources.
+pub struct Snapshotter {
+    pub fabric: Arc<Fabric>,
+    pub requests: Vec<mpsc::Sender<CaptureRequest>>,
+    pub next_round: u64,
+    /// Checkpoints of the rounds written by this process, oldest first.
+    pub written: VecDeque<(u64, Checkpoints)>,
+}
+
+impl Snapshotter {
+    /// One round; returns the bytes written.
+    #[tracing::instrument(skip_all, fields(round = self.next_round))]
+    pub async fn round(&mut self) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        let f = &self.fabric;
+        let round = self.next_round;
+        self.next_round += 1;
+        // 1. Checkpoints first, 2. then end offsets: the offsets cover the checkpoints.
+        let mut checkpoints = Checkpoints::default();
+        for (source, pos) in f.routed.lock().iter() {
+            if let Some(p) = pos {
+                checkpoints.0.insert(source.to_string(), p.clone());
+            }
+        }
+        let partitions = f.bus.partitions();
+        let ends: Vec<Offset> = (0..partitions).map(|p| f.bus.end_offset(p)).collect();
+        let mut replies = Vec::with_capacity(partitions as usize);
+        for (p, until) in ends.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            self.requests[p]
+                .send(CaptureRequest { until: *until, reply: tx })
+                .await
+                .map_err(|_| anyhow::anyhow!("the applier of partition {p} is gone"))?;
+            replies.push(rx);
+        }
+        let mut bytes = 0;
+        let dir = f.config.resolve(&f.config.snapshot.dir);
+        for (p, rx) in replies.into_iter().enumerate() {
+            let capture = rx
+                .await
+                .map_err(|_| anyhow::anyhow!("the applier of partition {p} stopped"))?;
+            let meta = SnapshotMeta {
+                partition: p as u32,
+                partitions,
+                round,
+                bus_offset: capture.offset.0,
+                checkpoints: checkpoints.clone(),
+                created_micros: crate::sources::now_micros(),
+            };
+            let dir2 = dir.clone();
+            let (_, n) = tokio::task::spawn_blocking(move || {
+                snapshot::write(&dir2, &meta, &capture.entities)
+            })
+            .await??;
+            bytes += n;
+            let state: &PartitionState = &f.partitions[p];
+            state.snapshot.store(capture.offset.0, Ordering::Release);
+            f.bus.commit(p as u32, capture.offset).await?;
+        }
+        let keep = f.config.snapshot.keep;
+        let dir2 = dir.clone();
+        tokio::task::spawn_blocking(move || snapshot::prune(&dir2, keep)).await??;
+        self.written.push_back((round, checkpoints));
+        while self.written.len() > keep {
+            self.written.pop_front();
+        }
+        // Acknowledge what the oldest kept round holds, once this process wrote it.
+        if self.written.len() == keep
+            && let Some((_, oldest)) = self.written.front()
+        {
+            for s in &f.sources {
+                if let Some(p) = oldest.get(&s.name) {
+                    s.durable.send_if_modified(|cur| {
+                        if cur.as_ref().is_none_or(|c| p > c) {
+                            *cur = Some(p.clone());
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        f.metrics.snapshot_duration.observe(elapsed.as_secs_f64());
+        f.metrics.snapshot_bytes.set(bytes as i64);
+        f.metrics
+            .snapshot_last_unix
+            .set(crate::sources::now_micros() / 1_000_000);
+        tracing::info!(
+            bytes,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "snapshot round written"
+        );
+        Ok(bytes)
+    }
+}
+
+/// The durable position of each source, for status output.
+pub fn durable_positions(f: &Fabric) -> BTreeMap<String, Option<Position>> {
+    f.sources
+        .iter()
+        .map(|s| (s.name.to_string(), s.durable.borrow().clone()))
+        .collect()
+}

@@ -1,0 +1,240 @@
+//! `EntityService`: reads of micro-DBs.
+
+use super::{Timer, entity_type};
+use crate::app::Fabric;
+use crate::event::EntityKey;
+use crate::proto::entity_change::Operation;
+use crate::proto::entity_service_server::EntityService;
+use crate::proto::{
+    BatchGetEntitiesRequest, BatchGetEntitiesResponse, Entity, EntityChange, GetEntityRequest,
+    ListEntitiesRequest, ListEntitiesResponse, WatchEntitiesRequest,
+};
+use crate::view::{self, View};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+const MAX_BATCH: usize = 10_000;
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+pub struct EntityApi {
+    fabric: Arc<Fabric>,
+}
+
+impl EntityApi {
+    pub fn new(fabric: Arc<Fabric>) -> Self {
+        EntityApi { fabric }
+    }
+}
+
+/// Checks type, id and view of a request.
+pub(super) fn resolve<'a>(
+    fabric: &'a Fabric,
+    ty: &str,
+    id: &str,
+    view: &str,
+) -> Result<(EntityKey, Option<&'a View>), Status> {
+    let cfg = entity_type(fabric, ty)?;
+    let canonical = cfg.id_type.canonical(id).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "id {id:?} is not a valid {} id for entity type {ty:?}",
+            cfg.id_type.as_str()
+        ))
+    })?;
+    let view = resolve_view(fabric, ty, view)?;
+    Ok((EntityKey::new(cfg.name.as_str(), canonical), view))
+}
+
+fn resolve_view<'a>(fabric: &'a Fabric, ty: &str, view: &str) -> Result<Option<&'a View>, Status> {
+    if view.is_empty() {
+        return Ok(None);
+    }
+    let views = fabric.views.get(ty);
+    views
+        .and_then(|v| v.get(view))
+        .map(Some)
+        .ok_or_else(|| {
+            let mut known: Vec<&str> = views
+                .map(|v| v.keys().map(|k| k.as_str()).collect())
+                .unwrap_or_default();
+            known.sort();
+            Status::invalid_argument(format!(
+                "entity type {ty:?} has no view {view:?} (views: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<EntityChange, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EntityService for EntityApi {
+    async fn get_entity(
+        &self,
+        request: Request<GetEntityRequest>,
+    ) -> Result<Response<Entity>, Status> {
+        let _t = Timer::start(&self.fabric, "GetEntity");
+        let r = request.get_ref();
+        let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
+        match self.fabric.store.get(&key) {
+            Some(e) => Ok(Response::new(view::to_proto(&e, view))),
+            None => Err(Status::not_found(format!("{} {} not found", key.entity_type, key.id))),
+        }
+    }
+
+    async fn batch_get_entities(
+        &self,
+        request: Request<BatchGetEntitiesRequest>,
+    ) -> Result<Response<BatchGetEntitiesResponse>, Status> {
+        let _t = Timer::start(&self.fabric, "BatchGetEntities");
+        let r = request.get_ref();
+        if r.ids.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} ids asked, at most {MAX_BATCH} per batch",
+                r.ids.len()
+            )));
+        }
+        let cfg = entity_type(&self.fabric, &r.r#type)?;
+        let view = resolve_view(&self.fabric, &r.r#type, &r.view)?;
+        let mut out = BatchGetEntitiesResponse::default();
+        for id in &r.ids {
+            let canonical = cfg.id_type.canonical(id).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "id {id:?} is not a valid {} id for entity type {:?}",
+                    cfg.id_type.as_str(),
+                    cfg.name
+                ))
+            })?;
+            match self
+                .fabric
+                .store
+                .get(&EntityKey::new(cfg.name.as_str(), canonical))
+            {
+                Some(e) => out.entities.push(view::to_proto(&e, view)),
+                None => out.missing_ids.push(id.clone()),
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn list_entities(
+        &self,
+        request: Request<ListEntitiesRequest>,
+    ) -> Result<Response<ListEntitiesResponse>, Status> {
+        let _t = Timer::start(&self.fabric, "ListEntities");
+        let r = request.get_ref();
+        let cfg = entity_type(&self.fabric, &r.r#type)?;
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let ids = self.fabric.store.list_ids(&cfg.name, after, size + 1);
+        let more = ids.len() > size;
+        let ids: Vec<String> = ids.into_iter().take(size).map(|s| s.to_string()).collect();
+        Ok(Response::new(ListEntitiesResponse {
+            next_page_token: if more {
+                ids.last().cloned().unwrap_or_default()
+            } else {
+                String::new()
+            },
+            ids,
+        }))
+    }
+
+    type WatchEntitiesStream = WatchStream;
+
+    async fn watch_entities(
+        &self,
+        request: Request<WatchEntitiesRequest>,
+    ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        let r = request.into_inner();
+        let cfg = entity_type(&self.fabric, &r.r#type)?;
+        let key = if r.id.is_empty() {
+            None
+        } else {
+            Some(resolve(&self.fabric, &r.r#type, &r.id, "")?.0)
+        };
+        resolve_view(&self.fabric, &r.r#type, &r.view)?;
+        let fabric = self.fabric.clone();
+        let ty: Arc<str> = cfg.name.as_str().into();
+        // Subscribe before reading the current state, so nothing falls between.
+        let mut rx = fabric.store.subscribe();
+        let stream = async_stream(move |tx| async move {
+            let view = fabric.views.get(&*ty).and_then(|v| v.get(&r.view));
+            let mut last_sent = 0u64;
+            if let Some(k) = &key
+                && let Some(e) = fabric.store.get(k)
+                && e.version >= r.from_version
+            {
+                last_sent = e.version;
+                if tx.send(Ok(upsert(&e, view, Vec::new()))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let change = match rx.recv().await {
+                    Ok(c) => c,
+                    Err(RecvError::Closed) => return,
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "this watcher fell {n} changes behind (server.watch_buffer); reconnect to resume"
+                            ))))
+                            .await;
+                        return;
+                    }
+                };
+                if change.key.entity_type != ty || key.as_ref().is_some_and(|k| *k != change.key) {
+                    continue;
+                }
+                if key.is_some() && change.version <= last_sent {
+                    continue;
+                }
+                last_sent = change.version;
+                let tables: Vec<String> =
+                    change.changed_tables.iter().map(|t| t.to_string()).collect();
+                let msg = match &change.entity {
+                    Some(e) => upsert(e, view, tables),
+                    None => EntityChange {
+                        operation: Operation::Delete as i32,
+                        entity: Some(Entity {
+                            r#type: change.key.entity_type.to_string(),
+                            id: change.key.id.to_string(),
+                            version: change.version,
+                            ..Default::default()
+                        }),
+                        changed_tables: tables,
+                    },
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn upsert(e: &crate::store::Entity, view: Option<&View>, tables: Vec<String>) -> EntityChange {
+    EntityChange {
+        operation: Operation::Upsert as i32,
+        entity: Some(view::to_proto(e, view)),
+        changed_tables: tables,
+    }
+}
+
+/// A stream fed by a task through a small channel; the task ends when the
+/// client goes away.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<EntityChange, Status>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<EntityChange, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

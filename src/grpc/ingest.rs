@@ -1,0 +1,145 @@
+//! `IngestService`: the `grpc_push` source's front door.
+
+use crate::app::Fabric;
+use crate::event::{Op, Position, Row, RowChange, SourceTxn};
+use crate::proto::ingest_service_server::IngestService;
+use crate::proto::row_change::Operation;
+use crate::proto::{PushAck, PushRequest};
+use crate::sources::grpc_push::PushedTxn;
+use crate::view::value_from_proto;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct IngestApi {
+    pub fabric: Arc<Fabric>,
+}
+
+fn row(m: &HashMap<String, crate::proto::Value>) -> Result<Option<Row>, String> {
+    if m.is_empty() {
+        return Ok(None);
+    }
+    let mut r = Row::new();
+    for (k, v) in m {
+        r.insert(k.clone(), value_from_proto(v).map_err(|e| format!("column {k:?}: {e}"))?);
+    }
+    Ok(Some(r))
+}
+
+fn to_txn(req: &PushRequest) -> Result<SourceTxn, String> {
+    let mut changes = Vec::with_capacity(req.changes.len());
+    for (i, c) in req.changes.iter().enumerate() {
+        let op = match Operation::try_from(c.operation) {
+            Ok(Operation::Insert) => Op::Insert,
+            Ok(Operation::Update) => Op::Update,
+            Ok(Operation::Delete) => Op::Delete,
+            Ok(Operation::Truncate) => Op::Truncate,
+            _ => return Err(format!("changes[{i}]: operation is not set")),
+        };
+        if c.table.is_empty() {
+            return Err(format!("changes[{i}]: table is empty"));
+        }
+        let before = row(&c.before).map_err(|e| format!("changes[{i}].before: {e}"))?;
+        let after = row(&c.after).map_err(|e| format!("changes[{i}].after: {e}"))?;
+        match op {
+            Op::Insert | Op::Update if after.is_none() => {
+                return Err(format!("changes[{i}]: {} needs `after`", op.as_str()));
+            }
+            Op::Delete if before.is_none() => {
+                return Err(format!("changes[{i}]: delete needs `before` (at least the key)"));
+            }
+            _ => {}
+        }
+        changes.push(RowChange {
+            table: c.table.clone(),
+            op,
+            before,
+            after,
+        });
+    }
+    Ok(SourceTxn {
+        source: req.source.as_str().into(),
+        position: Position::Seq(req.sequence),
+        commit_micros: if req.commit_time_micros > 0 {
+            req.commit_time_micros
+        } else {
+            crate::sources::now_micros()
+        },
+        changes,
+    })
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<PushAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    type PushStream = AckStream;
+
+    async fn push(
+        &self,
+        request: Request<Streaming<PushRequest>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let mut input = request.into_inner();
+        let fabric = self.fabric.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(req) = input.next().await {
+                let req = match req {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                let ack = handle(&fabric, req).await;
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
+    let Some(handle) = fabric.push.get(&req.source) else {
+        let mut known = fabric.push.names();
+        known.sort();
+        return Err(Status::not_found(format!(
+            "no grpc_push source named {:?} (known: {})",
+            req.source,
+            if known.is_empty() { "none".into() } else { known.join(", ") }
+        )));
+    };
+    let durable = *handle.durable.borrow();
+    let txn = match to_txn(&req) {
+        Ok(t) => t,
+        Err(e) => {
+            return Ok(PushAck {
+                sequence: req.sequence,
+                durable_sequence: durable,
+                error: e,
+            });
+        }
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    handle
+        .tx
+        .send(PushedTxn {
+            sequence: req.sequence,
+            txn,
+            reply,
+        })
+        .await
+        .map_err(|_| Status::unavailable("the push source is not running"))?;
+    match answer.await {
+        Ok(Ok(seq)) => Ok(PushAck {
+            sequence: seq,
+            durable_sequence: *handle.durable.borrow(),
+            error: String::new(),
+        }),
+        Ok(Err(e)) => Err(Status::unavailable(e)),
+        Err(_) => Err(Status::unavailable("the fabric is shutting down")),
+    }
+}
