@@ -221,10 +221,7 @@ fn commit_micros_of(source: Option<&Map<String, Json>>, payload: &Map<String, Js
             .or_else(|| get("ts_ns").map(|ns| ns.div_euclid(1000)))
             .or_else(|| get("ts_ms").map(|ms| ms.saturating_mul(1000)))
     };
-    source
-        .and_then(from)
-        .or_else(|| from(payload))
-        .unwrap_or(0)
+    source.and_then(from).or_else(|| from(payload)).unwrap_or(0)
 }
 
 /// The row image `which` (`before`/`after`), converted with its field
@@ -751,15 +748,24 @@ mod tests {
             Value::Timestamp(1_700_000_000_123_000)
         );
         assert_eq!(
-            ts("org.apache.kafka.connect.data.Timestamp", 1_700_000_000_123u64.into()),
+            ts(
+                "org.apache.kafka.connect.data.Timestamp",
+                1_700_000_000_123u64.into()
+            ),
             Value::Timestamp(1_700_000_000_123_000)
         );
         assert_eq!(
-            ts("io.debezium.time.MicroTimestamp", 1_700_000_000_123_456u64.into()),
+            ts(
+                "io.debezium.time.MicroTimestamp",
+                1_700_000_000_123_456u64.into()
+            ),
             Value::Timestamp(1_700_000_000_123_456)
         );
         assert_eq!(
-            ts("io.debezium.time.NanoTimestamp", 1_700_000_000_123_456_789u64.into()),
+            ts(
+                "io.debezium.time.NanoTimestamp",
+                1_700_000_000_123_456_789u64.into()
+            ),
             Value::Timestamp(1_700_000_000_123_456)
         );
         assert_eq!(
@@ -767,7 +773,10 @@ mod tests {
             Value::Timestamp(-1)
         );
         assert_eq!(
-            ts("io.debezium.time.ZonedTimestamp", "2024-03-01T10:00:00+01:00".into()),
+            ts(
+                "io.debezium.time.ZonedTimestamp",
+                "2024-03-01T10:00:00+01:00".into()
+            ),
             Value::Timestamp(parse_timestamp("2024-03-01T09:00:00Z").unwrap())
         );
         assert_eq!(

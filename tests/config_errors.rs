@@ -1,0 +1,283 @@
+//! Config mistakes, one test per class: `fabric check` refuses the file and
+//! names the file, the field and the reason; every example under `config/` passes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const GOOD: &str = r#"
+[server]
+grpc_addr = "127.0.0.1:50051"
+
+[snapshot]
+interval = "5s"
+
+[[sources]]
+name = "crm"
+kind = "sqlite"
+path = "crm.db"
+tables = ["customers"]
+
+[[sources]]
+name = "billing"
+kind = "sqlite"
+path = "billing.db"
+tables = ["invoices", "payments"]
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "customer"
+  source = "crm"
+  from = "customers"
+  id_column = "id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "invoices"
+  source = "billing"
+  from = "invoices"
+  id_column = "customer_id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "payments"
+  source = "billing"
+  from = "payments"
+  id_via = { table = "invoices", column = "invoice_id" }
+  primary_key = ["id"]
+  [entities.views.support]
+  tables = ["customer"]
+  mask = { "customer.email" = "hash" }
+"#;
+
+/// Runs `fabric check` on `text`; returns (success, stdout, stderr, file path).
+fn check(text: &str) -> (bool, String, String, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fabric.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("FABRIC_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+        path,
+    )
+}
+
+/// Asserts `text` is refused with a line naming the file, `field` and `reason`.
+fn refused(text: &str, field: &str, reason: &str) -> String {
+    let (ok, _, err, path) = check(text);
+    assert!(!ok, "config was accepted:\n{text}");
+    let line = err
+        .lines()
+        .find(|l| l.contains(&format!(": {field}: ")))
+        .unwrap_or_else(|| panic!("no error names field {field:?}:\n{err}"));
+    assert!(line.contains(&path.display().to_string()), "file not named: {line}");
+    assert!(line.contains(reason), "reason {reason:?} missing: {line}");
+    err
+}
+
+#[test]
+fn good_config_passes() {
+    let (ok, out, err, _) = check(GOOD);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("OK: "), "{out}");
+}
+
+#[test]
+fn every_example_config_passes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no example configs found");
+}
+
+#[test]
+fn unknown_field() {
+    refused(
+        &GOOD.replace("interval = \"5s\"", "interval = \"5s\"\nintervall = \"5s\""),
+        "snapshot.intervall",
+        "unknown field",
+    );
+    refused(
+        &GOOD.replace("  id_column = \"id\"", "  id_column = \"id\"\n  colour = \"red\""),
+        "entities[0].tables[0].colour",
+        "unknown field",
+    );
+}
+
+#[test]
+fn field_not_of_this_source_kind() {
+    refused(
+        &GOOD.replace("path = \"crm.db\"", "path = \"crm.db\"\nurl = \"postgres://x\""),
+        "sources[0].url",
+        "not a field of a sqlite source",
+    );
+}
+
+#[test]
+fn unknown_source() {
+    refused(
+        &GOOD.replace("source = \"crm\"", "source = \"crmm\""),
+        "entities[0].tables[0].source",
+        "unknown source \"crmm\" (known: crm, billing)",
+    );
+}
+
+#[test]
+fn duplicate_table() {
+    refused(
+        &GOOD.replace("name = \"invoices\"", "name = \"customer\""),
+        "entities[0].tables[1].name",
+        "duplicate table \"customer\"",
+    );
+}
+
+#[test]
+fn duplicate_source() {
+    refused(
+        &GOOD.replace("name = \"billing\"", "name = \"crm\""),
+        "sources[1].name",
+        "duplicate source name",
+    );
+}
+
+#[test]
+fn link_to_missing_table() {
+    refused(
+        &GOOD.replace("table = \"invoices\"", "table = \"bills\""),
+        "entities[0].tables[2].id_via.table",
+        "links to table \"bills\", which entity type \"customer\" does not have",
+    );
+}
+
+#[test]
+fn table_not_captured_by_its_source() {
+    refused(
+        &GOOD.replace("from = \"payments\"", "from = \"refunds\""),
+        "entities[0].tables[2].from",
+        "is not in the tables of source \"billing\"",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    refused(
+        &GOOD.replace("interval = \"5s\"", "interval = \"5 parsecs\""),
+        "snapshot.interval",
+        "is not a duration",
+    );
+}
+
+#[test]
+fn bad_address() {
+    refused(
+        &GOOD.replace("127.0.0.1:50051", "localhost-50051"),
+        "server.grpc_addr",
+        "is not a socket address",
+    );
+}
+
+#[test]
+fn view_of_missing_table_and_bad_mask_column() {
+    let err = refused(
+        &GOOD.replace("tables = [\"customer\"]\n", "tables = [\"customer\", \"orders\"]\n"),
+        "entities[0].views.support.tables[1]",
+        "no table \"orders\"",
+    );
+    assert!(!err.is_empty());
+    refused(
+        &GOOD.replace("\"customer.email\" = \"hash\"", "\"email\" = \"hash\""),
+        "entities[0].views.support.mask.\"email\"",
+        "is not of the form table.column",
+    );
+}
+
+#[test]
+fn missing_id_rule() {
+    refused(
+        &GOOD.replace("  id_column = \"customer_id\"\n", ""),
+        "entities[0].tables[1].id_column",
+        "set id_column",
+    );
+}
+
+#[test]
+fn missing_environment_variable() {
+    refused(
+        &GOOD.replace("path = \"crm.db\"", "path = \"${FABRIC_TEST_SURELY_UNSET}/crm.db\""),
+        "sources[0].path",
+        "environment variable FABRIC_TEST_SURELY_UNSET is not set",
+    );
+}
+
+#[test]
+fn environment_variables_expand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fabric.toml");
+    std::fs::write(&path, GOOD.replace("path = \"crm.db\"", "path = \"${FABRIC_TEST_DIR}/crm.db\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("FABRIC_TEST_DIR", "/var/data")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = GOOD
+        .replace("interval = \"5s\"", "interval = \"soon\"")
+        .replace("source = \"crm\"", "source = \"nope\"")
+        .replace("table = \"invoices\"", "table = \"bills\"")
+        .replace("[server]", "[server]\nport = 1");
+    let (ok, _, err, _) = check(&text);
+    assert!(!ok);
+    for field in [
+        "snapshot.interval",
+        "entities[0].tables[0].source",
+        "entities[0].tables[2].id_via.table",
+        "server.port",
+    ] {
+        assert!(err.contains(&format!(": {field}: ")), "{field} missing from:\n{err}");
+    }
+    assert!(err.starts_with("invalid config: 4 problems"), "{err}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["check", "--config", "/nonexistent/fabric.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/fabric.toml: cannot read the file"), "{err}");
+}
+
+#[test]
+fn bad_toml_syntax() {
+    let (ok, _, err, path) = check("[server\ngrpc_addr = 1");
+    assert!(!ok);
+    assert!(err.contains(&format!("{}: not valid TOML", path.display())), "{err}");
+}
