@@ -59,6 +59,8 @@ pub struct Fabric {
     pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
     /// False until restore is done and every task runs.
     pub ready: std::sync::atomic::AtomicBool,
+    /// Fires when the servers stop: long-lived streams end with it.
+    pub streams_stop: CancellationToken,
 }
 
 impl Fabric {
@@ -173,6 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         push: push.clone(),
         routed: Mutex::new(routed),
         ready: false.into(),
+        streams_stop: CancellationToken::new(),
     });
 
     let mut appliers = JoinSet::new();
@@ -232,7 +235,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     // Servers.
-    let servers_stop = CancellationToken::new();
+    let servers_stop = fabric.streams_stop.clone();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let grpc = crate::grpc::serve(
         fabric.clone(),

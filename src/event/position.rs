@@ -16,6 +16,10 @@ pub enum Position {
     Seq(u64),
     /// A byte offset in a file: the offset right after the last line read.
     FileOffset(u64),
+    /// Chunk `n` of an initial snapshot still in progress. Resuming from it
+    /// restarts the snapshot: only the last chunk carries the stream position
+    /// that may be resumed from.
+    Snapshot(u64),
 }
 
 impl Position {
@@ -23,6 +27,7 @@ impl Position {
         match self {
             Position::Seq(s) => (0, *s),
             Position::FileOffset(o) => (1, *o),
+            Position::Snapshot(n) => (2, *n),
         }
     }
 }
@@ -41,6 +46,7 @@ impl fmt::Display for Position {
         match self {
             Position::Seq(s) => write!(f, "seq:{s}"),
             Position::FileOffset(o) => write!(f, "offset:{o}"),
+            Position::Snapshot(n) => write!(f, "snapshot:{n}"),
         }
     }
 }
@@ -57,6 +63,7 @@ impl FromStr for Position {
         match kind {
             "seq" => Ok(Position::Seq(n)),
             "offset" => Ok(Position::FileOffset(n)),
+            "snapshot" => Ok(Position::Snapshot(n)),
             _ => Err(format!("position {s:?} has an unknown kind")),
         }
     }
@@ -134,7 +141,7 @@ mod tests {
 
     #[test]
     fn position_round_trips_text() {
-        for p in [Position::Seq(9), Position::FileOffset(123)] {
+        for p in [Position::Seq(9), Position::FileOffset(123), Position::Snapshot(2)] {
             assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
         }
     }

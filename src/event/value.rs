@@ -177,8 +177,11 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::Null => f.write_str("null"),
-            Value::Text(s) => f.write_str(s),
-            other => write!(f, "{}", other.to_json()),
+            Value::Text(s) | Value::Decimal(s) | Value::Json(s) => f.write_str(s),
+            other => match other.to_json() {
+                serde_json::Value::String(s) => f.write_str(&s),
+                j => write!(f, "{j}"),
+            },
         }
     }
 }

@@ -176,7 +176,11 @@ impl EntityService for EntityApi {
                 }
             }
             loop {
-                let change = match rx.recv().await {
+                let next = tokio::select! {
+                    _ = fabric.streams_stop.cancelled() => return,
+                    c = rx.recv() => c,
+                };
+                let change = match next {
                     Ok(c) => c,
                     Err(RecvError::Closed) => return,
                     Err(RecvError::Lagged(n)) => {

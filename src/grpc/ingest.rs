@@ -85,7 +85,11 @@ impl IngestService for IngestApi {
         let fabric = self.fabric.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            while let Some(req) = input.next().await {
+            loop {
+                let req = tokio::select! {
+                    _ = fabric.streams_stop.cancelled() => return,
+                    r = input.next() => match r { Some(r) => r, None => return },
+                };
                 let req = match req {
                     Ok(r) => r,
                     Err(_) => return,

@@ -31,6 +31,13 @@
 //!   n), or the changelog is behind n (the file was replaced; its sequence is
 //!   then raised to n so positions never move back), the changes in between
 //!   are lost: the connector warns, truncates the tables and snapshots again.
+//! - First start without a snapshot (`initial_snapshot = false`): streaming
+//!   starts after the highest `seq` ever assigned.
+//!
+//! Types follow the declared column type, checked in this order: `BOOL`,
+//! `TIMESTAMP`/`DATETIME`, `DATE`, `UUID`, `JSON`, `DECIMAL`/`NUMERIC`, then
+//! SQLite's affinity rules (see `decode_value`). A value that does not fit
+//! its declared type is kept as stored, since SQLite does not enforce types.
 //!
 //! One source per database file: the changelog and triggers are shared.
 
@@ -158,7 +165,7 @@ impl SqliteSource {
     async fn install(&self, conn: &mut SqliteConnection) -> Result<Catalog, SourceError> {
         let ext = self.ext("install the changelog triggers");
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(&ext)?;
-        sqlx::query(CHANGELOG_DDL).execute(&mut *tx).await.map_err(&ext)?;
+        exec(&mut tx, CHANGELOG_DDL.into()).await.map_err(&ext)?;
         let mut catalog = Catalog {
             tables: Vec::new(),
             by_name: HashMap::new(),
@@ -178,13 +185,12 @@ impl SqliteSource {
                     self.path.display()
                 )));
             };
-            let columns: Vec<(String, String)> = sqlx::query_as(
-                "SELECT name, type FROM pragma_table_info(?1, 'main') ORDER BY cid",
-            )
-            .bind(&name)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(&ext)?;
+            let columns: Vec<(String, String)> =
+                sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, 'main') ORDER BY cid")
+                    .bind(&name)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&ext)?;
             for (suffix, event, code, old, new) in [
                 ("ins", "INSERT", "I", None, Some("NEW.")),
                 ("upd", "UPDATE", "U", Some("OLD."), Some("NEW.")),
@@ -203,10 +209,7 @@ impl SqliteSource {
                     image(new),
                 );
                 for sql in [drop, create] {
-                    sqlx::query(AssertSqlSafe(sql))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(&ext)?;
+                    exec(&mut tx, sql).await.map_err(&ext)?;
                 }
                 wanted.push(trigger.to_ascii_lowercase());
             }
@@ -231,10 +234,7 @@ impl SqliteSource {
         for t in existing {
             if !wanted.contains(&t.to_ascii_lowercase()) {
                 let sql = format!("DROP TRIGGER IF EXISTS main.{}", ident(&t));
-                sqlx::query(AssertSqlSafe(sql))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(&ext)?;
+                exec(&mut tx, sql).await.map_err(&ext)?;
             }
         }
         tx.commit().await.map_err(&ext)?;
@@ -280,17 +280,15 @@ impl SqliteSource {
     /// Makes the changelog's next `seq` follow `n`, so positions never move back.
     async fn raise_sequence(&self, conn: &mut SqliteConnection, n: u64) -> Result<(), SourceError> {
         let ext = self.ext("raise the changelog sequence");
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(&ext)?;
-        sqlx::query("DELETE FROM sqlite_sequence WHERE name = '_fabric_changelog'")
-            .execute(&mut *tx)
-            .await
-            .map_err(&ext)?;
-        sqlx::query("INSERT INTO sqlite_sequence(name, seq) SELECT '_fabric_changelog', MAX(?1, COALESCE((SELECT MAX(seq) FROM _fabric_changelog), 0))")
-            .bind(n)
-            .execute(&mut *tx)
-            .await
-            .map_err(&ext)?;
+        let del = "DELETE FROM sqlite_sequence WHERE name = '_fabric_changelog'";
+        exec(&mut tx, del.into()).await.map_err(&ext)?;
+        let ins = format!(
+            "INSERT INTO sqlite_sequence(name, seq) SELECT '_fabric_changelog', \
+             MAX({}, COALESCE((SELECT MAX(seq) FROM _fabric_changelog), 0))",
+            n.min(i64::MAX as u64)
+        );
+        exec(&mut tx, ins).await.map_err(&ext)?;
         tx.commit().await.map_err(&ext)
     }
 
@@ -319,8 +317,13 @@ impl SqliteSource {
             }
         }
         let mut rows = 0u64;
+        let mut chunks = 0u64;
         for t in &catalog.tables {
-            let sql = format!("SELECT {} FROM main.{}", row_json("", &t.columns), ident(&t.name));
+            let sql = format!(
+                "SELECT {} FROM main.{}",
+                row_json("", &t.columns),
+                ident(&t.name)
+            );
             let mut stream = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).fetch(&mut *tx);
             while let Some(text) = stream.try_next().await.map_err(&ext)? {
                 match decode_row(&t.types, &text) {
@@ -333,15 +336,19 @@ impl SqliteSource {
                     Err(reason) => ctx.dead_letter(&t.configured, &reason, &text),
                 }
                 rows += 1;
-                if chunk.len() >= self.batch_size
-                    && !send(ctx, pos, std::mem::take(&mut chunk)).await?
-                {
-                    return Ok(None);
+                // Chunks before the last carry a snapshot position: a crash
+                // before the last one is durable restarts the snapshot.
+                if chunk.len() >= self.batch_size {
+                    chunks += 1;
+                    let at = Position::Snapshot(chunks);
+                    if !send(ctx, at, std::mem::take(&mut chunk)).await? {
+                        return Ok(None);
+                    }
                 }
             }
         }
         tx.commit().await.map_err(&ext)?;
-        if !chunk.is_empty() && !send(ctx, pos, chunk).await? {
+        if (!chunk.is_empty() || chunks > 0) && !send(ctx, Position::Seq(pos), chunk).await? {
             return Ok(None);
         }
         tracing::info!(rows, position = pos, "initial snapshot read");
@@ -384,13 +391,20 @@ impl SqliteSource {
                 Ok(None) => tracing::trace!(seq, table = %tbl, "change of a table not captured"),
                 Err(reason) => {
                     let raw = serde_json::json!({"seq": seq, "tbl": tbl, "op": op, "old": old, "new": new});
-                    let table = catalog.get(&tbl).map_or(tbl.as_str(), |t| t.configured.as_str());
+                    let table = catalog
+                        .get(&tbl)
+                        .map_or(tbl.as_str(), |t| t.configured.as_str());
                     ctx.dead_letter(table, &reason, &raw.to_string());
                 }
             }
         }
-        tracing::debug!(rows = rows.len(), changes = changes.len(), position = high, "changelog batch");
-        if !send(ctx, high, changes).await? {
+        tracing::debug!(
+            rows = rows.len(),
+            changes = changes.len(),
+            position = high,
+            "changelog batch"
+        );
+        if !send(ctx, Position::Seq(high), changes).await? {
             return Ok(None);
         }
         Ok(Some((high, rows.len())))
@@ -446,6 +460,13 @@ impl Source for SqliteSource {
     }
 }
 
+async fn exec(conn: &mut SqliteConnection, sql: String) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 async fn bounds(conn: &mut SqliteConnection) -> Result<(Option<u64>, u64), sqlx::Error> {
     let (min, high): (Option<i64>, i64) = sqlx::query_as(BOUNDS_SQL).fetch_one(conn).await?;
     Ok((min.map(|m| m.max(0) as u64), high.max(0) as u64))
@@ -460,10 +481,14 @@ async fn prune(conn: &mut SqliteConnection, upto: u64) -> Result<u64, sqlx::Erro
 }
 
 /// Hands one transaction on; `false` when shutdown came first.
-async fn send(ctx: &SourceContext, position: u64, changes: Vec<RowChange>) -> Result<bool, SourceError> {
+async fn send(
+    ctx: &SourceContext,
+    position: Position,
+    changes: Vec<RowChange>,
+) -> Result<bool, SourceError> {
     let txn = SourceTxn {
         source: ctx.name.clone(),
-        position: Position::Seq(position),
+        position,
         commit_micros: now_micros(),
         changes,
     };
@@ -515,7 +540,11 @@ fn decode_change(
     };
     let (op, before, after) = match op {
         Some("I") => (Op::Insert, None, Some(image("new", new)?)),
-        Some("U") => (Op::Update, Some(image("old", old)?), Some(image("new", new)?)),
+        Some("U") => (
+            Op::Update,
+            Some(image("old", old)?),
+            Some(image("new", new)?),
+        ),
         Some("D") => (Op::Delete, Some(image("old", old)?), None),
         other => return Err(format!("unknown changelog op {other:?}")),
     };
@@ -529,7 +558,8 @@ fn decode_change(
 
 /// A row written by `row_json`, typed by the columns' declared types.
 fn decode_row(types: &HashMap<String, String>, text: &str) -> Result<Row, String> {
-    let J::Object(obj) = serde_json::from_str::<J>(text).map_err(|e| format!("bad row json: {e}"))?
+    let J::Object(obj) =
+        serde_json::from_str::<J>(text).map_err(|e| format!("bad row json: {e}"))?
     else {
         return Err("the row is not a json object".into());
     };
@@ -587,8 +617,20 @@ fn kind_of(decl: &str) -> Kind {
 }
 
 /// Maps a stored value (as `json_object` wrote it) to a [`Value`] by the
-/// column's declared type. Values that do not fit their declared type are
-/// kept as stored (SQLite does not enforce types); only malformed JSON fails.
+/// column's declared type (case-insensitive substrings, first match wins):
+/// - null is `Null`; `{"hex": h}` (a blob) is `Bytes`, or `Uuid` when 16
+///   bytes in a `UUID` column;
+/// - `BOOL`: a number is `Bool(n != 0)`, text `1/0/true/false/t/f/yes/no`;
+/// - `TIMESTAMP`/`DATETIME`: text through `parse_timestamp`;
+/// - `DATE`: text through `parse_date`; `UUID`: text through `Uuid::parse_str`;
+/// - `JSON`: text that parses as JSON, or a number, is `Json`;
+/// - `DECIMAL`/`NUMERIC`: decimal text as stored; a number (NUMERIC affinity
+///   stores `'12.50'` as 12.5) as text with the declared scale of `(p,s)`
+///   when that loses nothing (`12.50`), else its shortest form;
+/// - `REAL`/`FLOA`/`DOUB` without `INT`: a number is `Float`;
+/// - anything else, and values that do not fit the above (SQLite does not
+///   enforce types): by the stored type, integer `Int`, real `Float`, text
+///   `Text`. Only malformed JSON (another object, an array) fails.
 pub(crate) fn decode_value(decl: &str, v: &J) -> Result<Value, String> {
     let kind = kind_of(decl);
     Ok(match (kind, v) {
@@ -611,11 +653,17 @@ pub(crate) fn decode_value(decl: &str, v: &J) -> Result<Value, String> {
             "0" | "false" | "f" | "no" | "n" => Value::Bool(false),
             _ => Value::Text(s.clone()),
         },
-        (Kind::Timestamp, J::String(s)) => parse_timestamp(s).map_or_else(|| Value::Text(s.clone()), Value::Timestamp),
-        (Kind::Date, J::String(s)) => parse_date(s).map_or_else(|| Value::Text(s.clone()), Value::Date),
+        (Kind::Timestamp, J::String(s)) => {
+            parse_timestamp(s).map_or_else(|| Value::Text(s.clone()), Value::Timestamp)
+        }
+        (Kind::Date, J::String(s)) => {
+            parse_date(s).map_or_else(|| Value::Text(s.clone()), Value::Date)
+        }
         (Kind::Uuid, J::String(s)) => uuid::Uuid::parse_str(s)
             .map_or_else(|_| Value::Text(s.clone()), |u| Value::Uuid(*u.as_bytes())),
-        (Kind::Json, J::String(s)) if serde_json::from_str::<J>(s).is_ok() => Value::Json(s.clone()),
+        (Kind::Json, J::String(s)) if serde_json::from_str::<J>(s).is_ok() => {
+            Value::Json(s.clone())
+        }
         (Kind::Json, J::Number(n)) => Value::Json(n.to_string()),
         (Kind::Decimal(_), J::String(s)) if is_decimal(s) => Value::Decimal(s.clone()),
         (Kind::Decimal(scale), J::Number(n)) => Value::Decimal(decimal_text(n, scale)),
@@ -651,11 +699,404 @@ fn decimal_text(n: &serde_json::Number, scale: Option<usize>) -> String {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::{SourceStatus, TxnEnvelope};
+    use crate::telemetry::{DeadLetters, Metrics};
+    use serde_json::json;
+    use std::path::Path;
+    use std::sync::Arc;
+    use tokio::sync::{mpsc, watch};
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn declared_types_pick_the_value_type() {
+        let ts = parse_timestamp("2024-03-01 10:00:00").unwrap();
+        let u = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let ub = Value::Uuid(*uuid::Uuid::parse_str(u).unwrap().as_bytes());
+        let t = |s: &str| Value::Text(s.into());
+        let dec = |s: &str| Value::Decimal(s.into());
+        let cases = [
+            ("INTEGER", json!(7), Value::Int(7)),
+            ("BIGINT", json!("x"), t("x")),
+            ("REAL", json!(2), Value::Float(2.0)),
+            ("DOUBLE PRECISION", json!(2.5), Value::Float(2.5)),
+            ("VARCHAR(20)", json!("a"), t("a")),
+            ("TEXT", json!(null), Value::Null),
+            ("DECIMAL(12,2)", json!("123.45"), dec("123.45")),
+            ("DECIMAL(12,2)", json!(12.5), dec("12.50")),
+            ("DECIMAL(12,2)", json!(100), dec("100.00")),
+            ("DECIMAL(12,2)", json!(1.125), dec("1.125")),
+            ("NUMERIC", json!(12.5), dec("12.5")),
+            ("NUMERIC", json!("n/a"), t("n/a")),
+            ("BOOLEAN", json!(1), Value::Bool(true)),
+            ("BOOL", json!(0), Value::Bool(false)),
+            ("BOOLEAN", json!("false"), Value::Bool(false)),
+            (
+                "TIMESTAMP",
+                json!("2024-03-01 10:00:00"),
+                Value::Timestamp(ts),
+            ),
+            (
+                "DATETIME",
+                json!("2024-03-01T10:00:00Z"),
+                Value::Timestamp(ts),
+            ),
+            ("TIMESTAMP", json!("soon"), t("soon")),
+            ("DATE", json!("1970-01-11"), Value::Date(10)),
+            ("UUID", json!(u), ub.clone()),
+            (
+                "UUID",
+                json!({"hex": "67E5504410B1426F9247BB680E5FE0C8"}),
+                ub,
+            ),
+            ("JSON", json!("{\"a\":1}"), Value::Json("{\"a\":1}".into())),
+            ("JSON", json!("not json"), t("not json")),
+            ("BLOB", json!({"hex": "00FF"}), Value::Bytes(vec![0, 255])),
+            ("", json!({"hex": ""}), Value::Bytes(vec![])),
+            ("", json!(3.5), Value::Float(3.5)),
+        ];
+        for (decl, v, want) in cases {
+            assert_eq!(decode_value(decl, &v).unwrap(), want, "{decl} {v}");
+        }
+        for (decl, v) in [
+            ("BLOB", json!({"hex": "0"})),
+            ("TEXT", json!({"a": 1})),
+            ("", json!([1])),
+        ] {
+            assert!(decode_value(decl, &v).is_err(), "{decl} {v}");
+        }
+        assert_eq!(kind_of("decimal(12, 2)"), Kind::Decimal(Some(2)));
+        assert_eq!(kind_of("NUMERIC(10)"), Kind::Decimal(None));
+        assert_eq!(kind_of("FLOATINT"), Kind::Stored);
+    }
+
+    struct Harness {
+        rx: mpsc::Receiver<TxnEnvelope>,
+        durable: watch::Sender<Option<Position>>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), SourceError>>,
+        dead: Arc<DeadLetters>,
+        status: Arc<SourceStatus>,
+    }
+
+    impl Harness {
+        async fn next(&mut self) -> SourceTxn {
+            let wait = tokio::time::timeout(Duration::from_secs(5), self.rx.recv());
+            wait.await
+                .expect("a transaction within 5s")
+                .expect("running")
+                .txn
+        }
+
+        /// Transactions until `n` changes have arrived, and those changes.
+        async fn changes(&mut self, n: usize) -> (Vec<SourceTxn>, Vec<RowChange>) {
+            let mut txns = Vec::new();
+            while txns
+                .iter()
+                .map(|t: &SourceTxn| t.changes.len())
+                .sum::<usize>()
+                < n
+            {
+                txns.push(self.next().await);
+            }
+            let all = txns.iter().flat_map(|t| t.changes.clone()).collect();
+            (txns, all)
+        }
+
+        /// Waits until the triggers are in and the snapshot is done.
+        async fn streaming(&self) {
+            for _ in 0..1000 {
+                if *self.status.state.lock() == "streaming" {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            panic!("the source is not streaming after 5s");
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    fn source(db: &Path, tables: &[&str], batch: usize) -> Result<SqliteSource, SourceError> {
+        let toml = format!(
+            "[[sources]]\nname = \"crm\"\nkind = \"sqlite\"\npath = {:?}\ntables = {tables:?}\n\
+             poll_interval = \"10ms\"\nbatch_size = {batch}\n",
+            db.display().to_string()
+        );
+        let config = Config::from_toml(&db.with_file_name("fabric.toml"), &toml).unwrap();
+        SqliteSource::new(&config.sources[0], &config)
+    }
+
+    fn start(db: &Path, tables: &[&str], batch: usize, resume: Option<Position>) -> Harness {
+        let (tx, rx) = mpsc::channel(64);
+        let (durable, durable_rx) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let dlq = db.with_file_name("dlq.jsonl");
+        let dead = Arc::new(DeadLetters::new(&dlq, 10, Arc::new(Metrics::new())));
+        let status = Arc::new(SourceStatus::default());
+        let name = "crm".into();
+        let ctx = SourceContext::new(
+            name,
+            resume,
+            tx,
+            durable_rx,
+            status.clone(),
+            dead.clone(),
+            shutdown.clone(),
+        );
+        let task = tokio::spawn(Box::new(source(db, tables, batch).unwrap()).run(ctx));
+        Harness {
+            rx,
+            durable,
+            shutdown,
+            task,
+            dead,
+            status,
+        }
+    }
+
+    const SCHEMA: &str = "CREATE TABLE customers(id INTEGER PRIMARY KEY, name TEXT NOT NULL, \
+        balance DECIMAL(10,2), active BOOLEAN, created_at TIMESTAMP, photo BLOB, ratio REAL); \
+        CREATE TABLE notes(body TEXT);";
+
+    async fn db(path: &Path) -> SqliteConnection {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&opts.busy_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        sqlx::raw_sql(SCHEMA).execute(&mut conn).await.unwrap();
+        conn
+    }
+
+    async fn run_sql(conn: &mut SqliteConnection, sql: &'static str) {
+        sqlx::raw_sql(sql).execute(conn).await.unwrap();
+    }
+
+    fn change(op: Op, table: &str, before: Option<&Row>, after: Option<&Row>) -> RowChange {
+        let (before, after) = (before.cloned(), after.cloned());
+        RowChange {
+            table: table.into(),
+            op,
+            before,
+            after,
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_inserts_updates_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let mut conn = db(&path).await;
+        let mut h = start(&path, &["customers", "main.notes"], 100, None);
+        h.streaming().await;
+        run_sql(
+            &mut conn,
+            "BEGIN; INSERT INTO customers VALUES (1, 'Ada', '12.50', 1, '2024-03-01 10:00:00', \
+             x'00ff', 0.5); INSERT INTO notes VALUES ('hi'); COMMIT; \
+             UPDATE customers SET name = 'Ada L', active = 0 WHERE id = 1; \
+             DELETE FROM customers WHERE id = 1;",
+        )
+        .await;
+        let (txns, changes) = h.changes(4).await;
+        assert_eq!(txns.last().unwrap().position, Position::Seq(4));
+        let ts = Value::Timestamp(parse_timestamp("2024-03-01 10:00:00").unwrap());
+        let mut ada: Row = [
+            ("id", Value::Int(1)),
+            ("name", Value::Text("Ada".into())),
+            ("balance", Value::Decimal("12.50".into())),
+            ("active", Value::Bool(true)),
+            ("created_at", ts),
+            ("photo", Value::Bytes(vec![0, 255])),
+            ("ratio", Value::Float(0.5)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let note: Row = [("body".to_string(), Value::Text("hi".into()))].into();
+        assert_eq!(
+            changes[0],
+            change(Op::Insert, "customers", None, Some(&ada))
+        );
+        assert_eq!(
+            changes[1],
+            change(Op::Insert, "main.notes", None, Some(&note))
+        );
+        let old = ada.clone();
+        ada.insert("name".into(), Value::Text("Ada L".into()));
+        ada.insert("active".into(), Value::Bool(false));
+        assert_eq!(
+            changes[2],
+            change(Op::Update, "customers", Some(&old), Some(&ada))
+        );
+        assert_eq!(
+            changes[3],
+            change(Op::Delete, "customers", Some(&ada), None)
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn snapshot_reads_existing_rows_then_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let mut conn = db(&path).await;
+        let sql = "INSERT INTO customers(id, name) VALUES (1,'a'),(2,'b'),(3,'c'),(4,'d'),(5,'e')";
+        run_sql(&mut conn, sql).await;
+        let mut h = start(&path, &["customers"], 2, None);
+        let (txns, changes) = h.changes(5).await;
+        assert_eq!(txns.len(), 3);
+        assert!(txns.iter().all(|t| t.position == Position::Seq(0)));
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.op == Op::Read && c.after.is_some())
+        );
+        run_sql(&mut conn, "INSERT INTO customers(id, name) VALUES (6, 'f')").await;
+        let t = h.next().await;
+        assert_eq!(
+            (t.position, t.changes[0].op),
+            (Position::Seq(1), Op::Insert)
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn prunes_only_what_is_durable_and_dead_letters_bad_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let mut conn = db(&path).await;
+        let mut h = start(&path, &["customers"], 100, None);
+        h.streaming().await;
+        run_sql(
+            &mut conn,
+            "INSERT INTO customers(id, name) VALUES (1, 'x'), (2, 'y'), (3, 'z'); \
+             INSERT INTO _fabric_changelog(tbl, op, new) VALUES ('customers', 'I', 'not json');",
+        )
+        .await;
+        while h.next().await.position != Position::Seq(4) {}
+        assert_eq!(h.dead.count("crm"), 1);
+        h.durable.send(Some(Position::Seq(2))).unwrap();
+        let min_sql = "SELECT MIN(seq) FROM _fabric_changelog";
+        for _ in 0..500 {
+            let min: i64 = sqlx::query_scalar(min_sql)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            if min == 3 {
+                return h.stop().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the changelog was not pruned up to seq 2");
+    }
+
+    #[tokio::test]
+    async fn resume_streams_after_the_position_and_resnapshots_after_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let mut conn = db(&path).await;
+        let h = start(&path, &["customers"], 100, None);
+        h.streaming().await;
+        h.stop().await;
+        run_sql(
+            &mut conn,
+            "INSERT INTO customers(id, name) VALUES (1, 'x'), (2, 'y'), (3, 'z')",
+        )
+        .await;
+        // No gap: only seq 3 is new.
+        let mut h = start(&path, &["customers"], 100, Some(Position::Seq(2)));
+        let t = h.next().await;
+        assert_eq!((t.position, t.changes.len()), (Position::Seq(3), 1));
+        h.stop().await;
+        // Seqs 2 and 3 pruned beyond the resume position 1: lost, snapshot again.
+        run_sql(&mut conn, "DELETE FROM _fabric_changelog").await;
+        let mut h = start(&path, &["customers"], 100, Some(Position::Seq(1)));
+        let t = h.next().await;
+        assert_eq!(
+            (t.position, t.changes[0].op),
+            (Position::Seq(3), Op::Truncate)
+        );
+        assert_eq!(t.changes.iter().filter(|c| c.op == Op::Read).count(), 3);
+        h.stop().await;
+        // A replaced database (changelog behind the position) never moves positions back.
+        let mut h = start(&path, &["customers"], 100, Some(Position::Seq(50)));
+        assert_eq!(h.next().await.position, Position::Seq(50));
+        run_sql(&mut conn, "INSERT INTO customers(id, name) VALUES (9, 'x')").await;
+        assert_eq!(h.next().await.position, Position::Seq(51));
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn missing_file_or_table_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let e = start(&path, &["customers"], 100, None)
+            .task
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            !e.retryable() && e.to_string().contains("crm.db does not exist"),
+            "{e}"
+        );
+        let _conn = db(&path).await;
+        let h = start(&path, &["customers", "orders"], 100, None);
+        let e = h.task.await.unwrap().unwrap_err();
+        assert!(
+            !e.retryable() && e.to_string().contains("table orders does not exist"),
+            "{e}"
+        );
+        assert!(source(&path, &["other.customers"], 100).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_the_demo_while_it_mutates() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::ensure(dir.path(), 100).await.unwrap();
+        let path = dir.path().join(crate::demo::BILLING_DB);
+        let mut h = start(&path, &["invoices", "payments"], 1000, None);
+        let stop = CancellationToken::new();
+        let (d, s) = (dir.path().to_path_buf(), stop.clone());
+        let mutator = tokio::spawn(async move { crate::demo::mutate(&d, 300.0, s).await });
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while tokio::time::Instant::now() < deadline {
+            for c in h.next().await.changes {
+                let row = c.image().unwrap();
+                assert!(
+                    matches!(row["amount"], Value::Decimal(ref a) if a.len() - a.find('.').unwrap() == 3),
+                    "{row:?}"
+                );
+                assert!(
+                    matches!(
+                        row.get("issued_on").or(row.get("paid_at")),
+                        Some(Value::Date(_) | Value::Timestamp(_))
+                    ),
+                    "{row:?}"
+                );
+                seen.insert((c.table, c.op.as_str()));
+            }
+        }
+        stop.cancel();
+        assert!(mutator.await.unwrap().unwrap() > 50);
+        assert_eq!(h.dead.count("crm"), 0);
+        assert!(seen.len() >= 5, "{seen:?}");
+        h.stop().await;
+    }
 }

@@ -1,0 +1,403 @@
+//! Shared helpers of the integration tests: start the real `fabric` binary
+//! on free loopback ports, wait for it, stop or kill it, talk gRPC to it.
+#![allow(dead_code)]
+
+use entity_fabric::proto::entity_service_client::EntityServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Settings for a test copy of `config/demo.toml`.
+pub struct DemoSettings {
+    pub customers: u32,
+    pub mutations_per_second: f64,
+    pub snapshot_interval: &'static str,
+    pub partitions: u32,
+}
+
+impl Default for DemoSettings {
+    fn default() -> Self {
+        DemoSettings {
+            customers: 300,
+            mutations_per_second: 0.0,
+            snapshot_interval: "1s",
+            partitions: 4,
+        }
+    }
+}
+
+/// Writes the project's demo config into `dir`, with its data under `dir`
+/// and free ports; returns the config path.
+pub fn demo_config(dir: &Path, s: &DemoSettings) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"),
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let text = text
+        .replace("\"../data", &format!("\"{}", data.display()))
+        .replace("127.0.0.1:50051", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", free_port()))
+        .replace("customers = 5000", &format!("customers = {}", s.customers))
+        .replace(
+            "mutations_per_second = 20",
+            &format!("mutations_per_second = {}", s.mutations_per_second),
+        )
+        .replace("interval = \"10s\"", &format!("interval = \"{}\"", s.snapshot_interval))
+        .replace("partitions = 8", &format!("partitions = {}", s.partitions));
+    let path = dir.join("fabric.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Reads `[server]` addresses back from a config file.
+fn addrs(config: &Path) -> (String, String) {
+    let cfg = entity_fabric::config::Config::load(config).unwrap();
+    (cfg.server.grpc_addr, cfg.server.admin_addr)
+}
+
+/// A running `fabric run` process.
+pub struct FabricProcess {
+    child: Option<Child>,
+    pub grpc: String,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl FabricProcess {
+    /// Starts `fabric run --config <config>`, logging (JSON) to `log`.
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let (grpc, admin) = addrs(config);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        FabricProcess {
+            child: Some(child),
+            grpc: format!("http://{grpc}"),
+            admin,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until the health service says SERVING.
+    pub async fn wait_serving(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("fabric exited with {status} before serving; log:\n{}", self.log_text());
+            }
+            if let Ok(ch) = self.channel().await
+                && let Ok(r) = HealthClient::new(ch)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fabric not serving within {within:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(self.grpc.clone()).unwrap().connect().await
+    }
+
+    pub async fn client(&self) -> EntityServiceClient<Channel> {
+        EntityServiceClient::connect(self.grpc.clone()).await.unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown, no final snapshot.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for FabricProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A connection to the demo's three SQLite files (billing and support attached).
+pub async fn demo_db(data: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let demo = data.join("demo");
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(demo.join("crm.db"))
+        .busy_timeout(Duration::from_secs(10));
+    let mut c = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    for (db, alias) in [("billing.db", "billing"), ("support.db", "support")] {
+        let sql = format!("ATTACH DATABASE '{}' AS {alias}", demo.join(db).display());
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    c
+}
+
+/// What the SQLite sources say every customer entity holds: id -> table -> rows
+/// keyed by primary key, each row a JSON object of its columns.
+pub type Expected = std::collections::BTreeMap<i64, std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>>>;
+
+pub async fn expected_customers(data: &Path) -> Expected {
+    let mut c = demo_db(data).await;
+    let mut out = Expected::new();
+    let queries = [
+        ("customer", "SELECT json_object('id', id, 'name', name, 'email', email, 'tier', tier, 'created_at', created_at), id, id FROM customers"),
+        ("addresses", "SELECT json_object('id', id, 'customer_id', customer_id, 'kind', kind, 'street', street, 'city', city, 'country', country), customer_id, id FROM addresses"),
+        ("invoices", "SELECT json_object('id', id, 'customer_id', customer_id, 'amount', amount, 'currency', currency, 'status', status, 'issued_on', issued_on), customer_id, id FROM billing.invoices"),
+        ("payments", "SELECT json_object('id', p.id, 'invoice_id', p.invoice_id, 'amount', p.amount, 'method', p.method, 'paid_at', p.paid_at), i.customer_id, p.id FROM billing.payments p JOIN billing.invoices i ON i.id = p.invoice_id"),
+        ("tickets", "SELECT json_object('id', id, 'customer_id', customer_id, 'subject', subject, 'status', status, 'priority', priority, 'opened_at', opened_at), customer_id, id FROM support.tickets"),
+    ];
+    use sqlx::Row;
+    for (table, sql) in queries {
+        for r in sqlx::query(sql).fetch_all(&mut c).await.unwrap() {
+            let row: serde_json::Value = serde_json::from_str(&r.get::<String, _>(0)).unwrap();
+            let cid: i64 = r.get(1);
+            let pk: i64 = r.get(2);
+            out.entry(cid)
+                .or_default()
+                .entry(table.to_string())
+                .or_default()
+                .insert(pk, row);
+        }
+    }
+    // An entity exists only with its customer row (the root) in the demo.
+    out.retain(|_, t| t.contains_key("customer"));
+    out
+}
+
+/// An entity from gRPC in the same shape as [`Expected`]'s values.
+pub fn entity_tables(
+    e: &entity_fabric::proto::Entity,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>> {
+    let mut out = std::collections::BTreeMap::new();
+    for t in &e.tables {
+        let rows: &mut std::collections::BTreeMap<i64, serde_json::Value> =
+            out.entry(t.name.clone()).or_default();
+        for r in &t.rows {
+            let obj: serde_json::Map<String, serde_json::Value> = r
+                .columns
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        entity_fabric::view::value_from_proto(v).unwrap().to_json(),
+                    )
+                })
+                .collect();
+            let id = obj["id"].as_i64().unwrap();
+            rows.insert(id, serde_json::Value::Object(obj));
+        }
+    }
+    out
+}
+
+/// Whether a value the fabric serves equals what SQLite holds: equal JSON,
+/// or the same instant (SQLite keeps `YYYY-MM-DD HH:MM:SS` text, the fabric
+/// serves RFC 3339), or the same decimal/number.
+pub fn same_value(sqlite: &serde_json::Value, fabric: &serde_json::Value) -> bool {
+    use entity_fabric::event::value::parse_timestamp;
+    if sqlite == fabric {
+        return true;
+    }
+    match (sqlite, fabric) {
+        (serde_json::Value::String(a), serde_json::Value::String(b)) => {
+            matches!((parse_timestamp(a), parse_timestamp(b)), (Some(x), Some(y)) if x == y)
+        }
+        (serde_json::Value::Number(a), serde_json::Value::String(b))
+        | (serde_json::Value::String(b), serde_json::Value::Number(a)) => {
+            b.parse::<f64>().ok() == a.as_f64()
+        }
+        _ => false,
+    }
+}
+
+/// Differences between SQLite's truth and the fabric's entity, as text.
+pub fn diff_entity(
+    id: i64,
+    want: &std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>>,
+    got: &std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let tables: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    for t in tables {
+        let empty = Default::default();
+        let w = want.get(t).unwrap_or(&empty);
+        let g = got.get(t).unwrap_or(&empty);
+        let pks: std::collections::BTreeSet<&i64> = w.keys().chain(g.keys()).collect();
+        for pk in pks {
+            match (w.get(pk), g.get(pk)) {
+                (Some(a), Some(b)) => {
+                    let a = a.as_object().unwrap();
+                    let b = b.as_object().unwrap();
+                    for (col, av) in a {
+                        let bv = b.get(col).unwrap_or(&serde_json::Value::Null);
+                        if !same_value(av, bv) {
+                            out.push(format!("customer {id} {t}[{pk}].{col}: source {av}, fabric {bv}"));
+                        }
+                    }
+                }
+                (Some(_), None) => out.push(format!("customer {id} {t}[{pk}]: missing in the fabric")),
+                (None, Some(_)) => out.push(format!("customer {id} {t}[{pk}]: in the fabric, not in the source")),
+                (None, None) => {}
+            }
+        }
+    }
+    out
+}
+
+/// Compares every customer entity with the sources; returns the mismatches.
+pub async fn compare_all(
+    client: &mut EntityServiceClient<Channel>,
+    data: &Path,
+) -> (usize, Vec<String>) {
+    use entity_fabric::proto::{BatchGetEntitiesRequest, ListEntitiesRequest};
+    let want = expected_customers(data).await;
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_entities(ListEntitiesRequest {
+                r#type: "customer".into(),
+                page_size: 500,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.ids);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut mismatches = Vec::new();
+    let have: std::collections::BTreeSet<i64> = ids.iter().map(|i| i.parse().unwrap()).collect();
+    for id in want.keys() {
+        if !have.contains(id) {
+            mismatches.push(format!("customer {id}: missing in the fabric"));
+        }
+    }
+    for id in &have {
+        if !want.contains_key(id) {
+            mismatches.push(format!("customer {id}: in the fabric, not in the sources"));
+        }
+    }
+    for chunk in ids.chunks(500) {
+        let resp = client
+            .batch_get_entities(BatchGetEntitiesRequest {
+                r#type: "customer".into(),
+                ids: chunk.to_vec(),
+                view: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in resp.entities {
+            let id: i64 = e.id.parse().unwrap();
+            if let Some(w) = want.get(&id) {
+                mismatches.extend(diff_entity(id, w, &entity_tables(&e)));
+            }
+        }
+    }
+    (want.len(), mismatches)
+}
