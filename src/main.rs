@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "fabric", version, about = "Entity Fabric: one live micro-database per business entity")]
+#[command(
+    name = "fabric",
+    version,
+    about = "Entity Fabric: one live micro-database per business entity"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -208,7 +215,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             entity_fabric::telemetry::init_logging(&Default::default());
             if entity_fabric::demo::ensure(&dir, customers).await? {
-                println!("created demo databases in {} ({customers} customers)", dir.display());
+                println!(
+                    "created demo databases in {} ({customers} customers)",
+                    dir.display()
+                );
             } else {
                 println!("demo databases already in {}", dir.display());
             }
@@ -274,7 +284,9 @@ fn entity_json(e: &proto::Entity) -> serde_json::Value {
                     let mut cols: Vec<(&String, &proto::Value)> = r.columns.iter().collect();
                     cols.sort_by(|a, b| a.0.cmp(b.0));
                     serde_json::Value::Object(
-                        cols.into_iter().map(|(k, v)| (k.clone(), value_json(v))).collect(),
+                        cols.into_iter()
+                            .map(|(k, v)| (k.clone(), value_json(v)))
+                            .collect(),
                     )
                 })
                 .collect();

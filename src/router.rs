@@ -21,8 +21,8 @@
 
 use crate::config::{Config, IdType};
 use crate::event::{
-    BusRecord, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn,
-    TableChange, TruncateTable, Value,
+    BusRecord, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn, TableChange,
+    TruncateTable, Value,
 };
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -111,9 +111,10 @@ impl Router {
                     },
                     (None, None) => continue,
                 };
-                let is_link_target = e.tables.iter().any(|o| {
-                    o.id_via.as_ref().is_some_and(|v| v.table == t.name)
-                });
+                let is_link_target = e
+                    .tables
+                    .iter()
+                    .any(|o| o.id_via.as_ref().is_some_and(|v| v.table == t.name));
                 routes
                     .entry((t.source.clone(), norm(&t.from).to_string()))
                     .or_default()
@@ -235,7 +236,14 @@ impl Router {
                         }
                     }
                     Ok(Resolved::Wait(link)) => {
-                        self.wait(txn, checkpoint_before.clone(), route, change, link, &mut out);
+                        self.wait(
+                            txn,
+                            checkpoint_before.clone(),
+                            route,
+                            change,
+                            link,
+                            &mut out,
+                        );
                     }
                     Err(reason) => out.dead.push(Unroutable {
                         source: txn.source.to_string(),
@@ -267,7 +275,11 @@ impl Router {
                 table: p.change.table.clone(),
                 reason: format!(
                     "no {}.{} row with key {} arrived within {:?} to link this row to a {}",
-                    p.route.entity_type, p.link.1, p.link.2, self.pending_timeout, p.route.entity_type
+                    p.route.entity_type,
+                    p.link.1,
+                    p.link.2,
+                    self.pending_timeout,
+                    p.route.entity_type
                 ),
                 raw: raw_of(&p.change),
             });
@@ -412,8 +424,15 @@ impl Router {
             let IdRule::Via { table, column } = &route.rule else {
                 unreachable!("only links can be unknown")
             };
-            let text = image.get(column).and_then(Value::id_text).unwrap_or_default();
-            return Ok(Resolved::Wait((route.entity_type.clone(), table.clone(), text)));
+            let text = image
+                .get(column)
+                .and_then(Value::id_text)
+                .unwrap_or_default();
+            return Ok(Resolved::Wait((
+                route.entity_type.clone(),
+                table.clone(),
+                text,
+            )));
         };
         let key = EntityKey {
             entity_type: route.entity_type.clone(),
@@ -596,12 +615,18 @@ name = "customer"
     #[test]
     fn unknown_link_waits_then_joins_the_txn_that_brings_it() {
         let mut r = router();
-        let out = r.route(&txn(1, vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))]));
+        let out = r.route(&txn(
+            1,
+            vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))],
+        ));
         assert!(sets(&out).is_empty());
         assert_eq!(r.pending_len(), 1);
         // The checkpoint stays before the transaction with the waiting change.
         assert_eq!(r.checkpoints().get("billing").cloned().flatten(), None);
-        let out = r.route(&txn(2, vec![insert("invoices", row(&[("id", 10), ("customer_id", 7)]))]));
+        let out = r.route(&txn(
+            2,
+            vec![insert("invoices", row(&[("id", 10), ("customer_id", 7)]))],
+        ));
         let s = sets(&out);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].position, Position::Seq(2));
@@ -616,7 +641,10 @@ name = "customer"
     #[test]
     fn waiting_too_long_is_dead_lettered_with_reason() {
         let mut r = router();
-        r.route(&txn(1, vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))]));
+        r.route(&txn(
+            1,
+            vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))],
+        ));
         let dead = r.expire(Instant::now() + Duration::from_secs(3600));
         assert_eq!(dead.len(), 1);
         assert!(dead[0].reason.contains("key 99"), "{}", dead[0].reason);

@@ -82,7 +82,10 @@ async fn consumer_waits_for_new_records(bus: Arc<dyn Bus>) {
         tokio::spawn(async move { read_n(&*bus, 0, 0, 3).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!reader.is_finished(), "a consumer returned with nothing to read");
+    assert!(
+        !reader.is_finished(),
+        "a consumer returned with nothing to read"
+    );
     for i in 0..3 {
         bus.produce(vec![(0, record(i))]).await.unwrap();
     }
@@ -166,7 +169,10 @@ mod embedded {
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!producer.is_finished(), "producer did not wait on a full partition");
+        assert!(
+            !producer.is_finished(),
+            "producer did not wait on a full partition"
+        );
         assert_eq!(bus.end_offset(0), Offset(5));
         let got = read_n(&*bus, 0, 0, 20).await;
         assert_eq!(got.len(), 20);
@@ -177,7 +183,10 @@ mod embedded {
     #[tokio::test]
     async fn offsets_start_where_told() {
         let bus = EmbeddedBus::new(2, 10, &[40, 7]);
-        let o = bus.produce(vec![(0, record(1)), (1, record(2))]).await.unwrap();
+        let o = bus
+            .produce(vec![(0, record(1)), (1, record(2))])
+            .await
+            .unwrap();
         assert_eq!(o, vec![Offset(40), Offset(7)]);
     }
 }

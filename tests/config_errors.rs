@@ -75,7 +75,10 @@ fn refused(text: &str, field: &str, reason: &str) -> String {
         .lines()
         .find(|l| l.contains(&format!(": {field}: ")))
         .unwrap_or_else(|| panic!("no error names field {field:?}:\n{err}"));
-    assert!(line.contains(&path.display().to_string()), "file not named: {line}");
+    assert!(
+        line.contains(&path.display().to_string()),
+        "file not named: {line}"
+    );
     assert!(line.contains(reason), "reason {reason:?} missing: {line}");
     err
 }
@@ -119,7 +122,10 @@ fn unknown_field() {
         "unknown field",
     );
     refused(
-        &GOOD.replace("  id_column = \"id\"", "  id_column = \"id\"\n  colour = \"red\""),
+        &GOOD.replace(
+            "  id_column = \"id\"",
+            "  id_column = \"id\"\n  colour = \"red\"",
+        ),
         "entities[0].tables[0].colour",
         "unknown field",
     );
@@ -128,7 +134,10 @@ fn unknown_field() {
 #[test]
 fn field_not_of_this_source_kind() {
     refused(
-        &GOOD.replace("path = \"crm.db\"", "path = \"crm.db\"\nurl = \"postgres://x\""),
+        &GOOD.replace(
+            "path = \"crm.db\"",
+            "path = \"crm.db\"\nurl = \"postgres://x\"",
+        ),
         "sources[0].url",
         "not a field of a sqlite source",
     );
@@ -200,7 +209,10 @@ fn bad_address() {
 #[test]
 fn view_of_missing_table_and_bad_mask_column() {
     let err = refused(
-        &GOOD.replace("tables = [\"customer\"]\n", "tables = [\"customer\", \"orders\"]\n"),
+        &GOOD.replace(
+            "tables = [\"customer\"]\n",
+            "tables = [\"customer\", \"orders\"]\n",
+        ),
         "entities[0].views.support.tables[1]",
         "no table \"orders\"",
     );
@@ -224,7 +236,10 @@ fn missing_id_rule() {
 #[test]
 fn missing_environment_variable() {
     refused(
-        &GOOD.replace("path = \"crm.db\"", "path = \"${FABRIC_TEST_SURELY_UNSET}/crm.db\""),
+        &GOOD.replace(
+            "path = \"crm.db\"",
+            "path = \"${FABRIC_TEST_SURELY_UNSET}/crm.db\"",
+        ),
         "sources[0].path",
         "environment variable FABRIC_TEST_SURELY_UNSET is not set",
     );
@@ -234,14 +249,22 @@ fn missing_environment_variable() {
 fn environment_variables_expand() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fabric.toml");
-    std::fs::write(&path, GOOD.replace("path = \"crm.db\"", "path = \"${FABRIC_TEST_DIR}/crm.db\"")).unwrap();
+    std::fs::write(
+        &path,
+        GOOD.replace("path = \"crm.db\"", "path = \"${FABRIC_TEST_DIR}/crm.db\""),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
         .args(["check", "--config"])
         .arg(&path)
         .env("FABRIC_TEST_DIR", "/var/data")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -259,7 +282,10 @@ fn every_problem_is_reported_at_once() {
         "entities[0].tables[2].id_via.table",
         "server.port",
     ] {
-        assert!(err.contains(&format!(": {field}: ")), "{field} missing from:\n{err}");
+        assert!(
+            err.contains(&format!(": {field}: ")),
+            "{field} missing from:\n{err}"
+        );
     }
     assert!(err.starts_with("invalid config: 4 problems"), "{err}");
 }
@@ -272,12 +298,18 @@ fn missing_file_is_named() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/fabric.toml: cannot read the file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/fabric.toml: cannot read the file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_toml_syntax() {
     let (ok, _, err, path) = check("[server\ngrpc_addr = 1");
     assert!(!ok);
-    assert!(err.contains(&format!("{}: not valid TOML", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: not valid TOML", path.display())),
+        "{err}"
+    );
 }

@@ -51,7 +51,11 @@ async fn sigkill_while_sources_change_loses_nothing() {
     let mutator = {
         let demo = data.join("demo");
         let stop = stop.clone();
-        tokio::spawn(async move { entity_fabric::demo::mutate(&demo, 150.0, stop).await.unwrap() })
+        tokio::spawn(async move {
+            entity_fabric::demo::mutate(&demo, 150.0, stop)
+                .await
+                .unwrap()
+        })
     };
     let seed = fastrand::u64(..);
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -65,7 +69,10 @@ async fn sigkill_while_sources_change_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let written = mutator.await.unwrap();
-    assert!(written > 100, "the workload wrote only {written} transactions");
+    assert!(
+        written > 100,
+        "the workload wrote only {written} transactions"
+    );
 
     let compared = converge(&fabric, &data).await;
     println!(

@@ -12,7 +12,9 @@ use tonic::Code;
 const WITHIN: Duration = Duration::from_secs(30);
 
 async fn get(
-    client: &mut entity_fabric::proto::entity_service_client::EntityServiceClient<tonic::transport::Channel>,
+    client: &mut entity_fabric::proto::entity_service_client::EntityServiceClient<
+        tonic::transport::Channel,
+    >,
     id: &str,
     view: &str,
 ) -> Result<entity_fabric::proto::Entity, tonic::Status> {
@@ -26,7 +28,10 @@ async fn get(
         .map(|r| r.into_inner())
 }
 
-fn table<'a>(e: &'a entity_fabric::proto::Entity, name: &str) -> Option<&'a entity_fabric::proto::Table> {
+fn table<'a>(
+    e: &'a entity_fabric::proto::Entity,
+    name: &str,
+) -> Option<&'a entity_fabric::proto::Table> {
     e.tables.iter().find(|t| t.name == name)
 }
 
@@ -70,7 +75,10 @@ async fn customer_from_three_sources_changes_live() {
         }
     })
     .await;
-    assert_eq!(diff_entity(id, &want, &entity_tables(&e)), Vec::<String>::new());
+    assert_eq!(
+        diff_entity(id, &want, &entity_tables(&e)),
+        Vec::<String>::new()
+    );
     let sources: Vec<&str> = e.positions.iter().map(|p| p.source.as_str()).collect();
     assert_eq!(sources, vec!["billing", "crm", "support"]);
 
@@ -132,8 +140,14 @@ async fn customer_from_three_sources_changes_live() {
         async move {
             let e = get(&mut c, &sid, "").await.ok()?;
             let email_ok = text(&table(&e, "customer")?.rows[0], "email") == new_email;
-            let ticket_ok = table(&e, "tickets")?.rows.iter().any(|r| text(r, "id") == ticket_id.to_string());
-            let pay_ok = table(&e, "payments")?.rows.iter().any(|r| text(r, "id") == payment_id.to_string());
+            let ticket_ok = table(&e, "tickets")?
+                .rows
+                .iter()
+                .any(|r| text(r, "id") == ticket_id.to_string());
+            let pay_ok = table(&e, "payments")?
+                .rows
+                .iter()
+                .any(|r| text(r, "id") == payment_id.to_string());
             (email_ok && ticket_ok && pay_ok).then_some(e)
         }
     })
@@ -192,13 +206,23 @@ async fn customer_from_three_sources_changes_live() {
     let err = get(&mut client, &sid, "").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    assert!(fabric.terminate(), "graceful shutdown failed:\n{}", fabric.log_text());
+    assert!(
+        fabric.terminate(),
+        "graceful shutdown failed:\n{}",
+        fabric.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_health_reflection_metrics_and_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let config = demo_config(dir.path(), &DemoSettings { customers: 50, ..Default::default() });
+    let config = demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers: 50,
+            ..Default::default()
+        },
+    );
     let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
     let mut client = fabric.client().await;
@@ -220,19 +244,33 @@ async fn errors_health_reflection_metrics_and_cli() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("unknown entity type \"custmer\" (known: customer)"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("unknown entity type \"custmer\" (known: customer)"),
+        "{}",
+        e.message()
+    );
     let e = get(&mut client, "abc", "").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("id \"abc\" is not a valid int id"), "{}", e.message());
+    assert!(
+        e.message().contains("id \"abc\" is not a valid int id"),
+        "{}",
+        e.message()
+    );
     let e = get(&mut client, "1", "finance").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("has no view \"finance\" (views: billing, support)"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("has no view \"finance\" (views: billing, support)"),
+        "{}",
+        e.message()
+    );
 
     // Server reflection lists our services, so a stock client needs no .proto.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut refl = ServerReflectionClient::new(fabric.channel().await.unwrap());
     let mut resp = refl
         .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
@@ -247,13 +285,20 @@ async fn errors_health_reflection_metrics_and_cli() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for s in ["fabric.v1.EntityService", "fabric.v1.CatalogService", "fabric.v1.IngestService", "grpc.health.v1.Health"] {
+    for s in [
+        "fabric.v1.EntityService",
+        "fabric.v1.CatalogService",
+        "fabric.v1.IngestService",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.contains(&s.to_string()), "{s} not in {names:?}");
     }
 
     // Catalog: sources with positions, entity counts, partitions.
     use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
-    let mut cat = CatalogServiceClient::connect(fabric.grpc.clone()).await.unwrap();
+    let mut cat = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
     let types = cat
         .list_entity_types(entity_fabric::proto::ListEntityTypesRequest {})
         .await
@@ -279,7 +324,10 @@ async fn errors_health_reflection_metrics_and_cli() {
         .unwrap()
         .into_inner();
     assert_eq!(parts.partitions.len(), 4);
-    assert_eq!(parts.partitions.iter().map(|p| p.entity_count).sum::<u64>(), 50);
+    assert_eq!(
+        parts.partitions.iter().map(|p| p.entity_count).sum::<u64>(),
+        50
+    );
 
     // Admin HTTP.
     let (status, body) = http_get(&fabric.admin, "/healthz").await;
@@ -302,7 +350,11 @@ async fn errors_health_reflection_metrics_and_cli() {
         .args(["get", "customer", "1", "--json", "--addr", &fabric.grpc])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["id"], "1");
     assert_eq!(doc["tables"]["customer"][0]["id"], 1);

@@ -82,13 +82,20 @@ id_type = "string"
 }
 
 fn int(i: i64) -> Value {
-    Value { kind: Some(Kind::Int(i)) }
+    Value {
+        kind: Some(Kind::Int(i)),
+    }
 }
 fn text(s: &str) -> Value {
-    Value { kind: Some(Kind::Text(s.into())) }
+    Value {
+        kind: Some(Kind::Text(s.into())),
+    }
 }
 fn row(pairs: &[(&str, Value)]) -> HashMap<String, Value> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 fn insert(table: &str, after: HashMap<String, Value>) -> RowChange {
     RowChange {
@@ -141,7 +148,8 @@ fn debezium_line(op: &str, code: &str, name: &str, txn: Option<&str>) -> String 
         "ts_ms": 1764237600100i64,
     });
     if let Some(t) = txn {
-        payload["transaction"] = serde_json::json!({"id": t, "total_order": 1, "data_collection_order": 1});
+        payload["transaction"] =
+            serde_json::json!({"id": t, "total_order": 1, "data_collection_order": 1});
     }
     payload.to_string()
 }
@@ -160,7 +168,9 @@ async fn pushed_and_file_sources_assemble_one_entity() {
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
     let client = fabric.client().await;
-    let mut ingest = IngestServiceClient::connect(fabric.grpc.clone()).await.unwrap();
+    let mut ingest = IngestServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
 
     // A line of an order arrives before its order: it waits for the link.
     let acks = push_all(
@@ -169,71 +179,127 @@ async fn pushed_and_file_sources_assemble_one_entity() {
             PushRequest {
                 source: "orders".into(),
                 sequence: 1,
-                changes: vec![insert("order_lines", row(&[("order_id", int(500)), ("n", int(1)), ("sku", text("X-1"))]))],
+                changes: vec![insert(
+                    "order_lines",
+                    row(&[("order_id", int(500)), ("n", int(1)), ("sku", text("X-1"))]),
+                )],
                 commit_time_micros: 0,
             },
             PushRequest {
                 source: "orders".into(),
                 sequence: 2,
-                changes: vec![insert("orders", row(&[("id", int(500)), ("account", text("acme")), ("total", text("9.90"))]))],
+                changes: vec![insert(
+                    "orders",
+                    row(&[
+                        ("id", int(500)),
+                        ("account", text("acme")),
+                        ("total", text("9.90")),
+                    ]),
+                )],
                 commit_time_micros: 0,
             },
             // A resend of sequence 2 is acknowledged and skipped.
             PushRequest {
                 source: "orders".into(),
                 sequence: 2,
-                changes: vec![insert("orders", row(&[("id", int(500)), ("account", text("acme")), ("total", text("0.00"))]))],
+                changes: vec![insert(
+                    "orders",
+                    row(&[
+                        ("id", int(500)),
+                        ("account", text("acme")),
+                        ("total", text("0.00")),
+                    ]),
+                )],
                 commit_time_micros: 0,
             },
             // A line whose order never comes.
             PushRequest {
                 source: "orders".into(),
                 sequence: 3,
-                changes: vec![insert("order_lines", row(&[("order_id", int(777)), ("n", int(1)), ("sku", text("LOST"))]))],
+                changes: vec![insert(
+                    "order_lines",
+                    row(&[("order_id", int(777)), ("n", int(1)), ("sku", text("LOST"))]),
+                )],
                 commit_time_micros: 0,
             },
             // A malformed transaction is refused with a reason; the stream goes on.
             PushRequest {
                 source: "orders".into(),
                 sequence: 4,
-                changes: vec![RowChange { table: "orders".into(), operation: RowOp::Insert as i32, before: HashMap::new(), after: HashMap::new() }],
+                changes: vec![RowChange {
+                    table: "orders".into(),
+                    operation: RowOp::Insert as i32,
+                    before: HashMap::new(),
+                    after: HashMap::new(),
+                }],
                 commit_time_micros: 0,
             },
         ],
     )
     .await;
-    assert_eq!(acks.iter().map(|a| a.sequence).collect::<Vec<_>>(), vec![1, 2, 2, 3, 4]);
+    assert_eq!(
+        acks.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 2, 3, 4]
+    );
     assert!(acks[..4].iter().all(|a| a.error.is_empty()), "{acks:?}");
-    assert!(acks[4].error.contains("insert needs `after`"), "{:?}", acks[4]);
+    assert!(
+        acks[4].error.contains("insert needs `after`"),
+        "{:?}",
+        acks[4]
+    );
 
-    let e = eventually(WITHIN, "account acme with its order, line and row from the file", || {
-        let mut c = client.clone();
-        async move {
-            let e = c
-                .get_entity(GetEntityRequest { r#type: "account".into(), id: "acme".into(), view: String::new() })
-                .await
-                .ok()?
-                .into_inner();
-            (e.tables.len() == 3).then_some(e)
-        }
-    })
+    let e = eventually(
+        WITHIN,
+        "account acme with its order, line and row from the file",
+        || {
+            let mut c = client.clone();
+            async move {
+                let e = c
+                    .get_entity(GetEntityRequest {
+                        r#type: "account".into(),
+                        id: "acme".into(),
+                        view: String::new(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (e.tables.len() == 3).then_some(e)
+            }
+        },
+    )
     .await;
     let orders = e.tables.iter().find(|t| t.name == "orders").unwrap();
     assert_eq!(orders.rows.len(), 1);
-    assert_eq!(orders.rows[0].columns["total"], text("9.90"), "the resend must not overwrite");
+    assert_eq!(
+        orders.rows[0].columns["total"],
+        text("9.90"),
+        "the resend must not overwrite"
+    );
     let lines = e.tables.iter().find(|t| t.name == "lines").unwrap();
     assert_eq!(lines.rows[0].columns["sku"], text("X-1"));
 
     // New lines appended to the file are followed; a delete removes the entity.
     {
-        let mut f = std::fs::OpenOptions::new().append(true).open(&events).unwrap();
-        writeln!(f, "{}", debezium_line("u", "globex", "Globex Corporation", None)).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&events)
+            .unwrap();
+        writeln!(
+            f,
+            "{}",
+            debezium_line("u", "globex", "Globex Corporation", None)
+        )
+        .unwrap();
     }
     eventually(WITHIN, "globex renamed", || {
         let mut c = client.clone();
         async move {
             let e = c
-                .get_entity(GetEntityRequest { r#type: "account".into(), id: "globex".into(), view: String::new() })
+                .get_entity(GetEntityRequest {
+                    r#type: "account".into(),
+                    id: "globex".into(),
+                    view: String::new(),
+                })
                 .await
                 .ok()?
                 .into_inner();
@@ -248,14 +314,28 @@ async fn pushed_and_file_sources_assemble_one_entity() {
         let dlq = dlq.clone();
         async move {
             let text = std::fs::read_to_string(&dlq).ok()?;
-            let v: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            let v: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
             (v.len() >= 2).then_some(v)
         }
     })
     .await;
-    assert!(letters.iter().any(|l| l["source"] == "cdc" && l["raw"] == "this is not json"), "{letters:?}");
-    let lost = letters.iter().find(|l| l["source"] == "orders").expect("the unlinked line is dead-lettered");
-    assert!(lost["reason"].as_str().unwrap().contains("key 777"), "{lost}");
+    assert!(
+        letters
+            .iter()
+            .any(|l| l["source"] == "cdc" && l["raw"] == "this is not json"),
+        "{letters:?}"
+    );
+    let lost = letters
+        .iter()
+        .find(|l| l["source"] == "orders")
+        .expect("the unlinked line is dead-lettered");
+    assert!(
+        lost["reason"].as_str().unwrap().contains("key 777"),
+        "{lost}"
+    );
     assert!(lost["raw"].as_str().unwrap().contains("LOST"), "{lost}");
 
     // Once snapshots hold them, pushed sequences are reported durable.
@@ -264,7 +344,12 @@ async fn pushed_and_file_sources_assemble_one_entity() {
         async move {
             let acks = push_all(
                 &mut ing,
-                vec![PushRequest { source: "orders".into(), sequence: 3, changes: vec![], commit_time_micros: 0 }],
+                vec![PushRequest {
+                    source: "orders".into(),
+                    sequence: 3,
+                    changes: vec![],
+                    commit_time_micros: 0,
+                }],
             )
             .await;
             (acks[0].durable_sequence >= 3).then_some(acks[0].durable_sequence)
@@ -275,14 +360,24 @@ async fn pushed_and_file_sources_assemble_one_entity() {
 
     // Pushing to a source that does not exist is refused by name.
     let err = ingest
-        .push(tokio_stream::iter(vec![PushRequest { source: "nope".into(), sequence: 1, changes: vec![], commit_time_micros: 0 }]))
+        .push(tokio_stream::iter(vec![PushRequest {
+            source: "nope".into(),
+            sequence: 1,
+            changes: vec![],
+            commit_time_micros: 0,
+        }]))
         .await
         .unwrap()
         .into_inner()
         .message()
         .await
         .unwrap_err();
-    assert!(err.message().contains("no grpc_push source named \"nope\" (known: orders)"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("no grpc_push source named \"nope\" (known: orders)"),
+        "{}",
+        err.message()
+    );
 
     assert!(fabric.terminate(), "{}", fabric.log_text());
 
@@ -291,7 +386,11 @@ async fn pushed_and_file_sources_assemble_one_entity() {
     fabric.wait_serving(Duration::from_secs(60)).await;
     let mut client = fabric.client().await;
     let e = client
-        .get_entity(GetEntityRequest { r#type: "account".into(), id: "acme".into(), view: String::new() })
+        .get_entity(GetEntityRequest {
+            r#type: "account".into(),
+            id: "acme".into(),
+            view: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();

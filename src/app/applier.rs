@@ -54,8 +54,9 @@ pub async fn run(
     let mut requests_open = true;
     loop {
         // Answer every request already satisfied.
-        let (ready, still): (Vec<_>, Vec<_>) =
-            waiting.drain(..).partition(|r: &CaptureRequest| r.until <= next);
+        let (ready, still): (Vec<_>, Vec<_>) = waiting
+            .drain(..)
+            .partition(|r: &CaptureRequest| r.until <= next);
         waiting = still;
         if !ready.is_empty() {
             let entities = store.shard_entities(partition);

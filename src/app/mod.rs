@@ -78,8 +78,13 @@ impl Fabric {
             m.source_lag
                 .get_or_create(&Metrics::source(&s.name))
                 .set(s.status.lag_millis() as f64 / 1000.0);
-            let txns = s.status.transactions.load(std::sync::atomic::Ordering::Relaxed);
-            let c = m.source_transactions.get_or_create(&Metrics::source(&s.name));
+            let txns = s
+                .status
+                .transactions
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let c = m
+                .source_transactions
+                .get_or_create(&Metrics::source(&s.name));
             let have = c.get();
             if txns > have {
                 c.inc_by(txns - have);
@@ -104,7 +109,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let metrics = Arc::new(Metrics::new());
     let partitions = config.bus.partitions;
     let entity_types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
-    let store = Arc::new(Store::new(partitions, &entity_types, config.server.watch_buffer));
+    let store = Arc::new(Store::new(
+        partitions,
+        &entity_types,
+        config.server.watch_buffer,
+    ));
     let dead_letters = Arc::new(DeadLetters::new(
         &config.resolve(&config.dlq.file),
         config.dlq.keep_last,
@@ -249,14 +258,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             tracing::error!(error = %e, "grpc server failed");
         }
     });
-    let admin = crate::admin::serve(fabric.clone(), config.admin_addr(), servers_stop.clone()).await?;
+    let admin =
+        crate::admin::serve(fabric.clone(), config.admin_addr(), servers_stop.clone()).await?;
     side.spawn(async move {
         if let Err(e) = admin.await {
             tracing::error!(error = %e, "admin server failed");
         }
     });
     crate::grpc::set_serving(&health_reporter, true).await;
-    fabric.ready.store(true, std::sync::atomic::Ordering::Release);
+    fabric
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         grpc = %config.grpc_addr(),
         admin = %config.admin_addr(),
@@ -332,7 +344,8 @@ async fn route_loop(mut router: Router, mut rx: mpsc::Receiver<TxnEnvelope>, f: 
         };
         let routed = router.route(&env.txn);
         for d in &routed.dead {
-            f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
+            f.dead_letters
+                .record(&d.source, &d.table, &d.reason, &d.raw);
         }
         if !routed.records.is_empty()
             && let Err(e) = f.bus.produce(routed.records).await

@@ -16,12 +16,12 @@
 //! no readable file makes every source start over (initial snapshot); apply
 //! is idempotent, so that converges.
 
-use super::applier::{CaptureRequest, PartitionState};
 use super::Fabric;
+use super::applier::{CaptureRequest, PartitionState};
 use crate::bus::Offset;
 use crate::event::{Checkpoints, Position};
-use crate::store::snapshot::{self, SnapshotMeta};
 use crate::store::Store;
+use crate::store::snapshot::{self, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -82,7 +82,9 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
                     partitions = s.meta.partitions,
                     "snapshot from a different partition count skipped"
                 ),
-                Err(e) => tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
+                }
             }
         }
         let Some(s) = loaded else {
@@ -109,7 +111,9 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
             }
         }
     } else {
-        tracing::warn!("snapshots do not cover every partition: every source starts over from its beginning");
+        tracing::warn!(
+            "snapshots do not cover every partition: every source starts over from its beginning"
+        );
     }
     tracing::info!(
         entities = out.entities,
@@ -149,7 +153,10 @@ impl Snapshotter {
         for (p, until) in ends.iter().enumerate() {
             let (tx, rx) = oneshot::channel();
             self.requests[p]
-                .send(CaptureRequest { until: *until, reply: tx })
+                .send(CaptureRequest {
+                    until: *until,
+                    reply: tx,
+                })
                 .await
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} is gone"))?;
             replies.push(rx);

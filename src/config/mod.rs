@@ -338,9 +338,8 @@ pub struct ViewConfig {
 impl Config {
     /// Reads, expands, deserializes and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors::one(path, "", format!("cannot read the file: {e}"))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::one(path, "", format!("cannot read the file: {e}")))?;
         Self::from_toml(path, &text)
     }
 

@@ -19,7 +19,13 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.reason)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.reason)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.reason
+            )
         }
     }
 }
@@ -245,7 +251,10 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
             );
         }
         if e.tables.is_empty() {
-            c.err(format!("{p}.tables"), "an entity type needs at least one table");
+            c.err(
+                format!("{p}.tables"),
+                "an entity type needs at least one table",
+            );
         }
         let mut table_names = HashMap::new();
         let mut source_tables = HashMap::new();
@@ -317,9 +326,10 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                             via.table, e.name
                         ),
                     ),
-                    Some(target) if target.name == t.name => {
-                        c.err(format!("{tp}.id_via.table"), "a table cannot link to itself")
-                    }
+                    Some(target) if target.name == t.name => c.err(
+                        format!("{tp}.id_via.table"),
+                        "a table cannot link to itself",
+                    ),
                     Some(target) if target.id_column.is_none() => c.err(
                         format!("{tp}.id_via.table"),
                         format!(
@@ -347,13 +357,13 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                 format!("no table {root:?} in entity type {:?}", e.name),
             );
         }
-        if let Some(root) = e.table(e.root_table()) {
-            if root.id_via.is_some() {
-                c.err(
-                    format!("{p}.root_table"),
-                    "the root table must find its entity by id_column",
-                );
-            }
+        if let Some(root) = e.table(e.root_table())
+            && root.id_via.is_some()
+        {
+            c.err(
+                format!("{p}.root_table"),
+                "the root table must find its entity by id_column",
+            );
         }
         for (name, v) in &e.views {
             let vp = format!("{p}.views.{name}");
@@ -384,7 +394,10 @@ fn check_column_ref(c: &mut Collector<'_>, field: &str, col: &str, in_view: &BTr
     match col.split_once('.') {
         Some((t, cname)) if !cname.is_empty() => {
             if !in_view.contains(t) {
-                c.err(field, format!("table {t:?} is not one of the view's tables"));
+                c.err(
+                    field,
+                    format!("table {t:?} is not one of the view's tables"),
+                );
             }
         }
         _ => c.err(field, format!("{col:?} is not of the form table.column")),
@@ -488,6 +501,9 @@ mod tests {
 
     #[test]
     fn paths_render_with_indexes() {
-        assert_eq!(render_path("entities.0.tables.2.foo"), "entities[0].tables[2].foo");
+        assert_eq!(
+            render_path("entities.0.tables.2.foo"),
+            "entities[0].tables[2].foo"
+        );
     }
 }

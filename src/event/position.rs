@@ -141,7 +141,11 @@ mod tests {
 
     #[test]
     fn position_round_trips_text() {
-        for p in [Position::Seq(9), Position::FileOffset(123), Position::Snapshot(2)] {
+        for p in [
+            Position::Seq(9),
+            Position::FileOffset(123),
+            Position::Snapshot(2),
+        ] {
             assert_eq!(p.to_string().parse::<Position>().unwrap(), p);
         }
     }

@@ -92,9 +92,7 @@ impl Value {
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
             Value::Decimal(s) | Value::Text(s) => s.clone().into(),
-            Value::Bytes(b) => base64::engine::general_purpose::STANDARD
-                .encode(b)
-                .into(),
+            Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b).into(),
             Value::Timestamp(t) => format_timestamp(*t).into(),
             Value::Date(d) => format_date(*d).into(),
             Value::Uuid(u) => uuid::Uuid::from_bytes(*u).hyphenated().to_string().into(),

@@ -53,19 +53,20 @@ fn resolve_view<'a>(fabric: &'a Fabric, ty: &str, view: &str) -> Result<Option<&
         return Ok(None);
     }
     let views = fabric.views.get(ty);
-    views
-        .and_then(|v| v.get(view))
-        .map(Some)
-        .ok_or_else(|| {
-            let mut known: Vec<&str> = views
-                .map(|v| v.keys().map(|k| k.as_str()).collect())
-                .unwrap_or_default();
-            known.sort();
-            Status::invalid_argument(format!(
-                "entity type {ty:?} has no view {view:?} (views: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            ))
-        })
+    views.and_then(|v| v.get(view)).map(Some).ok_or_else(|| {
+        let mut known: Vec<&str> = views
+            .map(|v| v.keys().map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        known.sort();
+        Status::invalid_argument(format!(
+            "entity type {ty:?} has no view {view:?} (views: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<EntityChange, Status>> + Send>>;
@@ -81,7 +82,10 @@ impl EntityService for EntityApi {
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
         match self.fabric.store.get(&key) {
             Some(e) => Ok(Response::new(view::to_proto(&e, view))),
-            None => Err(Status::not_found(format!("{} {} not found", key.entity_type, key.id))),
+            None => Err(Status::not_found(format!(
+                "{} {} not found",
+                key.entity_type, key.id
+            ))),
         }
     }
 
@@ -199,8 +203,11 @@ impl EntityService for EntityApi {
                     continue;
                 }
                 last_sent = change.version;
-                let tables: Vec<String> =
-                    change.changed_tables.iter().map(|t| t.to_string()).collect();
+                let tables: Vec<String> = change
+                    .changed_tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
                 let msg = match &change.entity {
                     Some(e) => upsert(e, view, tables),
                     None => EntityChange {

@@ -23,7 +23,10 @@ fn row(m: &HashMap<String, crate::proto::Value>) -> Result<Option<Row>, String> 
     }
     let mut r = Row::new();
     for (k, v) in m {
-        r.insert(k.clone(), value_from_proto(v).map_err(|e| format!("column {k:?}: {e}"))?);
+        r.insert(
+            k.clone(),
+            value_from_proto(v).map_err(|e| format!("column {k:?}: {e}"))?,
+        );
     }
     Ok(Some(r))
 }
@@ -48,7 +51,9 @@ fn to_txn(req: &PushRequest) -> Result<SourceTxn, String> {
                 return Err(format!("changes[{i}]: {} needs `after`", op.as_str()));
             }
             Op::Delete if before.is_none() => {
-                return Err(format!("changes[{i}]: delete needs `before` (at least the key)"));
+                return Err(format!(
+                    "changes[{i}]: delete needs `before` (at least the key)"
+                ));
             }
             _ => {}
         }
@@ -113,7 +118,11 @@ async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
         return Err(Status::not_found(format!(
             "no grpc_push source named {:?} (known: {})",
             req.source,
-            if known.is_empty() { "none".into() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
         )));
     };
     let durable = *handle.durable.borrow();

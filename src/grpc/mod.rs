@@ -29,7 +29,9 @@ pub const SERVICES: [&str; 3] = [
 pub async fn serve(
     fabric: Arc<Fabric>,
     addr: SocketAddr,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     stop: CancellationToken,
 ) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -49,7 +51,9 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(EntityServiceServer::new(entity::EntityApi::new(fabric.clone())))
+        .add_service(EntityServiceServer::new(entity::EntityApi::new(
+            fabric.clone(),
+        )))
         .add_service(CatalogServiceServer::new(catalog::CatalogApi {
             fabric: fabric.clone(),
         }))
@@ -105,7 +109,12 @@ fn entity_type<'a>(
     name: &str,
 ) -> Result<&'a crate::config::EntityConfig, Status> {
     fabric.config.entity(name).ok_or_else(|| {
-        let known: Vec<&str> = fabric.config.entities.iter().map(|e| e.name.as_str()).collect();
+        let known: Vec<&str> = fabric
+            .config
+            .entities
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
         Status::invalid_argument(format!(
             "unknown entity type {name:?} (known: {})",
             known.join(", ")

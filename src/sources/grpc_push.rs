@@ -31,11 +31,15 @@ pub struct PushHandle {
     pub durable: watch::Receiver<u64>,
 }
 
+/// What a push source task receives on and reports durability with.
+type SourceEnd = (mpsc::Receiver<PushedTxn>, watch::Sender<u64>);
+
 /// Push sources by name.
 #[derive(Clone, Default)]
 pub struct PushRegistry {
     inner: Arc<Mutex<HashMap<String, PushHandle>>>,
-    pending: Arc<Mutex<HashMap<String, (mpsc::Receiver<PushedTxn>, watch::Sender<u64>)>>>,
+    /// The source-task ends of registered sources, taken when each starts.
+    pending: Arc<Mutex<HashMap<String, SourceEnd>>>,
 }
 
 impl PushRegistry {
@@ -43,16 +47,10 @@ impl PushRegistry {
     pub fn register(&self, name: &str) -> GrpcPushSource {
         let (tx, rx) = mpsc::channel(1024);
         let (dtx, drx) = watch::channel(0);
-        self.inner.lock().insert(
-            name.to_string(),
-            PushHandle {
-                tx,
-                durable: drx,
-            },
-        );
-        self.pending
+        self.inner
             .lock()
-            .insert(name.to_string(), (rx, dtx));
+            .insert(name.to_string(), PushHandle { tx, durable: drx });
+        self.pending.lock().insert(name.to_string(), (rx, dtx));
         GrpcPushSource {
             name: name.to_string(),
             registry: self.clone(),

@@ -40,7 +40,10 @@ pub enum Applied {
         changed_tables: Vec<Arc<str>>,
     },
     /// The entity is gone (root row deleted, or no row left).
-    Deleted { version: u64, changed_tables: Vec<Arc<str>> },
+    Deleted {
+        version: u64,
+        changed_tables: Vec<Arc<str>>,
+    },
 }
 
 impl Entity {
@@ -188,11 +191,17 @@ mod tests {
     fn one_set_is_one_version() {
         let e = changed(Entity::apply(
             None,
-            &set(1, vec![upsert("customer", 1, "a"), upsert("orders", 7, "x")]),
+            &set(
+                1,
+                vec![upsert("customer", 1, "a"), upsert("orders", 7, "x")],
+            ),
         ));
         assert_eq!(e.version, 1);
         assert_eq!(e.row_count(), 2);
-        let e2 = changed(Entity::apply(Some(&e), &set(2, vec![upsert("orders", 8, "y")])));
+        let e2 = changed(Entity::apply(
+            Some(&e),
+            &set(2, vec![upsert("orders", 8, "y")]),
+        ));
         assert_eq!(e2.version, 2);
         assert_eq!(e2.row_count(), 3);
     }
@@ -214,7 +223,10 @@ mod tests {
 
     #[test]
     fn root_delete_deletes_entity() {
-        let e = changed(Entity::apply(None, &set(1, vec![upsert("customer", 1, "a")])));
+        let e = changed(Entity::apply(
+            None,
+            &set(1, vec![upsert("customer", 1, "a")]),
+        ));
         let mut del = set(2, vec![]);
         del.delete_entity = true;
         assert!(matches!(
@@ -235,6 +247,9 @@ mod tests {
                 row: None,
             }],
         );
-        assert!(matches!(Entity::apply(Some(&e), &d), Applied::Deleted { .. }));
+        assert!(matches!(
+            Entity::apply(Some(&e), &d),
+            Applied::Deleted { .. }
+        ));
     }
 }

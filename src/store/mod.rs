@@ -142,7 +142,9 @@ impl Store {
         };
         let keys: Vec<EntityKey> = s
             .iter()
-            .filter(|e| e.key().entity_type == t.entity_type && e.value().tables.contains_key(&t.table))
+            .filter(|e| {
+                e.key().entity_type == t.entity_type && e.value().tables.contains_key(&t.table)
+            })
             .map(|e| e.key().clone())
             .collect();
         let mut n = 0;
@@ -193,7 +195,11 @@ impl Store {
     /// Puts a restored entity in place (start-up only).
     pub fn restore(&self, entity: Entity) {
         let key = entity.key.clone();
-        if self.shard(&key).insert(key.clone(), Arc::new(entity)).is_none() {
+        if self
+            .shard(&key)
+            .insert(key.clone(), Arc::new(entity))
+            .is_none()
+        {
             self.count(&key.entity_type, 1);
         }
     }

@@ -216,19 +216,20 @@ pub fn read(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         )));
     }
     let mut lz = lz4_flex::frame::FrameDecoder::new(&bytes[HEADER_LEN..body_len]);
-    let read_prefixed = |lz: &mut lz4_flex::frame::FrameDecoder<&[u8]>| -> Result<Vec<u8>, SnapshotError> {
-        let mut n = [0u8; 8];
-        lz.read_exact(&mut n)
-            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
-        let n = u64::from_le_bytes(n);
-        if n > body_len as u64 * 1024 {
-            return Err(corrupt(format!("implausible record length {n}")));
-        }
-        let mut buf = vec![0u8; n as usize];
-        lz.read_exact(&mut buf)
-            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
-        Ok(buf)
-    };
+    let read_prefixed =
+        |lz: &mut lz4_flex::frame::FrameDecoder<&[u8]>| -> Result<Vec<u8>, SnapshotError> {
+            let mut n = [0u8; 8];
+            lz.read_exact(&mut n)
+                .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+            let n = u64::from_le_bytes(n);
+            if n > body_len as u64 * 1024 {
+                return Err(corrupt(format!("implausible record length {n}")));
+            }
+            let mut buf = vec![0u8; n as usize];
+            lz.read_exact(&mut buf)
+                .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+            Ok(buf)
+        };
     let meta: SnapshotMeta = postcard::from_bytes(&read_prefixed(&mut lz)?)
         .map_err(|e| corrupt(format!("bad metadata: {e}")))?;
     let mut n = [0u8; 8];

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -41,10 +41,9 @@ impl Default for DemoSettings {
 /// Writes the project's demo config into `dir`, with its data under `dir`
 /// and free ports; returns the config path.
 pub fn demo_config(dir: &Path, s: &DemoSettings) -> PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"),
-    )
-    .unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
+            .unwrap();
     let data = dir.join("data");
     let text = text
         .replace("\"../data", &format!("\"{}", data.display()))
@@ -55,7 +54,10 @@ pub fn demo_config(dir: &Path, s: &DemoSettings) -> PathBuf {
             "mutations_per_second = 20",
             &format!("mutations_per_second = {}", s.mutations_per_second),
         )
-        .replace("interval = \"10s\"", &format!("interval = \"{}\"", s.snapshot_interval))
+        .replace(
+            "interval = \"10s\"",
+            &format!("interval = \"{}\"", s.snapshot_interval),
+        )
         .replace("partitions = 8", &format!("partitions = {}", s.partitions));
     let path = dir.join("fabric.toml");
     std::fs::write(&path, text).unwrap();
@@ -110,7 +112,10 @@ impl FabricProcess {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("fabric exited with {status} before serving; log:\n{}", self.log_text());
+                panic!(
+                    "fabric exited with {status} before serving; log:\n{}",
+                    self.log_text()
+                );
             }
             if let Ok(ch) = self.channel().await
                 && let Ok(r) = HealthClient::new(ch)
@@ -132,11 +137,16 @@ impl FabricProcess {
     }
 
     pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
-        Channel::from_shared(self.grpc.clone()).unwrap().connect().await
+        Channel::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
     }
 
     pub async fn client(&self) -> EntityServiceClient<Channel> {
-        EntityServiceClient::connect(self.grpc.clone()).await.unwrap()
+        EntityServiceClient::connect(self.grpc.clone())
+            .await
+            .unwrap()
     }
 
     pub fn log_text(&self) -> String {
@@ -191,7 +201,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -200,9 +213,11 @@ where
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -211,7 +226,10 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -235,17 +253,35 @@ pub async fn demo_db(data: &Path) -> sqlx::SqliteConnection {
 
 /// What the SQLite sources say every customer entity holds: id -> table -> rows
 /// keyed by primary key, each row a JSON object of its columns.
-pub type Expected = std::collections::BTreeMap<i64, std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>>>;
+pub type Expected = std::collections::BTreeMap<
+    i64,
+    std::collections::BTreeMap<String, std::collections::BTreeMap<i64, serde_json::Value>>,
+>;
 
 pub async fn expected_customers(data: &Path) -> Expected {
     let mut c = demo_db(data).await;
     let mut out = Expected::new();
     let queries = [
-        ("customer", "SELECT json_object('id', id, 'name', name, 'email', email, 'tier', tier, 'created_at', created_at), id, id FROM customers"),
-        ("addresses", "SELECT json_object('id', id, 'customer_id', customer_id, 'kind', kind, 'street', street, 'city', city, 'country', country), customer_id, id FROM addresses"),
-        ("invoices", "SELECT json_object('id', id, 'customer_id', customer_id, 'amount', amount, 'currency', currency, 'status', status, 'issued_on', issued_on), customer_id, id FROM billing.invoices"),
-        ("payments", "SELECT json_object('id', p.id, 'invoice_id', p.invoice_id, 'amount', p.amount, 'method', p.method, 'paid_at', p.paid_at), i.customer_id, p.id FROM billing.payments p JOIN billing.invoices i ON i.id = p.invoice_id"),
-        ("tickets", "SELECT json_object('id', id, 'customer_id', customer_id, 'subject', subject, 'status', status, 'priority', priority, 'opened_at', opened_at), customer_id, id FROM support.tickets"),
+        (
+            "customer",
+            "SELECT json_object('id', id, 'name', name, 'email', email, 'tier', tier, 'created_at', created_at), id, id FROM customers",
+        ),
+        (
+            "addresses",
+            "SELECT json_object('id', id, 'customer_id', customer_id, 'kind', kind, 'street', street, 'city', city, 'country', country), customer_id, id FROM addresses",
+        ),
+        (
+            "invoices",
+            "SELECT json_object('id', id, 'customer_id', customer_id, 'amount', amount, 'currency', currency, 'status', status, 'issued_on', issued_on), customer_id, id FROM billing.invoices",
+        ),
+        (
+            "payments",
+            "SELECT json_object('id', p.id, 'invoice_id', p.invoice_id, 'amount', p.amount, 'method', p.method, 'paid_at', p.paid_at), i.customer_id, p.id FROM billing.payments p JOIN billing.invoices i ON i.id = p.invoice_id",
+        ),
+        (
+            "tickets",
+            "SELECT json_object('id', id, 'customer_id', customer_id, 'subject', subject, 'status', status, 'priority', priority, 'opened_at', opened_at), customer_id, id FROM support.tickets",
+        ),
     ];
     use sqlx::Row;
     for (table, sql) in queries {
@@ -332,12 +368,18 @@ pub fn diff_entity(
                     for (col, av) in a {
                         let bv = b.get(col).unwrap_or(&serde_json::Value::Null);
                         if !same_value(av, bv) {
-                            out.push(format!("customer {id} {t}[{pk}].{col}: source {av}, fabric {bv}"));
+                            out.push(format!(
+                                "customer {id} {t}[{pk}].{col}: source {av}, fabric {bv}"
+                            ));
                         }
                     }
                 }
-                (Some(_), None) => out.push(format!("customer {id} {t}[{pk}]: missing in the fabric")),
-                (None, Some(_)) => out.push(format!("customer {id} {t}[{pk}]: in the fabric, not in the source")),
+                (Some(_), None) => {
+                    out.push(format!("customer {id} {t}[{pk}]: missing in the fabric"))
+                }
+                (None, Some(_)) => out.push(format!(
+                    "customer {id} {t}[{pk}]: in the fabric, not in the source"
+                )),
                 (None, None) => {}
             }
         }

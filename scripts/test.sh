@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every check and test of Entity Fabric: formatting, lints, unit tests,
+# and the integration tests that start the real `fabric` binary.
+#
+# Idempotent and self-contained: the tests create their own SQLite sources,
+# data directories and loopback ports. Builds go to a target directory shared
+# between checkouts (override with CARGO_TARGET_DIR), so a fresh clone on a
+# machine that built before does not rebuild every dependency.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/entity-fabric/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+for tool in cargo rustfmt cargo-clippy; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "error: $tool is not installed (install the Rust toolchain with rustfmt and clippy)" >&2
+    exit 1
+  fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --locked -- --test-threads="${FABRIC_TEST_THREADS:-2}"
