@@ -19,8 +19,10 @@
 //!   a restart, since no position covers it.
 //! - A missing file is waited for. A file shorter than the resume offset, or
 //!   whose byte before that offset is not a line end, or that is truncated or
-//!   replaced while followed, was rewritten by the operator: it is read again
-//!   from offset 0 with a warning (positions then start over).
+//!   replaced while followed, was rewritten by the operator. Its offsets would
+//!   move back, and entities would take its events for replays of old ones,
+//!   so the source stops with an error saying so (state `failed`) instead of
+//!   guessing. To read a new file from the start, give the source a new name.
 //! - The file belongs to the operator: nothing is pruned on acknowledgement.
 
 use super::debezium;
@@ -104,29 +106,40 @@ impl Source for JsonlSource {
             None => 0,
             Some(Position::FileOffset(n)) => *n,
             Some(other) => {
-                tracing::warn!(position = %other, "resume position is not a file offset; reading the file from the start");
-                0
+                return Err(SourceError::Config {
+                    source_name: ctx.name.to_string(),
+                    reason: format!(
+                        "the checkpoint {other} is not a file offset (was this source of another kind?); give the source a new name to read the file from the start"
+                    ),
+                });
             }
         };
-        loop {
-            let result = match self.open_at(&ctx, start).await {
-                Ok(tail) => self.follow(&ctx, tail).await,
-                Err(h) => Err(h),
-            };
-            match result {
-                // Only returns when the file was truncated or replaced.
-                Ok(()) => start = 0,
-                Err(Halt::Shutdown) => return Ok(()),
-                Err(Halt::Failed(e)) => {
-                    ctx.status.set_error(&e.to_string());
-                    return Err(e);
-                }
+        let result = match self.open_at(&ctx, start).await {
+            Ok(tail) => self.follow(&ctx, tail).await,
+            Err(h) => Err(h),
+        };
+        match result {
+            Ok(()) | Err(Halt::Shutdown) => Ok(()),
+            Err(Halt::Failed(e)) => {
+                ctx.status.set_error(&e.to_string());
+                Err(e)
             }
         }
     }
 }
 
 impl JsonlSource {
+    /// The file no longer continues what was read: refuse, do not guess.
+    fn rewritten_error(&self, ctx: &SourceContext, what: &str) -> Halt {
+        Halt::Failed(SourceError::Config {
+            source_name: ctx.name.to_string(),
+            reason: format!(
+                "{} was rewritten ({what}); its offsets would move back, so it is not read. Give the source a new name to read the new file from the start",
+                self.path.display()
+            ),
+        })
+    }
+
     fn external(&self, ctx: &SourceContext, operation: &str, e: std::io::Error) -> Halt {
         let reason = format!("{}: {e}", self.path.display());
         Halt::Failed(SourceError::external(&ctx.name, operation, reason))
@@ -140,10 +153,14 @@ impl JsonlSource {
             .metadata()
             .await
             .map_err(|e| self.external(ctx, "stat file", e))?;
-        let mut start = start;
         if start > meta.len() {
-            tracing::warn!(path = %self.path.display(), offset = start, len = meta.len(), "file is shorter than the resume offset (truncated or replaced); reading it from the start");
-            start = 0;
+            return Err(self.rewritten_error(
+                ctx,
+                &format!(
+                    "it is {} bytes long, shorter than the checkpoint offset {start}",
+                    meta.len()
+                ),
+            ));
         } else if start > 0 {
             // Resume offsets always follow a '\n'; anything else means the
             // file was rewritten.
@@ -155,8 +172,10 @@ impl JsonlSource {
                 .await
                 .map_err(|e| self.external(ctx, "read file", e))?;
             if byte[0] != b'\n' {
-                tracing::warn!(path = %self.path.display(), offset = start, "resume offset is not at a line start (file replaced); reading it from the start");
-                start = 0;
+                return Err(self.rewritten_error(
+                    ctx,
+                    &format!("the checkpoint offset {start} is not at the start of a line"),
+                ));
             }
         }
         file.seek(SeekFrom::Start(start))
@@ -217,9 +236,10 @@ impl JsonlSource {
                 .caught_up
                 .store(tail.open.is_none(), Ordering::Relaxed);
             if self.rewritten(&tail).await {
-                tracing::warn!(path = %self.path.display(), "file was truncated or replaced; reading it from the start");
                 flush(ctx, &mut tail.open).await?;
-                return Ok(());
+                return Err(
+                    self.rewritten_error(ctx, "it was truncated or replaced while followed")
+                );
             }
             pause(ctx, self.poll).await?;
         }
@@ -468,6 +488,17 @@ mod tests {
             }
         }
 
+        /// Waits for the source to fail; returns its error, which must not be retryable.
+        async fn failure(self) -> String {
+            let r = tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("fails in time")
+                .unwrap();
+            let e = r.expect_err("the source should fail");
+            assert!(!e.retryable(), "{e}");
+            e.to_string()
+        }
+
         async fn stop(self) {
             self.stop.cancel();
             let r = tokio::time::timeout(Duration::from_secs(5), self.task)
@@ -588,24 +619,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn resume_beyond_the_end_starts_over() {
+    async fn resume_beyond_the_end_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         append(&path, &event(1, None));
-        let mut h = Harness::start(dir.path(), &path, Some(Position::FileOffset(10_000)));
-        assert_eq!(ids(&h.next().await), vec![1]);
-        h.stop().await;
+        let h = Harness::start(dir.path(), &path, Some(Position::FileOffset(10_000)));
+        let e = h.failure().await;
+        assert!(
+            e.contains("shorter than the checkpoint offset 10000"),
+            "{e}"
+        );
+        assert!(!e.contains("retry"), "{e}");
     }
 
     #[tokio::test]
-    async fn resume_inside_a_line_starts_over() {
+    async fn resume_inside_a_line_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         append(&path, &format!("{}{}", event(1, None), event(2, None)));
-        let mut h = Harness::start(dir.path(), &path, Some(Position::FileOffset(5)));
-        assert_eq!(ids(&h.next().await), vec![1]);
-        assert_eq!(ids(&h.next().await), vec![2]);
-        h.stop().await;
+        let h = Harness::start(dir.path(), &path, Some(Position::FileOffset(5)));
+        let e = h.failure().await;
+        assert!(e.contains("not at the start of a line"), "{e}");
     }
 
     #[tokio::test]
@@ -684,7 +718,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_truncated_file_is_read_again_from_the_start() {
+    async fn a_file_truncated_while_followed_stops_the_source() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         append(&path, &format!("{}{}", event(1, None), event(2, None)));
@@ -697,13 +731,8 @@ mod tests {
             .unwrap()
             .set_len(0)
             .unwrap();
-        tokio::time::sleep(POLL * 3).await;
-        let line = event(3, None);
-        append(&path, &line);
-        let t = h.next().await;
-        assert_eq!(ids(&t), vec![3]);
-        assert_eq!(t.position, Position::FileOffset(line.len() as u64));
-        h.stop().await;
+        let e = h.failure().await;
+        assert!(e.contains("truncated or replaced while followed"), "{e}");
     }
 
     #[test]

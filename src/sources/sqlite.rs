@@ -24,8 +24,9 @@
 //!   `seq` still advances the position.
 //! - Initial snapshot: all rows of all tables and the highest `seq` ever
 //!   assigned, read in one read transaction, sent in chunks of `batch_size`
-//!   rows that all carry that position. A crash after an early chunk became
-//!   durable but before the last one was routed resumes past the snapshot.
+//!   rows. Only the last chunk carries that `seq`; the ones before carry
+//!   `Position::Snapshot(n)`, so a crash before the last chunk is durable
+//!   resumes from a snapshot position, which restarts the snapshot.
 //! - Resume from `seq` n: if changes after n were pruned (the lowest `seq`
 //!   present is above n + 1, or the changelog is empty but once went past
 //!   n), or the changelog is behind n (the file was replaced; its sequence is
@@ -965,7 +966,11 @@ mod tests {
         let positions: Vec<Position> = txns.iter().map(|t| t.position.clone()).collect();
         assert_eq!(
             positions,
-            vec![Position::Snapshot(1), Position::Snapshot(2), Position::Seq(0)]
+            vec![
+                Position::Snapshot(1),
+                Position::Snapshot(2),
+                Position::Seq(0)
+            ]
         );
         assert!(
             changes
