@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
         addr: String,
     },
+    /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
+    Health {
+        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
     /// Creates the demo SQLite sources (CRM, billing, support) and keeps changing them.
     Demo {
         /// Where the three databases go.
@@ -207,6 +212,28 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+        }
+        Command::Health { addr } => {
+            use tonic_health::pb::health_check_response::ServingStatus;
+            let channel = tonic::transport::Channel::from_shared(addr.clone())?
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach the fabric at {addr}"))?;
+            let status = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("health check failed: {}", s.message()))?
+                .into_inner()
+                .status;
+            let status = ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown);
+            println!("{}", status.as_str_name());
+            Ok(if status == ServingStatus::Serving {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Demo {
             dir,

@@ -347,6 +347,12 @@ async fn errors_health_reflection_metrics_and_cli() {
 
     // The CLI reads through the same API.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["health", "--addr", &fabric.grpc])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))
         .args(["get", "customer", "1", "--json", "--addr", &fabric.grpc])
         .output()
         .unwrap();
@@ -365,5 +371,14 @@ async fn errors_health_reflection_metrics_and_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("customer 424242 not found"));
 
+    let addr = fabric.grpc.clone();
     assert!(fabric.terminate());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["health", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a stopped fabric must not report healthy"
+    );
 }

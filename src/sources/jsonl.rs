@@ -102,7 +102,7 @@ struct ReadPass {
 impl Source for JsonlSource {
     #[tracing::instrument(skip_all, fields(source = %ctx.name))]
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError> {
-        let mut start = match &ctx.resume {
+        let start = match &ctx.resume {
             None => 0,
             Some(Position::FileOffset(n)) => *n,
             Some(other) => {
