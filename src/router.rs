@@ -21,8 +21,8 @@
 
 use crate::config::{Config, IdType};
 use crate::event::{
-    BusRecord, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn, TableChange,
-    TruncateTable, Value,
+    BusRecord, Checkpoints, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn,
+    TableChange, TruncateTable, Value,
 };
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -98,7 +98,9 @@ fn norm(table: &str) -> &str {
 }
 
 impl Router {
-    pub fn new(config: &Config, partitions: u32) -> Self {
+    /// A router for `config`; `restored` are the sources' checkpoints at
+    /// start, which stand until each source routes something newer.
+    pub fn new(config: &Config, partitions: u32, restored: &Checkpoints) -> Self {
         let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
         for e in &config.entities {
             let root = e.root_table();
@@ -138,7 +140,15 @@ impl Router {
             next_seq: 0,
             pending_max: config.router.pending_max,
             pending_timeout: config.pending_timeout(),
-            routed: BTreeMap::new(),
+            routed: config
+                .sources
+                .iter()
+                .filter_map(|s| {
+                    restored
+                        .get(&s.name)
+                        .map(|p| (Arc::<str>::from(s.name.as_str()), p.clone()))
+                })
+                .collect(),
         }
     }
 
@@ -207,6 +217,13 @@ impl Router {
             };
             for route in &routes {
                 if change.op == Op::Truncate {
+                    // Changes before the truncate go first: order within the
+                    // transaction is kept.
+                    for set in sets.drain(..) {
+                        let p = set.key.partition(self.partitions);
+                        out.records.push((p, BusRecord::Changes(set)));
+                    }
+                    index.clear();
                     for p in 0..self.partitions {
                         out.records.push((
                             p,
@@ -558,7 +575,7 @@ name = "customer"
 
     fn router() -> Router {
         let cfg = Config::from_toml(std::path::Path::new("t.toml"), CFG).unwrap();
-        Router::new(&cfg, 4)
+        Router::new(&cfg, 4, &Checkpoints::default())
     }
 
     fn row(pairs: &[(&str, i64)]) -> Row {
@@ -649,6 +666,57 @@ name = "customer"
         assert_eq!(dead.len(), 1);
         assert!(dead[0].reason.contains("key 99"), "{}", dead[0].reason);
         assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn a_truncate_keeps_its_place_in_the_transaction() {
+        let mut r = router();
+        let out = r.route(&txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                RowChange {
+                    table: "invoices".into(),
+                    op: Op::Truncate,
+                    before: None,
+                    after: None,
+                },
+                insert("invoices", row(&[("id", 11), ("customer_id", 7)])),
+            ],
+        ));
+        let kinds: Vec<String> = out
+            .records
+            .iter()
+            .map(|(_, b)| match b {
+                BusRecord::Changes(s) => format!("set:{}", s.changes[0].pk[0]),
+                BusRecord::Truncate(_) => "truncate".into(),
+            })
+            .collect();
+        // The insert of 10, a truncate per partition, then the insert of 11.
+        assert_eq!(kinds[0], "set:10");
+        assert!(kinds[1..5].iter().all(|k| k == "truncate"), "{kinds:?}");
+        assert_eq!(kinds[5], "set:11");
+    }
+
+    #[test]
+    fn restored_checkpoints_stand_until_replaced() {
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), CFG).unwrap();
+        let mut restored = Checkpoints::default();
+        restored.advance("billing", Position::Seq(41)).unwrap();
+        let mut r = Router::new(&cfg, 4, &restored);
+        assert_eq!(
+            r.checkpoints().get("billing").cloned().flatten(),
+            Some(Position::Seq(41))
+        );
+        // A waiting change holds the checkpoint at the restored position.
+        r.route(&txn(
+            42,
+            vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))],
+        ));
+        assert_eq!(
+            r.checkpoints().get("billing").cloned().flatten(),
+            Some(Position::Seq(41))
+        );
     }
 
     #[test]

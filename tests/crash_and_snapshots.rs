@@ -154,3 +154,73 @@ async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
     assert_eq!(n, 150);
     assert!(fabric.terminate());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sources_keep_their_checkpoints_and_partitions_can_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers: 120,
+            snapshot_interval: "300ms",
+            ..Default::default()
+        },
+    );
+    let data = dir.path().join("data");
+
+    // First run: initial snapshots of the three sources.
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("a.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    converge(&fabric, &data).await;
+    assert!(fabric.terminate());
+
+    // Second run: nothing changes, several snapshot rounds are taken.
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("b.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(fabric.terminate());
+    assert!(
+        !fabric.log_text().contains("initial snapshot read"),
+        "a restart re-read the sources:\n{}",
+        fabric.log_text()
+    );
+
+    // While it is down, rows are deleted and changed; and the partitions change.
+    let mut db = demo_db(&data).await;
+    let deleted = sqlx::query(
+        "DELETE FROM addresses WHERE id IN (SELECT id FROM addresses ORDER BY id LIMIT 5)",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(deleted, 5);
+    sqlx::query("UPDATE support.tickets SET status = 'closed' WHERE id % 3 = 0")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("partitions = 4", "partitions = 2")).unwrap();
+
+    // Third run: resumes every source from its checkpoint (no re-read), re-shards.
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("c.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    converge(&fabric, &data).await;
+    let log = fabric.log_text();
+    assert!(log.contains("re-sharding restored entities"), "{log}");
+    assert!(
+        !log.contains("initial snapshot read"),
+        "a source started over:\n{log}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(fabric.terminate());
+
+    // Fourth run, on the new partition count.
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("d.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    let log = fabric.log_text();
+    assert!(!log.contains("starting empty"), "{log}");
+    assert!(!log.contains("initial snapshot read"), "{log}");
+    assert_eq!(converge(&fabric, &data).await, 120);
+    assert!(fabric.terminate());
+}

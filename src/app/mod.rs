@@ -137,7 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let dir = snap_dir.clone();
         tokio::task::spawn_blocking(move || snapshots::restore(&dir, &store, partitions)).await??
     };
-    let mut router = Router::new(&config, partitions);
+    let mut router = Router::new(&config, partitions, &restored.checkpoints);
     router.learn_links_from(&store);
 
     let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(
@@ -153,7 +153,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             name: s.name.as_str().into(),
             kind: s.kind,
             status: Arc::new(SourceStatus::default()),
-            durable: watch::channel(restored.checkpoints.get(&s.name).cloned()).0,
+            // Nothing is acknowledged until this process wrote `keep` rounds:
+            // the restored checkpoint may sit in the newest file only.
+            durable: watch::channel(None).0,
         })
         .collect();
     let routed: BTreeMap<Arc<str>, Option<Position>> = sources
@@ -205,7 +207,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Router.
     let (txn_tx, txn_rx) = mpsc::channel::<TxnEnvelope>(1024);
-    let router_task = tokio::spawn(route_loop(router, txn_rx, fabric.clone()));
+    let mut router_task = tokio::spawn(route_loop(router, txn_rx, fabric.clone()));
+    let mut router_done = false;
 
     // Sources.
     let sources_stop = CancellationToken::new();
@@ -295,6 +298,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     tracing::error!(error = %e, "snapshot round failed; the next one retries");
                 }
             }
+            res = &mut router_task, if !router_done => {
+                router_done = true;
+                match res {
+                    // Every source stopped: nothing more to route, reads go on.
+                    Ok(Ok(())) => tracing::warn!("every source has stopped; serving what is held"),
+                    Ok(Err(e)) => anyhow::bail!("the router failed: {e}"),
+                    Err(e) => anyhow::bail!("the router panicked: {e}"),
+                }
+            }
             Some(res) = appliers.join_next() => {
                 match res {
                     Ok(Ok(())) => anyhow::bail!("an applier stopped unexpectedly"),
@@ -309,7 +321,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     crate::grpc::set_serving(&health_reporter, false).await;
     sources_stop.cancel();
     while source_tasks.join_next().await.is_some() {}
-    let _ = router_task.await;
+    if !router_done {
+        match router_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the router failed while draining"),
+            Err(e) => tracing::error!(error = %e, "the router panicked while draining"),
+        }
+    }
     tracing::info!("taking the final snapshot");
     if let Err(e) = snapshotter.round().await {
         tracing::error!(error = %e, "final snapshot failed; the next start replays from the previous one");
@@ -325,12 +343,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// The router task: routes each transaction, puts it on the bus, then
 /// publishes the new checkpoints (after the bus took the records, never before).
 #[tracing::instrument(skip_all)]
-async fn route_loop(mut router: Router, mut rx: mpsc::Receiver<TxnEnvelope>, f: Arc<Fabric>) {
+async fn route_loop(
+    mut router: Router,
+    mut rx: mpsc::Receiver<TxnEnvelope>,
+    f: Arc<Fabric>,
+) -> Result<(), crate::bus::BusError> {
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let env = tokio::select! {
-            env = rx.recv() => match env { Some(e) => e, None => break },
+            env = rx.recv() => match env { Some(e) => e, None => return Ok(()) },
             _ = sweep.tick() => {
                 let dead = router.expire(std::time::Instant::now());
                 f.metrics.router_pending_expired.inc_by(dead.len() as u64);
@@ -347,11 +369,8 @@ async fn route_loop(mut router: Router, mut rx: mpsc::Receiver<TxnEnvelope>, f: 
             f.dead_letters
                 .record(&d.source, &d.table, &d.reason, &d.raw);
         }
-        if !routed.records.is_empty()
-            && let Err(e) = f.bus.produce(routed.records).await
-        {
-            tracing::error!(error = %e, "cannot append to the bus; stopping the router");
-            return;
+        if !routed.records.is_empty() {
+            f.bus.produce(routed.records).await?;
         }
         *f.routed.lock() = router.checkpoints();
         f.metrics.router_pending.set(router.pending_len() as i64);
@@ -378,18 +397,9 @@ async fn supervise(
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
     let mut backoff = Duration::from_millis(200);
-    let mut built_push = None;
     loop {
         status.set_state("starting");
-        let source = match cfg.kind {
-            // A push source is registered once; restarts reuse it.
-            SourceKind::GrpcPush => match built_push.take() {
-                Some(s) => Ok(s),
-                None => crate::sources::build(&cfg, &config, &push),
-            },
-            _ => crate::sources::build(&cfg, &config, &push),
-        };
-        let source = match source {
+        let source = match crate::sources::build(&cfg, &config, &push) {
             Ok(s) => s,
             Err(e) => {
                 status.set_state("failed");

@@ -13,8 +13,8 @@
 //!
 //! Restore: per partition, the newest file that reads back whole; resume
 //! each source from the lowest checkpoint of the files used. A partition with
-//! no readable file makes every source start over (initial snapshot); apply
-//! is idempotent, so that converges.
+//! no readable file makes the fabric start empty and every source start over
+//! from its beginning (initial snapshot).
 
 use super::Fabric;
 use super::applier::{CaptureRequest, PartitionState};
@@ -40,6 +40,12 @@ pub struct Restored {
 
 /// Loads the newest readable snapshot of every partition into `store`.
 /// Blocking: call from `spawn_blocking`.
+///
+/// The partition count is the one of the newest readable file. Every
+/// partition of that count must have a readable file of that count;
+/// otherwise nothing is loaded and every source starts over from its
+/// beginning into an empty store (never a mix of old entities and a partial
+/// replay).
 pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Restored> {
     let files = snapshot::list(dir)?;
     let next_round = files.iter().map(|f| f.round).max().map_or(1, |r| r + 1);
@@ -53,67 +59,57 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
         tracing::info!(dir = %dir.display(), "no snapshot: starting empty");
         return Ok(out);
     }
-    // The partition count of the newest round decides which files belong together.
-    let mut by_partition: BTreeMap<u32, Vec<&snapshot::SnapshotFile>> = BTreeMap::new();
+    let mut loaded: BTreeMap<u32, snapshot::LoadedSnapshot> = BTreeMap::new();
+    let mut count: Option<u32> = None;
+    // Newest first: the first readable file fixes the partition count.
     for f in &files {
-        by_partition.entry(f.partition).or_default().push(f);
-    }
-    let mut used: Vec<SnapshotMeta> = Vec::new();
-    let mut file_partitions = None;
-    let mut complete = true;
-    for (partition, candidates) in &by_partition {
-        let mut loaded = None;
-        for f in candidates {
-            let started = Instant::now();
-            match snapshot::read(&f.path) {
-                Ok(s) if file_partitions.is_none_or(|n| n == s.meta.partitions) => {
-                    tracing::info!(
-                        path = %f.path.display(),
-                        entities = s.entities.len(),
-                        bytes = s.bytes,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "snapshot read"
-                    );
-                    loaded = Some(s);
-                    break;
-                }
-                Ok(s) => tracing::warn!(
+        if count.is_some_and(|n| f.partition >= n) || loaded.contains_key(&f.partition) {
+            continue;
+        }
+        let started = Instant::now();
+        match snapshot::read(&f.path) {
+            Ok(s) if count.is_none_or(|n| n == s.meta.partitions) => {
+                tracing::info!(
                     path = %f.path.display(),
-                    partitions = s.meta.partitions,
-                    "snapshot from a different partition count skipped"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
-                }
+                    entities = s.entities.len(),
+                    bytes = s.bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot read"
+                );
+                count.get_or_insert(s.meta.partitions);
+                loaded.insert(f.partition, s);
+            }
+            Ok(s) => tracing::info!(
+                path = %f.path.display(),
+                partitions = s.meta.partitions,
+                "snapshot of an older partition count skipped"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
             }
         }
-        let Some(s) = loaded else {
-            tracing::warn!(partition, "no readable snapshot for this partition");
-            complete = false;
-            continue;
-        };
-        file_partitions.get_or_insert(s.meta.partitions);
+    }
+    let n = count.unwrap_or(partitions);
+    let missing: Vec<u32> = (0..n).filter(|p| !loaded.contains_key(p)).collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            ?missing,
+            "no readable snapshot for some partitions: starting empty, every source starts over from its beginning"
+        );
+        return Ok(out);
+    }
+    out.checkpoints = Checkpoints::lowest(loaded.values().map(|s| &s.meta.checkpoints));
+    if n != partitions {
+        tracing::info!(from = n, to = partitions, "re-sharding restored entities");
+    }
+    for (p, s) in loaded {
+        if n == partitions {
+            out.offsets[p as usize] = s.meta.bus_offset;
+        }
         out.entities += s.entities.len();
         for e in s.entities {
             store.restore(e);
         }
-        used.push(s.meta);
-    }
-    let n = file_partitions.unwrap_or(partitions);
-    if used.len() as u32 != n {
-        complete = false;
-    }
-    if complete {
-        out.checkpoints = Checkpoints::lowest(used.iter().map(|m| &m.checkpoints));
-        if n == partitions {
-            for m in &used {
-                out.offsets[m.partition as usize] = m.bus_offset;
-            }
-        }
-    } else {
-        tracing::warn!(
-            "snapshots do not cover every partition: every source starts over from its beginning"
-        );
     }
     tracing::info!(
         entities = out.entities,

@@ -23,21 +23,27 @@ pub enum Position {
 }
 
 impl Position {
-    fn rank(&self) -> (u8, u64) {
-        match self {
-            Position::Seq(s) => (0, *s),
-            Position::FileOffset(o) => (1, *o),
-            Position::Snapshot(n) => (2, *n),
-        }
+    /// True for the position of an initial snapshot still in progress.
+    pub fn is_snapshot(&self) -> bool {
+        matches!(self, Position::Snapshot(_))
     }
 }
 
 impl PartialOrd for Position {
-    /// Positions of different kinds (a source whose kind changed) do not compare.
+    /// Positions of one kind compare by number. A snapshot in progress comes
+    /// before every stream position (it is where a source starts over), so
+    /// the lowest of two checkpoints of one source is always found. A
+    /// sequence and a file offset (a source whose kind changed) do not compare.
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        let (a, x) = self.rank();
-        let (b, y) = other.rank();
-        (a == b).then(|| x.cmp(&y))
+        use Position::*;
+        match (self, other) {
+            (Seq(a), Seq(b)) | (FileOffset(a), FileOffset(b)) | (Snapshot(a), Snapshot(b)) => {
+                Some(a.cmp(b))
+            }
+            (Snapshot(_), _) => Some(Ordering::Less),
+            (_, Snapshot(_)) => Some(Ordering::Greater),
+            (Seq(_), FileOffset(_)) | (FileOffset(_), Seq(_)) => None,
+        }
     }
 }
 
@@ -92,7 +98,8 @@ impl Checkpoints {
     }
 
     /// The position safe for every set in `all`: per source the lowest one;
-    /// a source missing from any set is missing from the result (start over).
+    /// a source missing from any set, or whose positions do not compare, is
+    /// missing from the result (it starts over).
     pub fn lowest<'a>(all: impl IntoIterator<Item = &'a Checkpoints>) -> Checkpoints {
         let mut iter = all.into_iter();
         let Some(first) = iter.next() else {
@@ -101,12 +108,14 @@ impl Checkpoints {
         let mut out = first.clone();
         for cp in iter {
             out.0.retain(|source, pos| match cp.0.get(source) {
-                Some(other) => {
-                    if other < pos {
+                Some(other) => match other.partial_cmp(pos) {
+                    Some(Ordering::Less) => {
                         *pos = other.clone();
+                        true
                     }
-                    true
-                }
+                    Some(_) => true,
+                    None => false,
+                },
                 None => false,
             });
         }
@@ -137,6 +146,25 @@ mod tests {
         let low = Checkpoints::lowest([&a, &b]);
         assert_eq!(low.get("s"), Some(&Position::Seq(4)));
         assert_eq!(low.get("t"), None);
+    }
+
+    #[test]
+    fn a_snapshot_in_progress_is_lower_than_any_stream_position() {
+        let mut a = Checkpoints::default();
+        a.advance("s", Position::Seq(500)).unwrap();
+        let mut b = Checkpoints::default();
+        b.advance("s", Position::Snapshot(3)).unwrap();
+        assert_eq!(
+            Checkpoints::lowest([&a, &b]).get("s"),
+            Some(&Position::Snapshot(3))
+        );
+        assert_eq!(
+            Checkpoints::lowest([&b, &a]).get("s"),
+            Some(&Position::Snapshot(3))
+        );
+        let mut c = Checkpoints::default();
+        c.advance("s", Position::FileOffset(1)).unwrap();
+        assert_eq!(Checkpoints::lowest([&a, &c]).get("s"), None);
     }
 
     #[test]

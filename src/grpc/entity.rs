@@ -202,7 +202,12 @@ impl EntityService for EntityApi {
                 if key.is_some() && change.version <= last_sent {
                     continue;
                 }
-                last_sent = change.version;
+                // A deleted entity that comes back starts again at version 1.
+                last_sent = if change.entity.is_some() {
+                    change.version
+                } else {
+                    0
+                };
                 let tables: Vec<String> = change
                     .changed_tables
                     .iter()

@@ -395,7 +395,16 @@ fn decimal_scale(schema: &Json) -> Result<i32, String> {
     scale.ok_or_else(|| format!("bad decimal scale {s}"))
 }
 
+/// Largest decimal scale accepted: beyond it one value could make a string
+/// of gigabytes (PostgreSQL's own limit is 16383 digits after the point).
+const MAX_DECIMAL_SCALE: i32 = 16_383;
+
 fn decimal_from_base64(s: &str, scale: i32) -> Result<String, String> {
+    if !(-MAX_DECIMAL_SCALE..=MAX_DECIMAL_SCALE).contains(&scale) {
+        return Err(format!(
+            "decimal scale {scale} is outside -{MAX_DECIMAL_SCALE}..={MAX_DECIMAL_SCALE}"
+        ));
+    }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| format!("bad base64 decimal: {e}"))?;
@@ -792,6 +801,13 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_hostile_decimal_scale_is_refused() {
+        assert!(decimal_from_base64("AOU=", i32::MAX).is_err());
+        assert!(decimal_from_base64("AOU=", -2_000_000_000).is_err());
+        assert_eq!(decimal_from_base64("AOU=", 2).unwrap(), "2.29");
     }
 
     #[test]

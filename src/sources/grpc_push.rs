@@ -85,7 +85,6 @@ impl Source for GrpcPushSource {
             Some(Position::Seq(s)) => *s,
             _ => 0,
         };
-        let _ = durable_tx.send(last);
         ctx.status.set_state("streaming");
         ctx.status
             .caught_up

@@ -40,10 +40,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
 /// Lines read per wakeup before yielding, so one big file cannot hog a worker.
 const MAX_LINES_PER_WAKEUP: usize = 10_000;
 
+/// Longest line accepted; a longer one is dead-lettered (its first bytes
+/// kept) and skipped, so one hostile line cannot exhaust memory.
+const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// Follows one JSON-lines file of Debezium events.
 pub struct JsonlSource {
     path: PathBuf,
     poll: Duration,
+    /// Longest line accepted (`MAX_LINE_BYTES`; smaller in tests).
+    max_line: usize,
 }
 
 impl JsonlSource {
@@ -55,6 +61,7 @@ impl JsonlSource {
         Ok(JsonlSource {
             path: config.resolve(path),
             poll: cfg.poll_interval(),
+            max_line: MAX_LINE_BYTES,
         })
     }
 }
@@ -87,6 +94,8 @@ struct Tail {
     offset: u64,
     /// The bytes of an incomplete last line, completed by a later read.
     partial: Vec<u8>,
+    /// Inside a line that was too long: drop bytes up to its end.
+    skipping: bool,
     open: Option<Pending>,
     /// `(device, inode)` of the opened file, to notice a replaced file.
     identity: Option<(u64, u64)>,
@@ -186,6 +195,7 @@ impl JsonlSource {
             reader: BufReader::new(file),
             offset: start,
             partial: Vec::new(),
+            skipping: false,
             open: None,
             identity: identity(&meta),
         })
@@ -249,11 +259,37 @@ impl JsonlSource {
     async fn read_pass(&self, ctx: &SourceContext, tail: &mut Tail) -> Result<ReadPass, Halt> {
         let mut new_bytes = false;
         for _ in 0..MAX_LINES_PER_WAKEUP {
-            let n = tail
-                .reader
+            let room = (self.max_line + 1).saturating_sub(tail.partial.len()) as u64;
+            let n = (&mut tail.reader)
+                .take(room.max(1))
                 .read_until(b'\n', &mut tail.partial)
                 .await
                 .map_err(|e| self.external(ctx, "read file", e))?;
+            if tail.skipping && n > 0 {
+                tail.offset += tail.partial.len() as u64;
+                if tail.partial.last() == Some(&b'\n') {
+                    tail.skipping = false;
+                }
+                tail.partial.clear();
+                continue;
+            }
+            if tail.partial.len() > self.max_line && tail.partial.last() != Some(&b'\n') {
+                // Too long: drop what is held and skip to the end of the line.
+                let head = String::from_utf8_lossy(&tail.partial[..tail.partial.len().min(1024)])
+                    .to_string();
+                tail.offset += tail.partial.len() as u64;
+                tail.partial.clear();
+                tail.skipping = true;
+                ctx.dead_letter(
+                    "",
+                    &format!(
+                        "line longer than {} bytes (its first bytes kept)",
+                        self.max_line
+                    ),
+                    &head,
+                );
+                continue;
+            }
             if n == 0 {
                 return Ok(ReadPass {
                     new_bytes,
@@ -441,6 +477,15 @@ mod tests {
 
     impl Harness {
         fn start(dir: &Path, path: &Path, resume: Option<Position>) -> Harness {
+            Self::start_with(dir, path, resume, MAX_LINE_BYTES)
+        }
+
+        fn start_with(
+            dir: &Path,
+            path: &Path,
+            resume: Option<Position>,
+            max_line: usize,
+        ) -> Harness {
             let (tx, rx) = mpsc::channel(64);
             let (durable_tx, durable_rx) = watch::channel(None);
             let status = Arc::new(SourceStatus::default());
@@ -462,6 +507,7 @@ mod tests {
             let source = Box::new(JsonlSource {
                 path: path.to_path_buf(),
                 poll: POLL,
+                max_line,
             });
             let task = tokio::spawn(source.run(ctx));
             Harness {
@@ -589,6 +635,7 @@ mod tests {
         let source = Box::new(JsonlSource {
             path: path.clone(),
             poll: Duration::from_millis(400),
+            max_line: MAX_LINE_BYTES,
         });
         let task = tokio::spawn(source.run(ctx));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -683,6 +730,31 @@ mod tests {
             dl[0].reason.starts_with("not valid json"),
             "{}",
             dl[0].reason
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_dead_lettered_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let long = format!("{{\"pad\": \"{}\"}}\n", "x".repeat(5000));
+        append(
+            &path,
+            &format!("{}{long}{}", event(1, None), event(2, None)),
+        );
+        let mut h = Harness::start_with(dir.path(), &path, None, 1000);
+        assert_eq!(ids(&h.next().await), vec![1]);
+        let t = h.next().await;
+        assert_eq!(ids(&t), vec![2]);
+        let end = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(t.position, Position::FileOffset(end));
+        assert_eq!(h.dead.count("events"), 1);
+        let recent = h.dead.recent();
+        assert!(
+            recent[0].reason.contains("line longer than 1000 bytes"),
+            "{:?}",
+            recent[0]
         );
         h.stop().await;
     }

@@ -66,10 +66,13 @@ impl Entity {
     /// Idempotent: a set at or below the entity's position for its source
     /// that carries the same rows changes nothing; a set strictly below it is
     /// skipped, so replaying an older stretch of the log never moves an entity
-    /// back in time.
+    /// back in time. Snapshot chunks are never skipped: a source re-reads
+    /// its snapshot only when it starts over, and then its rows are newer
+    /// than anything the entity holds from that source.
     pub fn apply(current: Option<&Entity>, set: &EntityChangeSet) -> Applied {
         if let Some(cur) = current
             && let Some(seen) = cur.positions.get(&set.source)
+            && !set.position.is_snapshot()
             && set.position < *seen
         {
             return Applied::Stale;
@@ -219,6 +222,18 @@ mod tests {
             Applied::Unchanged(e) => assert_eq!(e.version, 2),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_snapshot_read_again_is_applied_over_stream_positions() {
+        let e1 = changed(Entity::apply(
+            None,
+            &set(9, vec![upsert("customer", 1, "a")]),
+        ));
+        let mut again = set(0, vec![upsert("customer", 1, "b")]);
+        again.position = Position::Snapshot(1);
+        let e2 = changed(Entity::apply(Some(&e1), &again));
+        assert_eq!(e2.version, 2);
     }
 
     #[test]
