@@ -371,6 +371,51 @@ async fn errors_health_reflection_metrics_and_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("customer 424242 not found"));
 
+    // `fabric watch` prints each change as a JSON line.
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["watch", "customer", "2", "--addr", &fabric.grpc])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // The first line is the current state: the watch is established.
+    let first = tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["entity"]["id"], "2");
+    let mut db = demo_db(&dir.path().join("data")).await;
+    sqlx::query("UPDATE customers SET tier = 'gold-plus' WHERE id = 2")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(WITHIN, async {
+        loop {
+            let l = rx.recv().await.unwrap();
+            if l.contains("gold-plus") {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("fabric watch printed the change");
+    let doc: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(doc["operation"], "upsert");
+    assert_eq!(doc["changed_tables"], serde_json::json!(["customer"]));
+    assert_eq!(doc["entity"]["tables"]["customer"][0]["tier"], "gold-plus");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
     let addr = fabric.grpc.clone();
     assert!(fabric.terminate());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))

@@ -38,14 +38,21 @@ pub(super) fn resolve<'a>(
     view: &str,
 ) -> Result<(EntityKey, Option<&'a View>), Status> {
     let cfg = entity_type(fabric, ty)?;
+    let key = key_of(cfg, id)?;
+    let view = resolve_view(fabric, ty, view)?;
+    Ok((key, view))
+}
+
+/// The key of `id` in canonical form, or INVALID_ARGUMENT naming it.
+fn key_of(cfg: &crate::config::EntityConfig, id: &str) -> Result<EntityKey, Status> {
     let canonical = cfg.id_type.canonical(id).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "id {id:?} is not a valid {} id for entity type {ty:?}",
-            cfg.id_type.as_str()
+            "id {id:?} is not a valid {} id for entity type {:?}",
+            cfg.id_type.as_str(),
+            cfg.name
         ))
     })?;
-    let view = resolve_view(fabric, ty, view)?;
-    Ok((EntityKey::new(cfg.name.as_str(), canonical), view))
+    Ok(EntityKey::new(cfg.name.as_str(), canonical))
 }
 
 fn resolve_view<'a>(fabric: &'a Fabric, ty: &str, view: &str) -> Result<Option<&'a View>, Status> {
@@ -105,18 +112,7 @@ impl EntityService for EntityApi {
         let view = resolve_view(&self.fabric, &r.r#type, &r.view)?;
         let mut out = BatchGetEntitiesResponse::default();
         for id in &r.ids {
-            let canonical = cfg.id_type.canonical(id).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "id {id:?} is not a valid {} id for entity type {:?}",
-                    cfg.id_type.as_str(),
-                    cfg.name
-                ))
-            })?;
-            match self
-                .fabric
-                .store
-                .get(&EntityKey::new(cfg.name.as_str(), canonical))
-            {
+            match self.fabric.store.get(&key_of(cfg, id)?) {
                 Some(e) => out.entities.push(view::to_proto(&e, view)),
                 None => out.missing_ids.push(id.clone()),
             }
