@@ -159,11 +159,13 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             match resp {
                 Ok(r) => {
                     let e = r.into_inner();
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&entity_json(&e))?);
+                    let text = if json {
+                        serde_json::to_string_pretty(&entity_json(&e))?
                     } else {
-                        print_entity(&e);
-                    }
+                        render_entity(&e)
+                    };
+                    // A closed pipe (`| head`) is not an error.
+                    let _ = print_line(&text);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(s) => {
@@ -202,7 +204,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                                 "changed_tables": c.changed_tables,
                                 "entity": c.entity.as_ref().map(entity_json),
                             });
-                            println!("{doc}");
+                            if !print_line(&doc.to_string()) {
+                                return Ok(ExitCode::SUCCESS);
+                            }
                         }
                         Ok(None) => return Ok(ExitCode::SUCCESS),
                         Err(s) => {
@@ -331,16 +335,26 @@ fn entity_json(e: &proto::Entity) -> serde_json::Value {
     })
 }
 
-fn print_entity(e: &proto::Entity) {
-    println!("{} {}  version {}", e.r#type, e.id, e.version);
+/// Writes one line to stdout; false once stdout is closed (e.g. `| head`).
+fn print_line(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|_| out.flush()).is_ok()
+}
+
+fn render_entity(e: &proto::Entity) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{} {}  version {}", e.r#type, e.id, e.version);
     let positions: Vec<String> = e
         .positions
         .iter()
         .map(|p| format!("{}@{}", p.source, p.position))
         .collect();
-    println!("  sources: {}", positions.join(", "));
+    let _ = writeln!(s, "  sources: {}", positions.join(", "));
     for t in &e.tables {
-        println!("  {} ({} rows)", t.name, t.rows.len());
+        let n = t.rows.len();
+        let _ = writeln!(s, "  {} ({n} row{})", t.name, if n == 1 { "" } else { "s" });
         for r in &t.rows {
             let mut cols: Vec<(&String, &proto::Value)> = r.columns.iter().collect();
             cols.sort_by(|a, b| a.0.cmp(b.0));
@@ -348,9 +362,11 @@ fn print_entity(e: &proto::Entity) {
                 .into_iter()
                 .map(|(k, v)| format!("{k}={}", compact(&value_json(v))))
                 .collect();
-            println!("    {}", text.join("  "));
+            let _ = writeln!(s, "    {}", text.join("  "));
         }
     }
+    s.truncate(s.trim_end().len());
+    s
 }
 
 fn compact(v: &serde_json::Value) -> String {

@@ -372,15 +372,38 @@ impl Config {
         self.sources.iter().find(|s| s.name == name)
     }
 
-    /// Resolves a relative path against the config file's directory.
+    /// Resolves a relative path against the config file's directory, and
+    /// folds `..` where it can (`config/../data` is `data`).
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            return p.to_path_buf();
-        }
-        match self.file.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        let joined = match self.file.parent() {
+            Some(dir) if !p.is_absolute() && !dir.as_os_str().is_empty() => dir.join(p),
             _ => p.to_path_buf(),
+        };
+        let mut out = PathBuf::new();
+        for c in joined.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir
+                    if matches!(
+                        out.components().next_back(),
+                        Some(std::path::Component::Normal(_))
+                    ) =>
+                {
+                    out.pop();
+                }
+                // Above the root is the root.
+                std::path::Component::ParentDir
+                    if matches!(
+                        out.components().next_back(),
+                        Some(std::path::Component::RootDir)
+                    ) => {}
+                other => out.push(other),
+            }
         }
+        if out.as_os_str().is_empty() {
+            out.push(".");
+        }
+        out
     }
 }
 
@@ -509,6 +532,26 @@ fn default_id_type() -> IdType {
 fn default_true() -> bool {
     true
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let mut c = Config::from_toml(Path::new("config/demo.toml"), "").unwrap();
+        assert_eq!(c.resolve(Path::new("../data/x.db")), Path::new("data/x.db"));
+        assert_eq!(c.resolve(Path::new("/abs/x.db")), Path::new("/abs/x.db"));
+        c.file = "/etc/fabric/fabric.toml".into();
+        assert_eq!(
+            c.resolve(Path::new("./x.db")),
+            Path::new("/etc/fabric/x.db")
+        );
+        assert_eq!(c.resolve(Path::new("../../../x")), Path::new("/x"));
+        c.file = "fabric.toml".into();
+        assert_eq!(c.resolve(Path::new("../x")), Path::new("../x"));
+    }
+}
+
 /// Default `poll_interval` of polling sources, in milliseconds.
 pub fn default_poll_interval_ms() -> u64 {
     50
