@@ -532,6 +532,15 @@ fn default_id_type() -> IdType {
 fn default_true() -> bool {
     true
 }
+/// Default `poll_interval` of polling sources, in milliseconds.
+pub fn default_poll_interval_ms() -> u64 {
+    50
+}
+/// Default `batch_size` of polling sources.
+pub fn default_batch_size() -> usize {
+    10_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,13 +559,4 @@ mod tests {
         c.file = "fabric.toml".into();
         assert_eq!(c.resolve(Path::new("../x")), Path::new("../x"));
     }
-}
-
-/// Default `poll_interval` of polling sources, in milliseconds.
-pub fn default_poll_interval_ms() -> u64 {
-    50
-}
-/// Default `batch_size` of polling sources.
-pub fn default_batch_size() -> usize {
-    10_000
 }
