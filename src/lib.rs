@@ -34,6 +34,12 @@ pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("fabric.v1");
 
+    /// The `EntityService` server over pre-encoded entities (see `build.rs`).
+    pub mod entity_server {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/entity_server/fabric.v1.rs"));
+    }
+
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/fabric_descriptor.bin"));

@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub name: String,
+    /// This view's slot in an entity's encoding cache (0 is the full entity).
+    pub slot: usize,
     /// Tables shown (None: all).
     tables: Option<HashSet<String>>,
     /// Per table, the columns shown (a table absent here shows all).
@@ -27,7 +29,8 @@ impl View {
     pub fn compile_all(e: &EntityConfig) -> HashMap<String, View> {
         e.views
             .iter()
-            .map(|(name, v)| {
+            .enumerate()
+            .map(|(i, (name, v))| {
                 let mut columns: HashMap<String, HashSet<String>> = HashMap::new();
                 for c in &v.columns {
                     if let Some((t, col)) = c.split_once('.') {
@@ -46,6 +49,7 @@ impl View {
                     name.clone(),
                     View {
                         name: name.clone(),
+                        slot: i + 1,
                         tables: Some(v.tables.iter().cloned().collect()),
                         columns,
                         masks,
@@ -81,6 +85,18 @@ impl View {
             }
         }
     }
+}
+
+/// The encoded `fabric.v1.Entity` through `view`, made once per entity
+/// version and view when `cache` is on. `views` is how many views the type has.
+pub fn encoded(e: &Entity, view: Option<&View>, views: usize, cache: bool) -> bytes::Bytes {
+    use prost::Message;
+    let encode = || bytes::Bytes::from(to_proto(e, view).encode_to_vec());
+    if !cache {
+        return encode();
+    }
+    e.encoded
+        .get_or_init(view.map_or(0, |v| v.slot), views + 1, encode)
 }
 
 /// The entity as protobuf, through `view` (None: everything).

@@ -67,6 +67,11 @@ pub struct ServerConfig {
     /// before it is told it lagged.
     #[serde(default = "default_watch_buffer")]
     pub watch_buffer: usize,
+    /// Keep each entity version's encoding per view after its first read, so
+    /// repeated reads of an unchanged entity send bytes without encoding
+    /// them again. Costs memory about the size of the entities read.
+    #[serde(default = "default_true")]
+    pub cache_encoded: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -413,6 +418,7 @@ impl Default for ServerConfig {
             grpc_addr: default_grpc_addr(),
             admin_addr: default_admin_addr(),
             watch_buffer: default_watch_buffer(),
+            cache_encoded: default_true(),
         }
     }
 }

@@ -3,11 +3,12 @@
 use super::{Timer, entity_type};
 use crate::app::Fabric;
 use crate::event::EntityKey;
+use crate::grpc::wire::{BatchWire, EntityWire};
 use crate::proto::entity_change::Operation;
-use crate::proto::entity_service_server::EntityService;
+use crate::proto::entity_server::entity_service_server::EntityService;
 use crate::proto::{
-    BatchGetEntitiesRequest, BatchGetEntitiesResponse, Entity, EntityChange, GetEntityRequest,
-    ListEntitiesRequest, ListEntitiesResponse, WatchEntitiesRequest,
+    BatchGetEntitiesRequest, Entity, EntityChange, GetEntityRequest, ListEntitiesRequest,
+    ListEntitiesResponse, WatchEntitiesRequest,
 };
 use crate::view::{self, View};
 use std::pin::Pin;
@@ -27,6 +28,16 @@ pub struct EntityApi {
 impl EntityApi {
     pub fn new(fabric: Arc<Fabric>) -> Self {
         EntityApi { fabric }
+    }
+
+    /// The encoded entity through `view`, from the version's cache.
+    fn encode(&self, e: &crate::store::Entity, view: Option<&View>) -> bytes::Bytes {
+        let views = self
+            .fabric
+            .views
+            .get(&*e.key.entity_type)
+            .map_or(0, |v| v.len());
+        view::encoded(e, view, views, self.fabric.config.server.cache_encoded)
     }
 }
 
@@ -83,12 +94,12 @@ impl EntityService for EntityApi {
     async fn get_entity(
         &self,
         request: Request<GetEntityRequest>,
-    ) -> Result<Response<Entity>, Status> {
+    ) -> Result<Response<EntityWire>, Status> {
         let _t = Timer::start(&self.fabric, "GetEntity");
         let r = request.get_ref();
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
         match self.fabric.store.get(&key) {
-            Some(e) => Ok(Response::new(view::to_proto(&e, view))),
+            Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
             None => Err(Status::not_found(format!(
                 "{} {} not found",
                 key.entity_type, key.id
@@ -99,7 +110,7 @@ impl EntityService for EntityApi {
     async fn batch_get_entities(
         &self,
         request: Request<BatchGetEntitiesRequest>,
-    ) -> Result<Response<BatchGetEntitiesResponse>, Status> {
+    ) -> Result<Response<BatchWire>, Status> {
         let _t = Timer::start(&self.fabric, "BatchGetEntities");
         let r = request.get_ref();
         if r.ids.len() > MAX_BATCH {
@@ -110,10 +121,10 @@ impl EntityService for EntityApi {
         }
         let cfg = entity_type(&self.fabric, &r.r#type)?;
         let view = resolve_view(&self.fabric, &r.r#type, &r.view)?;
-        let mut out = BatchGetEntitiesResponse::default();
+        let mut out = BatchWire::default();
         for id in &r.ids {
             match self.fabric.store.get(&key_of(cfg, id)?) {
-                Some(e) => out.entities.push(view::to_proto(&e, view)),
+                Some(e) => out.entities.push(self.encode(&e, view)),
                 None => out.missing_ids.push(id.clone()),
             }
         }

@@ -5,10 +5,11 @@
 mod catalog;
 mod entity;
 mod ingest;
+pub mod wire;
 
 use crate::app::Fabric;
 use crate::proto::catalog_service_server::CatalogServiceServer;
-use crate::proto::entity_service_server::EntityServiceServer;
+use crate::proto::entity_server::entity_service_server::EntityServiceServer;
 use crate::proto::ingest_service_server::IngestServiceServer;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 use crate::event::{EntityChangeSet, EntityKey, Op, Position, Row, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Rows of one micro-DB table, by primary key.
 pub type TableRows = BTreeMap<Vec<Value>, Arc<Row>>;
@@ -25,6 +25,53 @@ pub struct Entity {
     pub positions: BTreeMap<Arc<str>, Position>,
     /// Source commit time of the last applied change, microseconds since epoch.
     pub updated_micros: i64,
+    /// Encoded forms of this version (one per view), made on first read. A
+    /// version never changes, so they never go stale; a new version starts
+    /// with none.
+    #[serde(skip)]
+    pub encoded: Encoded,
+}
+
+/// Lazily filled encodings of one entity version, one slot per view.
+#[derive(Default)]
+pub struct Encoded(OnceLock<Box<[OnceLock<bytes::Bytes>]>>);
+
+impl Encoded {
+    /// The encoding in `slot` of `slots`, made by `encode` the first time.
+    pub fn get_or_init(
+        &self,
+        slot: usize,
+        slots: usize,
+        encode: impl FnOnce() -> bytes::Bytes,
+    ) -> bytes::Bytes {
+        let cells = self
+            .0
+            .get_or_init(|| (0..slots).map(|_| OnceLock::new()).collect());
+        match cells.get(slot) {
+            Some(cell) => cell.get_or_init(encode).clone(),
+            None => encode(),
+        }
+    }
+}
+
+impl Clone for Encoded {
+    /// A copy is the start of a new version: it has no encodings yet.
+    fn clone(&self) -> Self {
+        Encoded::default()
+    }
+}
+
+impl PartialEq for Encoded {
+    /// Encodings are derived state: they never make two entities differ.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Encoded")
+    }
 }
 
 /// What applying a change set did.
@@ -54,6 +101,7 @@ impl Entity {
             tables: BTreeMap::new(),
             positions: BTreeMap::new(),
             updated_micros: 0,
+            encoded: Encoded::default(),
         }
     }
 
@@ -234,6 +282,22 @@ mod tests {
         again.position = Position::Snapshot(1);
         let e2 = changed(Entity::apply(Some(&e1), &again));
         assert_eq!(e2.version, 2);
+    }
+
+    #[test]
+    fn a_new_version_has_no_encodings_of_the_old_one() {
+        let e1 = changed(Entity::apply(
+            None,
+            &set(1, vec![upsert("customer", 1, "a")]),
+        ));
+        assert_eq!(&e1.encoded.get_or_init(0, 2, || "v1".into())[..], b"v1");
+        assert_eq!(&e1.encoded.get_or_init(0, 2, || "again".into())[..], b"v1");
+        let e2 = changed(Entity::apply(
+            Some(&e1),
+            &set(2, vec![upsert("customer", 1, "b")]),
+        ));
+        assert_eq!(&e2.encoded.get_or_init(0, 2, || "v2".into())[..], b"v2");
+        assert_eq!(&e2.encoded.get_or_init(5, 2, || "out".into())[..], b"out");
     }
 
     #[test]
