@@ -299,25 +299,50 @@ async fn errors_health_reflection_metrics_and_cli() {
     let mut cat = CatalogServiceClient::connect(fabric.grpc.clone())
         .await
         .unwrap();
-    let types = cat
-        .list_entity_types(entity_fabric::proto::ListEntityTypesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(types.entity_types[0].name, "customer");
-    assert_eq!(types.entity_types[0].entity_count, 50);
-    assert_eq!(types.entity_types[0].tables.len(), 5);
-    let srcs = cat
-        .list_sources(entity_fabric::proto::ListSourcesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    // The initial snapshots of all three sources are in once every source streams.
+    let srcs = eventually(WITHIN, "every source streaming", || {
+        let mut cat = cat.clone();
+        async move {
+            let srcs = cat
+                .list_sources(entity_fabric::proto::ListSourcesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            srcs.sources
+                .iter()
+                .all(|s| s.state == "streaming")
+                .then_some(srcs)
+        }
+    })
+    .await;
     assert_eq!(srcs.sources.len(), 3);
     for s in &srcs.sources {
         assert_eq!(s.kind, "sqlite");
-        assert_eq!(s.state, "streaming", "{s:?}");
         assert!(s.routed_position.starts_with("seq:"), "{s:?}");
+        assert_eq!(s.last_error, "", "{s:?}");
     }
+    let types = eventually(WITHIN, "all 50 customers applied", || {
+        let mut cat = cat.clone();
+        async move {
+            let types = cat
+                .list_entity_types(entity_fabric::proto::ListEntityTypesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (types.entity_types[0].entity_count == 50).then_some(types)
+        }
+    })
+    .await;
+    assert_eq!(types.entity_types[0].name, "customer");
+    assert_eq!(types.entity_types[0].tables.len(), 5);
+    assert_eq!(
+        types.entity_types[0]
+            .views
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["billing", "support"]
+    );
     let parts = cat
         .list_partitions(entity_fabric::proto::ListPartitionsRequest {})
         .await
