@@ -206,8 +206,26 @@ pub struct SourceConfig {
     pub poll_interval: Option<String>,
     /// `sqlite`: most changelog rows read per poll.
     pub batch_size: Option<usize>,
-    /// `sqlite`: on first start, read the tables' existing rows (default true).
+    /// On first start, read the tables' existing rows (default true).
     pub initial_snapshot: Option<bool>,
+    /// `postgres_cdc`: the replication slot (default `fabric_<name>`).
+    pub slot: Option<String>,
+    /// `postgres_cdc`: the publication (default `fabric_<name>`).
+    pub publication: Option<String>,
+    /// `postgres_cdc`: create the publication and slot when missing (default true).
+    pub create_slot: Option<bool>,
+    /// `mysql_binlog`: the replica server id this source uses (unique per
+    /// server; default derived from the source name).
+    pub server_id: Option<u32>,
+    /// `sql_poll`: the column that grows with every insert and update
+    /// (an integer or a timestamp).
+    pub cursor_column: Option<String>,
+    /// `sql_poll`: a column whose non-null or true value marks a deleted row.
+    pub soft_delete_column: Option<String>,
+    /// `sql_poll`: how far back each poll re-reads to catch rows committed
+    /// out of order (cursor units: a count for integers, e.g. `"5s"` for
+    /// timestamps).
+    pub safety_window: Option<String>,
 }
 
 impl SourceConfig {

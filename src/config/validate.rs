@@ -277,7 +277,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                         known(cfg.sources.iter().map(|s| s.name.as_str()))
                     ),
                 ),
-                Some(s) if s.kind == SourceKind::Sqlite => {
+                Some(s) if !s.tables.is_empty() => {
                     let listed = s
                         .tables
                         .iter()
@@ -415,17 +415,48 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
         ],
         SourceKind::Jsonl => &["path", "poll_interval"],
         SourceKind::GrpcPush => &[],
-        other => {
+        SourceKind::PostgresCdc => &[
+            "url",
+            "tables",
+            "batch_size",
+            "initial_snapshot",
+            "slot",
+            "publication",
+            "create_slot",
+        ],
+        SourceKind::MysqlBinlog => &[
+            "url",
+            "tables",
+            "batch_size",
+            "initial_snapshot",
+            "server_id",
+        ],
+        SourceKind::SqlPoll => &[
+            "url",
+            "tables",
+            "poll_interval",
+            "batch_size",
+            "cursor_column",
+            "soft_delete_column",
+            "safety_window",
+        ],
+        SourceKind::DebeziumKafka => {
             c.err(
                 format!("{p}.kind"),
-                format!(
-                    "source kind {:?} is not part of this build yet (available: sqlite, jsonl, grpc_push)",
-                    other.as_str()
-                ),
+                "source kind \"debezium_kafka\" needs the kafka bus, which is not part of this build yet",
             );
             return;
         }
     };
+    if !crate::sources::available(s.kind) {
+        c.err(
+            format!("{p}.kind"),
+            format!(
+                "source kind {:?} is not part of this build yet",
+                s.kind.as_str()
+            ),
+        );
+    }
     let present = [
         ("path", s.path.is_some()),
         ("url", s.url.is_some()),
@@ -433,6 +464,13 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
         ("poll_interval", s.poll_interval.is_some()),
         ("batch_size", s.batch_size.is_some()),
         ("initial_snapshot", s.initial_snapshot.is_some()),
+        ("slot", s.slot.is_some()),
+        ("publication", s.publication.is_some()),
+        ("create_slot", s.create_slot.is_some()),
+        ("server_id", s.server_id.is_some()),
+        ("cursor_column", s.cursor_column.is_some()),
+        ("soft_delete_column", s.soft_delete_column.is_some()),
+        ("safety_window", s.safety_window.is_some()),
     ];
     for (field, is_set) in present {
         if is_set && !allowed.contains(&field) {
@@ -448,11 +486,71 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
             format!("a {} source needs a path", s.kind.as_str()),
         );
     }
-    if s.kind == SourceKind::Sqlite && s.tables.is_empty() {
+    let scheme = match s.kind {
+        SourceKind::PostgresCdc => Some(&["postgres://", "postgresql://"][..]),
+        SourceKind::MysqlBinlog => Some(&["mysql://", "mariadb://"][..]),
+        SourceKind::SqlPoll => Some(
+            &[
+                "postgres://",
+                "postgresql://",
+                "mysql://",
+                "mariadb://",
+                "sqlite:",
+            ][..],
+        ),
+        _ => None,
+    };
+    if let Some(schemes) = scheme {
+        match &s.url {
+            None => c.err(
+                format!("{p}.url"),
+                format!("a {} source needs a url", s.kind.as_str()),
+            ),
+            Some(u) if !schemes.iter().any(|x| u.starts_with(x)) => c.err(
+                format!("{p}.url"),
+                format!(
+                    "a {} source needs a url starting with {}",
+                    s.kind.as_str(),
+                    schemes.join(" or ")
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+    if matches!(
+        s.kind,
+        SourceKind::Sqlite
+            | SourceKind::PostgresCdc
+            | SourceKind::MysqlBinlog
+            | SourceKind::SqlPoll
+    ) && s.tables.is_empty()
+    {
         c.err(
             format!("{p}.tables"),
-            "a sqlite source needs the tables to capture",
+            format!("a {} source needs the tables to capture", s.kind.as_str()),
         );
+    }
+    if s.kind == SourceKind::SqlPoll && s.cursor_column.is_none() {
+        c.err(
+            format!("{p}.cursor_column"),
+            "a sql_poll source needs the column that grows with every change",
+        );
+    }
+    for (field, v) in [("slot", &s.slot), ("publication", &s.publication)] {
+        if let Some(name) = v
+            && (name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_'))
+        {
+            c.err(
+                format!("{p}.{field}"),
+                format!("{name:?} must be lower-case letters, digits and underscores"),
+            );
+        }
+    }
+    if s.server_id == Some(0) {
+        c.err(format!("{p}.server_id"), "must not be 0");
     }
     if let Some(d) = &s.poll_interval {
         check_duration(c, &format!("{p}.poll_interval"), d);

@@ -20,6 +20,18 @@ pub enum Position {
     /// restarts the snapshot: only the last chunk carries the stream position
     /// that may be resumed from.
     Snapshot(u64),
+    /// A PostgreSQL WAL position (the end LSN of a committed transaction).
+    Lsn(u64),
+    /// A MySQL/MariaDB binlog position: the event after the last one read.
+    /// `gtid` is the GTID state at that point when the server has GTIDs.
+    Binlog {
+        file: String,
+        pos: u64,
+        gtid: Option<String>,
+    },
+    /// A polling cursor: the highest cursor value read (integers as is,
+    /// timestamps as microseconds since the epoch).
+    Cursor(i64),
 }
 
 impl Position {
@@ -37,14 +49,49 @@ impl PartialOrd for Position {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         use Position::*;
         match (self, other) {
-            (Seq(a), Seq(b)) | (FileOffset(a), FileOffset(b)) | (Snapshot(a), Snapshot(b)) => {
-                Some(a.cmp(b))
-            }
+            (Seq(a), Seq(b))
+            | (FileOffset(a), FileOffset(b))
+            | (Snapshot(a), Snapshot(b))
+            | (Lsn(a), Lsn(b)) => Some(a.cmp(b)),
+            (Cursor(a), Cursor(b)) => Some(a.cmp(b)),
+            (
+                Binlog {
+                    file: fa, pos: pa, ..
+                },
+                Binlog {
+                    file: fb, pos: pb, ..
+                },
+            ) => Some(
+                binlog_seq(fa)
+                    .cmp(&binlog_seq(fb))
+                    .then(fa.cmp(fb))
+                    .then(pa.cmp(pb)),
+            ),
             (Snapshot(_), _) => Some(Ordering::Less),
             (_, Snapshot(_)) => Some(Ordering::Greater),
-            (Seq(_), FileOffset(_)) | (FileOffset(_), Seq(_)) => None,
+            _ => None,
         }
     }
+}
+
+/// The sequence number of a binlog file name (`mysql-bin.000042` -> 42), so
+/// that rotation past `999999` still orders.
+fn binlog_seq(file: &str) -> u64 {
+    file.rsplit('.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Formats an LSN as PostgreSQL does: `16/B374D848`.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Parses PostgreSQL's `16/B374D848`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 impl fmt::Display for Position {
@@ -53,6 +100,12 @@ impl fmt::Display for Position {
             Position::Seq(s) => write!(f, "seq:{s}"),
             Position::FileOffset(o) => write!(f, "offset:{o}"),
             Position::Snapshot(n) => write!(f, "snapshot:{n}"),
+            Position::Lsn(l) => write!(f, "lsn:{}", format_lsn(*l)),
+            Position::Binlog { file, pos, gtid } => match gtid {
+                Some(g) => write!(f, "binlog:{file}:{pos}:gtid:{g}"),
+                None => write!(f, "binlog:{file}:{pos}"),
+            },
+            Position::Cursor(c) => write!(f, "cursor:{c}"),
         }
     }
 }
@@ -63,6 +116,37 @@ impl FromStr for Position {
         let (kind, n) = s
             .split_once(':')
             .ok_or_else(|| format!("position {s:?} has no kind prefix"))?;
+        match kind {
+            "lsn" => {
+                return parse_lsn(n)
+                    .map(Position::Lsn)
+                    .ok_or_else(|| format!("position {s:?} has a bad lsn"));
+            }
+            "binlog" => {
+                let (rest, gtid) = match n.split_once(":gtid:") {
+                    Some((r, g)) => (r, Some(g.to_string())),
+                    None => (n, None),
+                };
+                let (file, pos) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("position {s:?} is not binlog:<file>:<pos>"))?;
+                let pos = pos
+                    .parse()
+                    .map_err(|_| format!("position {s:?} has a bad binlog offset"))?;
+                return Ok(Position::Binlog {
+                    file: file.to_string(),
+                    pos,
+                    gtid,
+                });
+            }
+            "cursor" => {
+                return n
+                    .parse()
+                    .map(Position::Cursor)
+                    .map_err(|_| format!("position {s:?} has a bad cursor"));
+            }
+            _ => {}
+        }
         let n: u64 = n
             .parse()
             .map_err(|_| format!("position {s:?} has a bad number"))?;
@@ -165,6 +249,21 @@ mod tests {
         let mut c = Checkpoints::default();
         c.advance("s", Position::FileOffset(1)).unwrap();
         assert_eq!(Checkpoints::lowest([&a, &c]).get("s"), None);
+    }
+
+    #[test]
+    fn lsns_and_binlog_positions_order() {
+        assert_eq!(Position::Lsn(5).to_string(), "lsn:0/5");
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        let b = |f: &str, p| Position::Binlog {
+            file: f.into(),
+            pos: p,
+            gtid: None,
+        };
+        assert!(b("bin.000002", 4) > b("bin.000001", 900));
+        assert!(b("bin.1000000", 4) > b("bin.999999", 900));
+        assert!(b("bin.000002", 5) > b("bin.000002", 4));
+        assert!(Position::Snapshot(9) < b("bin.000001", 0));
     }
 
     #[test]

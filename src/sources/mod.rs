@@ -190,6 +190,14 @@ pub trait Source: Send {
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError>;
 }
 
+/// Whether this build has a connector for `kind`.
+pub fn available(kind: SourceKind) -> bool {
+    matches!(
+        kind,
+        SourceKind::Sqlite | SourceKind::Jsonl | SourceKind::GrpcPush
+    )
+}
+
 /// The registry of connectors.
 pub fn build(
     cfg: &SourceConfig,
@@ -223,6 +231,9 @@ pub fn limits(kind: SourceKind) -> Option<&'static str> {
         ),
         SourceKind::Jsonl => Some(
             "jsonl groups consecutive events with the same Debezium transaction id; events without one are their own transaction",
+        ),
+        SourceKind::SqlPoll => Some(
+            "sql_poll sees only rows whose cursor column grows: deletes are seen only through soft_delete_column, and several updates between two polls are seen as one",
         ),
         _ => None,
     }

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Test services for the integration tests: a PostgreSQL with wal_level=logical
+# and a MariaDB with a ROW/FULL binlog, each private (own port and data
+# directory), started only when not already up. Idempotent.
+#
+#   scripts/services.sh start   # start what is missing, print `export ...` lines
+#   scripts/services.sh stop    # stop what this script started (by PID)
+#   scripts/services.sh env     # print the `export ...` lines only
+#
+# A server already running on the standard port is reused only when it is
+# configured for change data capture; these machines' defaults are not, so
+# the private instances are the usual case.
+set -euo pipefail
+
+BASE="${FABRIC_SERVICES_DIR:-/var/tmp/entity-fabric}"
+PG_PORT="${FABRIC_PG_PORT:-55432}"
+MY_PORT="${FABRIC_MYSQL_PORT:-33306}"
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
+PG_DIR="$BASE/pg"
+MY_DIR="$BASE/mariadb"
+
+log() { echo "services: $*" >&2; }
+
+install_packages() {
+  local missing=()
+  [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ] || missing+=(postgresql)
+  command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server mariadb-client)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+  fi
+}
+
+pg_url_on() { echo "postgres://postgres@127.0.0.1:$1/postgres"; }
+
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$1" 2>/dev/null; }
+
+pg_logical() {
+  [ "$(psql -h 127.0.0.1 -p "$1" -U postgres -Atc 'SHOW wal_level' 2>/dev/null)" = logical ]
+}
+
+start_pg() {
+  if pg_ready 5432 && pg_logical 5432; then
+    log "reusing PostgreSQL on 5432 (wal_level=logical)"
+    PG_URL="$(pg_url_on 5432)"
+    return
+  fi
+  PG_URL="$(pg_url_on "$PG_PORT")"
+  if pg_ready "$PG_PORT"; then
+    pg_logical "$PG_PORT" || { log "PostgreSQL on $PG_PORT is not wal_level=logical"; exit 1; }
+    return
+  fi
+  install -d -o postgres -g postgres -m 700 "$PG_DIR"
+  if [ ! -f "$PG_DIR/PG_VERSION" ]; then
+    log "initialising PostgreSQL in $PG_DIR"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DIR" -U postgres -A trust -E UTF8 --no-sync >/dev/null
+  fi
+  log "starting PostgreSQL on $PG_PORT"
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR/server.log" -w -o \
+    "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null
+  touch "$BASE/pg.started-by-us"
+}
+
+my_ready() { mariadb-admin -h 127.0.0.1 -P "$1" -uroot --connect-timeout=2 ping >/dev/null 2>&1; }
+
+my_binlog_ok() {
+  local v
+  v="$(mariadb -h 127.0.0.1 -P "$1" -uroot -N -e "SELECT CONCAT(@@log_bin, @@binlog_format, @@binlog_row_image)" 2>/dev/null || true)"
+  [ "$v" = "1ROWFULL" ]
+}
+
+start_mariadb() {
+  if my_ready 3306 && my_binlog_ok 3306; then
+    log "reusing MariaDB on 3306 (ROW/FULL binlog)"
+    MY_URL="mysql://root@127.0.0.1:3306"
+    return
+  fi
+  MY_URL="mysql://root@127.0.0.1:$MY_PORT"
+  if my_ready "$MY_PORT"; then
+    my_binlog_ok "$MY_PORT" || { log "MariaDB on $MY_PORT has no ROW/FULL binlog"; exit 1; }
+    return
+  fi
+  mkdir -p "$MY_DIR"
+  cat > "$MY_DIR/my.cnf" <<CNF
+[mariadbd]
+datadir=$MY_DIR/data
+socket=$MY_DIR/mariadb.sock
+pid-file=$MY_DIR/mariadb.pid
+port=$MY_PORT
+bind-address=127.0.0.1
+user=mysql
+log_bin=$MY_DIR/data/binlog
+binlog_format=ROW
+binlog_row_image=FULL
+binlog_row_metadata=FULL
+server_id=1
+innodb_flush_log_at_trx_commit=2
+sync_binlog=0
+skip-name-resolve
+CNF
+  chown -R mysql:mysql "$MY_DIR"
+  if [ ! -d "$MY_DIR/data/mysql" ]; then
+    log "initialising MariaDB in $MY_DIR"
+    mariadb-install-db --defaults-file="$MY_DIR/my.cnf" --auth-root-authentication-method=normal \
+      --skip-test-db >/dev/null 2>&1
+  fi
+  log "starting MariaDB on $MY_PORT"
+  setsid mariadbd --defaults-file="$MY_DIR/my.cnf" >"$MY_DIR/server.log" 2>&1 < /dev/null &
+  for _ in $(seq 1 100); do
+    my_ready "$MY_PORT" && break
+    sleep 0.1
+  done
+  my_ready "$MY_PORT" || { log "MariaDB did not start; see $MY_DIR/server.log"; exit 1; }
+  touch "$BASE/mariadb.started-by-us"
+}
+
+print_env() {
+  echo "export FABRIC_TEST_PG_URL=${PG_URL}"
+  echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
+}
+
+stop() {
+  if [ -f "$BASE/pg.started-by-us" ] && [ -f "$PG_DIR/postmaster.pid" ]; then
+    local pid; pid="$(head -n1 "$PG_DIR/postmaster.pid")"
+    log "stopping PostgreSQL (pid $pid)"
+    kill -INT "$pid" 2>/dev/null || true
+    rm -f "$BASE/pg.started-by-us"
+  fi
+  if [ -f "$BASE/mariadb.started-by-us" ] && [ -f "$MY_DIR/mariadb.pid" ]; then
+    local pid; pid="$(cat "$MY_DIR/mariadb.pid")"
+    log "stopping MariaDB (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    rm -f "$BASE/mariadb.started-by-us"
+  fi
+}
+
+mkdir -p "$BASE"
+case "${1:-start}" in
+  start) install_packages; start_pg; start_mariadb; print_env ;;
+  env) PG_URL="$(pg_url_on "$PG_PORT")"; MY_URL="mysql://root@127.0.0.1:$MY_PORT"; print_env ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+esac
