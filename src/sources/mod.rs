@@ -19,6 +19,9 @@
 pub mod debezium;
 pub mod grpc_push;
 pub mod jsonl;
+pub mod mysql_binlog;
+pub mod postgres_cdc;
+pub mod sql_poll;
 pub mod sqlite;
 
 use crate::config::{Config, SourceConfig, SourceKind};
@@ -208,6 +211,9 @@ pub fn build(
         SourceKind::Sqlite => Ok(Box::new(sqlite::SqliteSource::new(cfg, config)?)),
         SourceKind::Jsonl => Ok(Box::new(jsonl::JsonlSource::new(cfg, config)?)),
         SourceKind::GrpcPush => Ok(Box::new(push.register(&cfg.name))),
+        SourceKind::PostgresCdc => Ok(Box::new(postgres_cdc::PostgresCdcSource::new(cfg, config)?)),
+        SourceKind::MysqlBinlog => Ok(Box::new(mysql_binlog::MysqlBinlogSource::new(cfg, config)?)),
+        SourceKind::SqlPoll => Ok(Box::new(sql_poll::SqlPollSource::new(cfg, config)?)),
         other => Err(SourceError::Config {
             source_name: cfg.name.clone(),
             reason: format!("source kind {} is not part of this build", other.as_str()),

@@ -443,3 +443,29 @@ pub async fn compare_all(
     }
     (want.len(), mismatches)
 }
+
+/// The PostgreSQL (wal_level=logical) the test command started
+/// (`scripts/services.sh`). Missing is a failure, never a skip.
+pub fn pg_url() -> String {
+    std::env::var("FABRIC_TEST_PG_URL").expect(
+        "FABRIC_TEST_PG_URL is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+    )
+}
+
+/// The MariaDB (ROW/FULL binlog) the test command started. Missing is a failure.
+pub fn mysql_url() -> String {
+    std::env::var("FABRIC_TEST_MYSQL_URL").expect(
+        "FABRIC_TEST_MYSQL_URL is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+    )
+}
+
+/// A name unique to this test run, for databases, slots and tables.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

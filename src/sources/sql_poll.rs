@@ -1,0 +1,21 @@
+//! placeholder: the `sql_poll` connector is being written.
+use super::{Source, SourceContext, SourceError};
+use crate::config::{Config, SourceConfig};
+
+pub struct SqlPollSource;
+
+impl SqlPollSource {
+    pub fn new(cfg: &SourceConfig, _config: &Config) -> Result<Self, SourceError> {
+        Err(SourceError::Config {
+            source_name: cfg.name.clone(),
+            reason: "not part of this build yet".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for SqlPollSource {
+    async fn run(self: Box<Self>, _ctx: SourceContext) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
