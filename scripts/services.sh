@@ -70,7 +70,7 @@ my_ready() { mariadb-admin -h 127.0.0.1 -P "$1" -uroot --connect-timeout=2 ping 
 my_binlog_ok() {
   local v
   v="$(mariadb -h 127.0.0.1 -P "$1" -uroot -N -e "SELECT CONCAT(@@log_bin, @@binlog_format, @@binlog_row_image)" 2>/dev/null || true)"
-  [ "$v" = "1ROWFULL" ]
+  [ "$v" = "1ROWFULL" ] || [ "$v" = "ONROWFULL" ]
 }
 
 start_mariadb() {

@@ -2,8 +2,11 @@
 # Runs every check and test of Entity Fabric: formatting, lints, unit tests,
 # and the integration tests that start the real `fabric` binary.
 #
-# Idempotent and self-contained: the tests create their own SQLite sources,
-# data directories and loopback ports. Builds go to a target directory shared
+# Idempotent and self-contained: scripts/services.sh starts a private
+# PostgreSQL (logical decoding) and MariaDB (ROW binlog) when none is up, and
+# stops them again at the end (FABRIC_KEEP_SERVICES=1 keeps them for the next
+# run); the tests create their own databases, slots, SQLite files, data
+# directories and loopback ports. Builds go to a target directory shared
 # between checkouts (override with CARGO_TARGET_DIR), so a fresh clone on a
 # machine that built before does not rebuild every dependency.
 set -euo pipefail
@@ -19,6 +22,12 @@ for tool in cargo rustfmt cargo-clippy; do
     exit 1
   fi
 done
+
+echo "== test services"
+eval "$(scripts/services.sh start)"
+if [ "${FABRIC_KEEP_SERVICES:-0}" != 1 ]; then
+  trap 'scripts/services.sh stop' EXIT
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --check

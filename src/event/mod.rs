@@ -5,7 +5,7 @@
 //! touches; that set is the unit the bus carries and the applier applies
 //! atomically (one version step per set).
 
-mod position;
+pub mod position;
 pub mod value;
 
 pub use position::{Checkpoints, Position};

@@ -20,6 +20,7 @@ pub mod debezium;
 pub mod grpc_push;
 pub mod jsonl;
 pub mod mysql_binlog;
+pub mod pgoutput;
 pub mod postgres_cdc;
 pub mod sql_poll;
 pub mod sqlite;
@@ -197,7 +198,7 @@ pub trait Source: Send {
 pub fn available(kind: SourceKind) -> bool {
     matches!(
         kind,
-        SourceKind::Sqlite | SourceKind::Jsonl | SourceKind::GrpcPush
+        SourceKind::Sqlite | SourceKind::Jsonl | SourceKind::GrpcPush | SourceKind::PostgresCdc
     )
 }
 
