@@ -49,6 +49,7 @@ start_pg() {
     return
   fi
   PG_URL="$(pg_url_on "$PG_PORT")"
+  PG_RESTART="runuser -u postgres -- $PG_BIN/pg_ctl -D $PG_DIR -w -m fast restart -l $PG_DIR/server.log"
   if pg_ready "$PG_PORT"; then
     pg_logical "$PG_PORT" || { log "PostgreSQL on $PG_PORT is not wal_level=logical"; exit 1; }
     return
@@ -80,6 +81,7 @@ start_mariadb() {
     return
   fi
   MY_URL="mysql://root@127.0.0.1:$MY_PORT"
+  MY_RESTART="$0 restart-mariadb"
   if my_ready "$MY_PORT"; then
     my_binlog_ok "$MY_PORT" || { log "MariaDB on $MY_PORT has no ROW/FULL binlog"; exit 1; }
     return
@@ -121,6 +123,9 @@ CNF
 print_env() {
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
+  # Tests that restart a database mid-stream use these.
+  echo "export FABRIC_TEST_PG_RESTART='${PG_RESTART:-}'"
+  echo "export FABRIC_TEST_MYSQL_RESTART='${MY_RESTART:-}'"
 }
 
 stop() {
@@ -138,8 +143,21 @@ stop() {
   fi
 }
 
+restart_mariadb() {
+  local pid; pid="$(cat "$MY_DIR/mariadb.pid")"
+  kill -TERM "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  setsid mariadbd --defaults-file="$MY_DIR/my.cnf" >>"$MY_DIR/server.log" 2>&1 < /dev/null &
+  for _ in $(seq 1 100); do
+    my_ready "$MY_PORT" && return
+    sleep 0.1
+  done
+  log "MariaDB did not come back"; exit 1
+}
+
 mkdir -p "$BASE"
 case "${1:-start}" in
+  restart-mariadb) restart_mariadb ;;
   start) install_packages; start_pg; start_mariadb; print_env ;;
   env) PG_URL="$(pg_url_on "$PG_PORT")"; MY_URL="mysql://root@127.0.0.1:$MY_PORT"; print_env ;;
   stop) stop ;;

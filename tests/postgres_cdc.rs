@@ -320,6 +320,36 @@ async fn snapshot_stream_and_sigkill_converge_to_postgres() {
         "the restart re-read the tables"
     );
 
+    // The catalog and /metrics show the source's position, durability and lag.
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    let cat = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
+    let src = eventually(Duration::from_secs(30), "a durable position", || {
+        let mut cat = cat.clone();
+        async move {
+            let s = cat
+                .list_sources(entity_fabric::proto::ListSourcesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let s = s.sources.into_iter().next()?;
+            s.durable_position.starts_with("lsn:").then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(src.kind, "postgres_cdc");
+    assert_eq!(src.state, "streaming");
+    assert!(src.routed_position.starts_with("lsn:"), "{src:?}");
+    assert!(src.lag_millis >= 0);
+    let (_, metrics) = http_get(&fabric.admin, "/metrics").await;
+    for m in [
+        "fabric_source_lag_seconds{source=\"crm\"}",
+        "fabric_changes_applied_total{source=\"crm\"}",
+    ] {
+        assert!(metrics.contains(m), "{m} missing");
+    }
+
     // The slot follows what is durable: it is advanced, not left at the start.
     let confirmed: Option<String> = sqlx::query_scalar(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",

@@ -1,0 +1,144 @@
+//! A source database restarted mid-stream: the connector recovers by itself
+//! (retry with backoff from its last position) and catches up. A test binary
+//! of its own, because it restarts the shared test server.
+
+mod common;
+
+use common::*;
+use sqlx::{Connection, PgConnection};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_mid_stream_is_recovered() {
+    let restart = std::env::var("FABRIC_TEST_PG_RESTART").unwrap_or_default();
+    assert!(
+        !restart.is_empty(),
+        "FABRIC_TEST_PG_RESTART is not set: run the tests with ./scripts/test.sh"
+    );
+    let db = unique("fab_pgrestart");
+    let base = pg_url();
+    let mut admin = PgConnection::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    drop(admin);
+    let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, balance numeric(12,2));
+         ALTER TABLE accounts REPLICA IDENTITY FULL;
+         INSERT INTO accounts SELECT i, 0 FROM generate_series(1, 50) i;",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    drop(c);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fabric.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[server]
+grpc_addr = "127.0.0.1:{}"
+admin_addr = "127.0.0.1:{}"
+[snapshot]
+dir = "{d}/snapshots"
+interval = "500ms"
+keep = 2
+[dlq]
+file = "{d}/dlq.jsonl"
+[[sources]]
+name = "ledger"
+kind = "postgres_cdc"
+url = "{url}"
+tables = ["public.accounts"]
+slot = "{db}"
+publication = "{db}"
+[[entities]]
+name = "account"
+  [[entities.tables]]
+  name = "account"
+  source = "ledger"
+  from = "public.accounts"
+  id_column = "id"
+  primary_key = ["id"]
+"#,
+            free_port(),
+            free_port(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+
+    let balance = |id: &'static str| {
+        let f = fabric.grpc.clone();
+        async move {
+            let mut client =
+                entity_fabric::proto::entity_service_client::EntityServiceClient::connect(f)
+                    .await
+                    .ok()?;
+            let e = client
+                .get_entity(entity_fabric::proto::GetEntityRequest {
+                    r#type: "account".into(),
+                    id: id.into(),
+                    view: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let v = &e.tables[0].rows[0].columns["balance"];
+            entity_fabric::view::value_from_proto(v)
+                .ok()
+                .map(|v| v.to_string())
+        }
+    };
+    eventually(Duration::from_secs(30), "the initial snapshot", || {
+        balance("7")
+    })
+    .await;
+
+    // Restart the server, then write: the source reconnects and catches up.
+    let status = std::process::Command::new("sh")
+        .args(["-c", &restart])
+        .status()
+        .unwrap();
+    assert!(status.success(), "restarting PostgreSQL failed");
+    let mut c = eventually(Duration::from_secs(30), "PostgreSQL back", || {
+        let url = url.clone();
+        async move { PgConnection::connect(&url).await.ok() }
+    })
+    .await;
+    sqlx::query("UPDATE accounts SET balance = 77.70 WHERE id = 7")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the update after the restart",
+        || async { (balance("7").await.as_deref() == Some("77.70")).then_some(()) },
+    )
+    .await;
+    let log = fabric.log_text();
+    assert!(
+        log.contains("source failed; retrying"),
+        "no retry was logged:\n{log}"
+    );
+
+    assert!(fabric.terminate());
+    drop(c);
+    let mut admin = PgConnection::connect(&base).await.unwrap();
+    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&db)
+        .execute(&mut admin)
+        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await;
+}
