@@ -198,7 +198,11 @@ pub trait Source: Send {
 pub fn available(kind: SourceKind) -> bool {
     matches!(
         kind,
-        SourceKind::Sqlite | SourceKind::Jsonl | SourceKind::GrpcPush | SourceKind::PostgresCdc
+        SourceKind::Sqlite
+            | SourceKind::Jsonl
+            | SourceKind::GrpcPush
+            | SourceKind::PostgresCdc
+            | SourceKind::MysqlBinlog
     )
 }
 
