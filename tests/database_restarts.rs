@@ -142,3 +142,121 @@ name = "account"
     .execute(&mut admin)
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_restart_mid_stream_is_recovered() {
+    use mysql_async::prelude::*;
+    let restart = std::env::var("FABRIC_TEST_MYSQL_RESTART").unwrap_or_default();
+    assert!(
+        !restart.is_empty(),
+        "FABRIC_TEST_MYSQL_RESTART is not set: run the tests with ./scripts/test.sh"
+    );
+    let db = unique("fab_myrestart");
+    let my = mysql_url();
+    let mut m = mysql_async::Conn::from_url(my.clone()).await.unwrap();
+    m.query_drop(format!("CREATE DATABASE {db}")).await.unwrap();
+    m.query_drop(format!(
+        "CREATE TABLE {db}.accounts (id BIGINT PRIMARY KEY, balance DECIMAL(12,2))"
+    ))
+    .await
+    .unwrap();
+    m.query_drop(format!(
+        "INSERT INTO {db}.accounts VALUES (1, 0), (2, 0), (3, 0)"
+    ))
+    .await
+    .unwrap();
+    drop(m);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fabric.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[server]
+grpc_addr = "127.0.0.1:{}"
+admin_addr = "127.0.0.1:{}"
+[snapshot]
+dir = "{d}/snapshots"
+interval = "500ms"
+keep = 2
+[dlq]
+file = "{d}/dlq.jsonl"
+[[sources]]
+name = "ledger"
+kind = "mysql_binlog"
+url = "{my}"
+tables = ["{db}.accounts"]
+[[entities]]
+name = "account"
+  [[entities.tables]]
+  name = "account"
+  source = "ledger"
+  from = "{db}.accounts"
+  id_column = "id"
+  primary_key = ["id"]
+"#,
+            free_port(),
+            free_port(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    let balance = |id: &'static str| {
+        let f = fabric.grpc.clone();
+        async move {
+            let mut client =
+                entity_fabric::proto::entity_service_client::EntityServiceClient::connect(f)
+                    .await
+                    .ok()?;
+            let e = client
+                .get_entity(entity_fabric::proto::GetEntityRequest {
+                    r#type: "account".into(),
+                    id: id.into(),
+                    view: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let v = &e.tables[0].rows[0].columns["balance"];
+            entity_fabric::view::value_from_proto(v)
+                .ok()
+                .map(|v| v.to_string())
+        }
+    };
+    eventually(Duration::from_secs(30), "the initial snapshot", || {
+        balance("2")
+    })
+    .await;
+
+    let status = std::process::Command::new("sh")
+        .args(["-c", &restart])
+        .status()
+        .unwrap();
+    assert!(status.success(), "restarting MariaDB failed");
+    let mut m = eventually(Duration::from_secs(30), "MariaDB back", || {
+        let my = my.clone();
+        async move { mysql_async::Conn::from_url(my).await.ok() }
+    })
+    .await;
+    m.query_drop(format!(
+        "UPDATE {db}.accounts SET balance = 12.34 WHERE id = 2"
+    ))
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(90),
+        "the update after the restart",
+        || async { (balance("2").await.as_deref() == Some("12.34")).then_some(()) },
+    )
+    .await;
+    let log = fabric.log_text();
+    assert!(
+        log.contains("source failed; retrying"),
+        "no retry was logged:\n{log}"
+    );
+    assert!(fabric.terminate());
+    let _ = m.query_drop(format!("DROP DATABASE IF EXISTS {db}")).await;
+}

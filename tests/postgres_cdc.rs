@@ -461,3 +461,50 @@ async fn wrong_credentials_are_retried_with_the_reason_shown() {
     assert!(src.last_error.contains("nobody_here"), "{}", src.last_error);
     assert!(fabric.terminate());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_down_at_start_is_retried_while_the_fabric_serves() {
+    let db = unique("fab_pgdown");
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on this port.
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let cfg = config(dir.path(), &url, &db);
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("a.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    let cat = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
+    let src = eventually(Duration::from_secs(30), "the source to retry", || {
+        let mut cat = cat.clone();
+        async move {
+            let s = cat
+                .list_sources(entity_fabric::proto::ListSourcesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let s = s.sources.into_iter().next()?;
+            (s.state == "retrying" && !s.last_error.is_empty()).then_some(s)
+        }
+    })
+    .await;
+    assert!(
+        src.last_error.starts_with("source crm: connect:"),
+        "{}",
+        src.last_error
+    );
+    let (status, _) = http_get(&fabric.admin, "/healthz").await;
+    assert_eq!(status, 200);
+    // Backoff: retries are logged more than once, further apart each time.
+    let retries = eventually(Duration::from_secs(30), "several retries", || {
+        let log = fabric.log_text();
+        async move {
+            let n = log.matches("source failed; retrying").count();
+            (n >= 3).then_some(log)
+        }
+    })
+    .await;
+    assert!(retries.contains("backoff_ms=200"), "{retries}");
+    assert!(retries.contains("backoff_ms=400"), "{retries}");
+    assert!(fabric.terminate());
+}
