@@ -97,9 +97,12 @@ fn every_example_config_passes() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            // The secrets the examples take from the environment.
             let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
                 .args(["check", "--config"])
                 .arg(&path)
+                .env("CRM_URL", "postgres://fabric:secret@localhost:5432/crm")
+                .env("BILLING_URL", "mysql://cdc:secret@localhost:3306")
                 .output()
                 .unwrap();
             assert!(
@@ -111,7 +114,7 @@ fn every_example_config_passes() {
             n += 1;
         }
     }
-    assert!(n >= 1, "no example configs found");
+    assert!(n >= 3, "only {n} example configs found");
 }
 
 #[test]
@@ -311,5 +314,32 @@ fn bad_toml_syntax() {
     assert!(
         err.contains(&format!("{}: not valid TOML", path.display())),
         "{err}"
+    );
+}
+
+#[test]
+fn database_sources_need_a_url_of_their_kind() {
+    let text = GOOD.replace(
+        "kind = \"sqlite\"\npath = \"crm.db\"",
+        "kind = \"postgres_cdc\"\nurl = \"mysql://x@localhost/crm\"\nslot = \"Bad-Slot\"",
+    );
+    let err = refused(
+        &text,
+        "sources[0].url",
+        "a postgres_cdc source needs a url starting with postgres:// or postgresql://",
+    );
+    assert!(
+        err.contains(
+            ": sources[0].slot: \"Bad-Slot\" must be lower-case letters, digits and underscores"
+        ),
+        "{err}"
+    );
+    refused(
+        &GOOD.replace(
+            "kind = \"sqlite\"\npath = \"billing.db\"",
+            "kind = \"mysql_binlog\"\nserver_id = 0",
+        ),
+        "sources[1].url",
+        "a mysql_binlog source needs a url",
     );
 }

@@ -29,8 +29,9 @@ pub enum Position {
         pos: u64,
         gtid: Option<String>,
     },
-    /// A polling cursor: the highest cursor value read (integers as is,
-    /// timestamps as microseconds since the epoch).
+    /// A polling cursor: the safe cursor, at or below which every row version
+    /// has been handed on (integers as is, timestamps as microseconds since
+    /// the epoch).
     Cursor(i64),
 }
 
@@ -38,6 +39,13 @@ impl Position {
     /// True for the position of an initial snapshot still in progress.
     pub fn is_snapshot(&self) -> bool {
         matches!(self, Position::Snapshot(_))
+    }
+
+    /// True when changes at this position carry rows as they are now (a
+    /// snapshot read, a poll), not a log entry to be replayed in order: such
+    /// changes are never skipped as replays of older ones.
+    pub fn reads_current_state(&self) -> bool {
+        matches!(self, Position::Snapshot(_) | Position::Cursor(_))
     }
 }
 

@@ -203,6 +203,7 @@ pub fn available(kind: SourceKind) -> bool {
             | SourceKind::GrpcPush
             | SourceKind::PostgresCdc
             | SourceKind::MysqlBinlog
+            | SourceKind::SqlPoll
     )
 }
 

@@ -114,13 +114,14 @@ impl Entity {
     /// Idempotent: a set at or below the entity's position for its source
     /// that carries the same rows changes nothing; a set strictly below it is
     /// skipped, so replaying an older stretch of the log never moves an entity
-    /// back in time. Snapshot chunks are never skipped: a source re-reads
-    /// its snapshot only when it starts over, and then its rows are newer
-    /// than anything the entity holds from that source.
+    /// back in time. Rows read as they are now (snapshot chunks, polls) are
+    /// never skipped: a source re-reads its snapshot only when it starts
+    /// over, and a poll reads current rows, so they are never older than
+    /// what the entity holds from that source.
     pub fn apply(current: Option<&Entity>, set: &EntityChangeSet) -> Applied {
         if let Some(cur) = current
             && let Some(seen) = cur.positions.get(&set.source)
-            && !set.position.is_snapshot()
+            && !set.position.reads_current_state()
             && set.position < *seen
         {
             return Applied::Stale;
