@@ -508,3 +508,45 @@ async fn a_source_down_at_start_is_retried_while_the_fabric_serves() {
     assert!(retries.contains("backoff_ms=400"), "{retries}");
     assert!(fabric.terminate());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_refused_by_name() {
+    let db = unique("fab_pgmissing");
+    let url = fresh_db(&db).await;
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
+         ALTER TABLE customers REPLICA IDENTITY FULL;",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url, &db);
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("a.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    let cat = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
+    let src = eventually(Duration::from_secs(30), "the source to fail", || {
+        let mut cat = cat.clone();
+        async move {
+            let s = cat
+                .list_sources(entity_fabric::proto::ListSourcesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let s = s.sources.into_iter().next()?;
+            (s.state == "failed").then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(
+        src.last_error,
+        "source crm: table public.addresses does not exist (or is not a table) in the database"
+    );
+    assert!(fabric.terminate());
+    drop(c);
+    drop_db(&db, &db).await;
+}
