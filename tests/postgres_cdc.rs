@@ -550,3 +550,123 @@ async fn a_missing_table_is_refused_by_name() {
     drop(c);
     drop_db(&db, &db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmapped_column_type_is_refused_unless_carried_as_text() {
+    let db = unique("fab_pgtype");
+    let url = fresh_db(&db).await;
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE DOMAIN email AS text;
+         CREATE TYPE mood AS ENUM ('calm', 'angry');
+         CREATE TABLE customers (id bigint PRIMARY KEY, name email, mood mood, wait interval);
+         CREATE TABLE addresses (id bigint PRIMARY KEY, customer_id bigint);
+         ALTER TABLE customers REPLICA IDENTITY FULL;
+         ALTER TABLE addresses REPLICA IDENTITY FULL;
+         INSERT INTO customers VALUES (1, 'a@b.c', 'calm', interval '1 day 2 hours');",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+
+    // By default the interval column is refused, by name and type.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url, &db);
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("a.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    let cat = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .unwrap();
+    let src = eventually(Duration::from_secs(30), "the source to fail", || {
+        let mut cat = cat.clone();
+        async move {
+            let s = cat
+                .list_sources(entity_fabric::proto::ListSourcesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let s = s.sources.into_iter().next()?;
+            (s.state == "failed").then_some(s)
+        }
+    })
+    .await;
+    assert!(
+        src.last_error.contains(
+            "column public.customers.wait has type interval, which the fabric does not map"
+        ),
+        "{}",
+        src.last_error
+    );
+    assert!(
+        src.last_error.contains("unmapped_types = \"text\""),
+        "{}",
+        src.last_error
+    );
+    assert!(fabric.terminate());
+
+    // With unmapped_types = "text" it is carried as its text; the domain and
+    // the enum decode as text either way.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url, &db);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "kind = \"postgres_cdc\"",
+        "kind = \"postgres_cdc\"\nunmapped_types = \"text\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("b.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    let client = fabric.client().await;
+    let e = eventually(Duration::from_secs(30), "customer 1", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_entity(entity_fabric::proto::GetEntityRequest {
+                    r#type: "customer".into(),
+                    id: "1".into(),
+                    view: String::new(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await;
+    let row = &e.tables[0].rows[0].columns;
+    let v = |c: &str| entity_fabric::view::value_from_proto(&row[c]).unwrap();
+    assert_eq!(
+        v("wait"),
+        entity_fabric::event::Value::Text("1 day 02:00:00".into())
+    );
+    assert_eq!(v("name"), entity_fabric::event::Value::Text("a@b.c".into()));
+    assert_eq!(v("mood"), entity_fabric::event::Value::Text("calm".into()));
+    // Streamed changes decode the same way.
+    sqlx::query("UPDATE customers SET wait = interval '3 minutes', mood = 'angry' WHERE id = 1")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the streamed update", || {
+        let mut client = client.clone();
+        async move {
+            let e = client
+                .get_entity(entity_fabric::proto::GetEntityRequest {
+                    r#type: "customer".into(),
+                    id: "1".into(),
+                    view: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let row = &e.tables[0].rows[0].columns;
+            let w = entity_fabric::view::value_from_proto(&row["wait"]).ok()?;
+            let m = entity_fabric::view::value_from_proto(&row["mood"]).ok()?;
+            (w == entity_fabric::event::Value::Text("00:03:00".into())
+                && m == entity_fabric::event::Value::Text("angry".into()))
+            .then_some(())
+        }
+    })
+    .await;
+    assert!(fabric.terminate());
+    drop(c);
+    drop_db(&db, &db).await;
+}

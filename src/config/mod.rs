@@ -214,6 +214,9 @@ pub struct SourceConfig {
     pub publication: Option<String>,
     /// `postgres_cdc`: create the publication and slot when missing (default true).
     pub create_slot: Option<bool>,
+    /// `postgres_cdc`: what to do with a column whose type has no mapping:
+    /// `"error"` (default: refuse at start, naming it) or `"text"` (carry its text).
+    pub unmapped_types: Option<String>,
     /// `mysql_binlog`: the replica server id this source uses (unique per
     /// server; default derived from the source name).
     pub server_id: Option<u32>,

@@ -423,6 +423,7 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
             "slot",
             "publication",
             "create_slot",
+            "unmapped_types",
         ],
         SourceKind::MysqlBinlog => &[
             "url",
@@ -467,6 +468,7 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
         ("slot", s.slot.is_some()),
         ("publication", s.publication.is_some()),
         ("create_slot", s.create_slot.is_some()),
+        ("unmapped_types", s.unmapped_types.is_some()),
         ("server_id", s.server_id.is_some()),
         ("cursor_column", s.cursor_column.is_some()),
         ("soft_delete_column", s.soft_delete_column.is_some()),
@@ -548,6 +550,15 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
                 format!("{name:?} must be lower-case letters, digits and underscores"),
             );
         }
+    }
+    if let Some(u) = &s.unmapped_types
+        && u != "error"
+        && u != "text"
+    {
+        c.err(
+            format!("{p}.unmapped_types"),
+            format!("{u:?} is neither \"error\" nor \"text\""),
+        );
     }
     if s.server_id == Some(0) {
         c.err(format!("{p}.server_id"), "must not be 0");

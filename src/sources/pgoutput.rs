@@ -277,6 +277,32 @@ pub mod oid {
     ];
 }
 
+/// Whether values of a type decode into something better than opaque text:
+/// a type with a mapping of its own, an enum, or a string type
+/// (`typtype`, `typcategory` from `pg_type`).
+pub fn maps(type_oid: u32, typtype: &str, category: &str) -> bool {
+    use oid::*;
+    matches!(
+        type_oid,
+        BOOL | BYTEA
+            | INT8
+            | INT2
+            | INT4
+            | OID
+            | JSON
+            | FLOAT4
+            | FLOAT8
+            | DATE
+            | TIMESTAMP
+            | TIMESTAMPTZ
+            | NUMERIC
+            | UUID
+            | JSONB
+    ) || ARRAYS.contains(&type_oid)
+        || typtype == "e"
+        || category == "S"
+}
+
 /// Decodes PostgreSQL's text output of one value of type `type_oid`.
 pub fn value(type_oid: u32, t: &str) -> Result<Value, String> {
     use oid::*;

@@ -32,8 +32,10 @@
 //! idempotent).
 //!
 //! Values arrive as PostgreSQL's text output and are typed by the column's
-//! type (see [`super::pgoutput::value`]); types without a mapping of their
-//! own are kept as text.
+//! type (see [`super::pgoutput::value`]); domains decode as their base type,
+//! enums and string types as text. A column of any other type without a
+//! mapping (`interval`, `money`, geometric, range, composite …) is refused
+//! at start, naming it, unless the source sets `unmapped_types = "text"`.
 
 use super::pgoutput::{self, Message, Relation, Relations};
 use super::{Source, SourceContext, SourceError};
@@ -68,6 +70,10 @@ pub struct PostgresCdcSource {
     create: bool,
     initial_snapshot: bool,
     batch_size: usize,
+    /// Carry columns of types without a mapping as their text (else refuse them).
+    text_for_unmapped: bool,
+    /// Domain type -> its base type, so values decode by the base type.
+    domains: parking_lot::Mutex<HashMap<u32, u32>>,
 }
 
 /// One configured table as the database describes it.
@@ -114,6 +120,8 @@ impl PostgresCdcSource {
             create: cfg.create_slot.unwrap_or(true),
             initial_snapshot: cfg.initial_snapshot.unwrap_or(true),
             batch_size: cfg.batch_size(),
+            text_for_unmapped: cfg.unmapped_types.as_deref() == Some("text"),
+            domains: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
@@ -206,8 +214,17 @@ impl PostgresCdcSource {
                     "table {qualified} has REPLICA IDENTITY {now}; run ALTER TABLE {qualified} REPLICA IDENTITY FULL so that updates and deletes carry the whole row"
                 )));
             }
-            let columns = sqlx::query(
-                "SELECT a.attname::text, a.atttypid::int8 FROM pg_attribute a
+            // Per column: its type, the type values decode as (a domain's
+            // base type), whether that is an enum or a string type, and the
+            // type's SQL name for messages.
+            let rows = sqlx::query(
+                "SELECT a.attname::text, a.atttypid::int8,
+                        CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END::int8,
+                        COALESCE(b.typtype, t.typtype)::text, COALESCE(b.typcategory, t.typcategory)::text,
+                        format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a
+                 JOIN pg_type t ON t.oid = a.atttypid
+                 LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
                  WHERE a.attrelid = ($1 || '.' || $2)::regclass AND a.attnum > 0 AND NOT a.attisdropped
                  ORDER BY a.attnum",
             )
@@ -215,10 +232,25 @@ impl PostgresCdcSource {
             .bind(format!("\"{}\"", table.replace('"', "\"\"")))
             .fetch_all(&mut *conn)
             .await
-            .map_err(self.ext("read the columns"))?
-            .into_iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u32))
-            .collect();
+            .map_err(self.ext("read the columns"))?;
+            let mut columns = Vec::with_capacity(rows.len());
+            for r in rows {
+                let name: String = r.get(0);
+                let oid = r.get::<i64, _>(1) as u32;
+                let base = r.get::<i64, _>(2) as u32;
+                let typtype: String = r.get(3);
+                let category: String = r.get(4);
+                let sql_type: String = r.get(5);
+                if base != oid {
+                    self.domains.lock().insert(oid, base);
+                }
+                if !self.text_for_unmapped && !pgoutput::maps(base, &typtype, &category) {
+                    return Err(self.config_err(format!(
+                        "column {qualified}.{name} has type {sql_type}, which the fabric does not map to a value type; set unmapped_types = \"text\" on the source to carry such columns as their text"
+                    )));
+                }
+                columns.push((name, base));
+            }
             infos.push(TableInfo {
                 configured: configured.clone(),
                 qualified: qualified.clone(),
@@ -578,7 +610,13 @@ impl PostgresCdcSource {
         by_name: &HashMap<&str, &str>,
         txn: Option<&mut Vec<RowChange>>,
     ) {
-        if let Message::Relation(r) = msg {
+        if let Message::Relation(mut r) = msg {
+            let domains = self.domains.lock();
+            for c in &mut r.columns {
+                if let Some(base) = domains.get(&c.type_oid) {
+                    c.type_oid = *base;
+                }
+            }
             relations.insert(r.id, r);
             return;
         }
