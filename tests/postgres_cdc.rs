@@ -350,6 +350,42 @@ async fn snapshot_stream_and_sigkill_converge_to_postgres() {
         assert!(metrics.contains(m), "{m} missing");
     }
 
+    // An idle slot does not hold WAL: after unrelated writes (a table outside
+    // the publication), the slot's confirmed position follows the WAL end.
+    sqlx::raw_sql(
+        "CREATE TABLE unrelated (x int); INSERT INTO unrelated SELECT generate_series(1, 5000);",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let lsn = |s: &str| entity_fabric::event::position::parse_lsn(s).unwrap();
+    let slot = db.clone();
+    eventually(
+        Duration::from_secs(90),
+        "the idle slot to follow the WAL end",
+        || {
+            let url = url.clone();
+            let slot = slot.clone();
+            let target = lsn(&target);
+            async move {
+                let mut c = PgConnection::connect(&url).await.ok()?;
+                let confirmed: String = sqlx::query_scalar(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(&slot)
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
+                (lsn(&confirmed) >= target).then_some(())
+            }
+        },
+    )
+    .await;
+
     // The slot follows what is durable: it is advanced, not left at the start.
     let confirmed: Option<String> = sqlx::query_scalar(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
