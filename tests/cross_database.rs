@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use entity_fabric::proto::{BatchGetEntitiesRequest, ListEntitiesRequest};
+use entity_fabric::proto::BatchGetEntitiesRequest;
 use mysql_async::prelude::*;
 use sqlx::{Connection, PgConnection, Row};
 use std::path::Path;
@@ -130,24 +130,7 @@ async fn expected(pg: &str, my: &str, db: &str) -> Expected {
 
 async fn mismatches(fabric: &FabricProcess, want: &Expected) -> Vec<String> {
     let mut client = fabric.client().await;
-    let mut ids = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_entities(ListEntitiesRequest {
-                r#type: "customer".into(),
-                page_size: 1000,
-                page_token: token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        ids.extend(page.ids);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let ids = all_ids(&mut client, "customer", 1000).await;
     let mut out = Vec::new();
     for id in want.keys() {
         if !ids.contains(&id.to_string()) {

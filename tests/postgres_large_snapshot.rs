@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use entity_fabric::proto::{BatchGetEntitiesRequest, ListEntitiesRequest};
+use entity_fabric::proto::BatchGetEntitiesRequest;
 use sqlx::{Connection, PgConnection, Row};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,24 +126,7 @@ name = "device"
     let mut client = fabric.client().await;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let mut ids = Vec::with_capacity(want.len());
-        let mut token = String::new();
-        loop {
-            let page = client
-                .list_entities(ListEntitiesRequest {
-                    r#type: "device".into(),
-                    page_size: 10_000,
-                    page_token: token.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            ids.extend(page.ids);
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
+        let ids = all_ids(&mut client, "device", 10000).await;
         let mut bad = Vec::new();
         if ids.len() != want.len() {
             bad.push(format!("{} entities, {} rows", ids.len(), want.len()));

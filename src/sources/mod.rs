@@ -150,6 +150,27 @@ impl SourceContext {
         self.send_inner(txn, None).await
     }
 
+    /// Builds and hands on one transaction unless shutdown comes first;
+    /// `Ok(false)` when it did (the caller stops).
+    pub async fn deliver(
+        &self,
+        position: Position,
+        commit_micros: i64,
+        changes: Vec<crate::event::RowChange>,
+    ) -> Result<bool, SourceError> {
+        let txn = SourceTxn {
+            source: self.name.clone(),
+            position,
+            commit_micros,
+            changes,
+        };
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Ok(false),
+            r = self.send(txn) => r.map(|()| true),
+        }
+    }
+
     /// As [`send`](Self::send), and returns a receiver told once the
     /// transaction is on the bus.
     pub async fn send_acked(&self, txn: SourceTxn) -> Result<oneshot::Receiver<()>, SourceError> {

@@ -641,7 +641,10 @@ impl MysqlBinlogSource {
                     if chunk.len() >= self.batch_size {
                         chunks += 1;
                         let at = Position::Snapshot(chunks);
-                        if !send(ctx, at, now_micros(), std::mem::take(&mut chunk)).await? {
+                        if !ctx
+                            .deliver(at, now_micros(), std::mem::take(&mut chunk))
+                            .await?
+                        {
                             return Ok(None);
                         }
                     }
@@ -653,7 +656,7 @@ impl MysqlBinlogSource {
         }
         conn.query_drop("COMMIT").await.map_err(&ext)?;
         // Sent even when empty: the stream's start is then a checkpoint.
-        if !send(ctx, start.position(), now_micros(), chunk).await? {
+        if !ctx.deliver(start.position(), now_micros(), chunk).await? {
             return Ok(None);
         }
         tracing::info!(rows, file = %start.file, pos = start.pos, "initial snapshot read");
@@ -752,7 +755,10 @@ impl MysqlBinlogSource {
             last_event = Instant::now();
             let done = self.handle(ctx, &mut st, &event, &mut meta_conn).await?;
             if let Some(txn) = done {
-                if !send(ctx, txn.position, txn.commit_micros, txn.changes).await? {
+                if !ctx
+                    .deliver(txn.position, txn.commit_micros, txn.changes)
+                    .await?
+                {
                     break;
                 }
                 last_progress = Instant::now();
@@ -786,7 +792,7 @@ impl MysqlBinlogSource {
             return Ok(true);
         };
         *last = Instant::now();
-        send(ctx, position, micros, Vec::new()).await
+        ctx.deliver(position, micros, Vec::new()).await
     }
 
     /// Handles one event; returns a finished transaction with changes.
@@ -1020,7 +1026,7 @@ impl Source for MysqlBinlogSource {
             _ => {
                 let s = self.master_status(&mut conn).await?;
                 self.probe_replication(&s).await?;
-                if !send(&ctx, s.position(), now_micros(), Vec::new()).await? {
+                if !ctx.deliver(s.position(), now_micros(), Vec::new()).await? {
                     return Ok(());
                 }
                 s
@@ -1810,26 +1816,6 @@ fn identifier(s: &str) -> Option<(String, &str)> {
         .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
         .unwrap_or(s.len());
     (end > 0).then(|| (s[..end].to_string(), &s[end..]))
-}
-
-/// Hands one transaction on; `false` when shutdown came first.
-async fn send(
-    ctx: &SourceContext,
-    position: Position,
-    commit_micros: i64,
-    changes: Vec<RowChange>,
-) -> Result<bool, SourceError> {
-    let txn = SourceTxn {
-        source: ctx.name.clone(),
-        position,
-        commit_micros,
-        changes,
-    };
-    tokio::select! {
-        biased;
-        _ = ctx.shutdown.cancelled() => Ok(false),
-        r = ctx.send(txn) => r.map(|()| true),
-    }
 }
 
 #[cfg(test)]

@@ -468,13 +468,13 @@ impl PostgresCdcSource {
                 total += 1;
                 if chunk.len() >= self.batch_size {
                     chunks += 1;
-                    if !send(
-                        ctx,
-                        Position::Snapshot(chunks),
-                        now(),
-                        std::mem::take(&mut chunk),
-                    )
-                    .await?
+                    if !ctx
+                        .deliver(
+                            Position::Snapshot(chunks),
+                            super::now_micros(),
+                            std::mem::take(&mut chunk),
+                        )
+                        .await?
                     {
                         return Ok(None);
                     }
@@ -483,7 +483,10 @@ impl PostgresCdcSource {
         }
         tx.commit().await.map_err(&ext)?;
         drop(repl);
-        if !send(ctx, Position::Lsn(consistent), now(), chunk).await? {
+        if !ctx
+            .deliver(Position::Lsn(consistent), super::now_micros(), chunk)
+            .await?
+        {
             return Ok(None);
         }
         tracing::info!(rows = total, lsn = %crate::event::position::format_lsn(consistent), "initial snapshot read");
@@ -737,28 +740,4 @@ fn quote_qualified(q: &str) -> String {
         .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(".")
-}
-
-fn now() -> i64 {
-    super::now_micros()
-}
-
-/// Hands one transaction on; false when shutdown came first.
-async fn send(
-    ctx: &SourceContext,
-    position: Position,
-    commit_micros: i64,
-    changes: Vec<RowChange>,
-) -> Result<bool, SourceError> {
-    let txn = SourceTxn {
-        source: ctx.name.clone(),
-        position,
-        commit_micros,
-        changes,
-    };
-    tokio::select! {
-        biased;
-        _ = ctx.shutdown.cancelled() => Ok(false),
-        r = ctx.send(txn) => r.map(|()| true),
-    }
 }

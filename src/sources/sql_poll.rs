@@ -92,7 +92,7 @@ use super::sqlite::decode_value as decode_sqlite_value;
 use super::{Source, SourceContext, SourceError, now_micros};
 use crate::config::{Config, SourceConfig};
 use crate::event::value::{parse_date, parse_timestamp};
-use crate::event::{Op, Position, Row, RowChange, SourceTxn, Value};
+use crate::event::{Op, Position, Row, RowChange, Value};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlRow};
@@ -1367,7 +1367,10 @@ impl SqlPollSource {
                 if batch.changes.len() >= self.batch_size {
                     chunks += 1;
                     let (changes, commit) = batch.take();
-                    if !send(ctx, Position::Snapshot(chunks), changes, commit).await? {
+                    if !ctx
+                        .deliver(Position::Snapshot(chunks), commit, changes)
+                        .await?
+                    {
                         return Ok(None);
                     }
                     // Only rows the window may read again need remembering.
@@ -1391,7 +1394,7 @@ impl SqlPollSource {
         let pos = position(states);
         let (changes, commit) = batch.take();
         if (!changes.is_empty() || chunks > 0)
-            && !send(ctx, Position::Cursor(pos), changes, commit).await?
+            && !ctx.deliver(Position::Cursor(pos), commit, changes).await?
         {
             return Ok(None);
         }
@@ -1449,7 +1452,7 @@ impl SqlPollSource {
                         if batch.changes.len() >= self.batch_size {
                             let pos = position(states);
                             let (changes, commit) = batch.take();
-                            if !send(ctx, Position::Cursor(pos), changes, commit).await? {
+                            if !ctx.deliver(Position::Cursor(pos), commit, changes).await? {
                                 return Ok(None);
                             }
                             *sent = pos;
@@ -1512,7 +1515,7 @@ impl SqlPollSource {
             if !batch.changes.is_empty() || heartbeat {
                 let (changes, commit) = batch.take();
                 tracing::debug!(changes = changes.len(), position = pos, "poll round");
-                if !send(ctx, Position::Cursor(pos), changes, commit).await? {
+                if !ctx.deliver(Position::Cursor(pos), commit, changes).await? {
                     return Ok(());
                 }
                 sent = pos;
@@ -1572,26 +1575,6 @@ fn snapshot_base(st: &TableState, clock: Option<i64>) -> i64 {
     }
 }
 
-/// Hands one transaction on; `false` when shutdown came first.
-async fn send(
-    ctx: &SourceContext,
-    position: Position,
-    changes: Vec<RowChange>,
-    commit_micros: i64,
-) -> Result<bool, SourceError> {
-    let txn = SourceTxn {
-        source: ctx.name.clone(),
-        position,
-        commit_micros,
-        changes,
-    };
-    tokio::select! {
-        biased;
-        _ = ctx.shutdown.cancelled() => Ok(false),
-        r = ctx.send(txn) => r.map(|()| true),
-    }
-}
-
 #[async_trait::async_trait]
 impl Source for SqlPollSource {
     #[tracing::instrument(skip_all, fields(source = %ctx.name))]
@@ -1613,6 +1596,7 @@ impl Source for SqlPollSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::SourceTxn;
     use crate::sources::{SourceStatus, TxnEnvelope};
     use crate::telemetry::{DeadLetters, Metrics};
     use std::path::Path;

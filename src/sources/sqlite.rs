@@ -45,7 +45,7 @@
 use super::{Source, SourceContext, SourceError, now_micros};
 use crate::config::{Config, SourceConfig};
 use crate::event::value::{parse_date, parse_timestamp};
-use crate::event::{Op, Position, Row, RowChange, SourceTxn, Value};
+use crate::event::{Op, Position, Row, RowChange, Value};
 use futures::TryStreamExt;
 use serde_json::Value as J;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
@@ -342,14 +342,19 @@ impl SqliteSource {
                 if chunk.len() >= self.batch_size {
                     chunks += 1;
                     let at = Position::Snapshot(chunks);
-                    if !send(ctx, at, std::mem::take(&mut chunk)).await? {
+                    if !ctx
+                        .deliver(at, now_micros(), std::mem::take(&mut chunk))
+                        .await?
+                    {
                         return Ok(None);
                     }
                 }
             }
         }
         tx.commit().await.map_err(&ext)?;
-        if (!chunk.is_empty() || chunks > 0) && !send(ctx, Position::Seq(pos), chunk).await? {
+        if (!chunk.is_empty() || chunks > 0)
+            && !ctx.deliver(Position::Seq(pos), now_micros(), chunk).await?
+        {
             return Ok(None);
         }
         tracing::info!(rows, position = pos, "initial snapshot read");
@@ -405,7 +410,10 @@ impl SqliteSource {
             position = high,
             "changelog batch"
         );
-        if !send(ctx, Position::Seq(high), changes).await? {
+        if !ctx
+            .deliver(Position::Seq(high), now_micros(), changes)
+            .await?
+        {
             return Ok(None);
         }
         Ok(Some((high, rows.len())))
@@ -479,25 +487,6 @@ async fn prune(conn: &mut SqliteConnection, upto: u64) -> Result<u64, sqlx::Erro
         .execute(conn)
         .await?;
     Ok(r.rows_affected())
-}
-
-/// Hands one transaction on; `false` when shutdown came first.
-async fn send(
-    ctx: &SourceContext,
-    position: Position,
-    changes: Vec<RowChange>,
-) -> Result<bool, SourceError> {
-    let txn = SourceTxn {
-        source: ctx.name.clone(),
-        position,
-        commit_micros: now_micros(),
-        changes,
-    };
-    tokio::select! {
-        biased;
-        _ = ctx.shutdown.cancelled() => Ok(false),
-        r = ctx.send(txn) => r.map(|()| true),
-    }
 }
 
 fn ident(s: &str) -> String {
@@ -712,6 +701,7 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::SourceTxn;
     use crate::sources::{SourceStatus, TxnEnvelope};
     use crate::telemetry::{DeadLetters, Metrics};
     use serde_json::json;

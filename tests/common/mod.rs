@@ -387,31 +387,40 @@ pub fn diff_entity(
     out
 }
 
-/// Compares every customer entity with the sources; returns the mismatches.
-pub async fn compare_all(
+/// Every id of one entity type, through `ListEntities` pages of `page`.
+pub async fn all_ids(
     client: &mut EntityServiceClient<Channel>,
-    data: &Path,
-) -> (usize, Vec<String>) {
-    use entity_fabric::proto::{BatchGetEntitiesRequest, ListEntitiesRequest};
-    let want = expected_customers(data).await;
+    entity_type: &str,
+    page: u32,
+) -> Vec<String> {
     let mut ids = Vec::new();
     let mut token = String::new();
     loop {
-        let page = client
-            .list_entities(ListEntitiesRequest {
-                r#type: "customer".into(),
-                page_size: 500,
+        let resp = client
+            .list_entities(entity_fabric::proto::ListEntitiesRequest {
+                r#type: entity_type.into(),
+                page_size: page,
                 page_token: token.clone(),
             })
             .await
             .unwrap()
             .into_inner();
-        ids.extend(page.ids);
-        if page.next_page_token.is_empty() {
-            break;
+        ids.extend(resp.ids);
+        if resp.next_page_token.is_empty() {
+            return ids;
         }
-        token = page.next_page_token;
+        token = resp.next_page_token;
     }
+}
+
+/// Compares every customer entity with the sources; returns the mismatches.
+pub async fn compare_all(
+    client: &mut EntityServiceClient<Channel>,
+    data: &Path,
+) -> (usize, Vec<String>) {
+    use entity_fabric::proto::BatchGetEntitiesRequest;
+    let want = expected_customers(data).await;
+    let ids = all_ids(client, "customer", 500).await;
     let mut mismatches = Vec::new();
     let have: std::collections::BTreeSet<i64> = ids.iter().map(|i| i.parse().unwrap()).collect();
     for id in want.keys() {
