@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Test services for the integration tests: a PostgreSQL with wal_level=logical
-# and a MariaDB with a ROW/FULL binlog, each private (own port and data
-# directory), started only when not already up. Idempotent.
+# Test services for the integration tests: a PostgreSQL with wal_level=logical,
+# a MariaDB with a ROW/FULL binlog, each private (own port and data
+# directory), and a Kafka-protocol broker (tansu, built once into a cache
+# outside the repository), started only when not already up. Idempotent.
 #
 #   scripts/services.sh start   # start what is missing, print `export ...` lines
 #   scripts/services.sh stop    # stop what this script started (by PID)
@@ -18,6 +19,9 @@ MY_PORT="${FABRIC_MYSQL_PORT:-33306}"
 PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
 PG_DIR="$BASE/pg"
 MY_DIR="$BASE/mariadb"
+KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
+# tansu (a Kafka-protocol broker in Rust) is built once into this cache.
+TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu}"
 
 log() { echo "services: $*" >&2; }
 
@@ -120,7 +124,34 @@ CNF
   touch "$BASE/mariadb.started-by-us"
 }
 
+kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
+
+start_kafka() {
+  KAFKA="127.0.0.1:$KAFKA_PORT"
+  if kafka_ready; then
+    return
+  fi
+  if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
+    log "building the tansu broker into $TANSU_ROOT (once; a few minutes)"
+    cargo install tansu --version 0.6.0 --locked --features dynostore --debug \
+      --root "$TANSU_ROOT" >&2
+  fi
+  log "starting tansu on $KAFKA_PORT"
+  setsid "$TANSU_ROOT/bin/tansu" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$BASE/tansu.log" 2>&1 < /dev/null &
+  echo $! > "$BASE/tansu.pid"
+  for _ in $(seq 1 100); do
+    kafka_ready && break
+    sleep 0.1
+  done
+  kafka_ready || { log "tansu did not start; see $BASE/tansu.log"; exit 1; }
+  touch "$BASE/tansu.started-by-us"
+}
+
 print_env() {
+  echo "export FABRIC_TEST_KAFKA=${KAFKA:-127.0.0.1:$KAFKA_PORT}"
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
   # Tests that restart a database mid-stream use these.
@@ -129,6 +160,12 @@ print_env() {
 }
 
 stop() {
+  if [ -f "$BASE/tansu.started-by-us" ] && [ -f "$BASE/tansu.pid" ]; then
+    local tpid; tpid="$(cat "$BASE/tansu.pid")"
+    log "stopping tansu (pid $tpid)"
+    kill -KILL "$tpid" 2>/dev/null || true
+    rm -f "$BASE/tansu.started-by-us"
+  fi
   if [ -f "$BASE/pg.started-by-us" ] && [ -f "$PG_DIR/postmaster.pid" ]; then
     local pid; pid="$(head -n1 "$PG_DIR/postmaster.pid")"
     log "stopping PostgreSQL (pid $pid)"
@@ -158,7 +195,7 @@ restart_mariadb() {
 mkdir -p "$BASE"
 case "${1:-start}" in
   restart-mariadb) restart_mariadb ;;
-  start) install_packages; start_pg; start_mariadb; print_env ;;
+  start) install_packages; start_pg; start_mariadb; start_kafka; print_env ;;
   env) PG_URL="$(pg_url_on "$PG_PORT")"; MY_URL="mysql://root@127.0.0.1:$MY_PORT"; print_env ;;
   stop) stop ;;
   *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;

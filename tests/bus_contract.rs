@@ -190,3 +190,42 @@ mod embedded {
         assert_eq!(o, vec![Offset(40), Offset(7)]);
     }
 }
+
+/// The same contract on the Kafka bus, against the broker the test command
+/// started (`scripts/services.sh`: tansu), one fresh topic per test.
+mod kafka {
+    use super::*;
+    use entity_fabric::bus::kafka::{KafkaBus, KafkaBusConfig};
+
+    async fn bus() -> KafkaBus {
+        let brokers = std::env::var("FABRIC_TEST_KAFKA").expect(
+            "FABRIC_TEST_KAFKA is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+        );
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let topic = format!("contract-{}-{n}.changes", std::process::id());
+        KafkaBus::connect(KafkaBusConfig {
+            brokers,
+            group_id: format!("{topic}-group"),
+            topic,
+            partitions: 4,
+            replication: 1,
+            properties: Default::default(),
+        })
+        .await
+        .expect("connect to the test broker")
+    }
+
+    // `consume_from_offset` is not in this list yet: against tansu 0.6 a
+    // consumer assigned to an offset inside a record batch receives nothing
+    // (seen 2026-11-27; whether tansu or this consumer is at fault is still
+    // open). The Kafka bus is not selectable in the config until it passes.
+    contract!(
+        Arc::new(bus().await),
+        offsets_are_dense_and_returned,
+        order_is_kept_per_partition,
+        consumer_waits_for_new_records,
+        concurrent_producers_keep_their_order,
+        unknown_partition_is_an_error,
+    );
+}

@@ -15,6 +15,7 @@
 //! and the bus agree.
 
 pub mod embedded;
+pub mod kafka;
 
 use crate::event::BusRecord;
 use async_trait::async_trait;
@@ -47,6 +48,9 @@ pub enum BusError {
     ConsumerExists { partition: u32 },
     #[error("the bus is closed")]
     Closed,
+    /// The broker refused or failed an operation; retrying may help.
+    #[error("kafka: {operation}: {reason}")]
+    Kafka { operation: String, reason: String },
 }
 
 /// A record read from the bus.
