@@ -53,6 +53,26 @@ pub struct RowChange {
 }
 
 impl RowChange {
+    /// A row as read by an initial snapshot.
+    pub fn read(table: &str, row: Row) -> Self {
+        RowChange {
+            table: table.to_string(),
+            op: Op::Read,
+            before: None,
+            after: Some(row),
+        }
+    }
+
+    /// Every row of `table` is gone.
+    pub fn truncate(table: &str) -> Self {
+        RowChange {
+            table: table.to_string(),
+            op: Op::Truncate,
+            before: None,
+            after: None,
+        }
+    }
+
     /// The image that identifies the row: `after` when present, else `before`.
     pub fn image(&self) -> Option<&Row> {
         self.after.as_ref().or(self.before.as_ref())

@@ -597,14 +597,12 @@ impl MysqlBinlogSource {
         tracing::info!(file = %start.file, pos = start.pos, "initial snapshot started");
         let mut chunk: Vec<RowChange> = Vec::new();
         if truncate {
-            for t in &catalog.tables {
-                chunk.push(RowChange {
-                    table: t.configured.clone(),
-                    op: Op::Truncate,
-                    before: None,
-                    after: None,
-                });
-            }
+            chunk.extend(
+                catalog
+                    .tables
+                    .iter()
+                    .map(|t| RowChange::truncate(&t.configured)),
+            );
         }
         let mut rows = 0u64;
         let mut chunks = 0u64;
@@ -625,12 +623,7 @@ impl MysqlBinlogSource {
                         after = Some(t.pk.iter().map(|&i| values[i].clone()).collect());
                     }
                     match decode_query_row(t, &values) {
-                        Ok(row) => chunk.push(RowChange {
-                            table: t.configured.clone(),
-                            op: Op::Read,
-                            before: None,
-                            after: Some(row),
-                        }),
+                        Ok(row) => chunk.push(RowChange::read(&t.configured, row)),
                         Err(reason) => {
                             ctx.dead_letter(&t.configured, &reason, &format!("{values:?}"))
                         }
@@ -889,12 +882,7 @@ impl MysqlBinlogSource {
                         if let Some((db, table)) = truncated_table(&sql, &q.schema())
                             && let Some(t) = st.catalog.get(&db, &table)
                         {
-                            let change = RowChange {
-                                table: t.configured.clone(),
-                                op: Op::Truncate,
-                                before: None,
-                                after: None,
-                            };
+                            let change = RowChange::truncate(&t.configured);
                             st.txn.get_or_insert_with(Txn::default).changes.push(change);
                         } else if is_dml(&word)
                             && let Some(t) = st.catalog.mentioned_in(&sql)

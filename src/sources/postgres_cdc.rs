@@ -418,14 +418,7 @@ impl PostgresCdcSource {
         .map_err(&ext)?;
         let mut chunk: Vec<RowChange> = Vec::new();
         if truncate_first {
-            for t in tables {
-                chunk.push(RowChange {
-                    table: t.configured.clone(),
-                    op: Op::Truncate,
-                    before: None,
-                    after: None,
-                });
-            }
+            chunk.extend(tables.iter().map(|t| RowChange::truncate(&t.configured)));
         }
         let mut chunks = 0u64;
         let mut total = 0u64;
@@ -459,12 +452,7 @@ impl PostgresCdcSource {
                     ctx.dead_letter(&t.configured, &reason, &format!("{row:?}"));
                     continue;
                 }
-                chunk.push(RowChange {
-                    table: t.configured.clone(),
-                    op: Op::Read,
-                    before: None,
-                    after: Some(row),
-                });
+                chunk.push(RowChange::read(&t.configured, row));
                 total += 1;
                 if chunk.len() >= self.batch_size {
                     chunks += 1;

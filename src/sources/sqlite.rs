@@ -308,14 +308,12 @@ impl SqliteSource {
         let (_, pos) = bounds(&mut tx).await.map_err(&ext)?;
         let mut chunk: Vec<RowChange> = Vec::new();
         if truncate {
-            for t in &catalog.tables {
-                chunk.push(RowChange {
-                    table: t.configured.clone(),
-                    op: Op::Truncate,
-                    before: None,
-                    after: None,
-                });
-            }
+            chunk.extend(
+                catalog
+                    .tables
+                    .iter()
+                    .map(|t| RowChange::truncate(&t.configured)),
+            );
         }
         let mut rows = 0u64;
         let mut chunks = 0u64;
@@ -328,12 +326,7 @@ impl SqliteSource {
             let mut stream = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).fetch(&mut *tx);
             while let Some(text) = stream.try_next().await.map_err(&ext)? {
                 match decode_row(&t.types, &text) {
-                    Ok(row) => chunk.push(RowChange {
-                        table: t.configured.clone(),
-                        op: Op::Read,
-                        before: None,
-                        after: Some(row),
-                    }),
+                    Ok(row) => chunk.push(RowChange::read(&t.configured, row)),
                     Err(reason) => ctx.dead_letter(&t.configured, &reason, &text),
                 }
                 rows += 1;
