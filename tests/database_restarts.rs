@@ -75,28 +75,8 @@ name = "account"
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
 
-    let balance = |id: &'static str| {
-        let f = fabric.grpc.clone();
-        async move {
-            let mut client =
-                entity_fabric::proto::entity_service_client::EntityServiceClient::connect(f)
-                    .await
-                    .ok()?;
-            let e = client
-                .get_entity(entity_fabric::proto::GetEntityRequest {
-                    r#type: "account".into(),
-                    id: id.into(),
-                    view: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            let v = &e.tables[0].rows[0].columns["balance"];
-            entity_fabric::view::value_from_proto(v)
-                .ok()
-                .map(|v| v.to_string())
-        }
-    };
+    let grpc = fabric.grpc.clone();
+    let balance = |id: &'static str| first_row_field(&grpc, "account", id, "balance");
     eventually(Duration::from_secs(30), "the initial snapshot", || {
         balance("7")
     })
@@ -204,28 +184,8 @@ name = "account"
     .unwrap();
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
-    let balance = |id: &'static str| {
-        let f = fabric.grpc.clone();
-        async move {
-            let mut client =
-                entity_fabric::proto::entity_service_client::EntityServiceClient::connect(f)
-                    .await
-                    .ok()?;
-            let e = client
-                .get_entity(entity_fabric::proto::GetEntityRequest {
-                    r#type: "account".into(),
-                    id: id.into(),
-                    view: String::new(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            let v = &e.tables[0].rows[0].columns["balance"];
-            entity_fabric::view::value_from_proto(v)
-                .ok()
-                .map(|v| v.to_string())
-        }
-    };
+    let grpc = fabric.grpc.clone();
+    let balance = |id: &'static str| first_row_field(&grpc, "account", id, "balance");
     eventually(Duration::from_secs(30), "the initial snapshot", || {
         balance("2")
     })

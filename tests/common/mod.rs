@@ -478,3 +478,27 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// One column of an entity's first table's first row, as text; `None` while
+/// the fabric is unreachable or the entity is missing.
+pub async fn first_row_field(
+    grpc: &str,
+    entity_type: &str,
+    id: &str,
+    column: &str,
+) -> Option<String> {
+    let mut client = EntityServiceClient::connect(grpc.to_string()).await.ok()?;
+    let e = client
+        .get_entity(entity_fabric::proto::GetEntityRequest {
+            r#type: entity_type.into(),
+            id: id.into(),
+            view: String::new(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let v = e.tables.first()?.rows.first()?.columns.get(column)?;
+    entity_fabric::view::value_from_proto(v)
+        .ok()
+        .map(|v| v.to_string())
+}
