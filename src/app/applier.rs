@@ -9,6 +9,8 @@ use crate::bus::{Bus, BusError, Offset};
 use crate::event::BusRecord;
 use crate::store::{Applied, Entity, Store};
 use crate::telemetry::Metrics;
+use prometheus_client::metrics::counter::Counter;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
@@ -52,6 +54,7 @@ pub async fn run(
     state.applied.store(next.0, Ordering::Release);
     let mut waiting: Vec<CaptureRequest> = Vec::new();
     let mut requests_open = true;
+    let mut counters = AppliedCounters::new();
     loop {
         // Answer every request already satisfied.
         let (ready, still): (Vec<_>, Vec<_>) = waiting
@@ -81,7 +84,7 @@ pub async fn run(
                 }
                 for d in batch {
                     debug_assert_eq!(d.offset, next, "bus offsets must be dense");
-                    apply(&store, partition, &d.record, &metrics);
+                    apply(&store, partition, &d.record, &metrics, &mut counters);
                     next = Offset(d.offset.0 + 1);
                 }
                 state.applied.store(next.0, Ordering::Release);
@@ -90,14 +93,29 @@ pub async fn run(
     }
 }
 
-fn apply(store: &Store, partition: u32, record: &BusRecord, metrics: &Metrics) {
+/// Each source's `changes_applied` counter, looked up once per source
+/// rather than once per record (the lookup builds a label and takes a lock).
+type AppliedCounters = HashMap<Arc<str>, Counter>;
+
+fn apply(
+    store: &Store,
+    partition: u32,
+    record: &BusRecord,
+    metrics: &Metrics,
+    counters: &mut AppliedCounters,
+) {
     match record {
         BusRecord::Changes(set) => {
             let applied = store.apply(set);
             if !matches!(applied, Applied::Stale) {
-                metrics
-                    .changes_applied
-                    .get_or_create(&Metrics::source(&set.source))
+                counters
+                    .entry(set.source.clone())
+                    .or_insert_with(|| {
+                        metrics
+                            .changes_applied
+                            .get_or_create(&Metrics::source(&set.source))
+                            .clone()
+                    })
                     .inc_by(set.changes.len() as u64);
             }
             tracing::trace!(key = %set.key, position = %set.position, "applied");
