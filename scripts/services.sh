@@ -20,8 +20,10 @@ PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tr
 PG_DIR="$BASE/pg"
 MY_DIR="$BASE/mariadb"
 KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
-# tansu (a Kafka-protocol broker in Rust) is built once into this cache.
-TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu}"
+# tansu (a Kafka-protocol broker in Rust) is built once into this cache, with
+# the in-memory storage (the shared test broker) and the SQLite storage (the
+# tests that kill and restart a broker of their own need one that survives).
+TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu-0.6.0-sqlite}"
 
 log() { echo "services: $*" >&2; }
 
@@ -133,14 +135,19 @@ start_kafka() {
   fi
   if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
     log "building the tansu broker into $TANSU_ROOT (once; a few minutes)"
-    cargo install tansu --version 0.6.0 --locked --features dynostore --debug \
+    cargo install tansu --version 0.6.0 --locked --features dynostore,libsql --debug \
       --root "$TANSU_ROOT" >&2
   fi
   log "starting tansu on $KAFKA_PORT"
-  setsid "$TANSU_ROOT/bin/tansu" broker \
+  # SQLite storage, new each start (tests use topics of their own): tansu
+  # 0.6's memory storage returns nothing to a fetch that starts inside a
+  # record batch, which a consumer resuming from a snapshot's offset does.
+  rm -rf "$BASE/tansu"
+  mkdir -p "$BASE/tansu"
+  (cd "$BASE/tansu" && exec setsid "$TANSU_ROOT/bin/tansu" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine memory://tansu/ >"$BASE/tansu.log" 2>&1 < /dev/null &
+    --storage-engine sqlite://tansu.db >"$BASE/tansu.log" 2>&1 < /dev/null) &
   echo $! > "$BASE/tansu.pid"
   for _ in $(seq 1 100); do
     kafka_ready && break
@@ -152,6 +159,8 @@ start_kafka() {
 
 print_env() {
   echo "export FABRIC_TEST_KAFKA=${KAFKA:-127.0.0.1:$KAFKA_PORT}"
+  # The broker binary, for tests that run (and kill) a broker of their own.
+  echo "export FABRIC_TEST_TANSU=$TANSU_ROOT/bin/tansu"
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
   # Tests that restart a database mid-stream use these.

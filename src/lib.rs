@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod grpc;
+pub mod publish;
 pub mod router;
 pub mod sources;
 pub mod store;

@@ -690,6 +690,7 @@ name = "customer"
             .map(|(_, b)| match b {
                 BusRecord::Changes(s) => format!("set:{}", s.changes[0].pk[0]),
                 BusRecord::Truncate(_) => "truncate".into(),
+                BusRecord::Unreadable => "unreadable".into(),
             })
             .collect();
         // The insert of 10, a truncate per partition, then the insert of 11.

@@ -216,6 +216,26 @@ pub struct DeadLetters {
     recent: Mutex<VecDeque<DeadLetter>>,
     keep_last: usize,
     metrics: std::sync::Arc<Metrics>,
+    /// In Kafka mode, `<prefix>.dlq` too.
+    topic: std::sync::OnceLock<DlqTopic>,
+}
+
+/// The dead-letter topic: raw input as the value, the reason in headers.
+pub struct DlqTopic {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub topic: String,
+}
+
+/// One piece of input that could not be used.
+pub struct DeadInput<'a> {
+    pub source: &'a str,
+    pub table: &'a str,
+    pub reason: &'a str,
+    /// The input's own key when it had one (a Kafka message's key).
+    pub key: Option<&'a [u8]>,
+    pub raw: &'a [u8],
+    /// Where it was read, e.g. `fabric.changes/3@1207`.
+    pub origin: Option<&'a str>,
 }
 
 impl DeadLetters {
@@ -239,7 +259,13 @@ impl DeadLetters {
             recent: Mutex::new(VecDeque::new()),
             keep_last,
             metrics,
+            topic: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends every dead letter from now on to `topic` as well.
+    pub fn attach_topic(&self, topic: DlqTopic) {
+        let _ = self.topic.set(topic);
     }
 
     pub fn path(&self) -> &Path {
@@ -247,14 +273,71 @@ impl DeadLetters {
     }
 
     pub fn record(&self, source: &str, table: &str, reason: &str, raw: &str) {
+        self.record_input(DeadInput {
+            source,
+            table,
+            reason,
+            key: None,
+            raw: raw.as_bytes(),
+            origin: None,
+        });
+    }
+
+    /// Records one dead letter: counted, kept in memory, appended to the
+    /// file and, in Kafka mode, produced to the DLQ topic (without waiting:
+    /// a dead letter never holds the pipeline up).
+    pub fn record_input(&self, input: DeadInput<'_>) {
+        let DeadInput {
+            source,
+            table,
+            reason,
+            key,
+            raw,
+            origin,
+        } = input;
+        let time = crate::event::value::format_timestamp(crate::sources::now_micros());
+        if let Some(t) = self.topic.get() {
+            use rdkafka::message::{Header, OwnedHeaders};
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "fabric.reason",
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: "fabric.source",
+                    value: Some(source),
+                })
+                .insert(Header {
+                    key: "fabric.table",
+                    value: Some(table),
+                })
+                .insert(Header {
+                    key: "fabric.time",
+                    value: Some(&time),
+                });
+            if let Some(o) = origin {
+                headers = headers.insert(Header {
+                    key: "fabric.origin",
+                    value: Some(o),
+                });
+            }
+            let default_key = format!("{source}/{table}");
+            let record = rdkafka::producer::FutureRecord::to(&t.topic)
+                .key(key.unwrap_or(default_key.as_bytes()))
+                .payload(raw)
+                .headers(headers);
+            if let Err((e, _)) = t.producer.send_result(record) {
+                tracing::warn!(error = %e, "cannot queue a dead letter for the dlq topic");
+            }
+        }
         let dl = DeadLetter {
-            time: crate::event::value::format_timestamp(crate::sources::now_micros()),
+            time,
             source: source.to_string(),
             table: table.to_string(),
             reason: reason.to_string(),
-            raw: raw.to_string(),
+            raw: String::from_utf8_lossy(raw).into_owned(),
         };
-        tracing::warn!(source, table, reason, "dead letter");
+        tracing::warn!(source, table, reason, origin, "dead letter");
         self.metrics
             .dead_letters
             .get_or_create(&Metrics::source(source))

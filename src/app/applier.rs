@@ -7,7 +7,8 @@
 
 use crate::bus::{Bus, BusError, Offset};
 use crate::event::BusRecord;
-use crate::store::{Applied, Entity, Store};
+use crate::publish::EntityPublisher;
+use crate::store::{Applied, Entity, EntityChange, Store};
 use crate::telemetry::Metrics;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
@@ -39,22 +40,37 @@ pub struct PartitionState {
 
 const BATCH: usize = 1024;
 
-#[tracing::instrument(skip_all, fields(partition))]
-pub async fn run(
-    partition: u32,
-    from: Offset,
-    bus: Arc<dyn Bus>,
-    store: Arc<Store>,
-    state: Arc<PartitionState>,
-    metrics: Arc<Metrics>,
-    mut requests: mpsc::Receiver<CaptureRequest>,
-) -> Result<(), BusError> {
+/// What one partition's applier works with.
+pub struct Applier {
+    pub partition: u32,
+    /// The first offset to apply.
+    pub from: Offset,
+    pub bus: Arc<dyn Bus>,
+    pub store: Arc<Store>,
+    pub state: Arc<PartitionState>,
+    pub metrics: Arc<Metrics>,
+    /// In Kafka mode, the entities topic.
+    pub publisher: Option<Arc<EntityPublisher>>,
+}
+
+#[tracing::instrument(skip_all, fields(partition = a.partition))]
+pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Result<(), BusError> {
+    let Applier {
+        partition,
+        from,
+        bus,
+        store,
+        state,
+        metrics,
+        publisher,
+    } = a;
     let mut consumer = bus.consume(partition, from).await?;
     let mut next = from;
     state.applied.store(next.0, Ordering::Release);
     let mut waiting: Vec<CaptureRequest> = Vec::new();
     let mut requests_open = true;
     let mut counters = AppliedCounters::new();
+    let mut changes: Vec<Arc<EntityChange>> = Vec::new();
     loop {
         // Answer every request already satisfied.
         let (ready, still): (Vec<_>, Vec<_>) = waiting
@@ -84,9 +100,17 @@ pub async fn run(
                 }
                 for d in batch {
                     debug_assert_eq!(d.offset, next, "bus offsets must be dense");
-                    apply(&store, partition, &d.record, &metrics, &mut counters);
+                    apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
                     next = Offset(d.offset.0 + 1);
                 }
+                // Published before counted applied: a snapshot (taken between
+                // batches) never reflects a version the topic has not got.
+                if let Some(p) = &publisher
+                    && !changes.is_empty()
+                {
+                    p.publish(&changes).await;
+                }
+                changes.clear();
                 state.applied.store(next.0, Ordering::Release);
             }
         }
@@ -103,10 +127,11 @@ fn apply(
     record: &BusRecord,
     metrics: &Metrics,
     counters: &mut AppliedCounters,
+    changes: &mut Vec<Arc<EntityChange>>,
 ) {
     match record {
         BusRecord::Changes(set) => {
-            let applied = store.apply(set);
+            let applied = store.apply_into(set, changes);
             if !matches!(applied, Applied::Stale) {
                 counters
                     .entry(set.source.clone())
@@ -121,8 +146,9 @@ fn apply(
             tracing::trace!(key = %set.key, position = %set.position, "applied");
         }
         BusRecord::Truncate(t) => {
-            let n = store.truncate(partition, t);
+            let n = store.truncate_into(partition, t, changes);
             tracing::debug!(table = %t.table, entities = n, "truncated");
         }
+        BusRecord::Unreadable => {}
     }
 }

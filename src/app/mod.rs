@@ -15,9 +15,11 @@ pub mod applier;
 pub mod snapshots;
 
 use crate::bus::embedded::EmbeddedBus;
+use crate::bus::kafka::{KafkaBus, KafkaBusConfig};
 use crate::bus::{Bus, Offset};
-use crate::config::{Config, SourceKind};
+use crate::config::{BusKind, Config, SourceKind};
 use crate::event::Position;
+use crate::publish::EntityPublisher;
 use crate::router::Router;
 use crate::sources::grpc_push::PushRegistry;
 use crate::sources::{SourceContext, SourceStatus, TxnEnvelope};
@@ -140,11 +142,55 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut router = Router::new(&config, partitions, &restored.checkpoints);
     router.learn_links_from(&store);
 
-    let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(
-        partitions,
-        config.bus.embedded.max_buffered,
-        &restored.offsets,
-    ));
+    let views: HashMap<String, HashMap<String, View>> = config
+        .entities
+        .iter()
+        .map(|e| (e.name.clone(), View::compile_all(e)))
+        .collect();
+    let (bus, publisher): (Arc<dyn Bus>, Option<Arc<EntityPublisher>>) = match (
+        config.bus.kind,
+        &config.bus.kafka,
+    ) {
+        (BusKind::Kafka, Some(k)) => {
+            let bus = KafkaBus::connect(
+                KafkaBusConfig::from_config(k, partitions),
+                Some(dead_letters.clone()),
+            )
+            .await
+            .with_context(|| format!("cannot use the kafka bus at {}", k.brokers))?;
+            tracing::info!(brokers = %k.brokers, topic = %k.topic("changes"), "kafka bus connected");
+            let publisher = if k.entities_topic {
+                Some(Arc::new(
+                    EntityPublisher::connect(k, &config, &views)
+                        .await
+                        .context("cannot set up the entities topic")?,
+                ))
+            } else {
+                None
+            };
+            (Arc::new(bus), publisher)
+        }
+        _ => (
+            Arc::new(EmbeddedBus::new(
+                partitions,
+                config.bus.embedded.max_buffered,
+                &restored.offsets,
+            )),
+            None,
+        ),
+    };
+    if let Some(k) = &config.bus.kafka
+        && k.dlq_topic
+    {
+        let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
+        crate::bus::kafka::ensure_topic(&client, &k.topic("dlq"), 1, k.replication, &[])
+            .await
+            .context("cannot set up the dead-letter topic")?;
+        dead_letters.attach_topic(crate::telemetry::DlqTopic {
+            producer: crate::bus::kafka::durable_producer(&client)?,
+            topic: k.topic("dlq"),
+        });
+    }
     let push = PushRegistry::default();
     let sources: Vec<SourceRuntime> = config
         .sources
@@ -161,11 +207,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let routed: BTreeMap<Arc<str>, Option<Position>> = sources
         .iter()
         .map(|s| (s.name.clone(), restored.checkpoints.get(&s.name).cloned()))
-        .collect();
-    let views = config
-        .entities
-        .iter()
-        .map(|e| (e.name.clone(), View::compile_all(e)))
         .collect();
     let fabric = Arc::new(Fabric {
         config: config.clone(),
@@ -195,12 +236,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let (tx, rx) = mpsc::channel(4);
         capture_tx.push(tx);
         appliers.spawn(applier::run(
-            p,
-            Offset(restored.offsets[p as usize]),
-            bus.clone(),
-            store.clone(),
-            fabric.partitions[p as usize].clone(),
-            metrics.clone(),
+            applier::Applier {
+                partition: p,
+                from: Offset(restored.offsets[p as usize]),
+                bus: bus.clone(),
+                store: store.clone(),
+                state: fabric.partitions[p as usize].clone(),
+                metrics: metrics.clone(),
+                publisher: publisher.clone(),
+            },
             rx,
         ));
     }

@@ -11,11 +11,22 @@
 //! high watermarks at connect): what the snapshot barrier needs, since a
 //! process checkpoints only what it routed itself.
 //!
-//! Not yet here: consumer-group assignment with rebalance handling (the
-//! fabric assigns every partition to itself), which scale-out needs.
+//! Faults: the producer never gives up on a record (`message.timeout.ms=0`):
+//! while the broker is away the pipeline waits (sources feel backpressure),
+//! and librdkafka reconnects by itself. A consumer error is logged and the
+//! read retried; only an offset the broker no longer holds is fatal, since
+//! going on would skip changes. A record that cannot be decoded goes to the
+//! dead-letter output and is replaced by [`BusRecord::Unreadable`], so the
+//! pipeline keeps going and offsets stay dense.
+//!
+//! Not here: consumer-group assignment with rebalance handling (the fabric
+//! assigns every partition to itself and commits to its group for
+//! monitoring), which scale-out across processes needs.
 
 use super::{Bus, BusError, Delivered, Offset, PartitionConsumer};
+use crate::config::KafkaConfig;
 use crate::event::BusRecord;
+use crate::telemetry::{DeadInput, DeadLetters};
 use async_trait::async_trait;
 use futures::FutureExt;
 use rdkafka::ClientConfig;
@@ -26,6 +37,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,14 +63,109 @@ pub struct KafkaBusConfig {
 }
 
 impl KafkaBusConfig {
-    fn client(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.properties {
-            c.set(k, v);
+    /// The bus settings of `[bus.kafka]` for a bus of `partitions`.
+    pub fn from_config(k: &KafkaConfig, partitions: u32) -> Self {
+        KafkaBusConfig {
+            brokers: k.brokers.clone(),
+            topic: k.topic("changes"),
+            partitions,
+            replication: k.replication,
+            group_id: k.group_id(),
+            properties: k.properties.clone(),
         }
-        c
     }
+
+    fn client(&self) -> ClientConfig {
+        client_config(&self.brokers, &self.properties)
+    }
+}
+
+/// A librdkafka client config: the brokers plus the operator's properties.
+pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// An idempotent producer (`acks=all`) that retries a record until the
+/// broker takes it: nothing it was handed is dropped while the broker is away.
+pub fn durable_producer(client: &ClientConfig) -> Result<FutureProducer, BusError> {
+    let mut c = client.clone();
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1");
+    if c.get("message.timeout.ms").is_none() && c.get("delivery.timeout.ms").is_none() {
+        c.set("message.timeout.ms", "0");
+    }
+    c.create().map_err(kafka("create a producer"))
+}
+
+/// Creates `topic` with `partitions` when it does not exist. An existing
+/// topic with fewer partitions than needed is refused: records would be
+/// routed to partitions it lacks.
+pub async fn ensure_topic(
+    client: &ClientConfig,
+    topic: &str,
+    partitions: u32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(kafka("create an admin client"))?;
+    let mut new = NewTopic::new(
+        topic,
+        partitions as i32,
+        TopicReplication::Fixed(replication),
+    );
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(kafka("create a topic"))?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic, partitions, "created kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(BusError::Kafka {
+                    operation: format!("create topic {t}"),
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    let client = client.clone();
+    let name = topic.to_string();
+    let have = tokio::task::spawn_blocking(move || -> Result<usize, BusError> {
+        let c: BaseConsumer = client.create().map_err(kafka("create a client"))?;
+        let md = c
+            .fetch_metadata(Some(&name), Duration::from_secs(30))
+            .map_err(kafka("read topic metadata"))?;
+        Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+    })
+    .await
+    .map_err(|e| BusError::Kafka {
+        operation: "read topic metadata".into(),
+        reason: e.to_string(),
+    })??;
+    if have < partitions as usize {
+        return Err(BusError::Kafka {
+            operation: format!("use topic {topic}"),
+            reason: format!(
+                "it has {have} partitions and the fabric needs {partitions} (bus.partitions); \
+                 add partitions to the topic or use another topic_prefix"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
@@ -70,6 +177,7 @@ fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '
 
 pub struct KafkaBus {
     cfg: KafkaBusConfig,
+    dead_letters: Option<Arc<DeadLetters>>,
     producer: FutureProducer,
     committer: BaseConsumer,
     ends: Vec<AtomicU64>,
@@ -78,43 +186,21 @@ pub struct KafkaBus {
 }
 
 impl KafkaBus {
-    /// Connects, creating the topic when it is missing.
-    pub async fn connect(cfg: KafkaBusConfig) -> Result<Self, BusError> {
-        let admin: AdminClient<DefaultClientContext> = cfg
-            .client()
-            .create()
-            .map_err(kafka("create an admin client"))?;
-        let topic = NewTopic::new(
+    /// Connects, creating the topic when it is missing. Records that
+    /// cannot be decoded go to `dead_letters`.
+    pub async fn connect(
+        cfg: KafkaBusConfig,
+        dead_letters: Option<Arc<DeadLetters>>,
+    ) -> Result<Self, BusError> {
+        ensure_topic(
+            &cfg.client(),
             &cfg.topic,
-            cfg.partitions as i32,
-            TopicReplication::Fixed(cfg.replication),
-        );
-        let results = admin
-            .create_topics(
-                [&topic],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            )
-            .await
-            .map_err(kafka("create the topic"))?;
-        for r in results {
-            match r {
-                Ok(_) => {}
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => {
-                    return Err(BusError::Kafka {
-                        operation: format!("create topic {t}"),
-                        reason: code.to_string(),
-                    });
-                }
-            }
-        }
-        let producer: FutureProducer = cfg
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .create()
-            .map_err(kafka("create the producer"))?;
+            cfg.partitions,
+            cfg.replication,
+            &[],
+        )
+        .await?;
+        let producer = durable_producer(&cfg.client())?;
         let committer: BaseConsumer = cfg
             .client()
             .set("group.id", &cfg.group_id)
@@ -149,6 +235,7 @@ impl KafkaBus {
         let (close_tx, _) = watch::channel(false);
         Ok(KafkaBus {
             cfg,
+            dead_letters,
             producer,
             committer,
             ends,
@@ -184,6 +271,7 @@ impl Bus for KafkaBus {
             let key = match r {
                 BusRecord::Changes(s) => s.key.bus_key(),
                 BusRecord::Truncate(t) => format!("{}/*", t.entity_type),
+                BusRecord::Unreadable => continue,
             };
             let mut value = vec![FORMAT_POSTCARD];
             value = postcard::to_extend(r, value).map_err(|e| BusError::Kafka {
@@ -199,7 +287,7 @@ impl Bus for KafkaBus {
                     .partition(*p as i32)
                     .key(key.as_str())
                     .payload(value.as_slice()),
-                Duration::from_secs(60),
+                Timeout::Never,
             )
         });
         let results = futures::future::join_all(sends).await;
@@ -226,6 +314,8 @@ impl Bus for KafkaBus {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "10")
+            // An offset the broker no longer holds is an error, never a jump.
+            .set("auto.offset.reset", "error")
             .create()
             .map_err(kafka("create a consumer"))?;
         let mut tpl = TopicPartitionList::new();
@@ -238,6 +328,8 @@ impl Bus for KafkaBus {
         consumer.assign(&tpl).map_err(kafka("assign"))?;
         Ok(Box::new(KafkaConsumer {
             partition,
+            topic: self.cfg.topic.clone(),
+            dead_letters: self.dead_letters.clone(),
             consumer,
             closed: self.close_tx.subscribe(),
         }))
@@ -272,58 +364,104 @@ impl Bus for KafkaBus {
 
 struct KafkaConsumer {
     partition: u32,
+    topic: String,
+    dead_letters: Option<Arc<DeadLetters>>,
     consumer: StreamConsumer,
     closed: watch::Receiver<bool>,
 }
 
 impl KafkaConsumer {
-    fn decode(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Delivered, BusError> {
-        let bad = |reason: String| BusError::Kafka {
-            operation: format!(
-                "decode offset {} of partition {}",
-                m.offset(),
-                self.partition
-            ),
-            reason,
-        };
-        let payload = m.payload().ok_or_else(|| bad("no value".into()))?;
+    /// The record at `m`; one that cannot be decoded is dead-lettered and
+    /// stands as [`BusRecord::Unreadable`].
+    fn decode(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Delivered {
+        let payload = m.payload().unwrap_or_default();
         let record = match payload.split_first() {
             Some((&FORMAT_POSTCARD, rest)) => {
-                postcard::from_bytes::<BusRecord>(rest).map_err(|e| bad(e.to_string()))?
+                postcard::from_bytes::<BusRecord>(rest).map_err(|e| e.to_string())
             }
-            Some((f, _)) => return Err(bad(format!("unknown format byte {f}"))),
-            None => return Err(bad("empty value".into())),
+            Some((f, _)) => Err(format!("unknown format byte {f}")),
+            None => Err("no value".into()),
         };
-        Ok(Delivered {
+        let record = record.unwrap_or_else(|reason| {
+            let origin = format!("{}/{}@{}", self.topic, self.partition, m.offset());
+            match &self.dead_letters {
+                Some(dl) => dl.record_input(DeadInput {
+                    source: "bus",
+                    table: "",
+                    reason: &format!("cannot decode a bus record: {reason}"),
+                    key: m.key(),
+                    raw: payload,
+                    origin: Some(&origin),
+                }),
+                None => tracing::warn!(origin, reason, "cannot decode a bus record; skipped"),
+            }
+            BusRecord::Unreadable
+        });
+        Delivered {
             partition: self.partition,
             offset: Offset(m.offset() as u64),
             record: Arc::new(record),
-        })
+        }
+    }
+
+    /// Whether a consumer error ends the read: only an offset the broker no
+    /// longer holds does; everything else (broker away, leader moving) is
+    /// retried by librdkafka and by us.
+    fn fatal(&self, e: rdkafka::error::KafkaError) -> Option<BusError> {
+        if let Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) =
+            e.rdkafka_error_code()
+        {
+            return Some(BusError::Kafka {
+                operation: format!("read partition {} of {}", self.partition, self.topic),
+                reason: format!(
+                    "{e}: the offset the snapshots reflect is no longer held by the topic \
+                     (retention too short, or the topic was recreated); the missing \
+                     changes cannot be replayed"
+                ),
+            });
+        }
+        tracing::warn!(partition = self.partition, error = %e, "kafka read failed; retrying");
+        None
     }
 }
 
 #[async_trait]
 impl PartitionConsumer for KafkaConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivered>, BusError> {
-        if *self.closed.borrow() {
-            return Ok(Vec::new());
-        }
-        let first = tokio::select! {
-            m = self.consumer.recv() => m.map_err(kafka("consume"))?,
-            _ = self.closed.changed() => return Ok(Vec::new()),
-        };
-        let mut out = vec![self.decode(&first)?];
-        drop(first);
-        while out.len() < max.max(1) {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(m)) => {
-                    let d = self.decode(&m)?;
-                    out.push(d);
-                }
-                Some(Err(e)) => return Err(kafka("consume")(e)),
-                None => break,
+        loop {
+            if *self.closed.borrow() {
+                return Ok(Vec::new());
             }
+            let first = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = self.closed.changed() => return Ok(Vec::new()),
+            };
+            let first = match first {
+                Ok(m) => m,
+                Err(e) => match self.fatal(e) {
+                    Some(fatal) => return Err(fatal),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let mut out = vec![self.decode(&first)];
+            drop(first);
+            while out.len() < max.max(1) {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        let d = self.decode(&m);
+                        out.push(d);
+                    }
+                    Some(Err(e)) => match self.fatal(e) {
+                        Some(fatal) => return Err(fatal),
+                        None => break,
+                    },
+                    None => break,
+                }
+            }
+            return Ok(out);
         }
-        Ok(out)
     }
 }

@@ -94,6 +94,58 @@ pub struct BusConfig {
     /// Embedded bus settings.
     #[serde(default)]
     pub embedded: EmbeddedBusConfig,
+    /// Kafka settings; required when `kind = "kafka"`.
+    pub kafka: Option<KafkaConfig>,
+}
+
+/// The entities topic's value encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntitiesFormat {
+    /// A JSON document (see docs/kafka.md).
+    Json,
+    /// A `fabric.v1.Entity` protobuf message.
+    Protobuf,
+}
+
+/// `[bus.kafka]`: the broker, the topics and the client settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Topics are `<prefix>.changes`, `<prefix>.entities`, `<prefix>.dlq`.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// The consumer group whose offsets the fabric commits (default: the prefix).
+    pub group_id: Option<String>,
+    /// Replication factor of topics the fabric creates.
+    #[serde(default = "default_replication")]
+    pub replication: i32,
+    /// Publish every entity change on `<prefix>.entities`.
+    #[serde(default = "default_true")]
+    pub entities_topic: bool,
+    /// `json` (default) or `protobuf`.
+    #[serde(default = "default_entities_format")]
+    pub entities_format: EntitiesFormat,
+    /// Send dead letters to `<prefix>.dlq` as well as to the DLQ file.
+    #[serde(default = "default_true")]
+    pub dlq_topic: bool,
+    /// librdkafka properties handed on as they are (`security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`, …), for every client the fabric makes.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.topic_prefix)
+    }
+
+    pub fn group_id(&self) -> String {
+        self.group_id
+            .clone()
+            .unwrap_or_else(|| self.topic_prefix.clone())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +277,14 @@ pub struct SourceConfig {
     pub cursor_column: Option<String>,
     /// `sql_poll`: a column whose non-null or true value marks a deleted row.
     pub soft_delete_column: Option<String>,
+    /// `debezium_kafka`: the Debezium topics to read.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// `debezium_kafka`: bootstrap servers (default: `bus.kafka.brokers`).
+    pub brokers: Option<String>,
+    /// `debezium_kafka`: the consumer group that commits the acknowledged
+    /// offsets (default `<prefix>.source.<name>`).
+    pub group_id: Option<String>,
     /// `sql_poll`: how far back each poll re-reads to catch rows committed
     /// out of order (cursor units: a count for integers, e.g. `"5s"` for
     /// timestamps).
@@ -294,6 +354,8 @@ pub struct EntityConfig {
     /// Named projections readers ask for.
     #[serde(default)]
     pub views: BTreeMap<String, ViewConfig>,
+    /// The view published on the entities topic (default: the whole entity).
+    pub publish_view: Option<String>,
 }
 
 impl EntityConfig {
@@ -450,6 +512,7 @@ impl Default for BusConfig {
             kind: default_bus_kind(),
             partitions: default_partitions(),
             embedded: EmbeddedBusConfig::default(),
+            kafka: None,
         }
     }
 }
@@ -513,6 +576,15 @@ fn default_bus_kind() -> BusKind {
 }
 fn default_partitions() -> u32 {
     8
+}
+fn default_topic_prefix() -> String {
+    "fabric".into()
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_entities_format() -> EntitiesFormat {
+    EntitiesFormat::Json
 }
 fn default_max_buffered() -> usize {
     100_000

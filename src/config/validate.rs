@@ -193,11 +193,13 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     if cfg.server.watch_buffer == 0 {
         c.err("server.watch_buffer", "must be at least 1");
     }
-    if cfg.bus.kind == BusKind::Kafka {
-        c.err(
-            "bus.kind",
-            "the kafka bus is not part of this build yet; use \"embedded\"",
-        );
+    match (&cfg.bus.kafka, cfg.bus.kind) {
+        (None, BusKind::Kafka) => c.err(
+            "bus.kafka",
+            "the kafka bus needs a [bus.kafka] section with at least `brokers`",
+        ),
+        (Some(k), _) => check_kafka(c, k),
+        (None, BusKind::Embedded) => {}
     }
     if !(1..=4096).contains(&cfg.bus.partitions) {
         c.err("bus.partitions", "must be between 1 and 4096");
@@ -236,7 +238,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                 format!("duplicate source name {:?} (also sources[{j}])", s.name),
             );
         }
-        check_source(c, &p, s);
+        check_source(c, &p, s, cfg.bus.kafka.is_some());
     }
 
     let mut entity_names = HashSet::new();
@@ -365,6 +367,14 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                 "the root table must find its entity by id_column",
             );
         }
+        if let Some(pv) = &e.publish_view
+            && !e.views.contains_key(pv)
+        {
+            c.err(
+                format!("{p}.publish_view"),
+                format!("no view {pv:?} in entity type {:?}", e.name),
+            );
+        }
         for (name, v) in &e.views {
             let vp = format!("{p}.views.{name}");
             let mut in_view = BTreeSet::new();
@@ -404,7 +414,42 @@ fn check_column_ref(c: &mut Collector<'_>, field: &str, col: &str, in_view: &BTr
     }
 }
 
-fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
+fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
+    if k.brokers.trim().is_empty() {
+        c.err("bus.kafka.brokers", "must name at least one host:port");
+    }
+    let legal = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 200
+            && t.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+    };
+    if !legal(&k.topic_prefix) {
+        c.err(
+            "bus.kafka.topic_prefix",
+            format!(
+                "{:?} must be 1 to 200 ASCII letters, digits, '.', '_' or '-' (Kafka's topic name rule)",
+                k.topic_prefix
+            ),
+        );
+    }
+    if k.replication < 1 {
+        c.err("bus.kafka.replication", "must be at least 1");
+    }
+    for key in k.properties.keys() {
+        if matches!(
+            key.as_str(),
+            "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.idempotence"
+        ) {
+            c.err(
+                format!("bus.kafka.properties.\"{key}\""),
+                "set by the fabric itself (brokers and group_id have fields of their own)",
+            );
+        }
+    }
+}
+
+fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig, bus_kafka: bool) {
     let allowed: &[&str] = match s.kind {
         SourceKind::Sqlite => &[
             "path",
@@ -441,13 +486,7 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
             "soft_delete_column",
             "safety_window",
         ],
-        SourceKind::DebeziumKafka => {
-            c.err(
-                format!("{p}.kind"),
-                "source kind \"debezium_kafka\" needs the kafka bus, which is not part of this build yet",
-            );
-            return;
-        }
+        SourceKind::DebeziumKafka => &["topics", "brokers", "group_id"],
     };
     if !crate::sources::available(s.kind) {
         c.err(
@@ -473,6 +512,9 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
         ("cursor_column", s.cursor_column.is_some()),
         ("soft_delete_column", s.soft_delete_column.is_some()),
         ("safety_window", s.safety_window.is_some()),
+        ("topics", !s.topics.is_empty()),
+        ("brokers", s.brokers.is_some()),
+        ("group_id", s.group_id.is_some()),
     ];
     for (field, is_set) in present {
         if is_set && !allowed.contains(&field) {
@@ -531,6 +573,20 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig) {
             format!("{p}.tables"),
             format!("a {} source needs the tables to capture", s.kind.as_str()),
         );
+    }
+    if s.kind == SourceKind::DebeziumKafka {
+        if s.topics.is_empty() {
+            c.err(
+                format!("{p}.topics"),
+                "a debezium_kafka source needs the topics to read",
+            );
+        }
+        if s.brokers.is_none() && !bus_kafka {
+            c.err(
+                format!("{p}.brokers"),
+                "a debezium_kafka source needs brokers (or a [bus.kafka] section to take them from)",
+            );
+        }
     }
     if s.kind == SourceKind::SqlPoll && s.cursor_column.is_none() {
         c.err(

@@ -237,4 +237,10 @@ pub enum BusRecord {
     Changes(EntityChangeSet),
     /// A table truncation, sent to every partition.
     Truncate(TruncateTable),
+    /// A record on the bus this fabric could not read (written by something
+    /// else, or by an incompatible version). Never written: made by the Kafka
+    /// consumer in its place after it went to the dead-letter output, so the
+    /// applier's offsets stay dense.
+    #[serde(skip)]
+    Unreadable,
 }

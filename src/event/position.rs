@@ -33,6 +33,14 @@ pub enum Position {
     /// has been handed on (integers as is, timestamps as microseconds since
     /// the epoch).
     Cursor(i64),
+    /// Offsets in Kafka topics (a `debezium_kafka` source): per
+    /// `topic/partition`, the next offset to read. `at` is the partition of
+    /// the message this position was made for (empty in a merged position).
+    /// Positions compare partition by partition, so two may not compare.
+    Kafka {
+        next: BTreeMap<String, u64>,
+        at: String,
+    },
 }
 
 impl Position {
@@ -46,6 +54,63 @@ impl Position {
     /// changes are never skipped as replays of older ones.
     pub fn reads_current_state(&self) -> bool {
         matches!(self, Position::Snapshot(_) | Position::Cursor(_))
+    }
+
+    /// True when a change at this position is a replay of something older
+    /// than `seen`, the position an entity already reflects from the same
+    /// source. For Kafka positions only the message's own partition counts:
+    /// two messages of different partitions are not ordered.
+    pub fn is_older_than(&self, seen: &Position) -> bool {
+        match (self, seen) {
+            (Position::Kafka { next, at }, Position::Kafka { next: seen, .. }) => {
+                match (next.get(at), seen.get(at)) {
+                    (Some(mine), Some(theirs)) => mine < theirs,
+                    _ => false,
+                }
+            }
+            _ => self < seen,
+        }
+    }
+
+    /// The position an entity reflects after a change at `self`, having
+    /// reflected `seen` before: `self`, except for Kafka positions, where
+    /// each partition keeps the furthest offset of either.
+    pub fn merged_with(&self, seen: Option<&Position>) -> Position {
+        match (self, seen) {
+            (Position::Kafka { next, .. }, Some(Position::Kafka { next: old, .. })) => {
+                let mut merged = old.clone();
+                for (tp, o) in next {
+                    let e = merged.entry(tp.clone()).or_insert(*o);
+                    *e = (*e).max(*o);
+                }
+                Position::Kafka {
+                    next: merged,
+                    at: String::new(),
+                }
+            }
+            _ => self.clone(),
+        }
+    }
+}
+
+/// Compares two offset maps partition by partition (a missing partition is
+/// at offset 0): `Some` only when one is at or past the other everywhere.
+fn compare_offsets(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> Option<Ordering> {
+    let mut less = false;
+    let mut greater = false;
+    for tp in a.keys().chain(b.keys()) {
+        let (x, y) = (
+            a.get(tp).copied().unwrap_or(0),
+            b.get(tp).copied().unwrap_or(0),
+        );
+        less |= x < y;
+        greater |= x > y;
+    }
+    match (less, greater) {
+        (false, false) => Some(Ordering::Equal),
+        (true, false) => Some(Ordering::Less),
+        (false, true) => Some(Ordering::Greater),
+        (true, true) => None,
     }
 }
 
@@ -62,6 +127,7 @@ impl PartialOrd for Position {
             | (Snapshot(a), Snapshot(b))
             | (Lsn(a), Lsn(b)) => Some(a.cmp(b)),
             (Cursor(a), Cursor(b)) => Some(a.cmp(b)),
+            (Kafka { next: a, .. }, Kafka { next: b, .. }) => compare_offsets(a, b),
             (
                 Binlog {
                     file: fa, pos: pa, ..
@@ -114,6 +180,16 @@ impl fmt::Display for Position {
                 None => write!(f, "binlog:{file}:{pos}"),
             },
             Position::Cursor(c) => write!(f, "cursor:{c}"),
+            Position::Kafka { next, .. } => {
+                f.write_str("kafka:")?;
+                for (i, (tp, o)) in next.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{tp}={o}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -152,6 +228,22 @@ impl FromStr for Position {
                     .parse()
                     .map(Position::Cursor)
                     .map_err(|_| format!("position {s:?} has a bad cursor"));
+            }
+            "kafka" => {
+                let mut next = BTreeMap::new();
+                for part in n.split(',').filter(|p| !p.is_empty()) {
+                    let (tp, o) = part.rsplit_once('=').ok_or_else(|| {
+                        format!("position {s:?} is not kafka:<topic>/<partition>=<offset>,…")
+                    })?;
+                    let o = o
+                        .parse()
+                        .map_err(|_| format!("position {s:?} has a bad offset"))?;
+                    next.insert(tp.to_string(), o);
+                }
+                return Ok(Position::Kafka {
+                    next,
+                    at: String::new(),
+                });
             }
             _ => {}
         }
@@ -200,6 +292,18 @@ impl Checkpoints {
         let mut out = first.clone();
         for cp in iter {
             out.0.retain(|source, pos| match cp.0.get(source) {
+                // Offset maps that do not compare meet partition by partition.
+                Some(Position::Kafka { next: other, .. })
+                    if matches!(pos, Position::Kafka { .. }) =>
+                {
+                    if let Position::Kafka { next, at } = pos {
+                        for (tp, o) in next.iter_mut() {
+                            *o = (*o).min(other.get(tp).copied().unwrap_or(0));
+                        }
+                        at.clear();
+                    }
+                    true
+                }
                 Some(other) => match other.partial_cmp(pos) {
                     Some(Ordering::Less) => {
                         *pos = other.clone();
@@ -218,6 +322,44 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kafka(pairs: &[(&str, u64)], at: &str) -> Position {
+        Position::Kafka {
+            next: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            at: at.into(),
+        }
+    }
+
+    #[test]
+    fn kafka_positions_compare_by_own_partition_and_merge() {
+        // An entity saw t/0 up to 6 and t/1 up to 5.
+        let seen = kafka(&[("t/0", 6), ("t/1", 5)], "");
+        // A replay of t/0 offset 4, read after t/1 went further elsewhere.
+        let replay = kafka(&[("t/0", 5), ("t/1", 9)], "t/0");
+        assert!(replay.is_older_than(&seen));
+        assert_eq!(replay.partial_cmp(&seen), None);
+        // A new message of t/1.
+        let new = kafka(&[("t/0", 3), ("t/1", 6)], "t/1");
+        assert!(!new.is_older_than(&seen));
+        assert_eq!(
+            new.merged_with(Some(&seen)),
+            kafka(&[("t/0", 6), ("t/1", 6)], "")
+        );
+        let text = seen.to_string();
+        assert_eq!(text, "kafka:t/0=6,t/1=5");
+        assert_eq!(text.parse::<Position>().unwrap(), seen);
+        // Checkpoints that do not compare meet partition by partition.
+        let mut a = Checkpoints::default();
+        a.advance("k", kafka(&[("t/0", 6), ("t/1", 2)], "t/0"))
+            .unwrap();
+        let mut b = Checkpoints::default();
+        b.advance("k", kafka(&[("t/0", 3), ("t/1", 5)], "t/1"))
+            .unwrap();
+        assert_eq!(
+            Checkpoints::lowest([&a, &b]).get("k"),
+            Some(&kafka(&[("t/0", 3), ("t/1", 2)], ""))
+        );
+    }
 
     #[test]
     fn checkpoints_refuse_regression() {

@@ -17,6 +17,7 @@
 //! - Bad input is reported with [`SourceContext::dead_letter`], never a crash.
 
 pub mod debezium;
+pub mod debezium_kafka;
 pub mod grpc_push;
 pub mod jsonl;
 pub mod mysql_binlog;
@@ -225,6 +226,7 @@ pub fn available(kind: SourceKind) -> bool {
             | SourceKind::PostgresCdc
             | SourceKind::MysqlBinlog
             | SourceKind::SqlPoll
+            | SourceKind::DebeziumKafka
     )
 }
 
@@ -241,10 +243,9 @@ pub fn build(
         SourceKind::PostgresCdc => Ok(Box::new(postgres_cdc::PostgresCdcSource::new(cfg, config)?)),
         SourceKind::MysqlBinlog => Ok(Box::new(mysql_binlog::MysqlBinlogSource::new(cfg, config)?)),
         SourceKind::SqlPoll => Ok(Box::new(sql_poll::SqlPollSource::new(cfg, config)?)),
-        other => Err(SourceError::Config {
-            source_name: cfg.name.clone(),
-            reason: format!("source kind {} is not part of this build", other.as_str()),
-        }),
+        SourceKind::DebeziumKafka => Ok(Box::new(debezium_kafka::DebeziumKafkaSource::new(
+            cfg, config,
+        )?)),
     }
 }
 

@@ -122,7 +122,7 @@ impl Entity {
         if let Some(cur) = current
             && let Some(seen) = cur.positions.get(&set.source)
             && !set.position.reads_current_state()
-            && set.position < *seen
+            && set.position.is_older_than(seen)
         {
             return Applied::Stale;
         }
@@ -159,8 +159,8 @@ impl Entity {
                 changed.push(ch.table.clone());
             }
         }
-        next.positions
-            .insert(set.source.clone(), set.position.clone());
+        let position = set.position.merged_with(next.positions.get(&set.source));
+        next.positions.insert(set.source.clone(), position);
         let version = current.map_or(0, |c| c.version);
         if set.delete_entity || next.tables.is_empty() {
             if current.is_none() {

@@ -93,6 +93,11 @@ impl Store {
 
     /// Applies one change set. Call only from the shard's single writer.
     pub fn apply(&self, set: &EntityChangeSet) -> Applied {
+        self.apply_into(set, &mut Vec::new())
+    }
+
+    /// As [`Store::apply`], also pushing the entity change (if any) to `out`.
+    pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Applied {
         let shard = self.shard(&set.key);
         let current = shard.get(&set.key).map(|e| e.value().clone());
         let applied = Entity::apply(current.as_deref(), set);
@@ -109,12 +114,15 @@ impl Store {
                 if shard.insert(set.key.clone(), entity.clone()).is_none() {
                     self.count(&set.key.entity_type, 1);
                 }
-                self.publish(EntityChange {
-                    key: set.key.clone(),
-                    version: entity.version,
-                    entity: Some(entity),
-                    changed_tables: changed_tables.clone(),
-                });
+                self.publish(
+                    EntityChange {
+                        key: set.key.clone(),
+                        version: entity.version,
+                        entity: Some(entity),
+                        changed_tables: changed_tables.clone(),
+                    },
+                    out,
+                );
             }
             Applied::Deleted {
                 version,
@@ -123,12 +131,15 @@ impl Store {
                 if shard.remove(&set.key).is_some() {
                     self.count(&set.key.entity_type, -1);
                 }
-                self.publish(EntityChange {
-                    key: set.key.clone(),
-                    version: *version,
-                    entity: None,
-                    changed_tables: changed_tables.clone(),
-                });
+                self.publish(
+                    EntityChange {
+                        key: set.key.clone(),
+                        version: *version,
+                        entity: None,
+                        changed_tables: changed_tables.clone(),
+                    },
+                    out,
+                );
             }
         }
         applied
@@ -137,6 +148,16 @@ impl Store {
     /// Clears one table in every entity of `shard` of the truncated type.
     /// Returns how many entities changed.
     pub fn truncate(&self, shard: u32, t: &TruncateTable) -> usize {
+        self.truncate_into(shard, t, &mut Vec::new())
+    }
+
+    /// As [`Store::truncate`], also pushing the entity changes to `out`.
+    pub fn truncate_into(
+        &self,
+        shard: u32,
+        t: &TruncateTable,
+        out: &mut Vec<Arc<EntityChange>>,
+    ) -> usize {
         let Some(s) = self.shards.get(shard as usize) else {
             return 0;
         };
@@ -159,29 +180,37 @@ impl Store {
             if next.tables.is_empty() {
                 s.remove(&key);
                 self.count(&key.entity_type, -1);
-                self.publish(EntityChange {
-                    key,
-                    version: next.version,
-                    entity: None,
-                    changed_tables: vec![t.table.clone()],
-                });
+                self.publish(
+                    EntityChange {
+                        key,
+                        version: next.version,
+                        entity: None,
+                        changed_tables: vec![t.table.clone()],
+                    },
+                    out,
+                );
             } else {
                 let next = Arc::new(next);
                 s.insert(key.clone(), next.clone());
-                self.publish(EntityChange {
-                    key,
-                    version: next.version,
-                    entity: Some(next),
-                    changed_tables: vec![t.table.clone()],
-                });
+                self.publish(
+                    EntityChange {
+                        key,
+                        version: next.version,
+                        entity: Some(next),
+                        changed_tables: vec![t.table.clone()],
+                    },
+                    out,
+                );
             }
         }
         n
     }
 
-    fn publish(&self, change: EntityChange) {
+    fn publish(&self, change: EntityChange, out: &mut Vec<Arc<EntityChange>>) {
+        let change = Arc::new(change);
+        out.push(change.clone());
         // No receiver is fine: nobody is watching.
-        let _ = self.changes.send(Arc::new(change));
+        let _ = self.changes.send(change);
     }
 
     /// Every entity of one shard, for a snapshot (cheap: `Arc` clones).
