@@ -7,7 +7,8 @@
 //! value is the entity after the change through the type's `publish_view`
 //! (the same views and masks as gRPC), as a JSON document or as a
 //! `fabric.v1.Entity` protobuf message; a deleted entity is a tombstone (no
-//! value), so the topic is fit for log compaction and is created compacted.
+//! value), so the topic is fit for log compaction and is created compacted
+//! (unless `entities_compacted = false`).
 //! Headers on every message: `fabric.type`, `fabric.id`, `fabric.version`,
 //! `fabric.operation` (`upsert` or `delete`), `fabric.changed_tables`
 //! (comma-separated). The JSON document is described in docs/kafka.md.
@@ -51,14 +52,12 @@ impl EntityPublisher {
         let client = client_config(&k.brokers, &k.properties);
         let topic = k.topic("entities");
         let partitions = config.bus.partitions;
-        ensure_topic(
-            &client,
-            &topic,
-            partitions,
-            k.replication,
-            &[("cleanup.policy", "compact")],
-        )
-        .await?;
+        let compact: &[(&str, &str)] = if k.entities_compacted {
+            &[("cleanup.policy", "compact")]
+        } else {
+            &[]
+        };
+        ensure_topic(&client, &topic, partitions, k.replication, compact).await?;
         let producer = durable_producer(&client)?;
         let views = config
             .entities

@@ -59,6 +59,8 @@ pub struct Fabric {
     pub push: PushRegistry,
     /// Per source, the routed checkpoint (see [`Router::checkpoints`]).
     pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
+    /// Entities loaded from snapshots at start.
+    pub restored_entities: usize,
     /// False until restore is done and every task runs.
     pub ready: std::sync::atomic::AtomicBool,
     /// Fires when the servers stop: long-lived streams end with it.
@@ -226,6 +228,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         views,
         push: push.clone(),
         routed: Mutex::new(routed),
+        restored_entities: restored.entities,
         ready: false.into(),
         streams_stop: CancellationToken::new(),
     });
@@ -452,7 +455,7 @@ async fn supervise(
                 return;
             }
         };
-        let ctx = SourceContext::new(
+        let mut ctx = SourceContext::new(
             name.clone(),
             resume.clone(),
             out.clone(),
@@ -461,6 +464,7 @@ async fn supervise(
             dead_letters.clone(),
             stop.clone(),
         );
+        ctx.store_restored = fabric.restored_entities > 0;
         let result = source.run(ctx).await;
         if stop.is_cancelled() {
             status.set_state("stopped");

@@ -127,6 +127,13 @@ pub struct KafkaConfig {
     /// `json` (default) or `protobuf`.
     #[serde(default = "default_entities_format")]
     pub entities_format: EntitiesFormat,
+    /// Create the entities topic compacted (`cleanup.policy=compact`): the
+    /// broker then keeps at least the newest message of every entity, and
+    /// drops older versions over time. `false` creates it with the broker's
+    /// default (time-based retention) so every version stays readable for
+    /// the retention period. Applies only when the fabric creates the topic.
+    #[serde(default = "default_true")]
+    pub entities_compacted: bool,
     /// Send dead letters to `<prefix>.dlq` as well as to the DLQ file.
     #[serde(default = "default_true")]
     pub dlq_topic: bool,

@@ -1005,7 +1005,7 @@ impl Source for MysqlBinlogSource {
                 if let Some(other) = resume {
                     tracing::warn!(resume = %other, "the resume position is not a binlog position; snapshotting again");
                 }
-                let truncate = resume.is_some();
+                let truncate = ctx.snapshot_replaces();
                 match self.snapshot(&mut conn, &catalog, &ctx, truncate).await? {
                     Some(s) => s,
                     None => return Ok(()),

@@ -688,8 +688,8 @@ impl Source for PostgresCdcSource {
                 *l
             }
             other => {
-                let truncate = other.is_some();
-                if self.initial_snapshot || truncate {
+                if self.initial_snapshot || other.is_some() {
+                    let truncate = ctx.snapshot_replaces();
                     match self.snapshot(&mut conn, &tables, &ctx, truncate).await? {
                         Some(l) => l,
                         None => return Ok(()),

@@ -1557,7 +1557,7 @@ impl SqlPollSource {
             "polling"
         );
         if resume.is_none() {
-            let again = ctx.resume.is_some();
+            let again = ctx.snapshot_replaces();
             let snap = self.snapshot(&mut conn, &tables, &mut states, ctx, again);
             if snap.await?.is_none() {
                 return Ok(());

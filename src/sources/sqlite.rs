@@ -273,7 +273,9 @@ impl SqliteSource {
                 tracing::warn!(resume = %other, "the resume position is not a changelog seq; snapshotting again");
                 self.snapshot(conn, catalog, ctx, true).await
             }
-            None if self.initial_snapshot => self.snapshot(conn, catalog, ctx, false).await,
+            None if self.initial_snapshot => {
+                self.snapshot(conn, catalog, ctx, ctx.store_restored).await
+            }
             None => Ok(Some(high)),
         }
     }
@@ -826,6 +828,16 @@ mod tests {
     }
 
     fn start(db: &Path, tables: &[&str], batch: usize, resume: Option<Position>) -> Harness {
+        start_with(db, tables, batch, resume, false)
+    }
+
+    fn start_with(
+        db: &Path,
+        tables: &[&str],
+        batch: usize,
+        resume: Option<Position>,
+        store_restored: bool,
+    ) -> Harness {
         let (tx, rx) = mpsc::channel(64);
         let (durable, durable_rx) = watch::channel(None);
         let shutdown = CancellationToken::new();
@@ -842,6 +854,10 @@ mod tests {
             dead.clone(),
             shutdown.clone(),
         );
+        let ctx = SourceContext {
+            store_restored,
+            ..ctx
+        };
         let task = tokio::spawn(Box::new(source(db, tables, batch).unwrap()).run(ctx));
         Harness {
             rx,
@@ -966,6 +982,27 @@ mod tests {
             (t.position, t.changes[0].op),
             (Position::Seq(1), Op::Insert)
         );
+        h.stop().await;
+    }
+
+    /// No checkpoint, but the store was restored from snapshots (a source
+    /// that had not routed anything when they were written): the snapshot
+    /// clears the source's tables first, or rows deleted since would stay.
+    #[tokio::test]
+    async fn snapshot_into_a_restored_store_clears_the_tables_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crm.db");
+        let mut conn = db(&path).await;
+        run_sql(&mut conn, "INSERT INTO customers(id, name) VALUES (1,'a')").await;
+        let mut h = start_with(&path, &["customers"], 100, None, true);
+        let t = h.next().await;
+        let ops: Vec<Op> = t.changes.iter().map(|c| c.op).collect();
+        assert_eq!(ops, vec![Op::Truncate, Op::Read]);
+        h.stop().await;
+        let mut h = start_with(&path, &["customers"], 100, None, false);
+        let t = h.next().await;
+        let ops: Vec<Op> = t.changes.iter().map(|c| c.op).collect();
+        assert_eq!(ops, vec![Op::Read]);
         h.stop().await;
     }
 
