@@ -129,6 +129,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     c.entities.len(),
                     c.bus.partitions
                 );
+                match &c.bus.kafka {
+                    Some(k) if c.bus.kind == entity_fabric::config::BusKind::Kafka => println!(
+                        "  bus: kafka at {} (topics {}, {}, {})",
+                        k.brokers,
+                        k.topic("changes"),
+                        k.topic("entities"),
+                        k.topic("dlq")
+                    ),
+                    _ => println!("  bus: embedded"),
+                }
                 for s in &c.sources {
                     if let Some(note) = entity_fabric::sources::limits(s.kind) {
                         println!("  note: source {}: {note}", s.name);

@@ -343,3 +343,78 @@ fn database_sources_need_a_url_of_their_kind() {
         "a mysql_binlog source needs a url",
     );
 }
+
+#[test]
+fn kafka_settings_are_checked() {
+    let kafka = GOOD.replace("[snapshot]", "[bus]\nkind = \"kafka\"\n\n[snapshot]");
+    refused(&kafka, "bus.kafka", "needs a [bus.kafka] section");
+    let bad = GOOD.replace(
+        "[snapshot]",
+        "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"\"\ntopic_prefix = \"my topics\"\nreplication = 0\nentities_format = \"avro\"\n\n[snapshot]",
+    );
+    let (ok, _, err, _) = check(&bad);
+    assert!(!ok);
+    assert!(err.contains("unknown variant `avro`"), "{err}");
+    let bad = bad.replace(
+        "entities_format = \"avro\"\n",
+        "[bus.kafka.properties]\n\"bootstrap.servers\" = \"elsewhere:9092\"\n",
+    );
+    let err = refused(
+        &bad,
+        "bus.kafka.brokers",
+        "must name at least one host:port",
+    );
+    for (field, reason) in [
+        ("bus.kafka.topic_prefix", "Kafka's topic name rule"),
+        ("bus.kafka.replication", "must be at least 1"),
+        (
+            "bus.kafka.properties.\"bootstrap.servers\"",
+            "set by the fabric itself",
+        ),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!(": {field}: ")) && l.contains(reason)),
+            "{field}: {reason} missing:\n{err}"
+        );
+    }
+    let good = GOOD.replace(
+        "[snapshot]",
+        "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"k1:9092,k2:9092\"\n[bus.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\n[snapshot]",
+    );
+    let (ok, out, err, _) = check(&good);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "bus: kafka at k1:9092,k2:9092 (topics fabric.changes, fabric.entities, fabric.dlq)"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn debezium_kafka_sources_and_publish_views_are_checked() {
+    let dbz = GOOD.replace(
+        "kind = \"sqlite\"\npath = \"crm.db\"\ntables = [\"customers\"]",
+        "kind = \"debezium_kafka\"",
+    );
+    let err = refused(&dbz, "sources[0].topics", "needs the topics to read");
+    assert!(
+        err.contains(": sources[0].brokers: a debezium_kafka source needs brokers"),
+        "{err}"
+    );
+    let ok_text = dbz.replace(
+        "kind = \"debezium_kafka\"",
+        "kind = \"debezium_kafka\"\ntopics = [\"dbserver1.crm.customers\"]\nbrokers = \"localhost:9092\"",
+    );
+    let (ok, _, err, _) = check(&ok_text);
+    assert!(ok, "{err}");
+    refused(
+        &GOOD.replace(
+            "[[entities]]\nname = \"customer\"",
+            "[[entities]]\nname = \"customer\"\npublish_view = \"billing\"",
+        ),
+        "entities[0].publish_view",
+        "no view \"billing\" in entity type \"customer\"",
+    );
+}

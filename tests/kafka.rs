@@ -163,7 +163,10 @@ async fn read_entities(
 }
 
 /// Every customer served over gRPC: key `customer/<id>` to the entity.
-async fn grpc_customers(fabric: &FabricProcess) -> HashMap<String, entity_fabric::proto::Entity> {
+async fn grpc_customers(
+    fabric: &FabricProcess,
+    view: &str,
+) -> HashMap<String, entity_fabric::proto::Entity> {
     let mut client = fabric.client().await;
     let ids = all_ids(&mut client, "customer", 500).await;
     let mut out = HashMap::new();
@@ -172,7 +175,7 @@ async fn grpc_customers(fabric: &FabricProcess) -> HashMap<String, entity_fabric
             .batch_get_entities(entity_fabric::proto::BatchGetEntitiesRequest {
                 r#type: "customer".into(),
                 ids: chunk.to_vec(),
-                view: String::new(),
+                view: view.into(),
             })
             .await
             .unwrap()
@@ -382,7 +385,7 @@ async fn kafka_bus_end_to_end_with_entities_topic_and_dlq() {
     );
 
     // An independent consumer of the entities topic sees what gRPC serves.
-    let grpc = grpc_customers(&fabric).await;
+    let grpc = grpc_customers(&fabric, "").await;
     let topic = read_entities(
         &brokers,
         &format!("{prefix}.entities"),
@@ -415,6 +418,12 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
         &prefix,
         true,
     );
+    // The entities topic carries the support view (e-mail hashed), as gRPC does.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "root_table = \"customer\"",
+        "root_table = \"customer\"\npublish_view = \"support\"",
+    );
+    std::fs::write(&config, text).unwrap();
     let data = dir.path().join("data");
     let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric-0.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
@@ -443,8 +452,9 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
     let written = mutator.await.unwrap();
     let compared = converge(&fabric, &data).await;
 
-    // At least once: the newest message of every key is what gRPC serves.
-    let grpc = grpc_customers(&fabric).await;
+    // At least once: the newest message of every key is what gRPC serves
+    // through the same view.
+    let grpc = grpc_customers(&fabric, "support").await;
     let topic = read_entities(
         &brokers,
         &format!("{prefix}.entities"),
@@ -453,6 +463,17 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
     )
     .await;
     topic_matches_grpc(&topic, &grpc);
+    for msgs in topic.values() {
+        if let Some(doc) = msgs.last().and_then(|m| m.doc.as_ref()) {
+            assert_eq!(doc["view"], "support");
+            assert!(doc["tables"]["invoices"].is_null(), "{doc}");
+            let email = doc["tables"]["customer"][0]["email"].as_str().unwrap();
+            assert!(
+                email.len() == 64 && !email.contains('@'),
+                "e-mail not masked on the topic: {email}"
+            );
+        }
+    }
     println!(
         "seed {seed}: {written} source transactions, {restarts} SIGKILL restarts, {compared} entities equal to the sources and to the entities topic"
     );
@@ -567,7 +588,7 @@ async fn broker_killed_and_restarted_mid_stream() {
 
     // Caught up by itself, with no restart of the fabric.
     let compared = converge(&fabric, &data).await;
-    let grpc = grpc_customers(&fabric).await;
+    let grpc = grpc_customers(&fabric, "").await;
     let topic = read_entities(
         &brokers,
         &format!("{prefix}.entities"),
@@ -705,7 +726,7 @@ async fn wait_equal(fabric: &FabricProcess, inv: &Inventory) {
     let mut last = String::new();
     let deadline = Instant::now() + CONVERGE;
     while Instant::now() < deadline {
-        let grpc = grpc_customers(fabric).await;
+        let grpc = grpc_customers(fabric, "").await;
         let have: BTreeMap<i64, _> = grpc
             .values()
             .map(|e| (e.id.parse::<i64>().unwrap(), entity_tables(e)))

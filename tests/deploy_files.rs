@@ -1,0 +1,235 @@
+//! deploy/ cannot run here (no Docker engine, no Kubernetes): every file is
+//! parsed, what ties the files together is checked (paths, ports, mounts,
+//! health checks, CDC settings), and every fabric config they carry passes
+//! the real `fabric check`.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
+}
+
+/// `fabric check` on `config`, with `env`; returns stdout, panics on failure.
+fn fabric_check(config: &Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["check", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fabric check {} failed:\n{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| match x {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_file_wires_kafka_databases_and_the_fabric() {
+    let path = deploy().join("compose.yaml");
+    let docs = yaml_docs(&path);
+    assert_eq!(docs.len(), 1);
+    let services = &docs[0]["services"];
+    for s in ["kafka", "postgres", "mariadb", "fabric"] {
+        assert!(services[s].is_object(), "service {s} missing");
+    }
+    // KRaft, no ZooKeeper.
+    let kafka = &services["kafka"]["environment"];
+    assert!(
+        kafka["KAFKA_PROCESS_ROLES"]
+            .as_str()
+            .unwrap()
+            .contains("controller")
+    );
+    assert!(services["zookeeper"].is_null());
+    // CDC settings the sources need.
+    let pg = strings(&services["postgres"]["command"]).join(" ");
+    assert!(pg.contains("wal_level=logical"), "{pg}");
+    let my = strings(&services["mariadb"]["command"]).join(" ");
+    assert!(
+        my.contains("--binlog-format=ROW") && my.contains("--binlog-row-image=FULL"),
+        "{my}"
+    );
+    // The fabric waits for healthy dependencies, each of which has a health check.
+    let fabric = &services["fabric"];
+    for dep in ["kafka", "postgres", "mariadb"] {
+        assert_eq!(
+            fabric["depends_on"][dep]["condition"], "service_healthy",
+            "fabric must wait for {dep}"
+        );
+        assert!(services[dep]["healthcheck"]["test"].is_array());
+    }
+    // Every file mounted from the repository exists.
+    let mut config_mount = None;
+    for (name, svc) in services.as_object().unwrap() {
+        for v in strings(&svc["volumes"]) {
+            let src = v.split(':').next().unwrap();
+            if src.starts_with('.') {
+                let local = deploy().join(src);
+                assert!(local.exists(), "{name} mounts {src}, which is missing");
+                if v.contains("/etc/fabric/fabric.toml") {
+                    config_mount = Some(local);
+                }
+            }
+        }
+    }
+    let command = strings(&fabric["command"]);
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["--config", "/etc/fabric/fabric.toml"]),
+        "{command:?}"
+    );
+    let build = &fabric["build"];
+    assert!(
+        deploy()
+            .join(build["context"].as_str().unwrap())
+            .join(build["dockerfile"].as_str().unwrap())
+            .exists()
+    );
+    let ports = strings(&fabric["ports"]).join(" ");
+    assert!(ports.contains("50051") && ports.contains("9464"), "{ports}");
+
+    // The config it mounts passes `fabric check` with the compose defaults.
+    let config = config_mount.expect("the fabric mounts its config");
+    let out = fabric_check(
+        &config,
+        &[
+            ("POSTGRES_PASSWORD", "fabric"),
+            ("MARIADB_ROOT_PASSWORD", "fabric"),
+        ],
+    );
+    assert!(out.contains("bus: kafka at kafka:9092"), "{out}");
+}
+
+#[test]
+fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
+    let docs = yaml_docs(&deploy().join("k8s/fabric.yaml"));
+    let find = |kind: &str, name: &str| -> &Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let cm = find("ConfigMap", "fabric-config");
+    let toml = cm["data"]["fabric.toml"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fabric.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = fabric_check(
+        &path,
+        &[
+            (
+                "FABRIC_PG_URL",
+                "postgres://fabric:secret@postgres:5432/crm",
+            ),
+            (
+                "FABRIC_BILLING_URL",
+                "mysql://fabric:secret@mariadb:3306/billing",
+            ),
+        ],
+    );
+    assert!(out.contains("bus: kafka"), "{out}");
+    assert!(
+        !toml.contains("secret"),
+        "credentials belong in the Secret, not the ConfigMap"
+    );
+
+    let sts = find("StatefulSet", "fabric");
+    let spec = &sts["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let args = strings(&container["args"]);
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--config", "/etc/fabric/fabric.toml"]),
+        "{args:?}"
+    );
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let mount_of = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("no volume mount {name}"))
+            .to_string()
+    };
+    assert_eq!(mount_of("config"), "/etc/fabric");
+    let config_volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    assert_eq!(config_volume["configMap"]["name"], "fabric-config");
+    // Snapshots live on a persistent volume claimed per replica.
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    let data_mount = mount_of(claim["metadata"]["name"].as_str().unwrap());
+    assert!(
+        toml.contains(&format!("\"{data_mount}/snapshots\"")),
+        "the snapshot dir must be on the claimed volume {data_mount}"
+    );
+    // Probes on the ports the config serves.
+    assert_eq!(container["readinessProbe"]["grpc"]["port"], 50051);
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(toml.contains("0.0.0.0:50051") && toml.contains("0.0.0.0:9464"));
+    for svc in ["fabric", "fabric-headless"] {
+        let ports: Vec<i64> = find("Service", svc)["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_i64().unwrap())
+            .collect();
+        assert!(
+            ports.contains(&50051) && ports.contains(&9464),
+            "{svc}: {ports:?}"
+        );
+    }
+    assert_eq!(sts["spec"]["serviceName"], "fabric-headless");
+}
+
+#[test]
+fn dockerfile_is_multi_stage_with_a_slim_runtime() {
+    let text = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    let froms: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("FROM "))
+        .collect();
+    assert!(froms.len() >= 2, "{froms:?}");
+    assert!(froms.last().unwrap().contains("slim"), "{froms:?}");
+    // Every COPY from the build context names something that exists.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for l in text.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("COPY ")
+            && !rest.starts_with("--from")
+        {
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            for src in &parts[..parts.len() - 1] {
+                assert!(root.join(src).exists(), "COPY {src}: missing");
+            }
+        }
+    }
+    assert!(text.contains("HEALTHCHECK"));
+    assert!(text.contains("USER "));
+}
