@@ -282,6 +282,9 @@ pub fn limits(kind: SourceKind) -> Option<&'static str> {
         SourceKind::SqlPoll => Some(
             "sql_poll sees only rows whose cursor column grows: deletes are seen only through soft_delete_column, and several updates between two polls are seen as one",
         ),
+        SourceKind::DebeziumKafka => Some(
+            "debezium_kafka applies each row change as its own transaction (Debezium spreads a database transaction over one topic per table), and reads the partitions the topics have at start",
+        ),
         _ => None,
     }
 }
