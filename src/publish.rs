@@ -17,12 +17,14 @@
 //! batch's messages before it counts the batch applied, so a snapshot never
 //! reflects a version that was not published. After a crash, the versions
 //! applied since the last snapshot are applied and published again with the
-//! same version numbers: consumers keep the highest version per key.
+//! same version numbers: consumers keep the highest version per key since
+//! its last tombstone (a re-created entity starts again at version 1).
 
 use crate::bus::BusError;
 use crate::bus::kafka::{client_config, durable_producer, ensure_topic};
 use crate::config::{Config, EntitiesFormat, KafkaConfig};
 use crate::store::EntityChange;
+use crate::telemetry::{DeadInput, DeadLetters};
 use crate::view::View;
 use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -30,7 +32,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Produces entity changes to the entities topic.
 pub struct EntityPublisher {
@@ -40,6 +41,7 @@ pub struct EntityPublisher {
     /// Per entity type, the view published (None: the whole entity).
     views: HashMap<String, Option<View>>,
     partitions: u32,
+    dead_letters: Arc<DeadLetters>,
 }
 
 impl EntityPublisher {
@@ -48,6 +50,7 @@ impl EntityPublisher {
         k: &KafkaConfig,
         config: &Config,
         views: &HashMap<String, HashMap<String, View>>,
+        dead_letters: Arc<DeadLetters>,
     ) -> Result<Self, BusError> {
         let client = client_config(&k.brokers, &k.properties);
         let topic = k.topic("entities");
@@ -76,47 +79,61 @@ impl EntityPublisher {
             format: k.entities_format,
             views,
             partitions,
+            dead_letters,
         })
     }
 
     /// Produces one message per change, in order, and returns once the broker
-    /// took all of them. A message the broker refuses for good (too large,
-    /// not authorised) is logged and retried with backoff: entity changes are
-    /// never dropped silently, the pipeline waits instead.
-    pub async fn publish(&self, changes: &[Arc<EntityChange>]) {
-        let mut pending: Vec<&Arc<EntityChange>> = changes.iter().collect();
-        let mut backoff = Duration::from_millis(200);
-        while !pending.is_empty() {
-            let encoded: Vec<Encoded> = pending.iter().map(|c| self.encode(c)).collect();
-            let sends = encoded.iter().map(|m| {
-                let mut r = FutureRecord::to(&self.topic)
-                    .partition(m.partition as i32)
-                    .key(m.key.as_str())
-                    .headers(m.headers.clone());
-                if let Some(v) = &m.value {
-                    r = r.payload(v.as_slice());
+    /// took all of them. The producer retries by itself for as long as it
+    /// takes (the broker away, a leader moving), so an error here is final
+    /// for that message: one the broker refuses for its content (too large)
+    /// goes to the dead-letter output and the pipeline goes on; any other
+    /// (not authorised, a fatal producer state) is returned and stops the
+    /// fabric, rather than leaving a hole in the topic or resending versions
+    /// out of order.
+    pub async fn publish(&self, changes: &[Arc<EntityChange>]) -> Result<(), BusError> {
+        let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
+        let sends = encoded.iter().map(|m| {
+            let mut r = FutureRecord::to(&self.topic)
+                .partition(m.partition as i32)
+                .key(m.key.as_str())
+                .headers(m.headers.clone());
+            if let Some(v) = &m.value {
+                r = r.payload(v.as_slice());
+            }
+            self.producer.send(r, Timeout::Never)
+        });
+        let results = futures::future::join_all(sends).await;
+        for ((c, m), r) in changes.iter().zip(&encoded).zip(results) {
+            let Err((e, _)) = r else { continue };
+            use rdkafka::types::RDKafkaErrorCode::*;
+            match e.rdkafka_error_code() {
+                Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | InvalidMessage) => {
+                    let reason = format!(
+                        "cannot publish version {} on {}: {e}",
+                        c.version, self.topic
+                    );
+                    self.dead_letters.record_input(DeadInput {
+                        source: "entities",
+                        table: &c.key.entity_type,
+                        reason: &reason,
+                        key: Some(m.key.as_bytes()),
+                        raw: m.value.as_deref().unwrap_or_default(),
+                        origin: None,
+                    });
                 }
-                self.producer.send(r, Timeout::Never)
-            });
-            let results = futures::future::join_all(sends).await;
-            let mut failed = Vec::new();
-            for (c, r) in pending.iter().zip(results) {
-                if let Err((e, _)) = r {
-                    tracing::error!(key = %c.key, version = c.version, error = %e,
-                        "cannot publish an entity change; retrying");
-                    failed.push(*c);
+                _ => {
+                    return Err(BusError::Kafka {
+                        operation: format!(
+                            "publish version {} of {} on {}",
+                            c.version, c.key, self.topic
+                        ),
+                        reason: e.to_string(),
+                    });
                 }
             }
-            if failed.is_empty() {
-                return;
-            }
-            // Retry the failed ones, in order (a consumer keeps the highest
-            // version per key, so a later version arriving first is harmless
-            // only if the older one is also re-sent: it is).
-            pending = failed;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+        Ok(())
     }
 
     fn encode(&self, c: &EntityChange) -> Encoded {

@@ -108,7 +108,7 @@ pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Re
                 if let Some(p) = &publisher
                     && !changes.is_empty()
                 {
-                    p.publish(&changes).await;
+                    p.publish(&changes).await?;
                 }
                 changes.clear();
                 state.applied.store(next.0, Ordering::Release);

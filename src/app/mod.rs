@@ -163,7 +163,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             tracing::info!(brokers = %k.brokers, topic = %k.topic("changes"), "kafka bus connected");
             let publisher = if k.entities_topic {
                 Some(Arc::new(
-                    EntityPublisher::connect(k, &config, &views)
+                    EntityPublisher::connect(k, &config, &views, dead_letters.clone())
                         .await
                         .context("cannot set up the entities topic")?,
                 ))
@@ -181,8 +181,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             None,
         ),
     };
+    // Where each applier starts. A Kafka topic outlives the process: with no
+    // snapshot of this partition count, its history must not be replayed
+    // into the store (the sources start over and send what it holds now),
+    // so the appliers start at the end the topic has now.
+    let mut restored = restored;
+    if config.bus.kind == BusKind::Kafka && !restored.offsets_restored {
+        for p in 0..partitions {
+            restored.offsets[p as usize] = bus.end_offset(p).0;
+        }
+        tracing::info!(offsets = ?restored.offsets, "no snapshot offsets for this partition count: reading the changes topic from its end");
+    }
     if let Some(k) = &config.bus.kafka
         && k.dlq_topic
+        && config.bus.kind == BusKind::Kafka
     {
         let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
         crate::bus::kafka::ensure_topic(&client, &k.topic("dlq"), 1, k.replication, &[])
@@ -341,8 +353,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                if let Err(e) = snapshotter.round().await {
-                    tracing::error!(error = %e, "snapshot round failed; the next one retries");
+                // A round waits for the appliers, which may wait for a broker
+                // that is away: shutdown must not wait behind it.
+                tokio::select! {
+                    r = snapshotter.round() => if let Err(e) = r {
+                        tracing::error!(error = %e, "snapshot round failed; the next one retries");
+                    },
+                    _ = shutdown.cancelled() => break,
                 }
             }
             res = &mut router_task, if !router_done => {
@@ -367,20 +384,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("shutting down: stopping sources");
     crate::grpc::set_serving(&health_reporter, false).await;
     sources_stop.cancel();
-    while source_tasks.join_next().await.is_some() {}
-    if !router_done {
-        match router_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the router failed while draining"),
-            Err(e) => tracing::error!(error = %e, "the router panicked while draining"),
+    // Drain and take the final snapshot, within `server.shutdown_timeout`:
+    // with the broker away this could wait for ever, and stopping without
+    // a final snapshot loses nothing (the next start replays from the last one).
+    let grace = config.shutdown_timeout();
+    let drained = tokio::time::timeout(grace, async {
+        while source_tasks.join_next().await.is_some() {}
+        if !router_done {
+            match (&mut router_task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the router failed while draining"),
+                Err(e) => tracing::error!(error = %e, "the router panicked while draining"),
+            }
         }
-    }
-    tracing::info!("taking the final snapshot");
-    if let Err(e) = snapshotter.round().await {
-        tracing::error!(error = %e, "final snapshot failed; the next start replays from the previous one");
+        tracing::info!("taking the final snapshot");
+        if let Err(e) = snapshotter.round().await {
+            tracing::error!(error = %e, "final snapshot failed; the next start replays from the previous one");
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::error!(
+            timeout = ?grace,
+            "could not drain and snapshot within server.shutdown_timeout (is the broker away?); \
+             stopping without a final snapshot: the next start resumes from the previous one"
+        );
+        source_tasks.abort_all();
+        router_task.abort();
     }
     bus.close();
-    while appliers.join_next().await.is_some() {}
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while appliers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        appliers.abort_all();
+    }
     servers_stop.cancel();
     while side.join_next().await.is_some() {}
     tracing::info!("stopped");

@@ -34,6 +34,10 @@ pub struct Restored {
     pub checkpoints: Checkpoints,
     /// Per partition (of the current count), the bus offset to start from.
     pub offsets: Vec<u64>,
+    /// True when `offsets` come from snapshots of the current partition
+    /// count; false when nothing was restored or entities were re-sharded
+    /// (the offsets are then zeros, which only an empty bus agrees with).
+    pub offsets_restored: bool,
     pub next_round: u64,
     pub entities: usize,
 }
@@ -52,6 +56,7 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
     let mut out = Restored {
         checkpoints: Checkpoints::default(),
         offsets: vec![0; partitions as usize],
+        offsets_restored: false,
         next_round,
         entities: 0,
     };
@@ -102,6 +107,7 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
     if n != partitions {
         tracing::info!(from = n, to = partitions, "re-sharding restored entities");
     }
+    out.offsets_restored = n == partitions;
     for (p, s) in loaded {
         if n == partitions {
             out.offsets[p as usize] = s.meta.bus_offset;
@@ -179,7 +185,10 @@ impl Snapshotter {
             bytes += n;
             let state: &PartitionState = &f.partitions[p];
             state.snapshot.store(capture.offset.0, Ordering::Release);
-            f.bus.commit(p as u32, capture.offset).await?;
+            // For monitoring tools only: a failure does not fail the round.
+            if let Err(e) = f.bus.commit(p as u32, capture.offset).await {
+                tracing::warn!(partition = p, error = %e, "cannot commit the snapshot offset to the group");
+            }
         }
         let keep = f.config.snapshot.keep;
         let dir2 = dir.clone();

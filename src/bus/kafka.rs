@@ -271,7 +271,12 @@ impl Bus for KafkaBus {
             let key = match r {
                 BusRecord::Changes(s) => s.key.bus_key(),
                 BusRecord::Truncate(t) => format!("{}/*", t.entity_type),
-                BusRecord::Unreadable => continue,
+                BusRecord::Unreadable => {
+                    return Err(BusError::Kafka {
+                        operation: "produce".into(),
+                        reason: "an unreadable record is never written".into(),
+                    });
+                }
             };
             let mut value = vec![FORMAT_POSTCARD];
             value = postcard::to_extend(r, value).map_err(|e| BusError::Kafka {
@@ -408,17 +413,27 @@ impl KafkaConsumer {
     /// longer holds does; everything else (broker away, leader moving) is
     /// retried by librdkafka and by us.
     fn fatal(&self, e: rdkafka::error::KafkaError) -> Option<BusError> {
-        if let Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) =
-            e.rdkafka_error_code()
-        {
-            return Some(BusError::Kafka {
-                operation: format!("read partition {} of {}", self.partition, self.topic),
-                reason: format!(
-                    "{e}: the offset the snapshots reflect is no longer held by the topic \
-                     (retention too short, or the topic was recreated); the missing \
-                     changes cannot be replayed"
-                ),
-            });
+        use RDKafkaErrorCode::*;
+        let operation = format!("read partition {} of {}", self.partition, self.topic);
+        match e.rdkafka_error_code() {
+            Some(AutoOffsetReset | OffsetOutOfRange) => {
+                return Some(BusError::Kafka {
+                    operation,
+                    reason: format!(
+                        "{e}: the offset the snapshots reflect is no longer held by the topic \
+                         (retention shorter than the snapshot interval, or the topic was \
+                         recreated). Move the snapshot directory away and restart: the \
+                         sources then start over"
+                    ),
+                });
+            }
+            Some(UnknownTopicOrPartition | UnknownTopic | TopicAuthorizationFailed | Fatal) => {
+                return Some(BusError::Kafka {
+                    operation,
+                    reason: e.to_string(),
+                });
+            }
+            _ => {}
         }
         tracing::warn!(partition = self.partition, error = %e, "kafka read failed; retrying");
         None

@@ -63,6 +63,10 @@ pub struct ServerConfig {
     /// Address of the admin HTTP endpoint (`/healthz`, `/metrics`).
     #[serde(default = "default_admin_addr")]
     pub admin_addr: String,
+    /// How long a graceful stop may take to drain the pipeline and write the
+    /// final snapshot before the process stops without it, e.g. `"30s"`.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: String,
     /// How many entity changes a slow `WatchEntities` client may fall behind
     /// before it is told it lagged.
     #[serde(default = "default_watch_buffer")]
@@ -455,6 +459,10 @@ impl Config {
         humantime::parse_duration(&self.snapshot.interval).expect("validated")
     }
 
+    pub fn shutdown_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.server.shutdown_timeout).expect("validated")
+    }
+
     pub fn pending_timeout(&self) -> Duration {
         humantime::parse_duration(&self.router.pending_timeout).expect("validated")
     }
@@ -509,6 +517,7 @@ impl Default for ServerConfig {
             admin_addr: default_admin_addr(),
             watch_buffer: default_watch_buffer(),
             cache_encoded: default_true(),
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }
@@ -574,6 +583,9 @@ fn default_grpc_addr() -> String {
 }
 fn default_admin_addr() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_shutdown_timeout() -> String {
+    "30s".into()
 }
 fn default_watch_buffer() -> usize {
     4096

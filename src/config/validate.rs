@@ -215,6 +215,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
         );
     }
     check_duration(c, "router.pending_timeout", &cfg.router.pending_timeout);
+    check_duration(c, "server.shutdown_timeout", &cfg.server.shutdown_timeout);
     if !matches!(cfg.log.format.as_str(), "text" | "json") {
         c.err("log.format", "must be \"text\" or \"json\"");
     }
@@ -433,13 +434,21 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
             ),
         );
     }
+    if k.group_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
+        c.err("bus.kafka.group_id", "must not be empty");
+    }
     if k.replication < 1 {
         c.err("bus.kafka.replication", "must be at least 1");
     }
     for key in k.properties.keys() {
         if matches!(
             key.as_str(),
-            "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.idempotence"
+            "bootstrap.servers"
+                | "group.id"
+                | "enable.auto.commit"
+                | "enable.idempotence"
+                | "acks"
+                | "transactional.id"
         ) {
             c.err(
                 format!("bus.kafka.properties.\"{key}\""),
@@ -580,6 +589,14 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig, bus_kaf
                 format!("{p}.topics"),
                 "a debezium_kafka source needs the topics to read",
             );
+        }
+        for (i, t) in s.topics.iter().enumerate() {
+            if t.trim().is_empty() {
+                c.err(format!("{p}.topics[{i}]"), "must not be empty");
+            }
+        }
+        if s.group_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            c.err(format!("{p}.group_id"), "must not be empty");
         }
         if s.brokers.is_none() && !bus_kafka {
             c.err(

@@ -292,14 +292,19 @@ impl Checkpoints {
         let mut out = first.clone();
         for cp in iter {
             out.0.retain(|source, pos| match cp.0.get(source) {
-                // Offset maps that do not compare meet partition by partition.
+                // Offset maps meet partition by partition; a partition one of
+                // them has not read is dropped (read from its beginning).
                 Some(Position::Kafka { next: other, .. })
                     if matches!(pos, Position::Kafka { .. }) =>
                 {
                     if let Position::Kafka { next, at } = pos {
-                        for (tp, o) in next.iter_mut() {
-                            *o = (*o).min(other.get(tp).copied().unwrap_or(0));
-                        }
+                        next.retain(|tp, o| match other.get(tp) {
+                            Some(x) => {
+                                *o = (*o).min(*x);
+                                true
+                            }
+                            None => false,
+                        });
                         at.clear();
                     }
                     true
@@ -353,10 +358,15 @@ mod tests {
         a.advance("k", kafka(&[("t/0", 6), ("t/1", 2)], "t/0"))
             .unwrap();
         let mut b = Checkpoints::default();
-        b.advance("k", kafka(&[("t/0", 3), ("t/1", 5)], "t/1"))
+        b.advance("k", kafka(&[("t/0", 3), ("t/1", 5), ("t/2", 9)], "t/1"))
             .unwrap();
+        // t/2 is read from its beginning: one of them had not read it.
         assert_eq!(
             Checkpoints::lowest([&a, &b]).get("k"),
+            Some(&kafka(&[("t/0", 3), ("t/1", 2)], ""))
+        );
+        assert_eq!(
+            Checkpoints::lowest([&b, &a]).get("k"),
             Some(&kafka(&[("t/0", 3), ("t/1", 2)], ""))
         );
     }

@@ -243,6 +243,15 @@ impl Source for DebeziumKafkaSource {
 /// An error that ends the source: an offset the topic no longer holds.
 /// Anything else is logged and the read retried (librdkafka reconnects).
 fn fatal(source: &str, e: KafkaError) -> Option<SourceError> {
+    if let Some(
+        RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::TopicAuthorizationFailed,
+    ) = e.rdkafka_error_code()
+    {
+        // The source restarts with backoff, the error shown in its status.
+        return Some(SourceError::external(source, "read the topics", e));
+    }
     if let Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) =
         e.rdkafka_error_code()
     {

@@ -195,7 +195,8 @@ impl Entity {
         let mut next = self.clone();
         next.tables.remove(table);
         next.version += 1;
-        next.positions.insert(source.clone(), position.clone());
+        let position = position.merged_with(next.positions.get(source));
+        next.positions.insert(source.clone(), position);
         Some(next)
     }
 }
