@@ -28,14 +28,14 @@ use crate::telemetry::{DeadInput, DeadLetters};
 use crate::view::View;
 use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Produces entity changes to the entities topic.
 pub struct EntityPublisher {
-    producer: FutureProducer,
+    producer: crate::bus::kafka::Producer,
     topic: String,
     format: EntitiesFormat,
     /// Per entity type, the view published (None: the whole entity).

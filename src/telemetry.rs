@@ -222,7 +222,7 @@ pub struct DeadLetters {
 
 /// The dead-letter topic: raw input as the value, the reason in headers.
 pub struct DlqTopic {
-    pub producer: rdkafka::producer::FutureProducer,
+    pub producer: crate::bus::kafka::Producer,
     pub topic: String,
 }
 

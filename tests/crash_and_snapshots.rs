@@ -6,29 +6,11 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
 async fn converge(fabric: &FabricProcess, data: &std::path::Path) -> usize {
-    let mut client = fabric.client().await;
-    let deadline = std::time::Instant::now() + CONVERGE;
-    let last = loop {
-        let (n, mismatches) = compare_all(&mut client, data).await;
-        if mismatches.is_empty() {
-            return n;
-        }
-        if std::time::Instant::now() > deadline {
-            break mismatches;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    panic!(
-        "{} mismatches after {CONVERGE:?}, first ones:\n{}\nlog:\n{}",
-        last.len(),
-        last.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
-        fabric.log_text()
-    );
+    converge_within(fabric, data, CONVERGE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,16 +29,7 @@ async fn sigkill_while_sources_change_loses_nothing() {
     fabric.wait_serving(Duration::from_secs(60)).await;
 
     // The workload runs in this process, so killing the fabric does not stop it.
-    let stop = CancellationToken::new();
-    let mutator = {
-        let demo = data.join("demo");
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            entity_fabric::demo::mutate(&demo, 150.0, stop)
-                .await
-                .unwrap()
-        })
-    };
+    let workload = Workload::start(&data, 150.0);
     let seed = fastrand::u64(..);
     let mut rng = fastrand::Rng::with_seed(seed);
     let restarts = 5;
@@ -67,8 +40,7 @@ async fn sigkill_while_sources_change_loses_nothing() {
         fabric.wait_serving(Duration::from_secs(60)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    let written = mutator.await.unwrap();
+    let written = workload.stop().await;
     assert!(
         written > 100,
         "the workload wrote only {written} transactions"

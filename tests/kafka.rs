@@ -15,7 +15,6 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
@@ -47,47 +46,15 @@ fn kafka_demo_config(
     path
 }
 
-/// Waits until every customer entity equals the SQLite sources.
 async fn converge(fabric: &FabricProcess, data: &Path) -> usize {
-    let mut client = fabric.client().await;
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let (n, mismatches) = compare_all(&mut client, data).await;
-        if mismatches.is_empty() {
-            return n;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{} mismatches after {CONVERGE:?}, first ones:\n{}\nlog:\n{}",
-                mismatches.len(),
-                mismatches
-                    .iter()
-                    .take(20)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                fabric.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    converge_within(fabric, data, CONVERGE).await
 }
 
 /// Runs the demo workload against the SQLite sources for `for_`.
 async fn mutate_for(data: &Path, per_second: f64, for_: Duration) -> u64 {
-    let stop = CancellationToken::new();
-    let task = {
-        let demo = data.join("demo");
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            entity_fabric::demo::mutate(&demo, per_second, stop)
-                .await
-                .unwrap()
-        })
-    };
+    let w = Workload::start(data, per_second);
     tokio::time::sleep(for_).await;
-    stop.cancel();
-    task.await.unwrap()
+    w.stop().await
 }
 
 /// One message of the entities topic.
@@ -428,16 +395,7 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
     let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric-0.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
 
-    let stop = CancellationToken::new();
-    let mutator = {
-        let demo = data.join("demo");
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            entity_fabric::demo::mutate(&demo, 100.0, stop)
-                .await
-                .unwrap()
-        })
-    };
+    let workload = Workload::start(&data, 100.0);
     let seed = fastrand::u64(..);
     let mut rng = fastrand::Rng::with_seed(seed);
     let restarts = 3;
@@ -448,8 +406,7 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
         fabric.wait_serving(Duration::from_secs(60)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    let written = mutator.await.unwrap();
+    let written = workload.stop().await;
     let compared = converge(&fabric, &data).await;
 
     // At least once: the newest message of every key is what gRPC serves
@@ -567,24 +524,14 @@ async fn broker_killed_and_restarted_mid_stream() {
     fabric.wait_serving(Duration::from_secs(60)).await;
     converge(&fabric, &data).await;
 
-    let stop = CancellationToken::new();
-    let mutator = {
-        let demo = data.join("demo");
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            entity_fabric::demo::mutate(&demo, 80.0, stop)
-                .await
-                .unwrap()
-        })
-    };
+    let workload = Workload::start(&data, 80.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.kill9();
     // The sources keep changing while the broker is away.
     tokio::time::sleep(Duration::from_secs(5)).await;
     broker.restart();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.cancel();
-    let written = mutator.await.unwrap();
+    let written = workload.stop().await;
 
     // Caught up by itself, with no restart of the fabric.
     let compared = converge(&fabric, &data).await;
@@ -929,5 +876,34 @@ async fn sigterm_with_the_broker_away_stops_and_loses_nothing() {
     println!(
         "{written} source transactions while the broker was away; stopped within the shutdown timeout; {compared} entities equal after restart"
     );
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fabric_waits_for_a_broker_that_is_not_up_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let config = kafka_demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers: 50,
+            ..Default::default()
+        },
+        &brokers,
+        &unique("late"),
+        true,
+    );
+    let data = dir.path().join("data");
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric.log"));
+    eventually(Duration::from_secs(30), "a retry notice in the log", || {
+        let log = fabric.log_text();
+        async move { log.contains("cannot reach kafka; retrying").then_some(()) }
+    })
+    .await;
+    let _broker = Broker::start(&dir.path().join("broker"), port);
+    fabric.wait_serving(Duration::from_secs(90)).await;
+    let compared = converge(&fabric, &data).await;
+    println!("waited for the broker, then served {compared} entities equal to the sources");
     assert!(fabric.terminate(), "{}", fabric.log_text());
 }

@@ -59,8 +59,11 @@ pub struct Fabric {
     pub push: PushRegistry,
     /// Per source, the routed checkpoint (see [`Router::checkpoints`]).
     pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
-    /// Entities loaded from snapshots at start.
-    pub restored_entities: usize,
+    /// The store may hold rows of a source that starts over: entities were
+    /// restored from snapshots, or (Kafka) the appliers replay the changes
+    /// topic from the snapshot offsets, which may bring back rows of runs
+    /// whose snapshots never held a checkpoint of that source.
+    pub store_may_hold_rows: bool,
     /// False until restore is done and every task runs.
     pub ready: std::sync::atomic::AtomicBool,
     /// Fires when the servers stop: long-lived streams end with it.
@@ -154,23 +157,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &config.bus.kafka,
     ) {
         (BusKind::Kafka, Some(k)) => {
-            let bus = KafkaBus::connect(
-                KafkaBusConfig::from_config(k, partitions),
-                Some(dead_letters.clone()),
-            )
-            .await
-            .with_context(|| format!("cannot use the kafka bus at {}", k.brokers))?;
-            tracing::info!(brokers = %k.brokers, topic = %k.topic("changes"), "kafka bus connected");
-            let publisher = if k.entities_topic {
-                Some(Arc::new(
-                    EntityPublisher::connect(k, &config, &views, dead_letters.clone())
-                        .await
-                        .context("cannot set up the entities topic")?,
-                ))
-            } else {
-                None
-            };
-            (Arc::new(bus), publisher)
+            // The broker may come up after the fabric (or be restarting):
+            // wait for it, saying so, until it answers or shutdown comes.
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    connect_kafka(k, &config, &views, &dead_letters),
+                );
+                let failure = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = attempt => match r {
+                        Ok(Ok((bus, publisher))) => break (Arc::new(bus) as Arc<dyn Bus>, publisher),
+                        Ok(Err(crate::bus::BusError::Mismatch(m))) => anyhow::bail!("{m}"),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "no answer within 10s".to_string(),
+                    },
+                };
+                tracing::warn!(
+                    brokers = %k.brokers,
+                    error = %failure,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot reach kafka; retrying"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
         }
         _ => (
             Arc::new(EmbeddedBus::new(
@@ -192,19 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         tracing::info!(offsets = ?restored.offsets, "no snapshot offsets for this partition count: reading the changes topic from its end");
     }
-    if let Some(k) = &config.bus.kafka
-        && k.dlq_topic
-        && config.bus.kind == BusKind::Kafka
-    {
-        let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
-        crate::bus::kafka::ensure_topic(&client, &k.topic("dlq"), 1, k.replication, &[])
-            .await
-            .context("cannot set up the dead-letter topic")?;
-        dead_letters.attach_topic(crate::telemetry::DlqTopic {
-            producer: crate::bus::kafka::durable_producer(&client)?,
-            topic: k.topic("dlq"),
-        });
-    }
+
     let push = PushRegistry::default();
     let sources: Vec<SourceRuntime> = config
         .sources
@@ -240,7 +243,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         views,
         push: push.clone(),
         routed: Mutex::new(routed),
-        restored_entities: restored.entities,
+        store_may_hold_rows: restored.entities > 0 || config.bus.kind == BusKind::Kafka,
         ready: false.into(),
         streams_stop: CancellationToken::new(),
     });
@@ -427,6 +430,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
+/// Connects the Kafka bus, the entities topic and the dead-letter topic,
+/// creating the topics that are missing.
+async fn connect_kafka(
+    k: &crate::config::KafkaConfig,
+    config: &Config,
+    views: &HashMap<String, HashMap<String, View>>,
+    dead_letters: &Arc<DeadLetters>,
+) -> Result<(KafkaBus, Option<Arc<EntityPublisher>>), crate::bus::BusError> {
+    let bus = KafkaBus::connect(
+        KafkaBusConfig::from_config(k, config.bus.partitions),
+        Some(dead_letters.clone()),
+    )
+    .await?;
+    tracing::info!(brokers = %k.brokers, topic = %k.topic("changes"), "kafka bus connected");
+    let publisher = if k.entities_topic {
+        Some(Arc::new(
+            EntityPublisher::connect(k, config, views, dead_letters.clone()).await?,
+        ))
+    } else {
+        None
+    };
+    if k.dlq_topic {
+        let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
+        crate::bus::kafka::ensure_topic(&client, &k.topic("dlq"), 1, k.replication, &[]).await?;
+        dead_letters.attach_topic(crate::telemetry::DlqTopic {
+            producer: crate::bus::kafka::durable_producer(&client)?,
+            topic: k.topic("dlq"),
+        });
+    }
+    Ok((bus, publisher))
+}
+
 /// The router task: routes each transaction, puts it on the bus, then
 /// publishes the new checkpoints (after the bus took the records, never before).
 #[tracing::instrument(skip_all)]
@@ -504,7 +539,7 @@ async fn supervise(
             dead_letters.clone(),
             stop.clone(),
         );
-        ctx.store_restored = fabric.restored_entities > 0;
+        ctx.store_may_hold_rows = fabric.store_may_hold_rows;
         let result = source.run(ctx).await;
         if stop.is_cancelled() {
             status.set_state("stopped");

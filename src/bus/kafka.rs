@@ -32,10 +32,11 @@ use futures::FutureExt;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use std::collections::BTreeMap;
@@ -80,6 +81,87 @@ impl KafkaBusConfig {
     }
 }
 
+/// Every client's context: librdkafka's logs and errors go to `tracing`,
+/// each kind at most once per [`QUIET_FOR`] per client with a count of the
+/// repeats left out. (A broker that is away makes every client report the
+/// same error several times a second.)
+#[derive(Default)]
+pub struct Quiet {
+    seen: parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+/// How long a repeated librdkafka message stays quiet.
+const QUIET_FOR: Duration = Duration::from_secs(10);
+
+impl Quiet {
+    /// Whether to log `key` now, and how many were left out since the last one.
+    fn allow(&self, key: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut seen = self.seen.lock();
+        match seen.get_mut(key) {
+            Some((at, skipped)) if now.duration_since(*at) < QUIET_FOR => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                let n = *skipped;
+                *at = now;
+                *skipped = 0;
+                Some(n)
+            }
+            None => {
+                seen.insert(key.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let Some(repeats) = self.allow(fac) else {
+            return;
+        };
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", facility = fac, repeats, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, repeats, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, repeats, "{message}")
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let key = format!("{:?}", error.rdkafka_error_code());
+        if let Some(repeats) = self.allow(&key) {
+            tracing::warn!(target: "librdkafka", %error, repeats, "{reason}");
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
+/// The clients the fabric uses, all with the [`Quiet`] context.
+pub type Producer = rdkafka::producer::FutureProducer<Quiet>;
+pub type StreamConsumer = rdkafka::consumer::StreamConsumer<Quiet>;
+pub type BaseConsumer = rdkafka::consumer::BaseConsumer<Quiet>;
+type AdminClient = rdkafka::admin::AdminClient<Quiet>;
+
+/// Creates a client of `config` with its own [`Quiet`] context.
+pub fn create<T: FromClientConfigAndContext<Quiet>>(
+    config: &ClientConfig,
+) -> rdkafka::error::KafkaResult<T> {
+    config.create_with_context(Quiet::default())
+}
+
 /// A librdkafka client config: the brokers plus the operator's properties.
 pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -92,7 +174,7 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
 
 /// An idempotent producer (`acks=all`) that retries a record until the
 /// broker takes it: nothing it was handed is dropped while the broker is away.
-pub fn durable_producer(client: &ClientConfig) -> Result<FutureProducer, BusError> {
+pub fn durable_producer(client: &ClientConfig) -> Result<Producer, BusError> {
     let mut c = client.clone();
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -100,7 +182,7 @@ pub fn durable_producer(client: &ClientConfig) -> Result<FutureProducer, BusErro
     if c.get("message.timeout.ms").is_none() && c.get("delivery.timeout.ms").is_none() {
         c.set("message.timeout.ms", "0");
     }
-    c.create().map_err(kafka("create a producer"))
+    create(&c).map_err(kafka("create a producer"))
 }
 
 /// Creates `topic` with `partitions` when it does not exist. An existing
@@ -113,8 +195,7 @@ pub async fn ensure_topic(
     replication: i32,
     configs: &[(&str, &str)],
 ) -> Result<(), BusError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client.create().map_err(kafka("create an admin client"))?;
+    let admin: AdminClient = create(client).map_err(kafka("create an admin client"))?;
     let mut new = NewTopic::new(
         topic,
         partitions as i32,
@@ -145,7 +226,7 @@ pub async fn ensure_topic(
     let client = client.clone();
     let name = topic.to_string();
     let have = tokio::task::spawn_blocking(move || -> Result<usize, BusError> {
-        let c: BaseConsumer = client.create().map_err(kafka("create a client"))?;
+        let c: BaseConsumer = create(&client).map_err(kafka("create a client"))?;
         let md = c
             .fetch_metadata(Some(&name), Duration::from_secs(30))
             .map_err(kafka("read topic metadata"))?;
@@ -157,13 +238,10 @@ pub async fn ensure_topic(
         reason: e.to_string(),
     })??;
     if have < partitions as usize {
-        return Err(BusError::Kafka {
-            operation: format!("use topic {topic}"),
-            reason: format!(
-                "it has {have} partitions and the fabric needs {partitions} (bus.partitions); \
-                 add partitions to the topic or use another topic_prefix"
-            ),
-        });
+        return Err(BusError::Mismatch(format!(
+            "topic {topic} has {have} partitions and the fabric needs {partitions} \
+             (bus.partitions): use another topic_prefix"
+        )));
     }
     Ok(())
 }
@@ -178,8 +256,9 @@ fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '
 pub struct KafkaBus {
     cfg: KafkaBusConfig,
     dead_letters: Option<Arc<DeadLetters>>,
-    producer: FutureProducer,
-    committer: BaseConsumer,
+    producer: Producer,
+    /// Commits offsets for monitoring; also reads watermarks.
+    committer: Arc<BaseConsumer>,
     ends: Vec<AtomicU64>,
     closed: Arc<AtomicBool>,
     close_tx: watch::Sender<bool>,
@@ -205,7 +284,7 @@ impl KafkaBus {
             .client()
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
-            .create()
+            .create_with_context(Quiet::default())
             .map_err(kafka("create the offset committer"))?;
         // Where each partition ends now, so offsets continue from there
         // (a blocking metadata call: on a blocking thread, with its own handle).
@@ -214,7 +293,7 @@ impl KafkaBus {
         let n = cfg.partitions;
         let highs =
             tokio::task::spawn_blocking(move || -> rdkafka::error::KafkaResult<Vec<i64>> {
-                let c: BaseConsumer = client.create()?;
+                let c: BaseConsumer = create(&client)?;
                 (0..n)
                     .map(|p| {
                         c.fetch_watermarks(&topic, p as i32, Duration::from_secs(30))
@@ -237,11 +316,27 @@ impl KafkaBus {
             cfg,
             dead_letters,
             producer,
-            committer,
+            committer: Arc::new(committer),
             ends,
             closed: Arc::new(AtomicBool::new(false)),
             close_tx,
         })
+    }
+
+    /// The partition's high watermark, asked of the broker.
+    async fn high_watermark(&self, partition: u32) -> Result<u64, BusError> {
+        let c = self.committer.clone();
+        let topic = self.cfg.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30))
+                .map(|(_, high)| high.max(0) as u64)
+        })
+        .await
+        .map_err(|e| BusError::Kafka {
+            operation: "read a watermark".into(),
+            reason: e.to_string(),
+        })?
+        .map_err(kafka("read a watermark"))
     }
 
     fn check(&self, partition: u32) -> Result<(), BusError> {
@@ -297,11 +392,35 @@ impl Bus for KafkaBus {
         });
         let results = futures::future::join_all(sends).await;
         let mut offsets = Vec::with_capacity(results.len());
-        for ((p, _, _), r) in encoded.iter().zip(results) {
+        let mut unknown = Vec::new();
+        for (i, ((p, _, _), r)) in encoded.iter().zip(results).enumerate() {
             let d = r.map_err(|(e, _)| kafka("produce")(e))?;
+            if d.offset < 0 {
+                // Delivered, but the answer was lost (the broker went away
+                // after writing it): the offset is not known.
+                unknown.push((i, *p));
+                offsets.push(Offset(0));
+                continue;
+            }
             let next = d.offset as u64 + 1;
             self.ends[*p as usize].fetch_max(next, Ordering::AcqRel);
             offsets.push(Offset(d.offset as u64));
+        }
+        // The partition's high watermark is past every record it took: the
+        // end moves there, and the record is reported just below it.
+        for (i, p) in unknown {
+            let high = loop {
+                match self.high_watermark(p).await {
+                    Ok(h) => break h,
+                    Err(e) if !self.closed.load(Ordering::Acquire) => {
+                        tracing::warn!(partition = p, error = %e, "cannot read the end of a partition; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            self.ends[p as usize].fetch_max(high, Ordering::AcqRel);
+            offsets[i] = Offset(high.saturating_sub(1));
         }
         Ok(offsets)
     }
@@ -321,7 +440,7 @@ impl Bus for KafkaBus {
             .set("fetch.wait.max.ms", "10")
             // An offset the broker no longer holds is an error, never a jump.
             .set("auto.offset.reset", "error")
-            .create()
+            .create_with_context(Quiet::default())
             .map_err(kafka("create a consumer"))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(
@@ -478,5 +597,41 @@ impl PartitionConsumer for KafkaConsumer {
             }
             return Ok(out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TLS and SASL are built in (OpenSSL vendored): clients accept the
+    /// properties operators pass through `[bus.kafka.properties]`.
+    #[test]
+    fn tls_and_sasl_properties_are_accepted() {
+        let props: BTreeMap<String, String> = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "fabric"),
+            ("sasl.password", "secret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let client = client_config("127.0.0.1:9", &props);
+        if let Err(e) = durable_producer(&client) {
+            panic!("a SASL_SSL producer could not be created: {e}");
+        }
+        let mut mtls = client_config("127.0.0.1:9", &BTreeMap::new());
+        mtls.set("security.protocol", "SSL")
+            .set("ssl.ca.location", "/nonexistent/ca.pem");
+        // With TLS built in, the error is about the missing file.
+        let err = match create::<BaseConsumer>(&mtls) {
+            Ok(_) => panic!("a missing CA file was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("ca.pem") || err.contains("ssl.ca.location"),
+            "{err}"
+        );
     }
 }

@@ -51,6 +51,9 @@ pub enum BusError {
     /// The broker refused or failed an operation; retrying may help.
     #[error("kafka: {operation}: {reason}")]
     Kafka { operation: String, reason: String },
+    /// The topics do not fit the config; retrying cannot help.
+    #[error("kafka: {0}")]
+    Mismatch(String),
 }
 
 /// A record read from the bus.

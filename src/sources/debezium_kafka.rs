@@ -30,11 +30,12 @@
 use super::debezium;
 use super::{Source, SourceContext, SourceError};
 use crate::bus::kafka::client_config;
+use crate::bus::kafka::{BaseConsumer, Quiet, StreamConsumer, create};
 use crate::config::{Config, SourceConfig};
 use crate::event::{Position, SourceTxn};
 use crate::telemetry::DeadInput;
 use async_trait::async_trait;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
@@ -82,7 +83,7 @@ impl DebeziumKafkaSource {
         let client = self.client.clone();
         let topics = self.topics.clone();
         let found = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, String> {
-            let c: BaseConsumer = client.create().map_err(|e| e.to_string())?;
+            let c: BaseConsumer = create(&client).map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             for t in &topics {
                 let md = c
@@ -153,7 +154,7 @@ impl Source for DebeziumKafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "error")
-            .create()
+            .create_with_context(Quiet::default())
             .map_err(|e| self.external("create a consumer", e))?;
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &parts {

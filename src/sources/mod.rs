@@ -123,11 +123,12 @@ pub struct SourceContext {
     pub status: Arc<SourceStatus>,
     pub dead_letters: Arc<DeadLetters>,
     pub shutdown: CancellationToken,
-    /// The store was restored from snapshots and may hold rows of this
-    /// source. A source that starts over (no checkpoint) into such a store
-    /// must clear its tables before its snapshot: rows deleted at the source
-    /// since would otherwise stay, since a snapshot reads only what exists.
-    pub store_restored: bool,
+    /// The store may hold rows of this source (restored from snapshots, or
+    /// replayed from a Kafka changes topic). A source that starts over (no
+    /// checkpoint) into such a store must clear its tables before its
+    /// snapshot: rows deleted at the source since would otherwise stay, since
+    /// a snapshot reads only what exists.
+    pub store_may_hold_rows: bool,
 }
 
 impl SourceContext {
@@ -148,7 +149,7 @@ impl SourceContext {
             status,
             dead_letters,
             shutdown,
-            store_restored: false,
+            store_may_hold_rows: false,
         }
     }
 
@@ -156,7 +157,7 @@ impl SourceContext {
     /// when it starts over from a checkpoint that cannot be resumed, or when
     /// it has no checkpoint but the restored store may hold its rows.
     pub fn snapshot_replaces(&self) -> bool {
-        self.resume.is_some() || self.store_restored
+        self.resume.is_some() || self.store_may_hold_rows
     }
 
     /// Hands one transaction to the router; waits when the pipeline is full.

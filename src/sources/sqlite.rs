@@ -274,7 +274,8 @@ impl SqliteSource {
                 self.snapshot(conn, catalog, ctx, true).await
             }
             None if self.initial_snapshot => {
-                self.snapshot(conn, catalog, ctx, ctx.store_restored).await
+                self.snapshot(conn, catalog, ctx, ctx.store_may_hold_rows)
+                    .await
             }
             None => Ok(Some(high)),
         }
@@ -836,7 +837,7 @@ mod tests {
         tables: &[&str],
         batch: usize,
         resume: Option<Position>,
-        store_restored: bool,
+        store_may_hold_rows: bool,
     ) -> Harness {
         let (tx, rx) = mpsc::channel(64);
         let (durable, durable_rx) = watch::channel(None);
@@ -855,7 +856,7 @@ mod tests {
             shutdown.clone(),
         );
         let ctx = SourceContext {
-            store_restored,
+            store_may_hold_rows,
             ..ctx
         };
         let task = tokio::spawn(Box::new(source(db, tables, batch).unwrap()).run(ctx));

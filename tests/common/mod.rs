@@ -187,6 +187,28 @@ impl FabricProcess {
 impl Drop for FabricProcess {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what the fabric said last.
+        if std::thread::panicking() {
+            let log = self.log_text();
+            // Backtrace frames say little here; the lines around them do.
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    let t = l.trim_start();
+                    !(t.starts_with("at ")
+                        || t.split(':')
+                            .next()
+                            .is_some_and(|n| n.parse::<u32>().is_ok()))
+                })
+                .rev()
+                .take(40)
+                .collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 }
 
@@ -501,4 +523,61 @@ pub async fn first_row_field(
     entity_fabric::view::value_from_proto(v)
         .ok()
         .map(|v| v.to_string())
+}
+
+/// Waits (up to `within`) until every customer entity equals the SQLite
+/// sources under `data`; returns how many were compared, or panics with the
+/// first mismatches and the fabric's log.
+pub async fn converge_within(fabric: &FabricProcess, data: &Path, within: Duration) -> usize {
+    let mut client = fabric.client().await;
+    let deadline = Instant::now() + within;
+    loop {
+        let (n, mismatches) = compare_all(&mut client, data).await;
+        if mismatches.is_empty() {
+            return n;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} mismatches after {within:?}, first ones:\n{}\nlog:\n{}",
+                mismatches.len(),
+                mismatches
+                    .iter()
+                    .take(20)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                fabric.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The demo workload against the SQLite sources under `data`, run by the
+/// test process (so killing the fabric does not stop it).
+pub struct Workload {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Workload {
+    pub fn start(data: &Path, per_second: f64) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let demo = data.join("demo");
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                entity_fabric::demo::mutate(&demo, per_second, stop)
+                    .await
+                    .unwrap()
+            }
+        });
+        Workload { stop, task }
+    }
+
+    /// Stops it; returns the transactions it committed.
+    pub async fn stop(self) -> u64 {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
 }
