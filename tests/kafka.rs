@@ -46,6 +46,55 @@ fn kafka_demo_config(
     path
 }
 
+/// A fabric on the demo config over the Kafka bus, serving and equal to
+/// its sources.
+struct KafkaDemo {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    data: PathBuf,
+    prefix: String,
+    fabric: FabricProcess,
+}
+
+/// Starts [`KafkaDemo`] with `customers`, topics `<name>_….*` on `brokers`,
+/// the entities topic `compacted` or not, and the config text passed
+/// through `edit` first. `dir` is the test's directory (a broker of the
+/// test's own may live in it), or a new one.
+async fn start_demo(
+    dir: Option<tempfile::TempDir>,
+    brokers: &str,
+    name: &str,
+    customers: u32,
+    compacted: bool,
+    edit: impl FnOnce(String) -> String,
+) -> KafkaDemo {
+    let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+    let prefix = unique(name);
+    let config = kafka_demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers,
+            snapshot_interval: "500ms",
+            ..Default::default()
+        },
+        brokers,
+        &prefix,
+        compacted,
+    );
+    std::fs::write(&config, edit(std::fs::read_to_string(&config).unwrap())).unwrap();
+    let data = dir.path().join("data");
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric-0.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    converge(&fabric, &data).await;
+    KafkaDemo {
+        dir,
+        config,
+        data,
+        prefix,
+        fabric,
+    }
+}
+
 async fn converge(fabric: &FabricProcess, data: &Path) -> usize {
     converge_within(fabric, data, CONVERGE).await
 }
@@ -306,23 +355,14 @@ async fn dlq_message(brokers: &str, topic: &str, key: &str) -> (Vec<u8>, HashMap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_bus_end_to_end_with_entities_topic_and_dlq() {
     let brokers = brokers();
-    let prefix = unique("e2e");
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_demo_config(
-        dir.path(),
-        &DemoSettings {
-            customers: 200,
-            snapshot_interval: "500ms",
-            ..Default::default()
-        },
-        &brokers,
-        &prefix,
-        false,
-    );
-    let data = dir.path().join("data");
-    let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric.log"));
-    fabric.wait_serving(Duration::from_secs(60)).await;
-    converge(&fabric, &data).await;
+    // `_dir` keeps the test directory (data, broker storage) until the end.
+    let KafkaDemo {
+        dir: _dir,
+        data,
+        prefix,
+        mut fabric,
+        ..
+    } = start_demo(None, &brokers, "e2e", 200, false, |t| t).await;
 
     // Something that is not a bus record, on the changes topic: dead-lettered,
     // and the pipeline goes on.
@@ -507,22 +547,14 @@ async fn broker_killed_and_restarted_mid_stream() {
     let port = free_port();
     let mut broker = Broker::start(&dir.path().join("broker"), port);
     let brokers = format!("127.0.0.1:{port}");
-    let prefix = unique("brk");
-    let config = kafka_demo_config(
-        dir.path(),
-        &DemoSettings {
-            customers: 200,
-            snapshot_interval: "500ms",
-            ..Default::default()
-        },
-        &brokers,
-        &prefix,
-        false,
-    );
-    let data = dir.path().join("data");
-    let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric.log"));
-    fabric.wait_serving(Duration::from_secs(60)).await;
-    converge(&fabric, &data).await;
+    // `_dir` keeps the test directory (data, broker storage) until the end.
+    let KafkaDemo {
+        dir: _dir,
+        data,
+        prefix,
+        mut fabric,
+        ..
+    } = start_demo(Some(dir), &brokers, "brk", 200, false, |t| t).await;
 
     let workload = Workload::start(&data, 80.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -659,12 +691,23 @@ async fn create_topics(brokers: &str, topics: &[&str]) {
         .iter()
         .map(|t| NewTopic::new(t, DBZ_PARTITIONS, TopicReplication::Fixed(1)))
         .collect();
-    for r in admin
-        .create_topics(new.iter(), &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        r.unwrap();
+    // The shared test broker can be slow under the other tests' load: a
+    // timed-out request is tried again (a topic it did create then exists).
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(60)));
+    for attempt in 1.. {
+        match admin.create_topics(new.iter(), &opts).await {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((t, e)) => panic!("cannot create topic {t}: {e}"),
+                    }
+                }
+                return;
+            }
+            Err(e) if attempt < 4 => eprintln!("create topics, attempt {attempt}: {e}; again"),
+            Err(e) => panic!("cannot create topics: {e}"),
+        }
     }
 }
 
@@ -830,26 +873,16 @@ async fn sigterm_with_the_broker_away_stops_and_loses_nothing() {
     let port = free_port();
     let mut broker = Broker::start(&dir.path().join("broker"), port);
     let brokers = format!("127.0.0.1:{port}");
-    let prefix = unique("term");
-    let config = kafka_demo_config(
-        dir.path(),
-        &DemoSettings {
-            customers: 100,
-            snapshot_interval: "500ms",
-            ..Default::default()
-        },
-        &brokers,
-        &prefix,
-        true,
-    );
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[server]\n", "[server]\nshutdown_timeout = \"2s\"\n");
-    std::fs::write(&config, text).unwrap();
-    let data = dir.path().join("data");
-    let mut fabric = FabricProcess::start(&config, &dir.path().join("fabric-0.log"));
-    fabric.wait_serving(Duration::from_secs(60)).await;
-    converge(&fabric, &data).await;
+    let KafkaDemo {
+        dir,
+        config,
+        data,
+        mut fabric,
+        ..
+    } = start_demo(Some(dir), &brokers, "term", 100, true, |t| {
+        t.replace("[server]\n", "[server]\nshutdown_timeout = \"2s\"\n")
+    })
+    .await;
 
     // The broker goes away while the sources change, so the router has
     // records it cannot hand on; a graceful stop must still end.
