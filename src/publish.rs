@@ -29,7 +29,6 @@ use crate::view::View;
 use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -93,7 +92,9 @@ impl EntityPublisher {
     /// out of order.
     pub async fn publish(&self, changes: &[Arc<EntityChange>]) -> Result<(), BusError> {
         let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
-        let sends = encoded.iter().map(|m| {
+        // Handed on one by one, in order; then their acknowledgements.
+        let mut deliveries = Vec::with_capacity(encoded.len());
+        for m in &encoded {
             let mut r = FutureRecord::to(&self.topic)
                 .partition(m.partition as i32)
                 .key(m.key.as_str())
@@ -101,9 +102,12 @@ impl EntityPublisher {
             if let Some(v) = &m.value {
                 r = r.payload(v.as_slice());
             }
-            self.producer.send(r, Timeout::Never)
-        });
-        let results = futures::future::join_all(sends).await;
+            deliveries.push(crate::bus::kafka::send_in_order(&self.producer, r).await?);
+        }
+        let mut results = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            results.push(d.await.map_err(|_| BusError::Closed)?);
+        }
         for ((c, m), r) in changes.iter().zip(&encoded).zip(results) {
             let Err((e, _)) = r else { continue };
             use rdkafka::types::RDKafkaErrorCode::*;

@@ -462,19 +462,57 @@ async fn connect_kafka(
     Ok((bus, publisher))
 }
 
-/// The router task: routes each transaction, puts it on the bus, then
-/// publishes the new checkpoints (after the bus took the records, never before).
+/// Transactions the router may have on their way to the bus at once.
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// What becomes true once a transaction's records are on the bus: the
+/// router's checkpoints after it, and the sender's notice.
+type Landed = (
+    Result<Vec<Offset>, crate::bus::BusError>,
+    BTreeMap<Arc<str>, Option<Position>>,
+    Option<tokio::sync::oneshot::Sender<()>>,
+);
+
+/// The router task: routes each transaction, hands its records to the bus,
+/// and publishes the checkpoints after it once the bus has them (never
+/// before). Up to [`MAX_IN_FLIGHT`] transactions are in flight at once, so
+/// a bus that acknowledges over the network (Kafka) is not waited for one
+/// transaction at a time; their acknowledgements are taken in order, so a
+/// published checkpoint never passes a record the bus has not acknowledged.
 #[tracing::instrument(skip_all)]
 async fn route_loop(
     mut router: Router,
     mut rx: mpsc::Receiver<TxnEnvelope>,
     f: Arc<Fabric>,
 ) -> Result<(), crate::bus::BusError> {
+    use futures::StreamExt;
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut in_flight: futures::stream::FuturesOrdered<
+        futures::future::BoxFuture<'static, Landed>,
+    > = futures::stream::FuturesOrdered::new();
+    let mut open = true;
     loop {
+        if !open && in_flight.is_empty() {
+            return Ok(());
+        }
         let env = tokio::select! {
-            env = rx.recv() => match env { Some(e) => e, None => return Ok(()) },
+            biased;
+            Some((acked, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
+                acked?;
+                *f.routed.lock() = checkpoints;
+                if let Some(tx) = on_routed {
+                    let _ = tx.send(());
+                }
+                continue;
+            }
+            env = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match env {
+                Some(e) => e,
+                None => {
+                    open = false;
+                    continue;
+                }
+            },
             _ = sweep.tick() => {
                 let dead = router.expire(std::time::Instant::now());
                 f.metrics.router_pending_expired.inc_by(dead.len() as u64);
@@ -482,7 +520,12 @@ async fn route_loop(
                     f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
                 }
                 f.metrics.router_pending.set(router.pending_len() as i64);
-                *f.routed.lock() = router.checkpoints();
+                let checkpoints = router.checkpoints();
+                if in_flight.is_empty() {
+                    *f.routed.lock() = checkpoints;
+                } else {
+                    in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, None) }));
+                }
                 continue;
             }
         };
@@ -491,14 +534,28 @@ async fn route_loop(
             f.dead_letters
                 .record(&d.source, &d.table, &d.reason, &d.raw);
         }
-        if !routed.records.is_empty() {
-            f.bus.produce(routed.records).await?;
-        }
-        *f.routed.lock() = router.checkpoints();
         f.metrics.router_pending.set(router.pending_len() as i64);
-        if let Some(tx) = env.on_routed {
-            let _ = tx.send(());
+        let checkpoints = router.checkpoints();
+        let on_routed = env.on_routed;
+        if routed.records.is_empty() && in_flight.is_empty() {
+            *f.routed.lock() = checkpoints;
+            if let Some(tx) = on_routed {
+                let _ = tx.send(());
+            }
+            continue;
         }
+        let acked = if routed.records.is_empty() {
+            None
+        } else {
+            Some(f.bus.enqueue(routed.records).await?)
+        };
+        in_flight.push_back(Box::pin(async move {
+            let result = match acked {
+                Some(a) => a.await,
+                None => Ok(Vec::new()),
+            };
+            (result, checkpoints, on_routed)
+        }));
     }
 }
 

@@ -23,7 +23,7 @@
 //! assigns every partition to itself and commits to its group for
 //! monitoring), which scale-out across processes needs.
 
-use super::{Bus, BusError, Delivered, Offset, PartitionConsumer};
+use super::{Acked, Bus, BusError, Delivered, Offset, PartitionConsumer};
 use crate::config::KafkaConfig;
 use crate::event::BusRecord;
 use crate::telemetry::{DeadInput, DeadLetters};
@@ -38,7 +38,6 @@ use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -246,6 +245,48 @@ pub async fn ensure_topic(
     Ok(())
 }
 
+/// Hands `record` to `producer`, waiting while its queue is full. Records
+/// handed on one after another keep their order (a full queue never lets a
+/// later one in first, as concurrent sends could).
+pub async fn send_in_order<'a>(
+    producer: &Producer,
+    mut record: FutureRecord<'a, str, [u8]>,
+) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(d) => return Ok(d),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                back,
+            )) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(kafka("produce")(e)),
+        }
+    }
+}
+
+/// A partition's high watermark, asked of the broker.
+async fn high_watermark(
+    c: &Arc<BaseConsumer>,
+    topic: &str,
+    partition: u32,
+) -> Result<u64, BusError> {
+    let c = c.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30))
+            .map(|(_, high)| high.max(0) as u64)
+    })
+    .await
+    .map_err(|e| BusError::Kafka {
+        operation: "read a watermark".into(),
+        reason: e.to_string(),
+    })?
+    .map_err(kafka("read a watermark"))
+}
+
 fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
     move |e| BusError::Kafka {
         operation: operation.to_string(),
@@ -259,7 +300,7 @@ pub struct KafkaBus {
     producer: Producer,
     /// Commits offsets for monitoring; also reads watermarks.
     committer: Arc<BaseConsumer>,
-    ends: Vec<AtomicU64>,
+    ends: Arc<Vec<AtomicU64>>,
     closed: Arc<AtomicBool>,
     close_tx: watch::Sender<bool>,
 }
@@ -307,10 +348,12 @@ impl KafkaBus {
                 reason: e.to_string(),
             })?
             .map_err(kafka("read watermarks"))?;
-        let ends = highs
-            .into_iter()
-            .map(|h| AtomicU64::new(h.max(0) as u64))
-            .collect();
+        let ends = Arc::new(
+            highs
+                .into_iter()
+                .map(|h| AtomicU64::new(h.max(0) as u64))
+                .collect(),
+        );
         let (close_tx, _) = watch::channel(false);
         Ok(KafkaBus {
             cfg,
@@ -321,22 +364,6 @@ impl KafkaBus {
             closed: Arc::new(AtomicBool::new(false)),
             close_tx,
         })
-    }
-
-    /// The partition's high watermark, asked of the broker.
-    async fn high_watermark(&self, partition: u32) -> Result<u64, BusError> {
-        let c = self.committer.clone();
-        let topic = self.cfg.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30))
-                .map(|(_, high)| high.max(0) as u64)
-        })
-        .await
-        .map_err(|e| BusError::Kafka {
-            operation: "read a watermark".into(),
-            reason: e.to_string(),
-        })?
-        .map_err(kafka("read a watermark"))
     }
 
     fn check(&self, partition: u32) -> Result<(), BusError> {
@@ -357,10 +384,16 @@ impl Bus for KafkaBus {
     }
 
     async fn produce(&self, records: Vec<(u32, BusRecord)>) -> Result<Vec<Offset>, BusError> {
+        self.enqueue(records).await?.await
+    }
+
+    /// Hands every record to the producer, strictly in order (waiting while
+    /// its queue is full), and returns the future of their acknowledgements.
+    async fn enqueue(&self, records: Vec<(u32, BusRecord)>) -> Result<Acked, BusError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
-        let mut encoded = Vec::with_capacity(records.len());
+        let mut deliveries = Vec::with_capacity(records.len());
         for (p, r) in &records {
             self.check(*p)?;
             let key = match r {
@@ -378,51 +411,57 @@ impl Bus for KafkaBus {
                 operation: "encode a record".into(),
                 reason: e.to_string(),
             })?;
-            encoded.push((*p, key, value));
-        }
-        // Enqueued in order (join_all polls in order), so per-partition order holds.
-        let sends = encoded.iter().map(|(p, key, value)| {
-            self.producer.send(
-                FutureRecord::to(&self.cfg.topic)
-                    .partition(*p as i32)
-                    .key(key.as_str())
-                    .payload(value.as_slice()),
-                Timeout::Never,
-            )
-        });
-        let results = futures::future::join_all(sends).await;
-        let mut offsets = Vec::with_capacity(results.len());
-        let mut unknown = Vec::new();
-        for (i, ((p, _, _), r)) in encoded.iter().zip(results).enumerate() {
-            let d = r.map_err(|(e, _)| kafka("produce")(e))?;
-            if d.offset < 0 {
-                // Delivered, but the answer was lost (the broker went away
-                // after writing it): the offset is not known.
-                unknown.push((i, *p));
-                offsets.push(Offset(0));
-                continue;
+            if self.closed.load(Ordering::Acquire) {
+                return Err(BusError::Closed);
             }
-            let next = d.offset as u64 + 1;
-            self.ends[*p as usize].fetch_max(next, Ordering::AcqRel);
-            offsets.push(Offset(d.offset as u64));
+            let record = FutureRecord::to(&self.cfg.topic)
+                .partition(*p as i32)
+                .key(key.as_str())
+                .payload(value.as_slice());
+            let delivery = send_in_order(&self.producer, record).await?;
+            deliveries.push((*p, delivery));
         }
-        // The partition's high watermark is past every record it took: the
-        // end moves there, and the record is reported just below it.
-        for (i, p) in unknown {
-            let high = loop {
-                match self.high_watermark(p).await {
-                    Ok(h) => break h,
-                    Err(e) if !self.closed.load(Ordering::Acquire) => {
-                        tracing::warn!(partition = p, error = %e, "cannot read the end of a partition; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => return Err(e),
+        let ends = self.ends.clone();
+        let committer = self.committer.clone();
+        let topic = self.cfg.topic.clone();
+        let closed = self.closed.clone();
+        Ok(Box::pin(async move {
+            let mut offsets = Vec::with_capacity(deliveries.len());
+            let mut unknown = Vec::new();
+            for (i, (p, d)) in deliveries.into_iter().enumerate() {
+                let offset = d
+                    .await
+                    .map_err(|_| BusError::Closed)?
+                    .map_err(|(e, _)| kafka("produce")(e))?
+                    .offset;
+                if offset < 0 {
+                    // Delivered, but the answer was lost (the broker went
+                    // away after writing it): the offset is not known.
+                    unknown.push((i, p));
+                    offsets.push(Offset(0));
+                    continue;
                 }
-            };
-            self.ends[p as usize].fetch_max(high, Ordering::AcqRel);
-            offsets[i] = Offset(high.saturating_sub(1));
-        }
-        Ok(offsets)
+                ends[p as usize].fetch_max(offset as u64 + 1, Ordering::AcqRel);
+                offsets.push(Offset(offset as u64));
+            }
+            // The partition's high watermark is past every record it took:
+            // the end moves there, and the record is reported just below it.
+            for (i, p) in unknown {
+                let high = loop {
+                    match high_watermark(&committer, &topic, p).await {
+                        Ok(h) => break h,
+                        Err(e) if !closed.load(Ordering::Acquire) => {
+                            tracing::warn!(partition = p, error = %e, "cannot read the end of a partition; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                ends[p as usize].fetch_max(high, Ordering::AcqRel);
+                offsets[i] = Offset(high.saturating_sub(1));
+            }
+            Ok(offsets)
+        }))
     }
 
     async fn consume(

@@ -56,6 +56,10 @@ pub enum BusError {
     Mismatch(String),
 }
 
+/// The acknowledgement of records handed to [`Bus::enqueue`].
+pub type Acked =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Offset>, BusError>> + Send>>;
+
 /// A record read from the bus.
 #[derive(Debug, Clone)]
 pub struct Delivered {
@@ -79,6 +83,15 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends each record to its partition, in the order given; returns
     /// their offsets once appended. May wait (backpressure).
     async fn produce(&self, records: Vec<(u32, BusRecord)>) -> Result<Vec<Offset>, BusError>;
+
+    /// Starts appending `records` (in order, after every record of earlier
+    /// calls) and returns once they are handed on, with a future that
+    /// resolves to their offsets once appended. Lets a producer keep many
+    /// batches in flight while their order holds.
+    async fn enqueue(&self, records: Vec<(u32, BusRecord)>) -> Result<Acked, BusError> {
+        let result = self.produce(records).await;
+        Ok(Box::pin(async move { result }))
+    }
 
     /// Reads `partition` from offset `from` on.
     async fn consume(
