@@ -92,8 +92,9 @@ impl EntityPublisher {
     /// out of order.
     pub async fn publish(&self, changes: &[Arc<EntityChange>]) -> Result<(), BusError> {
         let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
-        // Handed on one by one, in order; then their acknowledgements.
-        let mut deliveries = Vec::with_capacity(encoded.len());
+        // Handed on one by one, in order; then their acknowledgements. A
+        // refusal at hand-over (too large) is judged like one at delivery.
+        let mut handed = Vec::with_capacity(encoded.len());
         for m in &encoded {
             let mut r = FutureRecord::to(&self.topic)
                 .partition(m.partition as i32)
@@ -102,14 +103,21 @@ impl EntityPublisher {
             if let Some(v) = &m.value {
                 r = r.payload(v.as_slice());
             }
-            deliveries.push(crate::bus::kafka::send_in_order(&self.producer, r).await?);
+            handed.push(crate::bus::kafka::send_in_order(&self.producer, r).await);
         }
-        let mut results = Vec::with_capacity(deliveries.len());
-        for d in deliveries {
-            results.push(d.await.map_err(|_| BusError::Closed)?);
+        let mut results: Vec<Result<(), rdkafka::error::KafkaError>> =
+            Vec::with_capacity(handed.len());
+        for h in handed {
+            results.push(match h {
+                Ok(d) => match d.await {
+                    Ok(r) => r.map(|_| ()).map_err(|(e, _)| e),
+                    Err(_) => return Err(BusError::Closed),
+                },
+                Err(e) => Err(e),
+            });
         }
         for ((c, m), r) in changes.iter().zip(&encoded).zip(results) {
-            let Err((e, _)) = r else { continue };
+            let Err(e) = r else { continue };
             use rdkafka::types::RDKafkaErrorCode::*;
             match e.rdkafka_error_code() {
                 Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | InvalidMessage) => {

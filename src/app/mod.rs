@@ -492,7 +492,11 @@ async fn route_loop(
         futures::future::BoxFuture<'static, Landed>,
     > = futures::stream::FuturesOrdered::new();
     let mut open = true;
+    let mut marker_last = false;
     loop {
+        if in_flight.is_empty() {
+            marker_last = false;
+        }
         if !open && in_flight.is_empty() {
             return Ok(());
         }
@@ -500,9 +504,29 @@ async fn route_loop(
             biased;
             Some((acked, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
                 acked?;
-                *f.routed.lock() = checkpoints;
+                publish_checkpoints(&f, checkpoints);
                 if let Some(tx) = on_routed {
                     let _ = tx.send(());
+                }
+                continue;
+            }
+            // Before new transactions, or a steady stream of them would
+            // starve it (and links would never time out).
+            _ = sweep.tick() => {
+                let dead = router.expire(std::time::Instant::now());
+                f.metrics.router_pending_expired.inc_by(dead.len() as u64);
+                for d in dead {
+                    f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
+                }
+                f.metrics.router_pending.set(router.pending_len() as i64);
+                let checkpoints = router.checkpoints();
+                if in_flight.is_empty() {
+                    publish_checkpoints(&f, checkpoints);
+                } else if !marker_last {
+                    // Queued behind what is in flight; one marker at a time
+                    // (the next transaction or tick brings newer ones).
+                    in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, None) }));
+                    marker_last = true;
                 }
                 continue;
             }
@@ -513,21 +537,6 @@ async fn route_loop(
                     continue;
                 }
             },
-            _ = sweep.tick() => {
-                let dead = router.expire(std::time::Instant::now());
-                f.metrics.router_pending_expired.inc_by(dead.len() as u64);
-                for d in dead {
-                    f.dead_letters.record(&d.source, &d.table, &d.reason, &d.raw);
-                }
-                f.metrics.router_pending.set(router.pending_len() as i64);
-                let checkpoints = router.checkpoints();
-                if in_flight.is_empty() {
-                    *f.routed.lock() = checkpoints;
-                } else {
-                    in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, None) }));
-                }
-                continue;
-            }
         };
         let routed = router.route(&env.txn);
         for d in &routed.dead {
@@ -538,7 +547,7 @@ async fn route_loop(
         let checkpoints = router.checkpoints();
         let on_routed = env.on_routed;
         if routed.records.is_empty() && in_flight.is_empty() {
-            *f.routed.lock() = checkpoints;
+            publish_checkpoints(&f, checkpoints);
             if let Some(tx) = on_routed {
                 let _ = tx.send(());
             }
@@ -549,6 +558,7 @@ async fn route_loop(
         } else {
             Some(f.bus.enqueue(routed.records).await?)
         };
+        marker_last = false;
         in_flight.push_back(Box::pin(async move {
             let result = match acked {
                 Some(a) => a.await,
@@ -556,6 +566,23 @@ async fn route_loop(
             };
             (result, checkpoints, on_routed)
         }));
+    }
+}
+
+/// Makes `checkpoints` the routed checkpoints, never moving a source back:
+/// a source that restarted re-sends from an older position, and the
+/// checkpoints of those re-sent transactions are not news.
+fn publish_checkpoints(f: &Fabric, checkpoints: BTreeMap<Arc<str>, Option<Position>>) {
+    let mut routed = f.routed.lock();
+    for (source, new) in checkpoints {
+        let keep_old = match (routed.get(&source), &new) {
+            (Some(Some(old)), Some(new)) => new < old,
+            (Some(Some(_)), None) => true,
+            _ => false,
+        };
+        if !keep_old {
+            routed.insert(source, new);
+        }
     }
 }
 

@@ -181,6 +181,11 @@ pub fn durable_producer(client: &ClientConfig) -> Result<Producer, BusError> {
     if c.get("message.timeout.ms").is_none() && c.get("delivery.timeout.ms").is_none() {
         c.set("message.timeout.ms", "0");
     }
+    // With a finite timeout set by the operator, a record that times out
+    // must not leave a gap that later records pass: fail instead.
+    if c.get("enable.gapless.guarantee").is_none() {
+        c.set("enable.gapless.guarantee", "true");
+    }
     create(&c).map_err(kafka("create a producer"))
 }
 
@@ -251,7 +256,7 @@ pub async fn ensure_topic(
 pub async fn send_in_order<'a>(
     producer: &Producer,
     mut record: FutureRecord<'a, str, [u8]>,
-) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
+) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError> {
     loop {
         match producer.send_result(record) {
             Ok(d) => return Ok(d),
@@ -262,7 +267,7 @@ pub async fn send_in_order<'a>(
                 record = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err((e, _)) => return Err(kafka("produce")(e)),
+            Err((e, _)) => return Err(e),
         }
     }
 }
@@ -418,7 +423,9 @@ impl Bus for KafkaBus {
                 .partition(*p as i32)
                 .key(key.as_str())
                 .payload(value.as_slice());
-            let delivery = send_in_order(&self.producer, record).await?;
+            let delivery = send_in_order(&self.producer, record)
+                .await
+                .map_err(kafka("produce"))?;
             deliveries.push((*p, delivery));
         }
         let ends = self.ends.clone();
