@@ -196,6 +196,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             None,
         ),
     };
+    // librdkafka's destructors wait for the broker (a commit in flight, a
+    // consumer leaving, undelivered messages): with the broker away, the
+    // process would hang after `run` returns. They are never destroyed: the
+    // process is ending, its OS reclaims them.
+    let _never_destroyed = NeverDestroyed(vec![
+        Box::new(bus.clone()),
+        Box::new(publisher.clone()),
+        Box::new(dead_letters.clone()),
+    ]);
     // Where each applier starts. A Kafka topic outlives the process: with no
     // snapshot of this partition count, its history must not be replayed
     // into the store (the sources start over and send what it holds now),
@@ -566,6 +575,17 @@ async fn route_loop(
             };
             (result, checkpoints, on_routed)
         }));
+    }
+}
+
+/// Values forgotten instead of dropped when this guard goes (see its use).
+struct NeverDestroyed(Vec<Box<dyn std::any::Any + Send>>);
+
+impl Drop for NeverDestroyed {
+    fn drop(&mut self) {
+        for v in self.0.drain(..) {
+            std::mem::forget(v);
+        }
     }
 }
 
