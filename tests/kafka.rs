@@ -302,6 +302,27 @@ fn all_grpc_versions_seen(
     }
 }
 
+/// Reads `<prefix>.entities` until it holds every version gRPC serves
+/// through `view`, then asserts each key's last message is what gRPC serves
+/// (see [`topic_matches_grpc`]); returns the keys compared and the topic.
+async fn entities_topic_equals_grpc(
+    brokers: &str,
+    prefix: &str,
+    fabric: &FabricProcess,
+    view: &str,
+    within: Duration,
+) -> (usize, BTreeMap<String, Vec<EntityMsg>>) {
+    let grpc = grpc_customers(fabric, view).await;
+    let topic = read_entities(
+        brokers,
+        &format!("{prefix}.entities"),
+        within,
+        all_grpc_versions_seen(&grpc),
+    )
+    .await;
+    (topic_matches_grpc(&topic, &grpc), topic)
+}
+
 async fn produce(brokers: &str, topic: &str, partition: i32, key: &str, value: &[u8]) {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -392,15 +413,8 @@ async fn kafka_bus_end_to_end_with_entities_topic_and_dlq() {
     );
 
     // An independent consumer of the entities topic sees what gRPC serves.
-    let grpc = grpc_customers(&fabric, "").await;
-    let topic = read_entities(
-        &brokers,
-        &format!("{prefix}.entities"),
-        Duration::from_secs(60),
-        all_grpc_versions_seen(&grpc),
-    )
-    .await;
-    let keys = topic_matches_grpc(&topic, &grpc);
+    let (keys, topic) =
+        entities_topic_equals_grpc(&brokers, &prefix, &fabric, "", Duration::from_secs(60)).await;
     assert_versions_step_by_one(&topic, false);
     let messages: usize = topic.values().map(Vec::len).sum();
     println!(
@@ -451,15 +465,14 @@ async fn sigkill_on_the_kafka_bus_loses_nothing() {
 
     // At least once: the newest message of every key is what gRPC serves
     // through the same view.
-    let grpc = grpc_customers(&fabric, "support").await;
-    let topic = read_entities(
+    let (_, topic) = entities_topic_equals_grpc(
         &brokers,
-        &format!("{prefix}.entities"),
+        &prefix,
+        &fabric,
+        "support",
         Duration::from_secs(60),
-        all_grpc_versions_seen(&grpc),
     )
     .await;
-    topic_matches_grpc(&topic, &grpc);
     for msgs in topic.values() {
         if let Some(doc) = msgs.last().and_then(|m| m.doc.as_ref()) {
             assert_eq!(doc["view"], "support");
@@ -567,15 +580,8 @@ async fn broker_killed_and_restarted_mid_stream() {
 
     // Caught up by itself, with no restart of the fabric.
     let compared = converge(&fabric, &data).await;
-    let grpc = grpc_customers(&fabric, "").await;
-    let topic = read_entities(
-        &brokers,
-        &format!("{prefix}.entities"),
-        Duration::from_secs(90),
-        all_grpc_versions_seen(&grpc),
-    )
-    .await;
-    topic_matches_grpc(&topic, &grpc);
+    let (_, topic) =
+        entities_topic_equals_grpc(&brokers, &prefix, &fabric, "", Duration::from_secs(90)).await;
     // Not a version lost or out of order on the entities topic either. A
     // message may be repeated: tansu does not keep the idempotent producer's
     // state across a SIGKILL, so a batch in flight at the kill is written

@@ -332,43 +332,38 @@ impl KafkaBus {
             .set("enable.auto.commit", "false")
             .create_with_context(Quiet::default())
             .map_err(kafka("create the offset committer"))?;
-        // Where each partition ends now, so offsets continue from there
-        // (a blocking metadata call: on a blocking thread, with its own handle).
-        let client = cfg.client();
-        let topic = cfg.topic.clone();
-        let n = cfg.partitions;
-        let highs =
-            tokio::task::spawn_blocking(move || -> rdkafka::error::KafkaResult<Vec<i64>> {
-                let c: BaseConsumer = create(&client)?;
-                (0..n)
-                    .map(|p| {
-                        c.fetch_watermarks(&topic, p as i32, Duration::from_secs(30))
-                            .map(|(_, high)| high)
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(|e| BusError::Kafka {
-                operation: "read watermarks".into(),
-                reason: e.to_string(),
-            })?
-            .map_err(kafka("read watermarks"))?;
-        let ends = Arc::new(
-            highs
-                .into_iter()
-                .map(|h| AtomicU64::new(h.max(0) as u64))
-                .collect(),
-        );
+        // Where each partition ends now, so offsets continue from there.
+        let committer = Arc::new(committer);
+        let mut highs = Vec::with_capacity(cfg.partitions as usize);
+        for p in 0..cfg.partitions {
+            highs.push(high_watermark(&committer, &cfg.topic, p).await?);
+        }
+        let ends = Arc::new(highs.into_iter().map(AtomicU64::new).collect());
         let (close_tx, _) = watch::channel(false);
         Ok(KafkaBus {
             cfg,
             dead_letters,
             producer,
-            committer: Arc::new(committer),
+            committer,
             ends,
             closed: Arc::new(AtomicBool::new(false)),
             close_tx,
         })
+    }
+
+    /// The changes topic's `partition` at `offset`, as librdkafka takes it.
+    fn at(
+        &self,
+        partition: u32,
+        offset: Offset,
+    ) -> rdkafka::error::KafkaResult<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.cfg.topic,
+            partition as i32,
+            rdkafka::Offset::Offset(offset.0 as i64),
+        )?;
+        Ok(tpl)
     }
 
     fn check(&self, partition: u32) -> Result<(), BusError> {
@@ -488,13 +483,7 @@ impl Bus for KafkaBus {
             .set("auto.offset.reset", "error")
             .create_with_context(Quiet::default())
             .map_err(kafka("create a consumer"))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &self.cfg.topic,
-            partition as i32,
-            rdkafka::Offset::Offset(from.0 as i64),
-        )
-        .map_err(kafka("assign"))?;
+        let tpl = self.at(partition, from).map_err(kafka("assign"))?;
         consumer.assign(&tpl).map_err(kafka("assign"))?;
         Ok(Box::new(KafkaConsumer {
             partition,
@@ -514,13 +503,7 @@ impl Bus for KafkaBus {
 
     async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError> {
         self.check(partition)?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &self.cfg.topic,
-            partition as i32,
-            rdkafka::Offset::Offset(offset.0 as i64),
-        )
-        .map_err(kafka("commit"))?;
+        let tpl = self.at(partition, offset).map_err(kafka("commit"))?;
         self.committer
             .commit(&tpl, CommitMode::Async)
             .map_err(kafka("commit"))
