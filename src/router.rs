@@ -154,6 +154,26 @@ impl Router {
 
     /// Rebuilds the link index from restored micro-DBs.
     pub fn learn_links_from(&mut self, store: &Store) {
+        let mut all = Vec::new();
+        store.for_each(|e| all.push(e.clone()));
+        self.learn_links(&all);
+    }
+
+    /// A source starts (again) from `position`: its checkpoint starts there.
+    pub fn resume(&mut self, source: &Arc<str>, position: Option<Position>) {
+        match position {
+            Some(p) => {
+                self.routed.insert(source.clone(), p);
+            }
+            None => {
+                self.routed.remove(source);
+            }
+        }
+    }
+
+    /// Learns the links the given entities hold (a partition restored
+    /// after the group assigned it).
+    pub fn learn_links(&mut self, entities: &[Arc<crate::store::Entity>]) {
         let targets: Vec<(Arc<str>, Arc<str>)> = self
             .routes
             .values()
@@ -161,7 +181,10 @@ impl Router {
             .filter(|r| r.is_link_target)
             .map(|r| (r.entity_type.clone(), r.table.clone()))
             .collect();
-        store.for_each(|e| {
+        if targets.is_empty() {
+            return;
+        }
+        for e in entities {
             for (ty, table) in &targets {
                 if *e.key.entity_type != **ty {
                     continue;
@@ -175,7 +198,7 @@ impl Router {
                     }
                 }
             }
-        });
+        }
     }
 
     /// Changes waiting for a link.

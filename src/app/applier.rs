@@ -13,8 +13,9 @@ use crate::telemetry::Metrics;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// What a snapshot of one partition captures.
 pub struct Capture {
@@ -36,6 +37,21 @@ pub struct PartitionState {
     pub applied: AtomicU64,
     /// The offset the last snapshot reflects.
     pub snapshot: AtomicU64,
+    /// This process owns the partition (always, on the embedded bus; on
+    /// Kafka, while the group assigns it here).
+    pub owned: AtomicBool,
+    /// Reads are served once `applied` reaches this: the end of the log
+    /// when the partition was assigned, so a partition being rebuilt never
+    /// answers with old versions as if they were current.
+    pub ready_at: AtomicU64,
+}
+
+impl PartitionState {
+    /// Owned and caught up with the log as it was when assigned.
+    pub fn serving(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
+            && self.applied.load(Ordering::Acquire) >= self.ready_at.load(Ordering::Acquire)
+    }
 }
 
 const BATCH: usize = 1024;
@@ -51,10 +67,17 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     /// In Kafka mode, the entities topic.
     pub publisher: Option<Arc<EntityPublisher>>,
+    /// Stops the applier between batches (its partition is handed over).
+    pub stop: CancellationToken,
 }
 
+/// Applies the partition until the bus closes or `stop` fires; returns the
+/// offset of the next record not applied.
 #[tracing::instrument(skip_all, fields(partition = a.partition))]
-pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Result<(), BusError> {
+pub async fn run(
+    a: Applier,
+    mut requests: mpsc::Receiver<CaptureRequest>,
+) -> Result<Offset, BusError> {
     let Applier {
         partition,
         from,
@@ -63,6 +86,7 @@ pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Re
         state,
         metrics,
         publisher,
+        stop,
     } = a;
     let mut consumer = bus.consume(partition, from).await?;
     let mut next = from;
@@ -88,6 +112,7 @@ pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Re
         }
         tokio::select! {
             biased;
+            _ = stop.cancelled() => return Ok(next),
             req = requests.recv(), if requests_open => match req {
                 Some(r) => waiting.push(r),
                 None => requests_open = false,
@@ -96,7 +121,7 @@ pub async fn run(a: Applier, mut requests: mpsc::Receiver<CaptureRequest>) -> Re
                 let batch = batch?;
                 if batch.is_empty() {
                     // The bus is closed: answer what can be answered and stop.
-                    return Ok(());
+                    return Ok(next);
                 }
                 for d in batch {
                     debug_assert_eq!(d.offset, next, "bus offsets must be dense");

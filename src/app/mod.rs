@@ -12,10 +12,13 @@
 //! from the last acknowledged checkpoint and apply is idempotent.
 
 pub mod applier;
+pub mod checkpoints;
+pub mod cluster;
 pub mod snapshots;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::kafka::{KafkaBus, KafkaBusConfig};
+use crate::bus::group::GroupEvent;
 use crate::bus::{Bus, Offset};
 use crate::config::{BusKind, Config, SourceKind};
 use crate::event::Position;
@@ -115,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let partitions = config.bus.partitions;
+    let kafka_mode = config.bus.kind == BusKind::Kafka;
     let entity_types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
     let store = Arc::new(Store::new(
         partitions,
@@ -137,12 +141,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
-    // Restore.
+    // Restore. On Kafka, partitions are restored one by one as the group
+    // assigns them, and sources resume from the checkpoints topic.
     let snap_dir = config.resolve(&config.snapshot.dir);
     let restored = {
         let store = store.clone();
         let dir = snap_dir.clone();
-        tokio::task::spawn_blocking(move || snapshots::restore(&dir, &store, partitions)).await??
+        if kafka_mode {
+            tokio::task::spawn_blocking(move || snapshots::next_round(&dir, partitions)).await??
+        } else {
+            tokio::task::spawn_blocking(move || snapshots::restore(&dir, &store, partitions))
+                .await??
+        }
     };
     let mut router = Router::new(&config, partitions, &restored.checkpoints);
     router.learn_links_from(&store);
@@ -152,10 +162,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .iter()
         .map(|e| (e.name.clone(), View::compile_all(e)))
         .collect();
-    let (bus, publisher): (Arc<dyn Bus>, Option<Arc<EntityPublisher>>) = match (
-        config.bus.kind,
-        &config.bus.kafka,
-    ) {
+    let (bus, kafka): (Arc<dyn Bus>, Option<KafkaParts>) = match (config.bus.kind, &config.bus.kafka)
+    {
         (BusKind::Kafka, Some(k)) => {
             // The broker may come up after the fabric (or be restarting):
             // wait for it, saying so, until it answers or shutdown comes.
@@ -168,7 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let failure = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     r = attempt => match r {
-                        Ok(Ok((bus, publisher))) => break (Arc::new(bus) as Arc<dyn Bus>, publisher),
+                        Ok(Ok(parts)) => break (parts.bus.clone() as Arc<dyn Bus>, Some(parts)),
                         Ok(Err(crate::bus::BusError::Mismatch(m))) => anyhow::bail!("{m}"),
                         Ok(Err(e)) => e.to_string(),
                         Err(_) => "no answer within 10s".to_string(),
@@ -196,6 +204,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             None,
         ),
     };
+    let publisher = kafka.as_ref().and_then(|k| k.publisher.clone());
     // librdkafka's destructors wait for the broker (a commit in flight, a
     // consumer leaving, undelivered messages): with the broker away, the
     // process would hang after `run` returns. They are never destroyed: the
@@ -204,18 +213,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Box::new(bus.clone()),
         Box::new(publisher.clone()),
         Box::new(dead_letters.clone()),
+        Box::new(kafka.as_ref().map(|k| k.checkpoints.clone())),
     ]);
-    // Where each applier starts. A Kafka topic outlives the process: with no
-    // snapshot of this partition count, its history must not be replayed
-    // into the store (the sources start over and send what it holds now),
-    // so the appliers start at the end the topic has now.
-    let mut restored = restored;
-    if config.bus.kind == BusKind::Kafka && !restored.offsets_restored {
-        for p in 0..partitions {
-            restored.offsets[p as usize] = bus.end_offset(p).0;
-        }
-        tracing::info!(offsets = ?restored.offsets, "no snapshot offsets for this partition count: reading the changes topic from its end");
-    }
 
     let push = PushRegistry::default();
     let sources: Vec<SourceRuntime> = config
@@ -246,64 +245,72 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 Arc::new(PartitionState {
                     applied: restored.offsets[p as usize].into(),
                     snapshot: restored.offsets[p as usize].into(),
+                    owned: false.into(),
+                    ready_at: 0.into(),
                 })
             })
             .collect(),
         views,
         push: push.clone(),
         routed: Mutex::new(routed),
-        store_may_hold_rows: restored.entities > 0 || config.bus.kind == BusKind::Kafka,
+        store_may_hold_rows: restored.entities > 0 || kafka_mode,
         ready: false.into(),
         streams_stop: CancellationToken::new(),
     });
 
-    let mut appliers = JoinSet::new();
-    let mut capture_tx = Vec::new();
-    for p in 0..partitions {
-        let (tx, rx) = mpsc::channel(4);
-        capture_tx.push(tx);
-        appliers.spawn(applier::run(
-            applier::Applier {
-                partition: p,
-                from: Offset(restored.offsets[p as usize]),
-                bus: bus.clone(),
-                store: store.clone(),
-                state: fabric.partitions[p as usize].clone(),
-                metrics: metrics.clone(),
-                publisher: publisher.clone(),
-            },
-            rx,
-        ));
-    }
-
     // Router.
     let (txn_tx, txn_rx) = mpsc::channel::<TxnEnvelope>(1024);
-    let mut router_task = tokio::spawn(route_loop(router, txn_rx, fabric.clone()));
+    let (router_ctl, router_ctl_rx) = mpsc::unbounded_channel();
+    let mut router_task = tokio::spawn(route_loop(router, txn_rx, router_ctl_rx, fabric.clone()));
     let mut router_done = false;
 
-    // Sources.
-    let sources_stop = CancellationToken::new();
-    let mut source_tasks = JoinSet::new();
-    for (i, cfg) in config.sources.iter().enumerate() {
-        let src = &fabric.sources[i];
-        let resume = restored.checkpoints.get(&cfg.name).cloned();
-        source_tasks.spawn(supervise(
-            cfg.clone(),
-            config.clone(),
-            push.clone(),
-            resume,
-            txn_tx.clone(),
-            src.durable.subscribe(),
-            src.status.clone(),
-            dead_letters.clone(),
-            sources_stop.clone(),
-            fabric.clone(),
-        ));
-    }
-    drop(txn_tx);
+    // Appliers and snapshots.
+    let mut snapshotter = snapshots::Snapshotter {
+        fabric: fabric.clone(),
+        requests: (0..partitions).map(|_| None).collect(),
+        next_round: restored.next_round,
+        written: VecDeque::new(),
+        acknowledges: !kafka_mode,
+    };
+    let (mut owned_partitions, mut applier_failures) =
+        cluster::Partitions::new(fabric.clone(), publisher.clone(), router_ctl.clone());
+    let mut owned_sources = cluster::Sources::new(fabric.clone(), push.clone(), txn_tx, router_ctl);
+    let mut side = JoinSet::new();
+    let (mut partition_events, mut source_events) = match &kafka {
+        None => {
+            for p in 0..partitions {
+                owned_partitions.start(&mut snapshotter, p, Offset(restored.offsets[p as usize]));
+            }
+            for i in 0..config.sources.len() {
+                let resume = restored.checkpoints.get(&config.sources[i].name).cloned();
+                owned_sources.start(i, resume);
+            }
+            owned_sources.no_more_starts();
+            (None, None)
+        }
+        Some(k) => {
+            let kc = config.bus.kafka.as_ref().expect("kafka mode");
+            let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+            owned_sources.checkpoints = Some(k.checkpoints.clone());
+            owned_sources.writer = Some(flush_tx);
+            side.spawn(cluster::checkpoint_writer(
+                fabric.clone(),
+                k.checkpoints.clone(),
+                owned_sources.owned.clone(),
+                flush_rx,
+                fabric.streams_stop.clone(),
+            ));
+            let partition_events = k
+                .bus
+                .join_group(kc.session_timeout(), kc.hand_over_timeout())?;
+            let source_events = k.sources_group(kc)?;
+            tracing::info!(group = %kc.group_id(), "joined the consumer groups; waiting for assignments");
+            (Some(partition_events), Some(source_events))
+        }
+    };
 
     // Demo mutator.
-    let mut side = JoinSet::new();
+    let sources_stop = owned_sources.stop.clone();
     if let Some(demo) = config.demo.clone()
         && demo.mutations_per_second > 0.0
     {
@@ -351,19 +358,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "fabric running"
     );
 
-    // Snapshot timer.
-    let mut snapshotter = snapshots::Snapshotter {
-        fabric: fabric.clone(),
-        requests: capture_tx,
-        next_round: restored.next_round,
-        written: VecDeque::new(),
-    };
+    // Snapshot timer and ownership changes.
     let mut tick = tokio::time::interval(config.snapshot_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(ev) = recv_event(&mut partition_events) => match ev {
+                GroupEvent::Assigned(owned) => {
+                    // Restoring waits for the broker: shutdown must not wait behind it.
+                    tokio::select! {
+                        r = owned_partitions.assigned(&mut snapshotter, &owned) => r?,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                GroupEvent::Revoked { partitions, done } => {
+                    owned_partitions.revoked(&mut snapshotter, &partitions).await;
+                    let _ = done.send(());
+                }
+            },
+            Some(ev) = recv_event(&mut source_events) => match ev {
+                GroupEvent::Assigned(owned) => {
+                    tokio::select! {
+                        r = owned_sources.assigned(&owned) => r?,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                GroupEvent::Revoked { partitions, done } => {
+                    owned_sources.revoked(&partitions).await;
+                    let _ = done.send(());
+                }
+            },
             _ = tick.tick() => {
                 // A round waits for the appliers, which may wait for a broker
                 // that is away: shutdown must not wait behind it.
@@ -383,25 +409,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err(e) => anyhow::bail!("the router panicked: {e}"),
                 }
             }
-            Some(res) = appliers.join_next() => {
-                match res {
-                    Ok(Ok(())) => anyhow::bail!("an applier stopped unexpectedly"),
-                    Ok(Err(e)) => anyhow::bail!("an applier failed: {e}"),
-                    Err(e) => anyhow::bail!("an applier panicked: {e}"),
-                }
+            Some((p, e)) = applier_failures.recv() => {
+                anyhow::bail!("the applier of partition {p} failed: {e}");
             }
         }
     }
 
     tracing::info!("shutting down: stopping sources");
     crate::grpc::set_serving(&health_reporter, false).await;
-    sources_stop.cancel();
+    // No more hand-overs: a revoke from now on is answered by leaving.
+    drop(partition_events.take());
+    drop(source_events.take());
     // Drain and take the final snapshot, within `server.shutdown_timeout`:
     // with the broker away this could wait for ever, and stopping without
     // a final snapshot loses nothing (the next start replays from the last one).
     let grace = config.shutdown_timeout();
     let drained = tokio::time::timeout(grace, async {
-        while source_tasks.join_next().await.is_some() {}
+        owned_sources.stop_all().await;
         if !router_done {
             match (&mut router_task).await {
                 Ok(Ok(())) => {}
@@ -421,17 +445,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "could not drain and snapshot within server.shutdown_timeout (is the broker away?); \
              stopping without a final snapshot: the next start resumes from the previous one"
         );
-        source_tasks.abort_all();
         router_task.abort();
     }
     bus.close();
-    if tokio::time::timeout(Duration::from_secs(5), async {
-        while appliers.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        appliers.abort_all();
+    owned_partitions.stop_all(Duration::from_secs(5)).await;
+    if let Some(k) = &kafka {
+        // Leaving at once lets the others take over without waiting for
+        // the session to time out; the checkpoint writer had its last word.
+        let k2 = k.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::task::spawn_blocking(move || {
+                k2.bus.leave_group();
+                k2.leave_sources_group();
+            }),
+        )
+        .await;
     }
     servers_stop.cancel();
     while side.join_next().await.is_some() {}
@@ -439,14 +468,63 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Connects the Kafka bus, the entities topic and the dead-letter topic,
-/// creating the topics that are missing.
+/// The next ownership change, or never when there is no group.
+async fn recv_event(
+    events: &mut Option<mpsc::UnboundedReceiver<GroupEvent>>,
+) -> Option<GroupEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What Kafka mode adds: the bus itself, the entities publisher, the
+/// checkpoints topic and the sources' group membership.
+#[derive(Clone)]
+struct KafkaParts {
+    bus: Arc<KafkaBus>,
+    publisher: Option<Arc<EntityPublisher>>,
+    checkpoints: Arc<checkpoints::CheckpointTopic>,
+    sources_member: Arc<Mutex<Option<crate::bus::group::Membership>>>,
+}
+
+impl KafkaParts {
+    /// Joins `<group_id>.sources` on the checkpoints topic.
+    fn sources_group(
+        &self,
+        k: &crate::config::KafkaConfig,
+    ) -> anyhow::Result<mpsc::UnboundedReceiver<GroupEvent>> {
+        let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
+        let (member, events) =
+            crate::bus::group::Membership::join(crate::bus::group::GroupSettings {
+                client: &client,
+                group_id: &format!("{}.sources", k.group_id()),
+                topic: &self.checkpoints.topic,
+                session_timeout: k.session_timeout(),
+                hand_over_timeout: k.hand_over_timeout(),
+            })?;
+        *self.sources_member.lock() = Some(member);
+        Ok(events)
+    }
+
+    /// Blocking.
+    fn leave_sources_group(&self) {
+        let member = self.sources_member.lock().take();
+        if let Some(mut m) = member {
+            m.leave();
+            std::mem::forget(m);
+        }
+    }
+}
+
+/// Connects the Kafka bus, the entities topic, the dead-letter topic and
+/// the checkpoints topic, creating the topics that are missing.
 async fn connect_kafka(
     k: &crate::config::KafkaConfig,
     config: &Config,
     views: &HashMap<String, HashMap<String, View>>,
     dead_letters: &Arc<DeadLetters>,
-) -> Result<(KafkaBus, Option<Arc<EntityPublisher>>), crate::bus::BusError> {
+) -> Result<KafkaParts, crate::bus::BusError> {
     let bus = KafkaBus::connect(
         KafkaBusConfig::from_config(k, config.bus.partitions),
         Some(dead_letters.clone()),
@@ -468,7 +546,25 @@ async fn connect_kafka(
             topic: k.topic("dlq"),
         });
     }
-    Ok((bus, publisher))
+    let checkpoints = checkpoints::CheckpointTopic::connect(k, config.sources.len()).await?;
+    Ok(KafkaParts {
+        bus: Arc::new(bus),
+        publisher,
+        checkpoints: Arc::new(checkpoints),
+        sources_member: Arc::new(Mutex::new(None)),
+    })
+}
+
+/// What the rest of the fabric asks of the router task.
+pub enum RouterControl {
+    /// Learn the links these entities hold (a partition was restored here).
+    LearnLinks(Vec<Arc<crate::store::Entity>>),
+    /// A source starts here from this checkpoint (the group gave it to
+    /// this process): the router's checkpoint of it starts there too.
+    Resume(Arc<str>, Option<Position>),
+    /// Answer once everything routed so far is on the bus and the
+    /// checkpoints after it are published.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Transactions the router may have on their way to the bus at once.
@@ -492,6 +588,7 @@ type Landed = (
 async fn route_loop(
     mut router: Router,
     mut rx: mpsc::Receiver<TxnEnvelope>,
+    mut control: mpsc::UnboundedReceiver<RouterControl>,
     f: Arc<Fabric>,
 ) -> Result<(), crate::bus::BusError> {
     use futures::StreamExt;
@@ -516,6 +613,25 @@ async fn route_loop(
                 publish_checkpoints(&f, checkpoints);
                 if let Some(tx) = on_routed {
                     let _ = tx.send(());
+                }
+                continue;
+            }
+            Some(c) = control.recv() => {
+                match c {
+                    RouterControl::LearnLinks(entities) => router.learn_links(&entities),
+                    RouterControl::Resume(source, position) => {
+                        router.resume(&source, position.clone());
+                        f.routed.lock().insert(source, position);
+                    }
+                    RouterControl::Flush(done) => {
+                        let checkpoints = router.checkpoints();
+                        if in_flight.is_empty() {
+                            publish_checkpoints(&f, checkpoints);
+                            let _ = done.send(());
+                        } else {
+                            in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, Some(done)) }));
+                        }
+                    }
                 }
                 continue;
             }

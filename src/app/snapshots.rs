@@ -17,7 +17,7 @@
 //! from its beginning (initial snapshot).
 
 use super::Fabric;
-use super::applier::{CaptureRequest, PartitionState};
+use super::applier::{Capture, CaptureRequest, PartitionState};
 use crate::bus::Offset;
 use crate::event::{Checkpoints, Position};
 use crate::store::Store;
@@ -40,6 +40,20 @@ pub struct Restored {
     pub offsets_restored: bool,
     pub next_round: u64,
     pub entities: usize,
+}
+
+/// What a process that restores partitions one by one (on Kafka, as the
+/// group assigns them) starts with: nothing restored yet, and the next
+/// round number after the files present. Blocking.
+pub fn next_round(dir: &Path, partitions: u32) -> anyhow::Result<Restored> {
+    let files = snapshot::list(dir)?;
+    Ok(Restored {
+        checkpoints: Checkpoints::default(),
+        offsets: vec![0; partitions as usize],
+        offsets_restored: false,
+        next_round: files.iter().map(|f| f.round).max().map_or(1, |r| r + 1),
+        entities: 0,
+    })
 }
 
 /// Loads the newest readable snapshot of every partition into `store`.
@@ -125,13 +139,59 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
     Ok(out)
 }
 
+/// Loads the newest readable snapshot of `partition` (of a bus of
+/// `partitions`) into `store`, whose shard must be empty; returns the bus
+/// offset it reflects and its entity count, or `None` when there is none.
+/// Blocking: call from `spawn_blocking`.
+pub fn restore_partition(
+    dir: &Path,
+    store: &Store,
+    partition: u32,
+    partitions: u32,
+) -> anyhow::Result<Option<(u64, usize)>> {
+    for f in snapshot::list(dir)?
+        .iter()
+        .filter(|f| f.partition == partition)
+    {
+        let started = Instant::now();
+        match snapshot::read(&f.path) {
+            Ok(s) if s.meta.partitions == partitions => {
+                let n = s.entities.len();
+                tracing::info!(
+                    path = %f.path.display(),
+                    entities = n,
+                    bytes = s.bytes,
+                    offset = s.meta.bus_offset,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "partition restored from its snapshot"
+                );
+                for e in s.entities {
+                    store.restore(e);
+                }
+                return Ok(Some((s.meta.bus_offset, n)));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Takes snapshot rounds and acknowledges sources.
 pub struct Snapshotter {
     pub fabric: Arc<Fabric>,
-    pub requests: Vec<mpsc::Sender<CaptureRequest>>,
+    /// Per partition, its applier's requests while it runs here.
+    pub requests: Vec<Option<mpsc::Sender<CaptureRequest>>>,
     pub next_round: u64,
     /// Checkpoints of the rounds written by this process, oldest first.
     pub written: VecDeque<(u64, Checkpoints)>,
+    /// Embedded bus: a round must cover the routed checkpoints, and
+    /// acknowledges sources. Kafka: the changes topic is what is durable
+    /// (sources are acknowledged through the checkpoints topic), so a round
+    /// captures each partition as far as it is applied, without waiting.
+    pub acknowledges: bool,
 }
 
 impl Snapshotter {
@@ -150,55 +210,38 @@ impl Snapshotter {
             }
         }
         let partitions = f.bus.partitions();
-        let ends: Vec<Offset> = (0..partitions).map(|p| f.bus.end_offset(p)).collect();
         let mut replies = Vec::with_capacity(partitions as usize);
-        for (p, until) in ends.iter().enumerate() {
+        for (p, requests) in self.requests.iter().enumerate() {
+            let Some(requests) = requests else { continue };
+            let until = if self.acknowledges {
+                f.bus.end_offset(p as u32)
+            } else {
+                Offset(0)
+            };
             let (tx, rx) = oneshot::channel();
-            self.requests[p]
-                .send(CaptureRequest {
-                    until: *until,
-                    reply: tx,
-                })
+            requests
+                .send(CaptureRequest { until, reply: tx })
                 .await
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} is gone"))?;
-            replies.push(rx);
+            replies.push((p as u32, rx));
         }
         let mut bytes = 0;
-        let dir = f.config.resolve(&f.config.snapshot.dir);
-        for (p, rx) in replies.into_iter().enumerate() {
+        for (p, rx) in replies {
             let capture = rx
                 .await
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} stopped"))?;
-            let meta = SnapshotMeta {
-                partition: p as u32,
-                partitions,
-                round,
-                bus_offset: capture.offset.0,
-                checkpoints: checkpoints.clone(),
-                created_micros: crate::sources::now_micros(),
-            };
-            let dir2 = dir.clone();
-            let (_, n) = tokio::task::spawn_blocking(move || {
-                snapshot::write(&dir2, &meta, &capture.entities)
-            })
-            .await??;
-            bytes += n;
-            let state: &PartitionState = &f.partitions[p];
-            state.snapshot.store(capture.offset.0, Ordering::Release);
-            // For monitoring tools only: a failure does not fail the round.
-            if let Err(e) = f.bus.commit(p as u32, capture.offset).await {
-                tracing::warn!(partition = p, error = %e, "cannot commit the snapshot offset to the group");
-            }
+            bytes += self.write(round, p, &checkpoints, capture).await?;
         }
         let keep = f.config.snapshot.keep;
-        let dir2 = dir.clone();
-        tokio::task::spawn_blocking(move || snapshot::prune(&dir2, keep)).await??;
+        let dir = f.config.resolve(&f.config.snapshot.dir);
+        tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
         self.written.push_back((round, checkpoints));
         while self.written.len() > keep {
             self.written.pop_front();
         }
         // Acknowledge what the oldest kept round holds, once this process wrote it.
-        if self.written.len() == keep
+        if self.acknowledges
+            && self.written.len() == keep
             && let Some((_, oldest)) = self.written.front()
         {
             for s in &f.sources {
@@ -226,6 +269,56 @@ impl Snapshotter {
             "snapshot round written"
         );
         Ok(bytes)
+    }
+}
+
+impl Snapshotter {
+    /// Writes one partition's capture as part of `round`; returns its bytes.
+    pub async fn write(
+        &self,
+        round: u64,
+        partition: u32,
+        checkpoints: &Checkpoints,
+        capture: Capture,
+    ) -> anyhow::Result<u64> {
+        let f = &self.fabric;
+        let meta = SnapshotMeta {
+            partition,
+            partitions: f.bus.partitions(),
+            round,
+            bus_offset: capture.offset.0,
+            checkpoints: checkpoints.clone(),
+            created_micros: crate::sources::now_micros(),
+        };
+        let dir = f.config.resolve(&f.config.snapshot.dir);
+        let (_, n) =
+            tokio::task::spawn_blocking(move || snapshot::write(&dir, &meta, &capture.entities))
+                .await??;
+        let state: &PartitionState = &f.partitions[partition as usize];
+        state.snapshot.store(capture.offset.0, Ordering::Release);
+        // For monitoring tools only: a failure does not fail the round.
+        if let Err(e) = f.bus.commit(partition, capture.offset).await {
+            tracing::warn!(partition, error = %e, "cannot commit the snapshot offset to the group");
+        }
+        Ok(n)
+    }
+
+    /// Snapshots one partition whose applier has stopped at `offset`
+    /// (handing it over), in a round of its own.
+    pub async fn hand_over(&mut self, partition: u32, offset: Offset) -> anyhow::Result<u64> {
+        let round = self.next_round;
+        self.next_round += 1;
+        let capture = Capture {
+            offset,
+            entities: self.fabric.store.shard_entities(partition),
+        };
+        let n = self
+            .write(round, partition, &Checkpoints::default(), capture)
+            .await?;
+        let keep = self.fabric.config.snapshot.keep;
+        let dir = self.fabric.config.resolve(&self.fabric.config.snapshot.dir);
+        tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
+        Ok(n)
     }
 }
 

@@ -19,9 +19,10 @@
 //! dead-letter output and is replaced by [`BusRecord::Unreadable`], so the
 //! pipeline keeps going and offsets stay dense.
 //!
-//! Not here: consumer-group assignment with rebalance handling (the fabric
-//! assigns every partition to itself and commits to its group for
-//! monitoring), which scale-out across processes needs.
+//! Ownership: [`KafkaBus::join_group`] makes the process a member of the
+//! bus's consumer group (see [`super::group`]); the group says which
+//! partitions it owns, the fabric reads them with [`Bus::consume`] from its
+//! own snapshots' offsets, and commits go through the membership.
 
 use super::{Acked, Bus, BusError, Delivered, Offset, PartitionConsumer};
 use crate::config::KafkaConfig;
@@ -278,11 +279,20 @@ async fn high_watermark(
     topic: &str,
     partition: u32,
 ) -> Result<u64, BusError> {
+    Ok(watermarks(c, topic, partition).await?.1)
+}
+
+/// A partition's low and high watermarks, asked of the broker.
+pub async fn watermarks(
+    c: &Arc<BaseConsumer>,
+    topic: &str,
+    partition: u32,
+) -> Result<(u64, u64), BusError> {
     let c = c.clone();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30))
-            .map(|(_, high)| high.max(0) as u64)
+            .map(|(low, high)| (low.max(0) as u64, high.max(0) as u64))
     })
     .await
     .map_err(|e| BusError::Kafka {
@@ -308,6 +318,8 @@ pub struct KafkaBus {
     ends: Arc<Vec<AtomicU64>>,
     closed: Arc<AtomicBool>,
     close_tx: watch::Sender<bool>,
+    /// Set by [`KafkaBus::join_group`]; carries the commits from then on.
+    member: parking_lot::Mutex<Option<super::group::Membership>>,
 }
 
 impl KafkaBus {
@@ -348,7 +360,37 @@ impl KafkaBus {
             ends,
             closed: Arc::new(AtomicBool::new(false)),
             close_tx,
+            member: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Joins the bus's consumer group: the partitions this process owns
+    /// arrive on the receiver (see [`super::group`]).
+    pub fn join_group(
+        &self,
+        session_timeout: Duration,
+        hand_over_timeout: Duration,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<super::group::GroupEvent>, BusError> {
+        let (member, events) = super::group::Membership::join(super::group::GroupSettings {
+            client: &self.cfg.client(),
+            group_id: &self.cfg.group_id,
+            topic: &self.cfg.topic,
+            session_timeout,
+            hand_over_timeout,
+        })?;
+        *self.member.lock() = Some(member);
+        Ok(events)
+    }
+
+    /// Leaves the group (blocking: call from `spawn_blocking`), once every
+    /// owned partition is handed over.
+    pub fn leave_group(&self) {
+        let member = self.member.lock().take();
+        if let Some(mut m) = member {
+            m.leave();
+            // Never destroyed: see `NeverDestroyed` in the app.
+            std::mem::forget(m);
+        }
     }
 
     /// The changes topic's `partition` at `offset`, as librdkafka takes it.
@@ -501,8 +543,27 @@ impl Bus for KafkaBus {
             .unwrap_or_default()
     }
 
+    async fn start_offset(&self, partition: u32) -> Result<Offset, BusError> {
+        self.check(partition)?;
+        Ok(Offset(
+            watermarks(&self.committer, &self.cfg.topic, partition)
+                .await?
+                .0,
+        ))
+    }
+
+    async fn log_end(&self, partition: u32) -> Result<Offset, BusError> {
+        self.check(partition)?;
+        let high = high_watermark(&self.committer, &self.cfg.topic, partition).await?;
+        self.ends[partition as usize].fetch_max(high, Ordering::AcqRel);
+        Ok(Offset(high))
+    }
+
     async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError> {
         self.check(partition)?;
+        if let Some(m) = self.member.lock().as_ref() {
+            return m.commit(partition, offset.0);
+        }
         let tpl = self.at(partition, offset).map_err(kafka("commit"))?;
         self.committer
             .commit(&tpl, CommitMode::Async)

@@ -15,6 +15,7 @@
 //! and the bus agree.
 
 pub mod embedded;
+pub mod group;
 pub mod kafka;
 
 use crate::event::BusRecord;
@@ -102,6 +103,20 @@ pub trait Bus: Send + Sync + 'static {
 
     /// The offset the next record appended to `partition` will get.
     fn end_offset(&self, partition: u32) -> Offset;
+
+    /// The oldest offset `partition` still holds: where a reader with no
+    /// snapshot of it starts to rebuild it from its whole history.
+    async fn start_offset(&self, partition: u32) -> Result<Offset, BusError> {
+        let _ = partition;
+        Ok(Offset(0))
+    }
+
+    /// The newest end of `partition` as the log itself knows it (records
+    /// other processes appended included): what a reader must reach to be
+    /// current. The embedded bus has no other writers.
+    async fn log_end(&self, partition: u32) -> Result<Offset, BusError> {
+        Ok(self.end_offset(partition))
+    }
 
     /// Everything below `offset` in `partition` is durable elsewhere (a
     /// snapshot): the bus may drop it, and Kafka commits it.

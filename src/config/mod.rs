@@ -120,8 +120,19 @@ pub struct KafkaConfig {
     /// Topics are `<prefix>.changes`, `<prefix>.entities`, `<prefix>.dlq`.
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// The consumer group whose offsets the fabric commits (default: the prefix).
+    /// The consumer group the fabric's processes share the bus partitions
+    /// in (default: the prefix). Sources are shared in `<group_id>.sources`.
     pub group_id: Option<String>,
+    /// How long the group waits for a process that stopped answering
+    /// before its partitions and sources move to the others (librdkafka's
+    /// `session.timeout.ms`; the broker bounds it, 6s–30min by default).
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout: String,
+    /// How long a process may take to hand over what the group takes away
+    /// (final snapshot of its partitions, sources stopped and their
+    /// checkpoints written) before the group goes on without it.
+    #[serde(default = "default_hand_over_timeout")]
+    pub hand_over_timeout: String,
     /// Replication factor of topics the fabric creates.
     #[serde(default = "default_replication")]
     pub replication: i32,
@@ -156,6 +167,14 @@ impl KafkaConfig {
         self.group_id
             .clone()
             .unwrap_or_else(|| self.topic_prefix.clone())
+    }
+
+    pub fn session_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.session_timeout).expect("validated")
+    }
+
+    pub fn hand_over_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.hand_over_timeout).expect("validated")
     }
 }
 
@@ -599,6 +618,14 @@ fn default_partitions() -> u32 {
 fn default_topic_prefix() -> String {
     "fabric".into()
 }
+fn default_session_timeout() -> String {
+    "10s".into()
+}
+
+fn default_hand_over_timeout() -> String {
+    "60s".into()
+}
+
 fn default_replication() -> i32 {
     1
 }

@@ -440,11 +440,14 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
     if k.replication < 1 {
         c.err("bus.kafka.replication", "must be at least 1");
     }
+    check_duration(c, "bus.kafka.session_timeout", &k.session_timeout);
+    check_duration(c, "bus.kafka.hand_over_timeout", &k.hand_over_timeout);
     for key in k.properties.keys() {
         if matches!(
             key.as_str(),
             "bootstrap.servers"
                 | "group.id"
+                | "session.timeout.ms"
                 | "enable.auto.commit"
                 | "enable.idempotence"
                 | "acks"
@@ -452,7 +455,7 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
         ) {
             c.err(
                 format!("bus.kafka.properties.\"{key}\""),
-                "set by the fabric itself (brokers and group_id have fields of their own)",
+                "set by the fabric itself (brokers, group_id and session_timeout have fields of their own)",
             );
         }
     }

@@ -41,6 +41,36 @@ impl EntityApi {
     }
 }
 
+/// UNAVAILABLE unless this process serves the entity's partition: on
+/// Kafka, another process may own it, or it is being rebuilt here after
+/// the group assigned it (an old version is never served as current).
+pub(super) fn serving(fabric: &Fabric, key: &EntityKey) -> Result<(), Status> {
+    let p = key.partition(fabric.bus.partitions());
+    let st = &fabric.partitions[p as usize];
+    if st.serving() {
+        return Ok(());
+    }
+    use std::sync::atomic::Ordering::Acquire;
+    let msg = if st.owned.load(Acquire) {
+        format!(
+            "{key} is in bus partition {p}, which this process is rebuilding \
+             (applied {} of {}); retry shortly",
+            st.applied.load(Acquire),
+            st.ready_at.load(Acquire)
+        )
+    } else {
+        format!(
+            "{key} is in bus partition {p}, which another process of the group owns \
+             (or is taking over); ask it, or retry"
+        )
+    };
+    let mut status = Status::unavailable(msg);
+    status
+        .metadata_mut()
+        .insert("retry-after-ms", tonic::metadata::MetadataValue::from_static("500"));
+    Err(status)
+}
+
 /// Checks type, id and view of a request.
 pub(super) fn resolve<'a>(
     fabric: &'a Fabric,
@@ -98,6 +128,7 @@ impl EntityService for EntityApi {
         let _t = Timer::start(&self.fabric, "GetEntity");
         let r = request.get_ref();
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
+        serving(&self.fabric, &key)?;
         match self.fabric.store.get(&key) {
             Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
             None => Err(Status::not_found(format!(
@@ -122,8 +153,16 @@ impl EntityService for EntityApi {
         let cfg = entity_type(&self.fabric, &r.r#type)?;
         let view = resolve_view(&self.fabric, &r.r#type, &r.view)?;
         let mut out = BatchWire::default();
-        for id in &r.ids {
-            match self.fabric.store.get(&key_of(cfg, id)?) {
+        let keys = r
+            .ids
+            .iter()
+            .map(|id| key_of(cfg, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        for key in &keys {
+            serving(&self.fabric, key)?;
+        }
+        for (id, key) in r.ids.iter().zip(&keys) {
+            match self.fabric.store.get(key) {
                 Some(e) => out.entities.push(self.encode(&e, view)),
                 None => out.missing_ids.push(id.clone()),
             }
@@ -143,7 +182,10 @@ impl EntityService for EntityApi {
             n => n.min(MAX_PAGE),
         };
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        let ids = self.fabric.store.list_ids(&cfg.name, after, size + 1);
+        // Only what this process serves (on Kafka: the partitions it owns).
+        let ids = self.fabric.store.list_ids(&cfg.name, after, size + 1, |p| {
+            self.fabric.partitions[p as usize].serving()
+        });
         let more = ids.len() > size;
         let ids: Vec<String> = ids.into_iter().take(size).map(|s| s.to_string()).collect();
         Ok(Response::new(ListEntitiesResponse {
@@ -167,7 +209,9 @@ impl EntityService for EntityApi {
         let key = if r.id.is_empty() {
             None
         } else {
-            Some(resolve(&self.fabric, &r.r#type, &r.id, "")?.0)
+            let key = resolve(&self.fabric, &r.r#type, &r.id, "")?.0;
+            serving(&self.fabric, &key)?;
+            Some(key)
         };
         resolve_view(&self.fabric, &r.r#type, &r.view)?;
         let fabric = self.fabric.clone();

@@ -221,7 +221,23 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Puts a restored entity in place (start-up only).
+    /// Removes every entity of one shard (its partition moved to another
+    /// process); returns how many. Watchers are not told: the entities
+    /// did not change, this process stopped holding them.
+    pub fn drop_shard(&self, shard: u32) -> usize {
+        let Some(s) = self.shards.get(shard as usize) else {
+            return 0;
+        };
+        let mut n = 0;
+        s.retain(|k, _| {
+            self.count(&k.entity_type, -1);
+            n += 1;
+            false
+        });
+        n
+    }
+
+    /// Puts a restored entity in place (start-up, or a partition assigned).
     pub fn restore(&self, entity: Entity) {
         let key = entity.key.clone();
         if self
@@ -237,10 +253,20 @@ impl Store {
     /// at most `limit`. Linear in the number of entities: only the page is
     /// sorted, so paging through a million entities does not sort a million
     /// ids per page.
-    pub fn list_ids(&self, entity_type: &str, after: Option<&str>, limit: usize) -> Vec<Arc<str>> {
+    /// Only shards for which `shards` answers true are listed.
+    pub fn list_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+        shards: impl Fn(u32) -> bool,
+    ) -> Vec<Arc<str>> {
         let after = after.map(IdOrder::of);
         let mut ids: Vec<(IdOrder, Arc<str>)> = Vec::new();
-        for s in &self.shards {
+        for (i, s) in self.shards.iter().enumerate() {
+            if !shards(i as u32) {
+                continue;
+            }
             for e in s.iter() {
                 if &*e.key().entity_type != entity_type {
                     continue;
@@ -320,7 +346,7 @@ mod tests {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store.list_ids("t", after.as_deref(), 40);
+            let page = store.list_ids("t", after.as_deref(), 40, |_| true);
             if page.is_empty() {
                 break;
             }

@@ -279,16 +279,25 @@ pub fn list(dir: &Path) -> Result<Vec<SnapshotFile>, SnapshotError> {
     Ok(out)
 }
 
-/// Deletes every round but the newest `keep` complete ones.
+/// Keeps the newest `keep` files of every partition and deletes the rest;
+/// returns the rounds still present, newest first. Per partition, not per
+/// round: on Kafka a process snapshots only the partitions it owns, and
+/// the newest file of a partition it owned long ago still saves replaying
+/// that partition's whole history if the group gives it back.
 pub fn prune(dir: &Path, keep: usize) -> Result<Vec<u64>, SnapshotError> {
     let files = list(dir)?;
-    let mut rounds: Vec<u64> = files.iter().map(|f| f.round).collect();
-    rounds.dedup();
-    let doomed: Vec<u64> = rounds.iter().skip(keep).copied().collect();
-    for f in files.iter().filter(|f| doomed.contains(&f.round)) {
-        fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+    let mut seen: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    let mut rounds: Vec<u64> = Vec::new();
+    for f in &files {
+        let n = seen.entry(f.partition).or_default();
+        *n += 1;
+        if *n > keep {
+            fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+        } else if rounds.last() != Some(&f.round) {
+            rounds.push(f.round);
+        }
     }
-    Ok(rounds.into_iter().take(keep).collect())
+    Ok(rounds)
 }
 
 #[cfg(test)]
@@ -361,5 +370,27 @@ mod tests {
         assert_eq!(prune(dir.path(), 2).unwrap(), vec![5, 4]);
         let left: Vec<u64> = list(dir.path()).unwrap().iter().map(|f| f.round).collect();
         assert_eq!(left, vec![5, 4]);
+    }
+
+    #[test]
+    fn prune_keeps_newest_files_of_each_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        // Partition 1 in rounds 1..=4, partition 2 (owned earlier) in 1..=2 only.
+        for r in 1..=4 {
+            write(dir.path(), &meta(r), &[entity(1)]).unwrap();
+        }
+        for r in 1..=2 {
+            let mut m = meta(r);
+            m.partition = 2;
+            write(dir.path(), &m, &[entity(2)]).unwrap();
+        }
+        prune(dir.path(), 2).unwrap();
+        let mut left: Vec<(u32, u64)> = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|f| (f.partition, f.round))
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![(1, 3), (1, 4), (2, 1), (2, 2)]);
     }
 }

@@ -1,0 +1,193 @@
+//! Source checkpoints on Kafka: the topic `<prefix>.checkpoints`.
+//!
+//! On the Kafka bus the changes topic is what is durable: once a source's
+//! changes up to a position are acknowledged by the broker, that position
+//! is safe to resume from (invariant 3), whichever process resumes it. The
+//! router's checkpoint of each source running here is written to this
+//! compacted topic (key: the source's name, value: the position as JSON)
+//! and, once the broker has it, acknowledged to the source.
+//!
+//! The topic's partitions are also how sources are shared: the processes
+//! of a fabric form the group `<group_id>.sources` on it, and a process
+//! runs the sources whose checkpoint partition the group assigns it (see
+//! [`super::cluster`]). A source's partition is `murmur2(name) % n`, with
+//! `n` the topic's partition count (one per source when the fabric creates
+//! it), read from the broker so that every process agrees.
+
+use crate::bus::BusError;
+use crate::bus::kafka::{
+    self, BaseConsumer, Producer, client_config, durable_producer, ensure_topic,
+};
+use crate::config::KafkaConfig;
+use crate::event::Position;
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::FutureRecord;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct CheckpointTopic {
+    pub topic: String,
+    pub partitions: u32,
+    client: rdkafka::ClientConfig,
+    producer: Producer,
+}
+
+fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
+    move |e| BusError::Kafka {
+        operation: operation.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl CheckpointTopic {
+    /// Connects, creating the topic (compacted, one partition per source)
+    /// when it is missing.
+    pub async fn connect(k: &KafkaConfig, sources: usize) -> Result<Self, BusError> {
+        let client = client_config(&k.brokers, &k.properties);
+        let topic = k.topic("checkpoints");
+        ensure_topic(
+            &client,
+            &topic,
+            sources.max(1) as u32,
+            k.replication,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+        let partitions = {
+            let client = client.clone();
+            let topic = topic.clone();
+            tokio::task::spawn_blocking(move || -> Result<u32, BusError> {
+                let c: BaseConsumer = kafka::create(&client).map_err(err("create a client"))?;
+                let md = c
+                    .fetch_metadata(Some(&topic), Duration::from_secs(30))
+                    .map_err(err("read topic metadata"))?;
+                Ok(md.topics().first().map_or(0, |t| t.partitions().len()) as u32)
+            })
+            .await
+            .map_err(|e| BusError::Kafka {
+                operation: "read topic metadata".into(),
+                reason: e.to_string(),
+            })??
+        };
+        if partitions == 0 {
+            return Err(BusError::Kafka {
+                operation: format!("read topic {topic}"),
+                reason: "the broker reports no partitions".into(),
+            });
+        }
+        Ok(CheckpointTopic {
+            producer: durable_producer(&client)?,
+            topic,
+            partitions,
+            client,
+        })
+    }
+
+    /// The checkpoint partition of a source.
+    pub fn partition_of(&self, source: &str) -> u32 {
+        crate::event::partition_for(source.as_bytes(), self.partitions)
+    }
+
+    /// The newest checkpoint of every source in `partition`.
+    pub async fn read(&self, partition: u32) -> Result<HashMap<String, Position>, BusError> {
+        let client = self.client.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || read_partition(&client, &topic, partition))
+            .await
+            .map_err(|e| BusError::Kafka {
+                operation: "read checkpoints".into(),
+                reason: e.to_string(),
+            })?
+    }
+
+    /// Writes `position` as the checkpoint of `source`; resolves once the
+    /// broker has it. Calls made one after another land in that order.
+    pub async fn write(
+        &self,
+        source: &str,
+        position: &Position,
+    ) -> Result<impl std::future::Future<Output = Result<(), BusError>> + use<>, BusError> {
+        let value = serde_json::to_vec(position).map_err(|e| BusError::Kafka {
+            operation: "encode a checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        let record = FutureRecord::to(&self.topic)
+            .partition(self.partition_of(source) as i32)
+            .key(source)
+            .payload(value.as_slice());
+        let delivery = kafka::send_in_order(&self.producer, record)
+            .await
+            .map_err(err("write a checkpoint"))?;
+        Ok(async move {
+            delivery
+                .await
+                .map_err(|_| BusError::Closed)?
+                .map(|_| ())
+                .map_err(|(e, _)| err("write a checkpoint")(e))
+        })
+    }
+}
+
+/// Reads `partition` of `topic` from its start to its end now; the last
+/// value of each key wins. Blocking.
+fn read_partition(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    partition: u32,
+) -> Result<HashMap<String, Position>, BusError> {
+    let mut c = client.clone();
+    c.set("group.id", format!("{topic}.reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = kafka::create(&c).map_err(err("create a reader"))?;
+    let consumer = Arc::new(consumer);
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
+        .map_err(err("read a watermark"))?;
+    let mut out = HashMap::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, rdkafka::Offset::Offset(low))
+        .map_err(err("assign"))?;
+    consumer.assign(&tpl).map_err(err("assign"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(BusError::Kafka {
+                operation: format!("read {topic}/{partition}"),
+                reason: format!("did not reach offset {high} within 60s"),
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                    let key = String::from_utf8_lossy(k).to_string();
+                    match serde_json::from_slice::<Position>(v) {
+                        Ok(p) => {
+                            out.insert(key, p);
+                        }
+                        Err(e) => tracing::warn!(
+                            topic,
+                            partition,
+                            offset = m.offset(),
+                            error = %e,
+                            "unreadable checkpoint skipped"
+                        ),
+                    }
+                } else if let Some(k) = m.key() {
+                    // A tombstone: the checkpoint was removed.
+                    out.remove(&*String::from_utf8_lossy(k));
+                }
+                if m.offset() + 1 >= high {
+                    return Ok(out);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(topic, partition, error = %e, "reading checkpoints; retrying"),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! What this process owns — bus partitions and sources — and the hand-over
+//! when that changes.
+//!
+//! On the embedded bus a process owns everything from the start. On Kafka
+//! the processes of a fabric share the work through two consumer groups
+//! (see [`crate::bus::group`]):
+//!
+//! - `<group_id>` on the changes topic: a process applies the partitions
+//!   the group assigns it. An assigned partition is rebuilt before it is
+//!   served: from the newest local snapshot of it (or, with none, from the
+//!   start of the topic), replayed up to the end the log had when it was
+//!   assigned; until then reads of its entities get UNAVAILABLE. A revoked
+//!   partition is handed over: its applier stops, its shard is snapshotted
+//!   and stops being served. It stays in memory ("parked"): the eager
+//!   rebalance protocol revokes everything before every assignment, and a
+//!   partition given back resumes from memory instead of from disk. Parked
+//!   partitions not given back are dropped.
+//! - `<group_id>.sources` on the checkpoints topic: a process runs the
+//!   sources whose checkpoint partition the group assigns it, each from its
+//!   checkpoint on that topic (see [`super::checkpoints`]). A revoked source
+//!   is stopped and its last checkpoint written before the group moves on.
+
+use super::applier::{self, Applier};
+use super::checkpoints::CheckpointTopic;
+use super::snapshots::{self, Snapshotter};
+use super::{Fabric, RouterControl};
+use crate::bus::Offset;
+use crate::event::Position;
+use crate::publish::EntityPublisher;
+use crate::sources::TxnEnvelope;
+use crate::sources::grpc_push::PushRegistry;
+use futures::FutureExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct RunningApplier {
+    stop: CancellationToken,
+    handle: JoinHandle<Option<Offset>>,
+}
+
+/// The bus partitions this process applies.
+pub struct Partitions {
+    pub fabric: Arc<Fabric>,
+    pub publisher: Option<Arc<EntityPublisher>>,
+    running: Vec<Option<RunningApplier>>,
+    /// Handed over but still in memory, at the offset their applier stopped.
+    parked: HashMap<u32, Offset>,
+    failed: mpsc::UnboundedSender<(u32, String)>,
+    router: mpsc::UnboundedSender<RouterControl>,
+}
+
+impl Partitions {
+    /// A failed applier is reported on the returned receiver.
+    pub fn new(
+        fabric: Arc<Fabric>,
+        publisher: Option<Arc<EntityPublisher>>,
+        router: mpsc::UnboundedSender<RouterControl>,
+    ) -> (Self, mpsc::UnboundedReceiver<(u32, String)>) {
+        let (failed, failures) = mpsc::unbounded_channel();
+        let n = fabric.partitions.len();
+        (
+            Partitions {
+                fabric,
+                publisher,
+                running: (0..n).map(|_| None).collect(),
+                parked: HashMap::new(),
+                failed,
+                router,
+            },
+            failures,
+        )
+    }
+
+    /// Starts applying `partition` from `from`.
+    pub fn start(&mut self, snap: &mut Snapshotter, partition: u32, from: Offset) {
+        let f = &self.fabric;
+        let p = partition as usize;
+        let (tx, rx) = mpsc::channel(4);
+        snap.requests[p] = Some(tx);
+        let stop = CancellationToken::new();
+        let state = f.partitions[p].clone();
+        state.applied.store(from.0, Ordering::Release);
+        state.snapshot.store(from.0, Ordering::Release);
+        let a = Applier {
+            partition,
+            from,
+            bus: f.bus.clone(),
+            store: f.store.clone(),
+            state: state.clone(),
+            metrics: f.metrics.clone(),
+            publisher: self.publisher.clone(),
+            stop: stop.clone(),
+        };
+        let failed = self.failed.clone();
+        let handle = tokio::spawn(async move {
+            let r = std::panic::AssertUnwindSafe(applier::run(a, rx))
+                .catch_unwind()
+                .await;
+            match r {
+                Ok(Ok(o)) => Some(o),
+                Ok(Err(e)) => {
+                    let _ = failed.send((partition, e.to_string()));
+                    None
+                }
+                Err(_) => {
+                    let _ = failed.send((partition, "panicked".into()));
+                    None
+                }
+            }
+        });
+        state.owned.store(true, Ordering::Release);
+        self.running[p] = Some(RunningApplier { stop, handle });
+    }
+
+    /// Stops the applier of `partition`; returns where it stopped.
+    async fn stop(&mut self, snap: &mut Snapshotter, partition: u32) -> Option<Offset> {
+        let p = partition as usize;
+        self.fabric.partitions[p]
+            .owned
+            .store(false, Ordering::Release);
+        snap.requests[p] = None;
+        let r = self.running[p].take()?;
+        r.stop.cancel();
+        r.handle.await.ok().flatten()
+    }
+
+    /// The group took `partitions` away: stop, snapshot and park each.
+    pub async fn revoked(&mut self, snap: &mut Snapshotter, partitions: &[u32]) {
+        for &p in partitions {
+            let Some(offset) = self.stop(snap, p).await else {
+                self.drop_partition(p);
+                continue;
+            };
+            match snap.hand_over(p, offset).await {
+                Ok(bytes) => tracing::info!(partition = p, offset = offset.0, bytes, "partition handed over"),
+                Err(e) => tracing::warn!(partition = p, error = %e, "cannot snapshot a partition being handed over; its next owner replays more"),
+            }
+            self.parked.insert(p, offset);
+        }
+    }
+
+    fn drop_partition(&mut self, p: u32) {
+        self.parked.remove(&p);
+        let n = self.fabric.store.drop_shard(p);
+        if n > 0 {
+            tracing::info!(partition = p, entities = n, "partition dropped from memory");
+        }
+    }
+
+    /// The group assigned `owned` (everything this process owns now).
+    pub async fn assigned(&mut self, snap: &mut Snapshotter, owned: &[u32]) -> anyhow::Result<()> {
+        let keep: HashSet<u32> = owned.iter().copied().collect();
+        let gone: Vec<u32> = (0..self.running.len() as u32)
+            .filter(|p| !keep.contains(p) && self.running[*p as usize].is_some())
+            .collect();
+        if !gone.is_empty() {
+            // Incremental protocols revoke first too; this is a lost assignment.
+            self.revoked(snap, &gone).await;
+        }
+        let parked: Vec<u32> = self.parked.keys().copied().collect();
+        for p in parked {
+            if !keep.contains(&p) {
+                self.drop_partition(p);
+            }
+        }
+        for &p in owned {
+            if self.running.get(p as usize).is_none_or(|r| r.is_some()) {
+                continue;
+            }
+            self.restore(snap, p).await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds `partition` (parked in memory, from its snapshot, or from
+    /// the start of the log) and starts applying it; reads wait for it to
+    /// reach the end the log has now.
+    async fn restore(&mut self, snap: &mut Snapshotter, p: u32) -> anyhow::Result<()> {
+        let f = self.fabric.clone();
+        let state = &f.partitions[p as usize];
+        let ready_at = match f.bus.log_end(p).await {
+            Ok(o) => o.0,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot read the end of the log; serving once the applier runs");
+                0
+            }
+        };
+        state.ready_at.store(ready_at, Ordering::Release);
+        let from = match self.parked.remove(&p) {
+            Some(o) => {
+                tracing::info!(partition = p, offset = o.0, "partition given back: resuming from memory");
+                o
+            }
+            None => {
+                f.store.drop_shard(p);
+                let dir = f.config.resolve(&f.config.snapshot.dir);
+                let store = f.store.clone();
+                let partitions = f.bus.partitions();
+                let restored = tokio::task::spawn_blocking(move || {
+                    snapshots::restore_partition(&dir, &store, p, partitions)
+                })
+                .await??;
+                let from = match restored {
+                    Some((offset, _)) => Offset(offset),
+                    None => {
+                        let start = f.bus.start_offset(p).await?;
+                        tracing::info!(partition = p, from = start.0, to = ready_at, "no snapshot of this partition here: rebuilding it from the log");
+                        start
+                    }
+                };
+                let _ = self
+                    .router
+                    .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
+                from
+            }
+        };
+        self.start(snap, p, from);
+        Ok(())
+    }
+
+    /// Stops every applier (shutdown), within `grace`.
+    pub async fn stop_all(&mut self, grace: Duration) {
+        let handles: Vec<RunningApplier> = self.running.iter_mut().filter_map(|r| r.take()).collect();
+        for r in &handles {
+            r.stop.cancel();
+        }
+        let all = futures::future::join_all(handles.into_iter().map(|r| r.handle));
+        let _ = tokio::time::timeout(grace, all).await;
+    }
+}
+
+/// The sources this process runs.
+pub struct Sources {
+    pub fabric: Arc<Fabric>,
+    pub push: PushRegistry,
+    /// Dropped once no source can start any more, so the router ends when
+    /// the last running source ends.
+    pub out: Option<mpsc::Sender<TxnEnvelope>>,
+    /// Parent of every source's stop token.
+    pub stop: CancellationToken,
+    pub router: mpsc::UnboundedSender<RouterControl>,
+    /// On Kafka, the checkpoints topic and its writer.
+    pub checkpoints: Option<Arc<CheckpointTopic>>,
+    pub writer: Option<mpsc::UnboundedSender<Flush>>,
+    running: HashMap<Arc<str>, (CancellationToken, JoinHandle<()>)>,
+    /// The names in `running`, shared with the checkpoint writer.
+    pub owned: Arc<parking_lot::Mutex<HashSet<Arc<str>>>>,
+}
+
+impl Sources {
+    pub fn new(
+        fabric: Arc<Fabric>,
+        push: PushRegistry,
+        out: mpsc::Sender<TxnEnvelope>,
+        router: mpsc::UnboundedSender<RouterControl>,
+    ) -> Self {
+        Sources {
+            fabric,
+            push,
+            out: Some(out),
+            stop: CancellationToken::new(),
+            router,
+            checkpoints: None,
+            writer: None,
+            running: HashMap::new(),
+            owned: Default::default(),
+        }
+    }
+
+    /// Starts source number `i` of the config from `resume`.
+    pub fn start(&mut self, i: usize, resume: Option<Position>) {
+        let f = &self.fabric;
+        let cfg = f.config.sources[i].clone();
+        let src = &f.sources[i];
+        let Some(out) = self.out.clone() else { return };
+        let _ = self
+            .router
+            .send(RouterControl::Resume(src.name.clone(), resume.clone()));
+        let stop = self.stop.child_token();
+        let handle = tokio::spawn(super::supervise(
+            cfg,
+            f.config.clone(),
+            self.push.clone(),
+            resume,
+            out,
+            src.durable.subscribe(),
+            src.status.clone(),
+            f.dead_letters.clone(),
+            stop.clone(),
+            f.clone(),
+        ));
+        self.owned.lock().insert(src.name.clone());
+        self.running.insert(src.name.clone(), (stop, handle));
+    }
+
+    /// The group assigned these checkpoint partitions (all this process
+    /// owns now): start their sources from their checkpoints, stop others.
+    pub async fn assigned(&mut self, owned: &[u32]) -> anyhow::Result<()> {
+        let Some(topic) = self.checkpoints.clone() else {
+            return Ok(());
+        };
+        let keep: HashSet<u32> = owned.iter().copied().collect();
+        let names: Vec<Arc<str>> = self.fabric.sources.iter().map(|s| s.name.clone()).collect();
+        let gone: Vec<Arc<str>> = names
+            .iter()
+            .filter(|n| self.running.contains_key(*n) && !keep.contains(&topic.partition_of(n)))
+            .cloned()
+            .collect();
+        self.stop_sources(&gone).await;
+        let mut read: HashMap<u32, HashMap<String, Position>> = HashMap::new();
+        for (i, name) in names.iter().enumerate() {
+            let p = topic.partition_of(name);
+            if !keep.contains(&p) || self.running.contains_key(name) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = read.entry(p) {
+                v.insert(topic.read(p).await?);
+            }
+            let resume = read[&p].get(&**name).cloned();
+            tracing::info!(source = %name, checkpoint = ?resume, "source assigned here; starting");
+            self.fabric.sources[i].durable.send_replace(resume.clone());
+            self.start(i, resume);
+        }
+        for s in &self.fabric.sources {
+            if !self.running.contains_key(&s.name) {
+                s.status.set_state("elsewhere");
+            }
+        }
+        Ok(())
+    }
+
+    /// The group took these checkpoint partitions away.
+    pub async fn revoked(&mut self, partitions: &[u32]) {
+        let Some(topic) = self.checkpoints.clone() else {
+            return;
+        };
+        let gone: Vec<Arc<str>> = self
+            .running
+            .keys()
+            .filter(|n| partitions.contains(&topic.partition_of(n)))
+            .cloned()
+            .collect();
+        self.stop_sources(&gone).await;
+    }
+
+    /// Stops `names`, then writes their last checkpoints.
+    async fn stop_sources(&mut self, names: &[Arc<str>]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut handles = Vec::new();
+        for n in names {
+            if let Some((stop, h)) = self.running.remove(n) {
+                stop.cancel();
+                handles.push((n.clone(), h));
+            }
+        }
+        for (n, mut h) in handles {
+            if tokio::time::timeout(Duration::from_secs(10), &mut h)
+                .await
+                .is_err()
+            {
+                tracing::warn!(source = %n, "source did not stop within 10s; aborted");
+                h.abort();
+            }
+        }
+        // Everything they sent on the bus, their checkpoints published …
+        let (tx, rx) = oneshot::channel();
+        if self.router.send(RouterControl::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        // … and written.
+        if let Some(w) = &self.writer {
+            let (tx, rx) = oneshot::channel();
+            if w.send(Flush {
+                sources: names.to_vec(),
+                done: tx,
+            })
+            .is_ok()
+            {
+                let _ = rx.await;
+            }
+        }
+        let mut owned = self.owned.lock();
+        for n in names {
+            owned.remove(n);
+            tracing::info!(source = %n, "source handed over");
+        }
+    }
+
+    /// Stops every source (shutdown); the router ends once they have.
+    pub async fn stop_all(&mut self) {
+        self.stop.cancel();
+        self.out = None;
+        for (_, (_, h)) in self.running.drain() {
+            let _ = h.await;
+        }
+    }
+
+    /// Lets the router end once the running sources end: no source starts
+    /// after this (the embedded bus starts them all at once).
+    pub fn no_more_starts(&mut self) {
+        self.out = None;
+    }
+}
+
+/// "Write the checkpoints of these sources now and answer."
+pub struct Flush {
+    pub sources: Vec<Arc<str>>,
+    pub done: oneshot::Sender<()>,
+}
+
+/// Writes the routed checkpoint of every source running here to the
+/// checkpoints topic when it moves, and acknowledges it to the source once
+/// the broker has it.
+pub async fn checkpoint_writer(
+    f: Arc<Fabric>,
+    topic: Arc<CheckpointTopic>,
+    owned: Arc<parking_lot::Mutex<HashSet<Arc<str>>>>,
+    mut flushes: mpsc::UnboundedReceiver<Flush>,
+    stop: CancellationToken,
+) {
+    let mut written: HashMap<Arc<str>, Position> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (names, done) = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => (owned.lock().iter().cloned().collect::<Vec<_>>(), None),
+            Some(fl) = flushes.recv() => (fl.sources, Some(fl.done)),
+        };
+        for name in names {
+            let Some(pos) = f.routed.lock().get(&name).cloned().flatten() else {
+                continue;
+            };
+            if written.get(&name) == Some(&pos) {
+                continue;
+            }
+            let result = match topic.write(&name, &pos).await {
+                Ok(ack) => tokio::select! {
+                    r = ack => r,
+                    _ = stop.cancelled() => return,
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    if let Some(s) = f.sources.iter().find(|s| s.name == name) {
+                        s.durable.send_if_modified(|cur| {
+                            if cur.as_ref().is_none_or(|c| pos > *c) {
+                                *cur = Some(pos.clone());
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    written.insert(name, pos);
+                }
+                Err(e) => {
+                    tracing::warn!(source = %name, error = %e, "cannot write a checkpoint; retrying")
+                }
+            }
+        }
+        if let Some(d) = done {
+            let _ = d.send(());
+        }
+    }
+}
