@@ -7,12 +7,8 @@
 //! compacted topic (key: the source's name, value: the position as JSON)
 //! and, once the broker has it, acknowledged to the source.
 //!
-//! The topic's partitions are also how sources are shared: the processes
-//! of a fabric form the group `<group_id>.sources` on it, and a process
-//! runs the sources whose checkpoint partition the group assigns it (see
-//! [`super::cluster`]). A source's partition is `murmur2(name) % n`, with
-//! `n` the topic's partition count (one per source when the fabric creates
-//! it), read from the broker so that every process agrees.
+//! One partition: a process that takes a source over reads the whole
+//! (compacted, hence small) topic for its checkpoint.
 
 use crate::bus::BusError;
 use crate::bus::kafka::{
@@ -29,7 +25,6 @@ use std::time::Duration;
 
 pub struct CheckpointTopic {
     pub topic: String,
-    pub partitions: u32,
     client: rdkafka::ClientConfig,
     producer: Producer,
 }
@@ -42,59 +37,30 @@ fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ 
 }
 
 impl CheckpointTopic {
-    /// Connects, creating the topic (compacted, one partition per source)
-    /// when it is missing.
-    pub async fn connect(k: &KafkaConfig, sources: usize) -> Result<Self, BusError> {
+    /// Connects, creating the topic (compacted) when it is missing.
+    pub async fn connect(k: &KafkaConfig) -> Result<Self, BusError> {
         let client = client_config(&k.brokers, &k.properties);
         let topic = k.topic("checkpoints");
         ensure_topic(
             &client,
             &topic,
-            sources.max(1) as u32,
+            1,
             k.replication,
             &[("cleanup.policy", "compact")],
         )
         .await?;
-        let partitions = {
-            let client = client.clone();
-            let topic = topic.clone();
-            tokio::task::spawn_blocking(move || -> Result<u32, BusError> {
-                let c: BaseConsumer = kafka::create(&client).map_err(err("create a client"))?;
-                let md = c
-                    .fetch_metadata(Some(&topic), Duration::from_secs(30))
-                    .map_err(err("read topic metadata"))?;
-                Ok(md.topics().first().map_or(0, |t| t.partitions().len()) as u32)
-            })
-            .await
-            .map_err(|e| BusError::Kafka {
-                operation: "read topic metadata".into(),
-                reason: e.to_string(),
-            })??
-        };
-        if partitions == 0 {
-            return Err(BusError::Kafka {
-                operation: format!("read topic {topic}"),
-                reason: "the broker reports no partitions".into(),
-            });
-        }
         Ok(CheckpointTopic {
             producer: durable_producer(&client)?,
             topic,
-            partitions,
             client,
         })
     }
 
-    /// The checkpoint partition of a source.
-    pub fn partition_of(&self, source: &str) -> u32 {
-        crate::event::partition_for(source.as_bytes(), self.partitions)
-    }
-
-    /// The newest checkpoint of every source in `partition`.
-    pub async fn read(&self, partition: u32) -> Result<HashMap<String, Position>, BusError> {
+    /// The newest checkpoint of every source.
+    pub async fn read(&self) -> Result<HashMap<String, Position>, BusError> {
         let client = self.client.clone();
         let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || read_partition(&client, &topic, partition))
+        tokio::task::spawn_blocking(move || read_partition(&client, &topic, 0))
             .await
             .map_err(|e| BusError::Kafka {
                 operation: "read checkpoints".into(),
@@ -114,7 +80,7 @@ impl CheckpointTopic {
             reason: e.to_string(),
         })?;
         let record = FutureRecord::to(&self.topic)
-            .partition(self.partition_of(source) as i32)
+            .partition(0)
             .key(source)
             .payload(value.as_slice());
         let delivery = kafka::send_in_order(&self.producer, record)

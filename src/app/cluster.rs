@@ -2,23 +2,22 @@
 //! when that changes.
 //!
 //! On the embedded bus a process owns everything from the start. On Kafka
-//! the processes of a fabric share the work through two consumer groups
-//! (see [`crate::bus::group`]):
+//! the processes of a fabric share the work by leases on the members topic
+//! (see [`crate::bus::members`]):
 //!
-//! - `<group_id>` on the changes topic: a process applies the partitions
-//!   the group assigns it. An assigned partition is rebuilt before it is
+//! - Bus partitions: a process applies the partitions it is assigned. An
+//!   assigned partition is rebuilt before it is
 //!   served: from the newest local snapshot of it (or, with none, from the
 //!   start of the topic), replayed up to the end the log had when it was
 //!   assigned; until then reads of its entities get UNAVAILABLE. A revoked
 //!   partition is handed over: its applier stops, its shard is snapshotted
-//!   and stops being served. It stays in memory ("parked"): the eager
-//!   rebalance protocol revokes everything before every assignment, and a
-//!   partition given back resumes from memory instead of from disk. Parked
-//!   partitions not given back are dropped.
-//! - `<group_id>.sources` on the checkpoints topic: a process runs the
-//!   sources whose checkpoint partition the group assigns it, each from its
-//!   checkpoint on that topic (see [`super::checkpoints`]). A revoked source
-//!   is stopped and its last checkpoint written before the group moves on.
+//!   and stops being served. It stays in memory ("parked") until the next
+//!   assignment: given back, it resumes from memory instead of from disk;
+//!   otherwise it is dropped.
+//! - Sources: a process runs the sources it is assigned, each from its
+//!   checkpoint on the checkpoints topic (see [`super::checkpoints`]). A
+//!   revoked source is stopped and its last checkpoint written before the
+//!   process says it let it go.
 
 use super::applier::{self, Applier};
 use super::checkpoints::CheckpointTopic;
@@ -198,7 +197,7 @@ impl Partitions {
             }
             None => {
                 f.store.drop_shard(p);
-                let dir = f.config.resolve(&f.config.snapshot.dir);
+                let dir = f.snapshot_dir.clone();
                 let store = f.store.clone();
                 let partitions = f.bus.partitions();
                 let restored = tokio::task::spawn_blocking(move || {
@@ -298,33 +297,34 @@ impl Sources {
         self.running.insert(src.name.clone(), (stop, handle));
     }
 
-    /// The group assigned these checkpoint partitions (all this process
-    /// owns now): start their sources from their checkpoints, stop others.
-    pub async fn assigned(&mut self, owned: &[u32]) -> anyhow::Result<()> {
+    /// The membership assigned these sources (all this process holds
+    /// now): start the new ones from their checkpoints.
+    pub async fn assigned(&mut self, owned: &[String]) -> anyhow::Result<()> {
         let Some(topic) = self.checkpoints.clone() else {
             return Ok(());
         };
-        let keep: HashSet<u32> = owned.iter().copied().collect();
-        let names: Vec<Arc<str>> = self.fabric.sources.iter().map(|s| s.name.clone()).collect();
-        let gone: Vec<Arc<str>> = names
-            .iter()
-            .filter(|n| self.running.contains_key(*n) && !keep.contains(&topic.partition_of(n)))
+        let gone: Vec<Arc<str>> = self
+            .running
+            .keys()
+            .filter(|n| !owned.iter().any(|o| o.as_str() == &***n))
             .cloned()
             .collect();
         self.stop_sources(&gone).await;
-        let mut read: HashMap<u32, HashMap<String, Position>> = HashMap::new();
-        for (i, name) in names.iter().enumerate() {
-            let p = topic.partition_of(name);
-            if !keep.contains(&p) || self.running.contains_key(name) {
-                continue;
+        let new: Vec<usize> = (0..self.fabric.sources.len())
+            .filter(|i| {
+                let name = &self.fabric.sources[*i].name;
+                owned.iter().any(|o| o.as_str() == &**name) && !self.running.contains_key(name)
+            })
+            .collect();
+        if !new.is_empty() {
+            let checkpoints = topic.read().await?;
+            for i in new {
+                let src = &self.fabric.sources[i];
+                let resume = checkpoints.get(&*src.name).cloned();
+                tracing::info!(source = %src.name, checkpoint = ?resume, "source assigned here; starting");
+                src.durable.send_replace(resume.clone());
+                self.start(i, resume);
             }
-            if let std::collections::hash_map::Entry::Vacant(v) = read.entry(p) {
-                v.insert(topic.read(p).await?);
-            }
-            let resume = read[&p].get(&**name).cloned();
-            tracing::info!(source = %name, checkpoint = ?resume, "source assigned here; starting");
-            self.fabric.sources[i].durable.send_replace(resume.clone());
-            self.start(i, resume);
         }
         for s in &self.fabric.sources {
             if !self.running.contains_key(&s.name) {
@@ -334,18 +334,20 @@ impl Sources {
         Ok(())
     }
 
-    /// The group took these checkpoint partitions away.
-    pub async fn revoked(&mut self, partitions: &[u32]) {
-        let Some(topic) = self.checkpoints.clone() else {
-            return;
-        };
+    /// The membership takes these sources away.
+    pub async fn revoked(&mut self, names: &[String]) {
         let gone: Vec<Arc<str>> = self
             .running
             .keys()
-            .filter(|n| partitions.contains(&topic.partition_of(n)))
+            .filter(|n| names.iter().any(|o| o.as_str() == &***n))
             .cloned()
             .collect();
         self.stop_sources(&gone).await;
+        for s in &self.fabric.sources {
+            if !self.running.contains_key(&s.name) {
+                s.status.set_state("elsewhere");
+            }
+        }
     }
 
     /// Stops `names`, then writes their last checkpoints.

@@ -18,7 +18,7 @@ pub mod snapshots;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::kafka::{KafkaBus, KafkaBusConfig};
-use crate::bus::group::GroupEvent;
+use crate::bus::members::{self, Membership, Ownership};
 use crate::bus::{Bus, Offset};
 use crate::config::{BusKind, Config, SourceKind};
 use crate::event::Position;
@@ -55,6 +55,8 @@ pub struct Fabric {
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
     pub dead_letters: Arc<DeadLetters>,
+    /// Where snapshots are written and read.
+    pub snapshot_dir: std::path::PathBuf,
     pub sources: Vec<SourceRuntime>,
     pub partitions: Vec<Arc<PartitionState>>,
     /// Per entity type, its compiled views.
@@ -143,7 +145,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Restore. On Kafka, partitions are restored one by one as the group
     // assigns them, and sources resume from the checkpoints topic.
-    let snap_dir = config.resolve(&config.snapshot.dir);
+    // On Kafka, snapshots live in a directory per changes topic: their
+    // offsets mean nothing on another topic (another prefix, or the
+    // embedded bus), so they must never be restored against one.
+    let snap_dir = match (&config.bus.kafka, kafka_mode) {
+        (Some(k), true) => config.resolve(&config.snapshot.dir).join(k.topic("changes")),
+        _ => config.resolve(&config.snapshot.dir),
+    };
     let restored = {
         let store = store.clone();
         let dir = snap_dir.clone();
@@ -239,6 +247,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         bus: bus.clone(),
         metrics: metrics.clone(),
         dead_letters: dead_letters.clone(),
+        snapshot_dir: snap_dir.clone(),
         sources,
         partitions: (0..partitions)
             .map(|p| {
@@ -276,6 +285,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         cluster::Partitions::new(fabric.clone(), publisher.clone(), router_ctl.clone());
     let mut owned_sources = cluster::Sources::new(fabric.clone(), push.clone(), txn_tx, router_ctl);
     let mut side = JoinSet::new();
+    let mut membership: Option<Membership> = None;
     let (mut partition_events, mut source_events) = match &kafka {
         None => {
             for p in 0..partitions {
@@ -300,11 +310,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 flush_rx,
                 fabric.streams_stop.clone(),
             ));
-            let partition_events = k
-                .bus
-                .join_group(kc.session_timeout(), kc.hand_over_timeout())?;
-            let source_events = k.sources_group(kc)?;
-            tracing::info!(group = %kc.group_id(), "joined the consumer groups; waiting for assignments");
+            let member = kc.instance_id(&snap_dir);
+            let (m, (partition_events, source_events)) = Membership::join(
+                &crate::bus::kafka::client_config(&kc.brokers, &kc.properties),
+                kc.replication,
+                members::MemberSettings {
+                    member: member.clone(),
+                    grpc: config.server.grpc_addr.clone(),
+                    topic: kc.topic("members"),
+                    partitions,
+                    sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+                    session_timeout: kc.session_timeout(),
+                },
+            )
+            .await?;
+            tracing::info!(member, topic = %kc.topic("members"), "joined the fabric's members; waiting for assignments");
+            membership = Some(m);
             (Some(partition_events), Some(source_events))
         }
     };
@@ -366,27 +387,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(ev) = recv_event(&mut partition_events) => match ev {
-                GroupEvent::Assigned(owned) => {
+                Ownership::Assigned(owned) => {
                     // Restoring waits for the broker: shutdown must not wait behind it.
                     tokio::select! {
                         r = owned_partitions.assigned(&mut snapshotter, &owned) => r?,
                         _ = shutdown.cancelled() => break,
                     }
                 }
-                GroupEvent::Revoked { partitions, done } => {
-                    owned_partitions.revoked(&mut snapshotter, &partitions).await;
+                Ownership::Revoked { items, done } => {
+                    owned_partitions.revoked(&mut snapshotter, &items).await;
                     let _ = done.send(());
                 }
             },
             Some(ev) = recv_event(&mut source_events) => match ev {
-                GroupEvent::Assigned(owned) => {
+                Ownership::Assigned(owned) => {
                     tokio::select! {
                         r = owned_sources.assigned(&owned) => r?,
                         _ = shutdown.cancelled() => break,
                     }
                 }
-                GroupEvent::Revoked { partitions, done } => {
-                    owned_sources.revoked(&partitions).await;
+                Ownership::Revoked { items, done } => {
+                    owned_sources.revoked(&items).await;
                     let _ = done.send(());
                 }
             },
@@ -449,18 +470,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     bus.close();
     owned_partitions.stop_all(Duration::from_secs(5)).await;
-    if let Some(k) = &kafka {
-        // Leaving at once lets the others take over without waiting for
-        // the session to time out; the checkpoint writer had its last word.
-        let k2 = k.clone();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::task::spawn_blocking(move || {
-                k2.bus.leave_group();
-                k2.leave_sources_group();
-            }),
-        )
-        .await;
+    if let Some(m) = membership {
+        // Saying so lets the others take over at once instead of when this
+        // process's lease runs out; the checkpoint writer had its last word.
+        m.leave().await;
     }
     servers_stop.cancel();
     while side.join_next().await.is_some() {}
@@ -468,53 +481,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// The next ownership change, or never when there is no group.
-async fn recv_event(
-    events: &mut Option<mpsc::UnboundedReceiver<GroupEvent>>,
-) -> Option<GroupEvent> {
+/// The next ownership change, or never when there is no membership.
+async fn recv_event<T>(
+    events: &mut Option<mpsc::UnboundedReceiver<Ownership<T>>>,
+) -> Option<Ownership<T>> {
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-/// What Kafka mode adds: the bus itself, the entities publisher, the
-/// checkpoints topic and the sources' group membership.
+/// What Kafka mode adds: the bus itself, the entities publisher and the
+/// checkpoints topic.
 #[derive(Clone)]
 struct KafkaParts {
     bus: Arc<KafkaBus>,
     publisher: Option<Arc<EntityPublisher>>,
     checkpoints: Arc<checkpoints::CheckpointTopic>,
-    sources_member: Arc<Mutex<Option<crate::bus::group::Membership>>>,
-}
-
-impl KafkaParts {
-    /// Joins `<group_id>.sources` on the checkpoints topic.
-    fn sources_group(
-        &self,
-        k: &crate::config::KafkaConfig,
-    ) -> anyhow::Result<mpsc::UnboundedReceiver<GroupEvent>> {
-        let client = crate::bus::kafka::client_config(&k.brokers, &k.properties);
-        let (member, events) =
-            crate::bus::group::Membership::join(crate::bus::group::GroupSettings {
-                client: &client,
-                group_id: &format!("{}.sources", k.group_id()),
-                topic: &self.checkpoints.topic,
-                session_timeout: k.session_timeout(),
-                hand_over_timeout: k.hand_over_timeout(),
-            })?;
-        *self.sources_member.lock() = Some(member);
-        Ok(events)
-    }
-
-    /// Blocking.
-    fn leave_sources_group(&self) {
-        let member = self.sources_member.lock().take();
-        if let Some(mut m) = member {
-            m.leave();
-            std::mem::forget(m);
-        }
-    }
 }
 
 /// Connects the Kafka bus, the entities topic, the dead-letter topic and
@@ -546,12 +529,11 @@ async fn connect_kafka(
             topic: k.topic("dlq"),
         });
     }
-    let checkpoints = checkpoints::CheckpointTopic::connect(k, config.sources.len()).await?;
+    let checkpoints = checkpoints::CheckpointTopic::connect(k).await?;
     Ok(KafkaParts {
         bus: Arc::new(bus),
         publisher,
         checkpoints: Arc::new(checkpoints),
-        sources_member: Arc::new(Mutex::new(None)),
     })
 }
 

@@ -225,6 +225,10 @@ impl Snapshotter {
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} is gone"))?;
             replies.push((p as u32, rx));
         }
+        if replies.is_empty() {
+            // Nothing owned here (on Kafka, before or between assignments).
+            return Ok(0);
+        }
         let mut bytes = 0;
         for (p, rx) in replies {
             let capture = rx
@@ -233,7 +237,7 @@ impl Snapshotter {
             bytes += self.write(round, p, &checkpoints, capture).await?;
         }
         let keep = f.config.snapshot.keep;
-        let dir = f.config.resolve(&f.config.snapshot.dir);
+        let dir = f.snapshot_dir.clone();
         tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
         self.written.push_back((round, checkpoints));
         while self.written.len() > keep {
@@ -290,7 +294,7 @@ impl Snapshotter {
             checkpoints: checkpoints.clone(),
             created_micros: crate::sources::now_micros(),
         };
-        let dir = f.config.resolve(&f.config.snapshot.dir);
+        let dir = f.snapshot_dir.clone();
         let (_, n) =
             tokio::task::spawn_blocking(move || snapshot::write(&dir, &meta, &capture.entities))
                 .await??;
@@ -316,7 +320,7 @@ impl Snapshotter {
             .write(round, partition, &Checkpoints::default(), capture)
             .await?;
         let keep = self.fabric.config.snapshot.keep;
-        let dir = self.fabric.config.resolve(&self.fabric.config.snapshot.dir);
+        let dir = self.fabric.snapshot_dir.clone();
         tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
         Ok(n)
     }

@@ -19,10 +19,11 @@
 //! dead-letter output and is replaced by [`BusRecord::Unreadable`], so the
 //! pipeline keeps going and offsets stay dense.
 //!
-//! Ownership: [`KafkaBus::join_group`] makes the process a member of the
-//! bus's consumer group (see [`super::group`]); the group says which
-//! partitions it owns, the fabric reads them with [`Bus::consume`] from its
-//! own snapshots' offsets, and commits go through the membership.
+//! Which process reads which partition is not the bus's business: see
+//! [`super::members`]. A process reads the partitions it owns with
+//! [`Bus::consume`] from its own snapshots' offsets, and commits those
+//! offsets to the group `group_id` for monitoring tools (the group has no
+//! members, so these are plain offset commits).
 
 use super::{Acked, Bus, BusError, Delivered, Offset, PartitionConsumer};
 use crate::config::KafkaConfig;
@@ -318,8 +319,6 @@ pub struct KafkaBus {
     ends: Arc<Vec<AtomicU64>>,
     closed: Arc<AtomicBool>,
     close_tx: watch::Sender<bool>,
-    /// Set by [`KafkaBus::join_group`]; carries the commits from then on.
-    member: parking_lot::Mutex<Option<super::group::Membership>>,
 }
 
 impl KafkaBus {
@@ -360,37 +359,7 @@ impl KafkaBus {
             ends,
             closed: Arc::new(AtomicBool::new(false)),
             close_tx,
-            member: parking_lot::Mutex::new(None),
         })
-    }
-
-    /// Joins the bus's consumer group: the partitions this process owns
-    /// arrive on the receiver (see [`super::group`]).
-    pub fn join_group(
-        &self,
-        session_timeout: Duration,
-        hand_over_timeout: Duration,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<super::group::GroupEvent>, BusError> {
-        let (member, events) = super::group::Membership::join(super::group::GroupSettings {
-            client: &self.cfg.client(),
-            group_id: &self.cfg.group_id,
-            topic: &self.cfg.topic,
-            session_timeout,
-            hand_over_timeout,
-        })?;
-        *self.member.lock() = Some(member);
-        Ok(events)
-    }
-
-    /// Leaves the group (blocking: call from `spawn_blocking`), once every
-    /// owned partition is handed over.
-    pub fn leave_group(&self) {
-        let member = self.member.lock().take();
-        if let Some(mut m) = member {
-            m.leave();
-            // Never destroyed: see `NeverDestroyed` in the app.
-            std::mem::forget(m);
-        }
     }
 
     /// The changes topic's `partition` at `offset`, as librdkafka takes it.
@@ -561,9 +530,6 @@ impl Bus for KafkaBus {
 
     async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError> {
         self.check(partition)?;
-        if let Some(m) = self.member.lock().as_ref() {
-            return m.commit(partition, offset.0);
-        }
         let tpl = self.at(partition, offset).map_err(kafka("commit"))?;
         self.committer
             .commit(&tpl, CommitMode::Async)

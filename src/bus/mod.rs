@@ -15,8 +15,8 @@
 //! and the bus agree.
 
 pub mod embedded;
-pub mod group;
 pub mod kafka;
+pub mod members;
 
 use crate::event::BusRecord;
 use async_trait::async_trait;

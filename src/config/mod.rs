@@ -128,6 +128,14 @@ pub struct KafkaConfig {
     /// `session.timeout.ms`; the broker bounds it, 6s–30min by default).
     #[serde(default = "default_session_timeout")]
     pub session_timeout: String,
+    /// This process's static member id in the groups (librdkafka's
+    /// `group.instance.id`): a process that restarts with the same id gets
+    /// its partitions and sources back at once, without a rebalance, and
+    /// with them the local snapshots it has of them. Each process needs its
+    /// own. Default: `<hostname>-<hash of the snapshot directory>`, stable
+    /// across restarts and different for processes that do not share a
+    /// snapshot directory (which they never may).
+    pub instance_id: Option<String>,
     /// How long a process may take to hand over what the group takes away
     /// (final snapshot of its partitions, sources stopped and their
     /// checkpoints written) before the group goes on without it.
@@ -171,6 +179,24 @@ impl KafkaConfig {
 
     pub fn session_timeout(&self) -> Duration {
         humantime::parse_duration(&self.session_timeout).expect("validated")
+    }
+
+    /// [`KafkaConfig::instance_id`], or its default for `snapshot_dir`.
+    pub fn instance_id(&self, snapshot_dir: &std::path::Path) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let dir = std::path::absolute(snapshot_dir).unwrap_or_else(|_| snapshot_dir.into());
+        // FNV-1a: stable across builds, unlike the standard library's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!(
+            "{}-{:08x}",
+            gethostname::gethostname().to_string_lossy(),
+            h as u32
+        )
     }
 
     pub fn hand_over_timeout(&self) -> Duration {

@@ -437,6 +437,9 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
     if k.group_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
         c.err("bus.kafka.group_id", "must not be empty");
     }
+    if k.instance_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
+        c.err("bus.kafka.instance_id", "must not be empty");
+    }
     if k.replication < 1 {
         c.err("bus.kafka.replication", "must be at least 1");
     }
@@ -448,6 +451,7 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
             "bootstrap.servers"
                 | "group.id"
                 | "session.timeout.ms"
+                | "group.instance.id"
                 | "enable.auto.commit"
                 | "enable.idempotence"
                 | "acks"
@@ -455,7 +459,7 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
         ) {
             c.err(
                 format!("bus.kafka.properties.\"{key}\""),
-                "set by the fabric itself (brokers, group_id and session_timeout have fields of their own)",
+                "set by the fabric itself (brokers, group_id, session_timeout and instance_id have fields of their own)",
             );
         }
     }

@@ -113,6 +113,8 @@ impl CatalogService for CatalogApi {
                 applied_offset: st.applied.load(Ordering::Acquire),
                 end_offset: f.bus.end_offset(p as u32).0,
                 snapshot_offset: st.snapshot.load(Ordering::Acquire),
+                owned: st.owned.load(Ordering::Acquire),
+                serving: st.serving(),
             })
             .collect();
         Ok(Response::new(ListPartitionsResponse { partitions }))
