@@ -350,7 +350,7 @@ fn kafka_settings_are_checked() {
     refused(&kafka, "bus.kafka", "needs a [bus.kafka] section");
     let bad = GOOD.replace(
         "[snapshot]",
-        "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"\"\ntopic_prefix = \"my topics\"\nreplication = 0\nentities_format = \"avro\"\n\n[snapshot]",
+        "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"\"\ntopic_prefix = \"my topics\"\nreplication = 0\nsession_timeout = \"soon\"\ninstance_id = \" \"\nentities_format = \"avro\"\n\n[snapshot]",
     );
     let (ok, _, err, _) = check(&bad);
     assert!(!ok);
@@ -367,6 +367,8 @@ fn kafka_settings_are_checked() {
     for (field, reason) in [
         ("bus.kafka.topic_prefix", "Kafka's topic name rule"),
         ("bus.kafka.replication", "must be at least 1"),
+        ("bus.kafka.session_timeout", "is not a duration"),
+        ("bus.kafka.instance_id", "must not be empty"),
         (
             "bus.kafka.properties.\"bootstrap.servers\"",
             "set by the fabric itself",
@@ -386,7 +388,7 @@ fn kafka_settings_are_checked() {
     assert!(ok, "{err}");
     assert!(
         out.contains(
-            "bus: kafka at k1:9092,k2:9092 (topics fabric.changes, fabric.entities, fabric.dlq)"
+            "bus: kafka at k1:9092,k2:9092 (topics fabric.changes, fabric.entities, fabric.dlq, fabric.checkpoints, fabric.members; member "
         ),
         "{out}"
     );

@@ -53,10 +53,7 @@ fn other_config(first: &Path, name: &str) -> PathBuf {
     let text = std::fs::read_to_string(first).unwrap();
     let cfg = entity_fabric::config::Config::load(first).unwrap();
     let text = text
-        .replace(
-            &cfg.server.grpc_addr,
-            &format!("127.0.0.1:{}", free_port()),
-        )
+        .replace(&cfg.server.grpc_addr, &format!("127.0.0.1:{}", free_port()))
         .replace(
             &cfg.server.admin_addr,
             &format!("127.0.0.1:{}", free_port()),
@@ -92,18 +89,22 @@ async fn serving(f: &FabricProcess) -> BTreeSet<u32> {
 /// Waits until `nodes` serve every partition between them, each one
 /// exactly once, and every node serves at least one; returns the split.
 async fn wait_split(nodes: &[&FabricProcess], within: Duration) -> Vec<BTreeSet<u32>> {
-    eventually(within, "the partitions to be split between the processes", || async {
-        let mut split = Vec::new();
-        for n in nodes {
-            split.push(serving(n).await);
-        }
-        let total: usize = split.iter().map(|s| s.len()).sum();
-        let union: BTreeSet<u32> = split.iter().flatten().copied().collect();
-        (total == PARTITIONS as usize
-            && union.len() == PARTITIONS as usize
-            && split.iter().all(|s| !s.is_empty()))
-        .then_some(split)
-    })
+    eventually(
+        within,
+        "the partitions to be split between the processes",
+        || async {
+            let mut split = Vec::new();
+            for n in nodes {
+                split.push(serving(n).await);
+            }
+            let total: usize = split.iter().map(|s| s.len()).sum();
+            let union: BTreeSet<u32> = split.iter().flatten().copied().collect();
+            (total == PARTITIONS as usize
+                && union.len() == PARTITIONS as usize
+                && split.iter().all(|s| !s.is_empty()))
+            .then_some(split)
+        },
+    )
     .await
 }
 
@@ -309,10 +310,37 @@ async fn processes_share_partitions_and_take_over_from_a_killed_one() {
     let n = converge_cluster(&[&a, &b], &data, Duration::from_secs(120)).await;
     println!("a back: split {split:?}; {written} transactions written; {n} customers equal");
     assert!(
-        a.log_text().contains("partition restored from its snapshot")
+        a.log_text()
+            .contains("partition restored from its snapshot")
             || a.log_text().contains("rebuilding it from the log"),
         "a restored the partitions it was given"
     );
-    assert!(a.terminate(), "a stops cleanly");
+
+    // A clean stop says so: the other takes over without waiting for the
+    // lease (6s here) to run out.
+    let w = Workload::start(&data, 40.0);
+    let stopping = Instant::now();
     assert!(b.terminate(), "b stops cleanly");
+    eventually(
+        Duration::from_secs(60),
+        "a to serve every partition after b stopped",
+        || async { (serving(&a).await.len() == PARTITIONS as usize).then_some(()) },
+    )
+    .await;
+    let took_over = stopping.elapsed();
+    let written = w.stop().await;
+    let n = converge_cluster(&[&a], &data, Duration::from_secs(120)).await;
+    println!(
+        "b stopped: a served every partition {:.1}s after the SIGTERM; {written} transactions written; {n} customers equal",
+        took_over.as_secs_f64()
+    );
+    assert!(
+        a.log_text().contains("source assigned here")
+            && source_states(&[&a])
+                .await
+                .values()
+                .all(|s| s.iter().all(|s| s != "elsewhere")),
+        "a runs every source after b stopped"
+    );
+    assert!(a.terminate(), "a stops cleanly");
 }

@@ -152,7 +152,9 @@ fn read_partition(
                     return Ok(out);
                 }
             }
-            Some(Err(e)) => tracing::warn!(topic, partition, error = %e, "reading checkpoints; retrying"),
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, error = %e, "reading checkpoints; retrying")
+            }
             None => {}
         }
     }

@@ -11,9 +11,7 @@
 //!   start of the topic), replayed up to the end the log had when it was
 //!   assigned; until then reads of its entities get UNAVAILABLE. A revoked
 //!   partition is handed over: its applier stops, its shard is snapshotted
-//!   and stops being served. It stays in memory ("parked") until the next
-//!   assignment: given back, it resumes from memory instead of from disk;
-//!   otherwise it is dropped.
+//!   and stops being served, and its entities leave memory.
 //! - Sources: a process runs the sources it is assigned, each from its
 //!   checkpoint on the checkpoints topic (see [`super::checkpoints`]). A
 //!   revoked source is stopped and its last checkpoint written before the
@@ -47,8 +45,6 @@ pub struct Partitions {
     pub fabric: Arc<Fabric>,
     pub publisher: Option<Arc<EntityPublisher>>,
     running: Vec<Option<RunningApplier>>,
-    /// Handed over but still in memory, at the offset their applier stopped.
-    parked: HashMap<u32, Offset>,
     failed: mpsc::UnboundedSender<(u32, String)>,
     router: mpsc::UnboundedSender<RouterControl>,
 }
@@ -67,7 +63,6 @@ impl Partitions {
                 fabric,
                 publisher,
                 running: (0..n).map(|_| None).collect(),
-                parked: HashMap::new(),
                 failed,
                 router,
             },
@@ -128,44 +123,36 @@ impl Partitions {
         r.handle.await.ok().flatten()
     }
 
-    /// The group took `partitions` away: stop, snapshot and park each.
+    /// `partitions` were taken away: stop, snapshot and drop each.
     pub async fn revoked(&mut self, snap: &mut Snapshotter, partitions: &[u32]) {
         for &p in partitions {
-            let Some(offset) = self.stop(snap, p).await else {
-                self.drop_partition(p);
-                continue;
-            };
-            match snap.hand_over(p, offset).await {
-                Ok(bytes) => tracing::info!(partition = p, offset = offset.0, bytes, "partition handed over"),
-                Err(e) => tracing::warn!(partition = p, error = %e, "cannot snapshot a partition being handed over; its next owner replays more"),
+            if let Some(offset) = self.stop(snap, p).await {
+                match snap.hand_over(p, offset).await {
+                    Ok(bytes) => tracing::info!(
+                        partition = p,
+                        offset = offset.0,
+                        bytes,
+                        "partition handed over"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "cannot snapshot a partition being handed over; it replays more if it comes back")
+                    }
+                }
             }
-            self.parked.insert(p, offset);
-        }
-    }
-
-    fn drop_partition(&mut self, p: u32) {
-        self.parked.remove(&p);
-        let n = self.fabric.store.drop_shard(p);
-        if n > 0 {
+            let n = self.fabric.store.drop_shard(p);
             tracing::info!(partition = p, entities = n, "partition dropped from memory");
         }
     }
 
-    /// The group assigned `owned` (everything this process owns now).
+    /// `owned` is everything this process holds now: rebuild and start the
+    /// partitions new to it.
     pub async fn assigned(&mut self, snap: &mut Snapshotter, owned: &[u32]) -> anyhow::Result<()> {
         let keep: HashSet<u32> = owned.iter().copied().collect();
         let gone: Vec<u32> = (0..self.running.len() as u32)
             .filter(|p| !keep.contains(p) && self.running[*p as usize].is_some())
             .collect();
         if !gone.is_empty() {
-            // Incremental protocols revoke first too; this is a lost assignment.
             self.revoked(snap, &gone).await;
-        }
-        let parked: Vec<u32> = self.parked.keys().copied().collect();
-        for p in parked {
-            if !keep.contains(&p) {
-                self.drop_partition(p);
-            }
         }
         for &p in owned {
             if self.running.get(p as usize).is_none_or(|r| r.is_some()) {
@@ -176,9 +163,9 @@ impl Partitions {
         Ok(())
     }
 
-    /// Rebuilds `partition` (parked in memory, from its snapshot, or from
-    /// the start of the log) and starts applying it; reads wait for it to
-    /// reach the end the log has now.
+    /// Rebuilds `partition` (from its snapshot, or from the start of the
+    /// log) and starts applying it; reads wait for it to reach the end the
+    /// log has now.
     async fn restore(&mut self, snap: &mut Snapshotter, p: u32) -> anyhow::Result<()> {
         let f = self.fabric.clone();
         let state = &f.partitions[p as usize];
@@ -190,41 +177,38 @@ impl Partitions {
             }
         };
         state.ready_at.store(ready_at, Ordering::Release);
-        let from = match self.parked.remove(&p) {
-            Some(o) => {
-                tracing::info!(partition = p, offset = o.0, "partition given back: resuming from memory");
-                o
-            }
+        f.store.drop_shard(p);
+        let dir = f.snapshot_dir.clone();
+        let store = f.store.clone();
+        let partitions = f.bus.partitions();
+        let restored = tokio::task::spawn_blocking(move || {
+            snapshots::restore_partition(&dir, &store, p, partitions)
+        })
+        .await??;
+        let from = match restored {
+            Some((offset, _)) => Offset(offset),
             None => {
-                f.store.drop_shard(p);
-                let dir = f.snapshot_dir.clone();
-                let store = f.store.clone();
-                let partitions = f.bus.partitions();
-                let restored = tokio::task::spawn_blocking(move || {
-                    snapshots::restore_partition(&dir, &store, p, partitions)
-                })
-                .await??;
-                let from = match restored {
-                    Some((offset, _)) => Offset(offset),
-                    None => {
-                        let start = f.bus.start_offset(p).await?;
-                        tracing::info!(partition = p, from = start.0, to = ready_at, "no snapshot of this partition here: rebuilding it from the log");
-                        start
-                    }
-                };
-                let _ = self
-                    .router
-                    .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
-                from
+                let start = f.bus.start_offset(p).await?;
+                tracing::info!(
+                    partition = p,
+                    from = start.0,
+                    to = ready_at,
+                    "no snapshot of this partition here: rebuilding it from the log"
+                );
+                start
             }
         };
+        let _ = self
+            .router
+            .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
         self.start(snap, p, from);
         Ok(())
     }
 
     /// Stops every applier (shutdown), within `grace`.
     pub async fn stop_all(&mut self, grace: Duration) {
-        let handles: Vec<RunningApplier> = self.running.iter_mut().filter_map(|r| r.take()).collect();
+        let handles: Vec<RunningApplier> =
+            self.running.iter_mut().filter_map(|r| r.take()).collect();
         for r in &handles {
             r.stop.cancel();
         }

@@ -149,7 +149,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // offsets mean nothing on another topic (another prefix, or the
     // embedded bus), so they must never be restored against one.
     let snap_dir = match (&config.bus.kafka, kafka_mode) {
-        (Some(k), true) => config.resolve(&config.snapshot.dir).join(k.topic("changes")),
+        (Some(k), true) => config
+            .resolve(&config.snapshot.dir)
+            .join(k.topic("changes")),
         _ => config.resolve(&config.snapshot.dir),
     };
     let restored = {
@@ -170,48 +172,48 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .iter()
         .map(|e| (e.name.clone(), View::compile_all(e)))
         .collect();
-    let (bus, kafka): (Arc<dyn Bus>, Option<KafkaParts>) = match (config.bus.kind, &config.bus.kafka)
-    {
-        (BusKind::Kafka, Some(k)) => {
-            // The broker may come up after the fabric (or be restarting):
-            // wait for it, saying so, until it answers or shutdown comes.
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                let attempt = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    connect_kafka(k, &config, &views, &dead_letters),
-                );
-                let failure = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = attempt => match r {
-                        Ok(Ok(parts)) => break (parts.bus.clone() as Arc<dyn Bus>, Some(parts)),
-                        Ok(Err(crate::bus::BusError::Mismatch(m))) => anyhow::bail!("{m}"),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "no answer within 10s".to_string(),
-                    },
-                };
-                tracing::warn!(
-                    brokers = %k.brokers,
-                    error = %failure,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "cannot reach kafka; retrying"
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+    let (bus, kafka): (Arc<dyn Bus>, Option<KafkaParts>) =
+        match (config.bus.kind, &config.bus.kafka) {
+            (BusKind::Kafka, Some(k)) => {
+                // The broker may come up after the fabric (or be restarting):
+                // wait for it, saying so, until it answers or shutdown comes.
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        connect_kafka(k, &config, &views, &dead_letters),
+                    );
+                    let failure = tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        r = attempt => match r {
+                            Ok(Ok(parts)) => break (parts.bus.clone() as Arc<dyn Bus>, Some(parts)),
+                            Ok(Err(crate::bus::BusError::Mismatch(m))) => anyhow::bail!("{m}"),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "no answer within 10s".to_string(),
+                        },
+                    };
+                    tracing::warn!(
+                        brokers = %k.brokers,
+                        error = %failure,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot reach kafka; retrying"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-        }
-        _ => (
-            Arc::new(EmbeddedBus::new(
-                partitions,
-                config.bus.embedded.max_buffered,
-                &restored.offsets,
-            )),
-            None,
-        ),
-    };
+            _ => (
+                Arc::new(EmbeddedBus::new(
+                    partitions,
+                    config.bus.embedded.max_buffered,
+                    &restored.offsets,
+                )),
+                None,
+            ),
+        };
     let publisher = kafka.as_ref().and_then(|k| k.publisher.clone());
     // librdkafka's destructors wait for the broker (a commit in flight, a
     // consumer leaving, undelivered messages): with the broker away, the

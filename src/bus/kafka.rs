@@ -328,12 +328,14 @@ impl KafkaBus {
         cfg: KafkaBusConfig,
         dead_letters: Option<Arc<DeadLetters>>,
     ) -> Result<Self, BusError> {
+        // Kept for ever: a process given a partition it has no snapshot
+        // of rebuilds it from the start of the topic.
         ensure_topic(
             &cfg.client(),
             &cfg.topic,
             cfg.partitions,
             cfg.replication,
-            &[],
+            &[("retention.ms", "-1"), ("retention.bytes", "-1")],
         )
         .await?;
         let producer = durable_producer(&cfg.client())?;

@@ -57,7 +57,10 @@ pub enum Ownership<T> {
     /// Everything this process holds now, after taking more.
     Assigned(Vec<T>),
     /// Hand these over, then answer `done`.
-    Revoked { items: Vec<T>, done: oneshot::Sender<()> },
+    Revoked {
+        items: Vec<T>,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// One heartbeat.
@@ -206,6 +209,7 @@ impl Membership {
             partition_events: ptx,
             source_events: stx,
             view: vtx,
+            superseded: false,
         };
         let task = tokio::spawn(me.run(leave.clone()));
         Ok((
@@ -241,6 +245,8 @@ struct Member {
     partition_events: mpsc::UnboundedSender<Ownership<u32>>,
     source_events: mpsc::UnboundedSender<Ownership<String>>,
     view: watch::Sender<MemberView>,
+    /// Another process took this member id: hold nothing.
+    superseded: bool,
 }
 
 fn now_ms() -> i64 {
@@ -296,8 +302,21 @@ impl Member {
         };
         match serde_json::from_slice::<MemberRecord>(value) {
             Ok(r) if r.member.as_bytes() == key => {
-                if r.member == self.s.member && r.incarnation != self.incarnation {
+                if r.member == self.s.member && r.incarnation < self.incarnation {
                     return; // An earlier life of this process: disowned.
+                }
+                if r.member == self.s.member && r.incarnation > self.incarnation {
+                    // Another process runs under this id: two would own alike.
+                    if !self.superseded {
+                        tracing::error!(
+                            member = %r.member,
+                            "another process joined with this member id (same host and \
+                             snapshot directory, or the same bus.kafka.instance_id): this \
+                             process gives up everything it holds"
+                        );
+                    }
+                    self.superseded = true;
+                    return;
                 }
                 let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                 self.seen.insert(r.member.clone(), (r, ts));
@@ -368,10 +387,14 @@ impl Member {
     async fn decide(&mut self, record: &watch::Sender<MemberRecord>) -> bool {
         let others = self.others();
         let mut live: BTreeSet<String> = others.keys().cloned().collect();
-        live.insert(self.s.member.clone());
+        if !self.superseded {
+            live.insert(self.s.member.clone());
+        }
         let (want_p, want_s) =
             assignment(&self.s.member, &live, self.s.partitions, &self.s.sources);
-        let mut view = MemberView { live: others.clone() };
+        let mut view = MemberView {
+            live: others.clone(),
+        };
         view.live.insert(self.s.member.clone(), self.record(false));
         self.view.send_replace(view);
         let mut changed = false;
@@ -400,7 +423,10 @@ impl Member {
         }
 
         // Then take what nobody else holds.
-        let held_p: BTreeSet<u32> = others.values().flat_map(|r| r.partitions.iter().copied()).collect();
+        let held_p: BTreeSet<u32> = others
+            .values()
+            .flat_map(|r| r.partitions.iter().copied())
+            .collect();
         let held_s: BTreeSet<&String> = others.values().flat_map(|r| r.sources.iter()).collect();
         let take_p: Vec<u32> = want_p
             .iter()
@@ -409,9 +435,9 @@ impl Member {
             .collect();
         if !take_p.is_empty() {
             self.partitions.extend(take_p);
-            let _ = self
-                .partition_events
-                .send(Ownership::Assigned(self.partitions.iter().copied().collect()));
+            let _ = self.partition_events.send(Ownership::Assigned(
+                self.partitions.iter().copied().collect(),
+            ));
             changed = true;
         }
         let take_s: Vec<String> = want_s

@@ -120,27 +120,22 @@ pub struct KafkaConfig {
     /// Topics are `<prefix>.changes`, `<prefix>.entities`, `<prefix>.dlq`.
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// The consumer group the fabric's processes share the bus partitions
-    /// in (default: the prefix). Sources are shared in `<group_id>.sources`.
+    /// The consumer group the snapshot offsets are committed to, for lag
+    /// monitoring tools (default: the prefix).
     pub group_id: Option<String>,
-    /// How long the group waits for a process that stopped answering
-    /// before its partitions and sources move to the others (librdkafka's
-    /// `session.timeout.ms`; the broker bounds it, 6s–30min by default).
+    /// How long the other processes wait for one that stopped writing its
+    /// heartbeats to `<prefix>.members` before its partitions and sources
+    /// move to them.
     #[serde(default = "default_session_timeout")]
     pub session_timeout: String,
-    /// This process's static member id in the groups (librdkafka's
-    /// `group.instance.id`): a process that restarts with the same id gets
-    /// its partitions and sources back at once, without a rebalance, and
-    /// with them the local snapshots it has of them. Each process needs its
-    /// own. Default: `<hostname>-<hash of the snapshot directory>`, stable
-    /// across restarts and different for processes that do not share a
-    /// snapshot directory (which they never may).
+    /// This process's member id on `<prefix>.members`: a process that
+    /// restarts with the same id gets its partitions and sources back at
+    /// once, and with them its local snapshots. Each process needs its own.
+    /// Default: `<hostname>-<hash of the snapshot directory>`, stable across
+    /// restarts and different for processes that do not share a snapshot
+    /// directory (which they never may).
     pub instance_id: Option<String>,
-    /// How long a process may take to hand over what the group takes away
-    /// (final snapshot of its partitions, sources stopped and their
-    /// checkpoints written) before the group goes on without it.
-    #[serde(default = "default_hand_over_timeout")]
-    pub hand_over_timeout: String,
+
     /// Replication factor of topics the fabric creates.
     #[serde(default = "default_replication")]
     pub replication: i32,
@@ -197,10 +192,6 @@ impl KafkaConfig {
             gethostname::gethostname().to_string_lossy(),
             h as u32
         )
-    }
-
-    pub fn hand_over_timeout(&self) -> Duration {
-        humantime::parse_duration(&self.hand_over_timeout).expect("validated")
     }
 }
 
@@ -646,10 +637,6 @@ fn default_topic_prefix() -> String {
 }
 fn default_session_timeout() -> String {
     "10s".into()
-}
-
-fn default_hand_over_timeout() -> String {
-    "60s".into()
 }
 
 fn default_replication() -> i32 {

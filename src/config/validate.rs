@@ -437,21 +437,21 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
     if k.group_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
         c.err("bus.kafka.group_id", "must not be empty");
     }
-    if k.instance_id.as_deref().is_some_and(|g| g.trim().is_empty()) {
+    if k.instance_id
+        .as_deref()
+        .is_some_and(|g| g.trim().is_empty())
+    {
         c.err("bus.kafka.instance_id", "must not be empty");
     }
     if k.replication < 1 {
         c.err("bus.kafka.replication", "must be at least 1");
     }
     check_duration(c, "bus.kafka.session_timeout", &k.session_timeout);
-    check_duration(c, "bus.kafka.hand_over_timeout", &k.hand_over_timeout);
     for key in k.properties.keys() {
         if matches!(
             key.as_str(),
             "bootstrap.servers"
                 | "group.id"
-                | "session.timeout.ms"
-                | "group.instance.id"
                 | "enable.auto.commit"
                 | "enable.idempotence"
                 | "acks"
@@ -459,7 +459,7 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
         ) {
             c.err(
                 format!("bus.kafka.properties.\"{key}\""),
-                "set by the fabric itself (brokers, group_id, session_timeout and instance_id have fields of their own)",
+                "set by the fabric itself (brokers and group_id have fields of their own)",
             );
         }
     }

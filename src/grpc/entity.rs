@@ -65,9 +65,10 @@ pub(super) fn serving(fabric: &Fabric, key: &EntityKey) -> Result<(), Status> {
         )
     };
     let mut status = Status::unavailable(msg);
-    status
-        .metadata_mut()
-        .insert("retry-after-ms", tonic::metadata::MetadataValue::from_static("500"));
+    status.metadata_mut().insert(
+        "retry-after-ms",
+        tonic::metadata::MetadataValue::from_static("500"),
+    );
     Err(status)
 }
 
