@@ -67,6 +67,9 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     /// In Kafka mode, the entities topic.
     pub publisher: Option<Arc<EntityPublisher>>,
+    /// Changes of records below this offset are not published: a previous
+    /// holder of the partition published them (replays after a move).
+    pub publish_from: Offset,
     /// Stops the applier between batches (its partition is handed over).
     pub stop: CancellationToken,
 }
@@ -86,60 +89,71 @@ pub async fn run(
         state,
         metrics,
         publisher,
+        publish_from,
         stop,
     } = a;
     let mut consumer = bus.consume(partition, from).await?;
-    let mut next = from;
-    state.applied.store(next.0, Ordering::Release);
-    let mut waiting: Vec<CaptureRequest> = Vec::new();
-    let mut requests_open = true;
-    let mut counters = AppliedCounters::new();
-    let mut changes: Vec<Arc<EntityChange>> = Vec::new();
-    loop {
-        // Answer every request already satisfied.
-        let (ready, still): (Vec<_>, Vec<_>) = waiting
-            .drain(..)
-            .partition(|r: &CaptureRequest| r.until <= next);
-        waiting = still;
-        if !ready.is_empty() {
-            let entities = store.shard_entities(partition);
-            for r in ready {
-                let _ = r.reply.send(Capture {
-                    offset: next,
-                    entities: entities.clone(),
-                });
+    let result: Result<Offset, BusError> = async {
+        let mut next = from;
+        state.applied.store(next.0, Ordering::Release);
+        let mut waiting: Vec<CaptureRequest> = Vec::new();
+        let mut requests_open = true;
+        let mut counters = AppliedCounters::new();
+        let mut changes: Vec<Arc<EntityChange>> = Vec::new();
+        loop {
+            // Answer every request already satisfied.
+            let (ready, still): (Vec<_>, Vec<_>) = waiting
+                .drain(..)
+                .partition(|r: &CaptureRequest| r.until <= next);
+            waiting = still;
+            if !ready.is_empty() {
+                let entities = store.shard_entities(partition);
+                for r in ready {
+                    let _ = r.reply.send(Capture {
+                        offset: next,
+                        entities: entities.clone(),
+                    });
+                }
             }
-        }
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Ok(next),
-            req = requests.recv(), if requests_open => match req {
-                Some(r) => waiting.push(r),
-                None => requests_open = false,
-            },
-            batch = consumer.next_batch(BATCH) => {
-                let batch = batch?;
-                if batch.is_empty() {
-                    // The bus is closed: answer what can be answered and stop.
-                    return Ok(next);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(next),
+                req = requests.recv(), if requests_open => match req {
+                    Some(r) => waiting.push(r),
+                    None => requests_open = false,
+                },
+                batch = consumer.next_batch(BATCH) => {
+                    let batch = batch?;
+                    if batch.is_empty() {
+                        // The bus is closed: answer what can be answered and stop.
+                        return Ok(next);
+                    }
+                    for d in batch {
+                        debug_assert_eq!(d.offset, next, "bus offsets must be dense");
+                        let published_already = changes.len();
+                        apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
+                        if d.offset < publish_from {
+                            changes.truncate(published_already);
+                        }
+                        next = Offset(d.offset.0 + 1);
+                    }
+                    // Published before counted applied: a snapshot (taken between
+                    // batches) never reflects a version the topic has not got.
+                    if let Some(p) = &publisher
+                        && !changes.is_empty()
+                    {
+                        p.publish(&changes).await?;
+                    }
+                    changes.clear();
+                    state.applied.store(next.0, Ordering::Release);
                 }
-                for d in batch {
-                    debug_assert_eq!(d.offset, next, "bus offsets must be dense");
-                    apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
-                    next = Offset(d.offset.0 + 1);
-                }
-                // Published before counted applied: a snapshot (taken between
-                // batches) never reflects a version the topic has not got.
-                if let Some(p) = &publisher
-                    && !changes.is_empty()
-                {
-                    p.publish(&changes).await?;
-                }
-                changes.clear();
-                state.applied.store(next.0, Ordering::Release);
             }
         }
     }
+    .await;
+    // librdkafka's destructor may wait for the broker: not on a runtime thread.
+    tokio::task::spawn_blocking(move || drop(consumer));
+    result
 }
 
 /// Each source's `changes_applied` counter, looked up once per source

@@ -70,8 +70,15 @@ impl Partitions {
         )
     }
 
-    /// Starts applying `partition` from `from`.
-    pub fn start(&mut self, snap: &mut Snapshotter, partition: u32, from: Offset) {
+    /// Starts applying `partition` from `from`, publishing entity changes
+    /// from `publish_from` on.
+    pub fn start(
+        &mut self,
+        snap: &mut Snapshotter,
+        partition: u32,
+        from: Offset,
+        publish_from: Offset,
+    ) {
         let f = &self.fabric;
         let p = partition as usize;
         let (tx, rx) = mpsc::channel(4);
@@ -88,6 +95,7 @@ impl Partitions {
             state: state.clone(),
             metrics: f.metrics.clone(),
             publisher: self.publisher.clone(),
+            publish_from,
             stop: stop.clone(),
         };
         let failed = self.failed.clone();
@@ -165,18 +173,13 @@ impl Partitions {
 
     /// Rebuilds `partition` (from its snapshot, or from the start of the
     /// log) and starts applying it; reads wait for it to reach the end the
-    /// log has now.
+    /// log has now. Broker errors are retried (the caller races this with
+    /// shutdown); only history missing from the log is fatal.
     async fn restore(&mut self, snap: &mut Snapshotter, p: u32) -> anyhow::Result<()> {
         let f = self.fabric.clone();
         let state = &f.partitions[p as usize];
-        let ready_at = match f.bus.log_end(p).await {
-            Ok(o) => o.0,
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "cannot read the end of the log; serving once the applier runs");
-                0
-            }
-        };
-        state.ready_at.store(ready_at, Ordering::Release);
+        let ready_at = retrying("read the end of the log", || f.bus.log_end(p)).await;
+        state.ready_at.store(ready_at.0, Ordering::Release);
         f.store.drop_shard(p);
         let dir = f.snapshot_dir.clone();
         let store = f.store.clone();
@@ -185,23 +188,31 @@ impl Partitions {
             snapshots::restore_partition(&dir, &store, p, partitions)
         })
         .await??;
+        let start = retrying("read the start of the log", || f.bus.start_offset(p)).await;
         let from = match restored {
             Some((offset, _)) => Offset(offset),
+            None if start.0 > 0 => anyhow::bail!(
+                "bus partition {p}: there is no snapshot of it here and the changes topic no \
+                 longer holds its start (its oldest offset is {start}): its history cannot be \
+                 rebuilt. Restore a snapshot directory that has it, or start over with a new \
+                 topic_prefix"
+            ),
             None => {
-                let start = f.bus.start_offset(p).await?;
                 tracing::info!(
                     partition = p,
-                    from = start.0,
-                    to = ready_at,
+                    to = ready_at.0,
                     "no snapshot of this partition here: rebuilding it from the log"
                 );
                 start
             }
         };
+        // Versions below what a previous holder committed were published
+        // by it (an applier counts a batch applied only once published).
+        let published = retrying("read the committed offset", || f.bus.committed(p)).await;
         let _ = self
             .router
             .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
-        self.start(snap, p, from);
+        self.start(snap, p, from, published.unwrap_or_default());
         Ok(())
     }
 
@@ -214,6 +225,25 @@ impl Partitions {
         }
         let all = futures::future::join_all(handles.into_iter().map(|r| r.handle));
         let _ = tokio::time::timeout(grace, all).await;
+    }
+}
+
+/// Calls `f` until it succeeds, backing off and saying why.
+async fn retrying<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::bus::BusError>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot {what}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
     }
 }
 
@@ -301,7 +331,7 @@ impl Sources {
             })
             .collect();
         if !new.is_empty() {
-            let checkpoints = topic.read().await?;
+            let checkpoints = retrying("read the checkpoints topic", || topic.read()).await;
             for i in new {
                 let src = &self.fabric.sources[i];
                 let resume = checkpoints.get(&*src.name).cloned();
@@ -355,28 +385,52 @@ impl Sources {
                 h.abort();
             }
         }
-        // Everything they sent on the bus, their checkpoints published …
-        let (tx, rx) = oneshot::channel();
-        if self.router.send(RouterControl::Flush(tx)).is_ok() {
-            let _ = rx.await;
-        }
-        // … and written.
-        if let Some(w) = &self.writer {
-            let (tx, rx) = oneshot::channel();
-            if w.send(Flush {
-                sources: names.to_vec(),
-                done: tx,
-            })
-            .is_ok()
-            {
-                let _ = rx.await;
+        // Everything they sent reached the router …
+        if let Some(out) = &self.out {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while out.capacity() < out.max_capacity() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        let mut owned = self.owned.lock();
+        // … is on the bus, with their checkpoints published …
+        let (tx, rx) = oneshot::channel();
+        if self.router.send(RouterControl::Flush(tx)).is_ok()
+            && tokio::time::timeout(HAND_OVER_WAIT, rx).await.is_err()
+        {
+            tracing::warn!(
+                "the bus did not take what the stopped sources sent within 30s; handing them over anyway (their next holder repeats it)"
+            );
+        }
+        {
+            let mut owned = self.owned.lock();
+            for n in names {
+                owned.remove(n);
+            }
+        }
+        // … and their checkpoints written.
+        self.flush_checkpoints(names.to_vec()).await;
         for n in names {
-            owned.remove(n);
             tracing::info!(source = %n, "source handed over");
         }
+    }
+
+    /// Writes the current checkpoints of `sources` (Kafka), waiting up to
+    /// 30s for the broker.
+    pub async fn flush_checkpoints(&self, sources: Vec<Arc<str>>) {
+        let Some(w) = &self.writer else { return };
+        let (tx, rx) = oneshot::channel();
+        if w.send(Flush { sources, done: tx }).is_ok()
+            && tokio::time::timeout(HAND_OVER_WAIT, rx).await.is_err()
+        {
+            tracing::warn!(
+                "checkpoints not written within 30s; the next holder of these sources repeats more"
+            );
+        }
+    }
+
+    /// The sources running here.
+    pub fn running(&self) -> Vec<Arc<str>> {
+        self.running.keys().cloned().collect()
     }
 
     /// Stops every source (shutdown); the router ends once they have.
@@ -394,6 +448,9 @@ impl Sources {
         self.out = None;
     }
 }
+
+/// How long a hand-over waits for the broker before giving up on a step.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
 /// "Write the checkpoints of these sources now and answer."
 pub struct Flush {

@@ -1,15 +1,18 @@
 //! Wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
 //!
-//! Start-up: load snapshots into the store, rebuild the router's link index
-//! from them, start one applier per partition, the router, the sources
-//! (each resuming from its restored checkpoint), the snapshot timer and the
-//! servers. Every task lives in one `JoinSet` under one cancellation token.
+//! Start-up (embedded bus): load snapshots into the store, rebuild the
+//! router's link index from them, start one applier per partition, the
+//! router, the sources (each resuming from its restored checkpoint), the
+//! snapshot timer and the servers. On Kafka, partitions and sources start
+//! as the members topic assigns them to this process ([`cluster`]).
 //!
 //! Shutdown (SIGINT/SIGTERM or the caller's token): stop the sources, let
-//! the router drain what they sent, take a final snapshot round (which waits
-//! until the appliers applied everything routed), close the bus, stop the
-//! servers. A crash instead of a shutdown loses nothing: the sources resume
-//! from the last acknowledged checkpoint and apply is idempotent.
+//! the router drain what they sent, take a final snapshot round (embedded:
+//! it waits until the appliers applied everything routed; Kafka: it takes
+//! what is applied, and the sources' last checkpoints are written first),
+//! close the bus, say on the members topic that this process leaves, stop
+//! the servers. A crash instead of a shutdown loses nothing: the sources
+//! resume from the last acknowledged checkpoint and apply is idempotent.
 
 pub mod applier;
 pub mod checkpoints;
@@ -104,7 +107,12 @@ impl Fabric {
         }
         for (p, st) in self.partitions.iter().enumerate() {
             let applied = st.applied.load(std::sync::atomic::Ordering::Acquire);
-            let end = self.bus.end_offset(p as u32).0;
+            // A partition another process holds is no lag of this one.
+            let end = if st.owned.load(std::sync::atomic::Ordering::Acquire) {
+                self.bus.end_offset(p as u32).0
+            } else {
+                applied
+            };
             m.bus_lag
                 .get_or_create(&crate::telemetry::PartitionLabel {
                     partition: p.to_string(),
@@ -291,7 +299,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (mut partition_events, mut source_events) = match &kafka {
         None => {
             for p in 0..partitions {
-                owned_partitions.start(&mut snapshotter, p, Offset(restored.offsets[p as usize]));
+                let from = Offset(restored.offsets[p as usize]);
+                owned_partitions.start(&mut snapshotter, p, from, Offset(0));
             }
             for i in 0..config.sources.len() {
                 let resume = restored.checkpoints.get(&config.sources[i].name).cloned();
@@ -312,6 +321,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 flush_rx,
                 fabric.streams_stop.clone(),
             ));
+            for s in &fabric.sources {
+                s.status.set_state("elsewhere"); // Until this process is given it.
+            }
             let member = kc.instance_id(&snap_dir);
             let (m, (partition_events, source_events)) = Membership::join(
                 &crate::bus::kafka::client_config(&kc.brokers, &kc.properties),
@@ -397,8 +409,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
                 Ownership::Revoked { items, done } => {
-                    owned_partitions.revoked(&mut snapshotter, &items).await;
-                    let _ = done.send(());
+                    // Handing over may wait for a broker that is away.
+                    tokio::select! {
+                        _ = owned_partitions.revoked(&mut snapshotter, &items) => {
+                            let _ = done.send(());
+                        }
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             Some(ev) = recv_event(&mut source_events) => match ev {
@@ -409,8 +426,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
                 Ownership::Revoked { items, done } => {
-                    owned_sources.revoked(&items).await;
-                    let _ = done.send(());
+                    tokio::select! {
+                        _ = owned_sources.revoked(&items) => {
+                            let _ = done.send(());
+                        }
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             _ = tick.tick() => {
@@ -448,6 +469,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // a final snapshot loses nothing (the next start replays from the last one).
     let grace = config.shutdown_timeout();
     let drained = tokio::time::timeout(grace, async {
+        let ran = owned_sources.running();
         owned_sources.stop_all().await;
         if !router_done {
             match (&mut router_task).await {
@@ -456,6 +478,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 Err(e) => tracing::error!(error = %e, "the router panicked while draining"),
             }
         }
+        // On Kafka, the sources' last checkpoints, for whoever runs them next.
+        owned_sources.flush_checkpoints(ran).await;
         tracing::info!("taking the final snapshot");
         if let Err(e) = snapshotter.round().await {
             tracing::error!(error = %e, "final snapshot failed; the next start replays from the previous one");

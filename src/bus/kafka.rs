@@ -530,6 +530,25 @@ impl Bus for KafkaBus {
         Ok(Offset(high))
     }
 
+    async fn committed(&self, partition: u32) -> Result<Option<Offset>, BusError> {
+        self.check(partition)?;
+        let c = self.committer.clone();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.cfg.topic, partition as i32);
+        let tpl =
+            tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(30)))
+                .await
+                .map_err(|e| BusError::Kafka {
+                    operation: "read a committed offset".into(),
+                    reason: e.to_string(),
+                })?
+                .map_err(kafka("read a committed offset"))?;
+        Ok(tpl.elements().first().and_then(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) if o >= 0 => Some(Offset(o as u64)),
+            _ => None,
+        }))
+    }
+
     async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError> {
         self.check(partition)?;
         let tpl = self.at(partition, offset).map_err(kafka("commit"))?;

@@ -77,7 +77,8 @@ pub struct MemberRecord {
     pub leaving: bool,
 }
 
-/// What this process knows of the members, for status output and routing.
+/// What this process knows of the members (not read yet: request routing
+/// between processes will use it).
 #[derive(Debug, Clone, Default)]
 pub struct MemberView {
     /// Live members (this one included) by id.
@@ -210,6 +211,8 @@ impl Membership {
             source_events: stx,
             view: vtx,
             superseded: false,
+            own_seen: 0,
+            fresh_since: 0,
         };
         let task = tokio::spawn(me.run(leave.clone()));
         Ok((
@@ -247,6 +250,13 @@ struct Member {
     view: watch::Sender<MemberView>,
     /// Another process took this member id: hold nothing.
     superseded: bool,
+    /// When this process last read its own heartbeat back (ms): the topic
+    /// works for it. Without that, it decides nothing (see `fresh_since`).
+    own_seen: i64,
+    /// Since when its own heartbeats have come back without a gap longer
+    /// than the lease (ms): only then may it declare another member dead,
+    /// since a member's records may have been as delayed as its own.
+    fresh_since: i64,
 }
 
 fn now_ms() -> i64 {
@@ -302,8 +312,21 @@ impl Member {
         };
         match serde_json::from_slice::<MemberRecord>(value) {
             Ok(r) if r.member.as_bytes() == key => {
+                if r.member == self.s.member && r.incarnation == self.incarnation {
+                    let now = now_ms();
+                    let lease = self.s.session_timeout.as_millis() as i64;
+                    if now - self.own_seen > lease {
+                        self.fresh_since = now;
+                    }
+                    self.own_seen = now;
+                }
                 if r.member == self.s.member && r.incarnation < self.incarnation {
                     return; // An earlier life of this process: disowned.
+                }
+                if let Some((old, _)) = self.seen.get(&r.member)
+                    && old.incarnation > r.incarnation
+                {
+                    return; // An older process under a reused id.
                 }
                 if r.member == self.s.member && r.incarnation > self.incarnation {
                     // Another process runs under this id: two would own alike.
@@ -327,15 +350,28 @@ impl Member {
         }
     }
 
-    /// Live members other than this one, by id.
+    /// Live members other than this one, by id. A member whose lease ran
+    /// out still counts until this process has itself seen the topic work
+    /// for a whole lease: after a broker outage every record is late, and
+    /// nobody is declared dead for that.
     fn others(&self) -> BTreeMap<String, MemberRecord> {
         let now = now_ms();
         let lease = self.s.session_timeout.as_millis() as i64;
+        let trust_expiry = self.fresh_since > 0 && now - self.fresh_since >= lease;
         self.seen
             .iter()
-            .filter(|(id, (r, ts))| **id != self.s.member && !r.leaving && now - *ts < lease)
+            .filter(|(id, (r, ts))| {
+                **id != self.s.member && !r.leaving && (now - *ts < lease || !trust_expiry)
+            })
             .map(|(id, (r, _))| (id.clone(), r.clone()))
             .collect()
+    }
+
+    /// Whether this process's own heartbeats come back: if not (broker
+    /// away, or this process cut off), it keeps what it holds and takes or
+    /// gives nothing until they do.
+    fn connected(&self) -> bool {
+        now_ms() - self.own_seen < self.s.session_timeout.as_millis() as i64
     }
 
     async fn run(mut self, leave: CancellationToken) {
@@ -373,8 +409,8 @@ impl Member {
                 }
                 None => {}
             }
-            if self.caught_up_at > 0 {
-                continue; // The view is not complete yet.
+            if self.caught_up_at > 0 || !self.connected() {
+                continue; // The view is not complete, or not current.
             }
             if self.decide(&record_tx).await {
                 record_tx.send_replace(self.record(false));
@@ -401,16 +437,14 @@ impl Member {
 
         // Hand over first.
         let give_p: Vec<u32> = self.partitions.difference(&want_p).copied().collect();
-        if !give_p.is_empty() {
-            revoke(&self.partition_events, give_p.clone()).await;
+        if !give_p.is_empty() && revoke(&self.partition_events, give_p.clone()).await {
             for p in give_p {
                 self.partitions.remove(&p);
             }
             changed = true;
         }
         let give_s: Vec<String> = self.sources.difference(&want_s).cloned().collect();
-        if !give_s.is_empty() {
-            revoke(&self.source_events, give_s.clone()).await;
+        if !give_s.is_empty() && revoke(&self.source_events, give_s.clone()).await {
             for s in give_s {
                 self.sources.remove(&s);
             }
@@ -464,12 +498,11 @@ impl Member {
     }
 }
 
-/// Sends a revoke and waits until it is handed over (or nobody listens).
-async fn revoke<T>(events: &mpsc::UnboundedSender<Ownership<T>>, items: Vec<T>) {
+/// Sends a revoke and waits until it is handed over; false when it was
+/// not (the process is stopping: it still holds them until it leaves).
+async fn revoke<T>(events: &mpsc::UnboundedSender<Ownership<T>>, items: Vec<T>) -> bool {
     let (done, wait) = oneshot::channel();
-    if events.send(Ownership::Revoked { items, done }).is_ok() {
-        let _ = wait.await;
-    }
+    events.send(Ownership::Revoked { items, done }).is_ok() && wait.await.is_ok()
 }
 
 #[cfg(test)]

@@ -118,6 +118,13 @@ pub trait Bus: Send + Sync + 'static {
         Ok(self.end_offset(partition))
     }
 
+    /// The offset last committed for `partition` (by any process of the
+    /// fabric), if any.
+    async fn committed(&self, partition: u32) -> Result<Option<Offset>, BusError> {
+        let _ = partition;
+        Ok(None)
+    }
+
     /// Everything below `offset` in `partition` is durable elsewhere (a
     /// snapshot): the bus may drop it, and Kafka commits it.
     async fn commit(&self, partition: u32, offset: Offset) -> Result<(), BusError>;

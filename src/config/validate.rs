@@ -447,6 +447,14 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
         c.err("bus.kafka.replication", "must be at least 1");
     }
     check_duration(c, "bus.kafka.session_timeout", &k.session_timeout);
+    if humantime::parse_duration(&k.session_timeout)
+        .is_ok_and(|d| d < std::time::Duration::from_secs(1))
+    {
+        c.err(
+            "bus.kafka.session_timeout",
+            "must be at least 1s (heartbeats go every fifth of it)",
+        );
+    }
     for key in k.properties.keys() {
         if matches!(
             key.as_str(),

@@ -251,6 +251,11 @@ impl EntityService for EntityApi {
                 if change.key.entity_type != ty || key.as_ref().is_some_and(|k| *k != change.key) {
                     continue;
                 }
+                // A partition being rebuilt replays old versions: not news.
+                let p = change.key.partition(fabric.bus.partitions());
+                if !fabric.partitions[p as usize].serving() {
+                    continue;
+                }
                 if key.is_some() && change.version <= last_sent {
                     continue;
                 }

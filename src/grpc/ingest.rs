@@ -112,7 +112,26 @@ impl IngestService for IngestApi {
 }
 
 async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
+    if let Some(s) = fabric.sources.iter().find(|s| *s.name == *req.source)
+        && *s.status.state.lock() == "elsewhere"
+    {
+        // Kafka mode: another process of the fabric runs it.
+        return Err(Status::unavailable(format!(
+            "grpc_push source {:?} runs on another process of this fabric \
+             (CatalogService.ListSources says which); push to that one",
+            req.source
+        )));
+    }
     let Some(handle) = fabric.push.get(&req.source) else {
+        if let Some(s) = fabric.sources.iter().find(|s| *s.name == *req.source)
+            && s.kind == crate::config::SourceKind::GrpcPush
+        {
+            return Err(Status::unavailable(format!(
+                "grpc_push source {:?} is not running here yet (state {:?}); retry",
+                req.source,
+                s.status.state.lock().as_str()
+            )));
+        }
         let mut known = fabric.push.names();
         known.sort();
         return Err(Status::not_found(format!(
