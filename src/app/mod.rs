@@ -60,6 +60,10 @@ pub struct Fabric {
     pub dead_letters: Arc<DeadLetters>,
     /// Where snapshots are written and read.
     pub snapshot_dir: std::path::PathBuf,
+    /// On Kafka: this process's member id, and the members it sees (set
+    /// once it has joined).
+    pub member_id: String,
+    pub members: std::sync::OnceLock<watch::Receiver<members::MemberView>>,
     pub sources: Vec<SourceRuntime>,
     pub partitions: Vec<Arc<PartitionState>>,
     /// Per entity type, its compiled views.
@@ -258,6 +262,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
         dead_letters: dead_letters.clone(),
         snapshot_dir: snap_dir.clone(),
+        member_id: config
+            .bus
+            .kafka
+            .as_ref()
+            .map(|k| k.instance_id(&snap_dir))
+            .unwrap_or_default(),
+        members: std::sync::OnceLock::new(),
         sources,
         partitions: (0..partitions)
             .map(|p| {
@@ -324,13 +335,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             for s in &fabric.sources {
                 s.status.set_state("elsewhere"); // Until this process is given it.
             }
-            let member = kc.instance_id(&snap_dir);
+            let member = fabric.member_id.clone();
             let (m, (partition_events, source_events)) = Membership::join(
                 &crate::bus::kafka::client_config(&kc.brokers, &kc.properties),
                 kc.replication,
                 members::MemberSettings {
                     member: member.clone(),
-                    grpc: config.server.grpc_addr.clone(),
+                    grpc: config.advertise_addr(),
                     topic: kc.topic("members"),
                     partitions,
                     sources: config.sources.iter().map(|s| s.name.clone()).collect(),
@@ -339,6 +350,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             )
             .await?;
             tracing::info!(member, topic = %kc.topic("members"), "joined the fabric's members; waiting for assignments");
+            let _ = fabric.members.set(m.view.clone());
             membership = Some(m);
             (Some(partition_events), Some(source_events))
         }

@@ -77,8 +77,8 @@ pub struct MemberRecord {
     pub leaving: bool,
 }
 
-/// What this process knows of the members (not read yet: request routing
-/// between processes will use it).
+/// What this process knows of the members: who holds what, and where they
+/// serve gRPC (reads are forwarded there).
 #[derive(Debug, Clone, Default)]
 pub struct MemberView {
     /// Live members (this one included) by id.

@@ -60,6 +60,11 @@ pub struct ServerConfig {
     /// Address of the gRPC façade.
     #[serde(default = "default_grpc_addr")]
     pub grpc_addr: String,
+    /// The address other processes of the fabric reach this one's gRPC at
+    /// (Kafka mode, several processes: reads are forwarded there). Default:
+    /// `grpc_addr`, with the host name in place of an unspecified IP
+    /// (`0.0.0.0`, `::`).
+    pub advertise_addr: Option<String>,
     /// Address of the admin HTTP endpoint (`/healthz`, `/metrics`).
     #[serde(default = "default_admin_addr")]
     pub admin_addr: String,
@@ -491,6 +496,23 @@ impl Config {
         self.server.admin_addr.parse().expect("validated")
     }
 
+    /// [`ServerConfig::advertise_addr`] or its default.
+    pub fn advertise_addr(&self) -> String {
+        if let Some(a) = &self.server.advertise_addr {
+            return a.clone();
+        }
+        match self.grpc_addr() {
+            a if a.ip().is_unspecified() => {
+                format!(
+                    "{}:{}",
+                    gethostname::gethostname().to_string_lossy(),
+                    a.port()
+                )
+            }
+            a => a.to_string(),
+        }
+    }
+
     pub fn snapshot_interval(&self) -> Duration {
         humantime::parse_duration(&self.snapshot.interval).expect("validated")
     }
@@ -550,6 +572,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             grpc_addr: default_grpc_addr(),
+            advertise_addr: None,
             admin_addr: default_admin_addr(),
             watch_buffer: default_watch_buffer(),
             cache_encoded: default_true(),

@@ -190,6 +190,16 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
             );
         }
     }
+    if let Some(a) = &cfg.server.advertise_addr
+        && !a
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    {
+        c.err(
+            "server.advertise_addr",
+            format!("{a:?} is not host:port (e.g. fabric-0.fabric-headless:50051)"),
+        );
+    }
     if cfg.server.watch_buffer == 0 {
         c.err("server.watch_buffer", "must be at least 1");
     }

@@ -1,5 +1,6 @@
 //! `EntityService`: reads of micro-DBs.
 
+use super::forward::{self, Route};
 use super::{Timer, entity_type};
 use crate::app::Fabric;
 use crate::event::EntityKey;
@@ -23,11 +24,15 @@ const MAX_PAGE: usize = 10_000;
 
 pub struct EntityApi {
     fabric: Arc<Fabric>,
+    peers: forward::Peers,
 }
 
 impl EntityApi {
     pub fn new(fabric: Arc<Fabric>) -> Self {
-        EntityApi { fabric }
+        EntityApi {
+            fabric,
+            peers: forward::Peers::default(),
+        }
     }
 
     /// The encoded entity through `view`, from the version's cache.
@@ -39,6 +44,14 @@ impl EntityApi {
             .map_or(0, |v| v.len());
         view::encoded(e, view, views, self.fabric.config.server.cache_encoded)
     }
+}
+
+/// A refusal that may pass once a partition has moved.
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    )
 }
 
 /// UNAVAILABLE unless this process serves the entity's partition: on
@@ -127,15 +140,40 @@ impl EntityService for EntityApi {
         request: Request<GetEntityRequest>,
     ) -> Result<Response<EntityWire>, Status> {
         let _t = Timer::start(&self.fabric, "GetEntity");
+        let until = forward::deadline(&request);
+        let hop = forward::forwarded(&request);
         let r = request.get_ref();
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
-        serving(&self.fabric, &key)?;
-        match self.fabric.store.get(&key) {
-            Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
-            None => Err(Status::not_found(format!(
-                "{} {} not found",
-                key.entity_type, key.id
-            ))),
+        let p = key.partition(self.fabric.bus.partitions());
+        loop {
+            let refused = match forward::route(&self.fabric, p) {
+                Route::Local => {
+                    return match self.fabric.store.get(&key) {
+                        Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
+                        None => Err(Status::not_found(format!(
+                            "{} {} not found",
+                            key.entity_type, key.id
+                        ))),
+                    };
+                }
+                Route::Remote(addr) if !hop => {
+                    let mut c = self.peers.client(&addr)?;
+                    match c.get_entity(forward::outgoing(r.clone(), until)).await {
+                        Ok(e) => {
+                            let bytes = prost::Message::encode_to_vec(&e.into_inner());
+                            return Ok(Response::new(EntityWire(bytes.into())));
+                        }
+                        Err(s) if retryable(&s) => s,
+                        Err(s) => return Err(s),
+                    }
+                }
+                Route::Remote(_) | Route::Moving => {
+                    serving(&self.fabric, &key).expect_err("not served here")
+                }
+            };
+            if !forward::pause(until).await {
+                return Err(refused);
+            }
         }
     }
 
@@ -144,6 +182,8 @@ impl EntityService for EntityApi {
         request: Request<BatchGetEntitiesRequest>,
     ) -> Result<Response<BatchWire>, Status> {
         let _t = Timer::start(&self.fabric, "BatchGetEntities");
+        let until = forward::deadline(&request);
+        let hop = forward::forwarded(&request);
         let r = request.get_ref();
         if r.ids.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -153,19 +193,88 @@ impl EntityService for EntityApi {
         }
         let cfg = entity_type(&self.fabric, &r.r#type)?;
         let view = resolve_view(&self.fabric, &r.r#type, &r.view)?;
-        let mut out = BatchWire::default();
         let keys = r
             .ids
             .iter()
             .map(|id| key_of(cfg, id))
             .collect::<Result<Vec<_>, _>>()?;
-        for key in &keys {
-            serving(&self.fabric, key)?;
+        let partitions = self.fabric.bus.partitions();
+        // Fast path: every id served here.
+        if keys
+            .iter()
+            .all(|k| self.fabric.partitions[k.partition(partitions) as usize].serving())
+        {
+            let mut out = BatchWire::default();
+            for (id, key) in r.ids.iter().zip(&keys) {
+                match self.fabric.store.get(key) {
+                    Some(e) => out.entities.push(self.encode(&e, view)),
+                    None => out.missing_ids.push(id.clone()),
+                }
+            }
+            return Ok(Response::new(out));
         }
-        for (id, key) in r.ids.iter().zip(&keys) {
-            match self.fabric.store.get(key) {
-                Some(e) => out.entities.push(self.encode(&e, view)),
-                None => out.missing_ids.push(id.clone()),
+        // Otherwise per id: here, forwarded to its holder (one request per
+        // holder), or waited for; answered in the order asked.
+        let mut found: Vec<Option<bytes::Bytes>> = vec![None; keys.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        loop {
+            let mut remote: std::collections::HashMap<String, Vec<usize>> = Default::default();
+            let mut refused = None;
+            let mut left = Vec::new();
+            for i in pending {
+                let key = &keys[i];
+                match forward::route(&self.fabric, key.partition(partitions)) {
+                    Route::Local => {
+                        found[i] = self.fabric.store.get(key).map(|e| self.encode(&e, view));
+                    }
+                    Route::Remote(addr) if !hop => remote.entry(addr).or_default().push(i),
+                    Route::Remote(_) | Route::Moving => {
+                        refused = serving(&self.fabric, key).err();
+                        left.push(i);
+                    }
+                }
+            }
+            for (addr, idx) in remote {
+                let mut c = self.peers.client(&addr)?;
+                let ask = BatchGetEntitiesRequest {
+                    r#type: r.r#type.clone(),
+                    ids: idx.iter().map(|i| r.ids[*i].clone()).collect(),
+                    view: r.view.clone(),
+                };
+                match c.batch_get_entities(forward::outgoing(ask, until)).await {
+                    Ok(resp) => {
+                        let resp = resp.into_inner();
+                        let mut by_id: std::collections::HashMap<String, Entity> = resp
+                            .entities
+                            .into_iter()
+                            .map(|e| (e.id.clone(), e))
+                            .collect();
+                        for i in idx {
+                            found[i] = by_id
+                                .remove(keys[i].id.as_ref())
+                                .map(|e| prost::Message::encode_to_vec(&e).into());
+                        }
+                    }
+                    Err(s) if retryable(&s) => {
+                        refused = Some(s);
+                        left.extend(idx);
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            if !forward::pause(until).await {
+                return Err(refused.unwrap_or_else(|| Status::unavailable("partitions moving")));
+            }
+            pending = left;
+        }
+        let mut out = BatchWire::default();
+        for (i, f) in found.into_iter().enumerate() {
+            match f {
+                Some(b) => out.entities.push(b),
+                None => out.missing_ids.push(r.ids[i].clone()),
             }
         }
         Ok(Response::new(out))

@@ -4,6 +4,7 @@
 
 mod catalog;
 mod entity;
+pub mod forward;
 mod ingest;
 pub mod wire;
 
