@@ -149,6 +149,7 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
                 "FABRIC_BILLING_URL",
                 "mysql://fabric:secret@mariadb:3306/billing",
             ),
+            ("POD_NAME", "fabric-1"),
         ],
     );
     assert!(out.contains("bus: kafka"), "{out}");
@@ -160,6 +161,28 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
     let sts = find("StatefulSet", "fabric");
     let spec = &sts["spec"]["template"]["spec"];
     let container = &spec["containers"][0];
+    // Several replicas, each reachable by the others at a stable name (reads
+    // are forwarded there), also before it is ready.
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["serviceName"], "fabric-headless");
+    assert_eq!(
+        find("Service", "fabric-headless")["spec"]["publishNotReadyAddresses"],
+        true
+    );
+    assert!(
+        toml.contains("advertise_addr = \"${POD_NAME}.fabric-headless:50051\""),
+        "each replica advertises its pod's stable name"
+    );
+    let pod_name = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_NAME")
+        .expect("POD_NAME in the environment");
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
     let args = strings(&container["args"]);
     assert!(
         args.windows(2)
