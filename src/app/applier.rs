@@ -67,6 +67,8 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     /// In Kafka mode, the entities topic.
     pub publisher: Option<Arc<EntityPublisher>>,
+    /// In Kafka mode, the state topic.
+    pub state_topic: Option<Arc<super::state::StateTopic>>,
     /// Changes of records below this offset are not published: a previous
     /// holder of the partition published them (replays after a move).
     pub publish_from: Offset,
@@ -89,6 +91,7 @@ pub async fn run(
         state,
         metrics,
         publisher,
+        state_topic,
         publish_from,
         stop,
     } = a;
@@ -143,6 +146,12 @@ pub async fn run(
                         && !changes.is_empty()
                     {
                         p.publish(&changes).await?;
+                    }
+                    // Below `publish_from` a previous holder wrote it already.
+                    if let Some(st) = &state_topic
+                        && next > publish_from
+                    {
+                        st.write(partition, &changes, next.0).await?;
                     }
                     changes.clear();
                     state.applied.store(next.0, Ordering::Release);

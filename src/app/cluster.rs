@@ -44,6 +44,8 @@ struct RunningApplier {
 pub struct Partitions {
     pub fabric: Arc<Fabric>,
     pub publisher: Option<Arc<EntityPublisher>>,
+    /// On Kafka, the state topic (restores, and written as entities change).
+    pub state_topic: Option<Arc<super::state::StateTopic>>,
     running: Vec<Option<RunningApplier>>,
     failed: mpsc::UnboundedSender<(u32, String)>,
     router: mpsc::UnboundedSender<RouterControl>,
@@ -62,6 +64,7 @@ impl Partitions {
             Partitions {
                 fabric,
                 publisher,
+                state_topic: None,
                 running: (0..n).map(|_| None).collect(),
                 failed,
                 router,
@@ -95,6 +98,7 @@ impl Partitions {
             state: state.clone(),
             metrics: f.metrics.clone(),
             publisher: self.publisher.clone(),
+            state_topic: self.state_topic.clone(),
             publish_from,
             stop: stop.clone(),
         };
@@ -171,8 +175,8 @@ impl Partitions {
         Ok(())
     }
 
-    /// Rebuilds `partition` (from its snapshot, or from the start of the
-    /// log) and starts applying it; reads wait for it to reach the end the
+    /// Rebuilds `partition` (from the newer of its local snapshot and the
+    /// state topic, else from the start of the log) and starts applying it; reads wait for it to reach the end the
     /// log has now. Broker errors are retried (the caller races this with
     /// shutdown); only history missing from the log is fatal.
     async fn restore(&mut self, snap: &mut Snapshotter, p: u32) -> anyhow::Result<()> {
@@ -188,31 +192,61 @@ impl Partitions {
             snapshots::restore_partition(&dir, &store, p, partitions)
         })
         .await??;
+        let local = restored.map(|(offset, _)| offset);
+        // The state topic, when newer than what this process has on disk.
+        let mut from_state = None;
+        if let Some(st) = self.state_topic.clone() {
+            let state = retrying("read the state topic", || st.read(p)).await;
+            if let Some(s) = state
+                && local.is_none_or(|l| s.offset > l)
+            {
+                f.store.drop_shard(p);
+                let n = s.entities.len();
+                for e in s.entities {
+                    f.store.restore(e);
+                }
+                tracing::info!(
+                    partition = p,
+                    entities = n,
+                    offset = s.offset,
+                    local_snapshot = ?local,
+                    "partition restored from the state topic"
+                );
+                from_state = Some(s.offset);
+            }
+        }
         let start = retrying("read the start of the log", || f.bus.start_offset(p)).await;
-        let from = match restored {
-            Some((offset, _)) => Offset(offset),
+        let from = match from_state.or(local) {
+            Some(offset) if offset >= start.0 => Offset(offset),
+            Some(offset) => anyhow::bail!(
+                "bus partition {p}: the changes topic no longer holds offset {offset} that its \
+                 newest state reflects (its oldest offset is {start}): changes would be lost"
+            ),
             None if start.0 > 0 => anyhow::bail!(
-                "bus partition {p}: there is no snapshot of it here and the changes topic no \
-                 longer holds its start (its oldest offset is {start}): its history cannot be \
-                 rebuilt. Restore a snapshot directory that has it, or start over with a new \
-                 topic_prefix"
+                "bus partition {p}: there is no snapshot or state of it and the changes topic \
+                 no longer holds its start (its oldest offset is {start}): its history cannot \
+                 be rebuilt. Start over with a new topic_prefix"
             ),
             None => {
                 tracing::info!(
                     partition = p,
                     to = ready_at.0,
-                    "no snapshot of this partition here: rebuilding it from the log"
+                    "no snapshot or state of this partition: rebuilding it from the log"
                 );
                 start
             }
         };
-        // Versions below what a previous holder committed were published
-        // by it (an applier counts a batch applied only once published).
-        let published = retrying("read the committed offset", || f.bus.committed(p)).await;
+        // Versions below what a previous holder committed, or wrote to the
+        // state topic, were published by it (an applier counts a batch
+        // applied only once published).
+        let committed = retrying("read the committed offset", || f.bus.committed(p))
+            .await
+            .unwrap_or_default();
+        let published = Offset(committed.0.max(from_state.unwrap_or(0)));
         let _ = self
             .router
             .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
-        self.start(snap, p, from, published.unwrap_or_default());
+        self.start(snap, p, from, published);
         Ok(())
     }
 

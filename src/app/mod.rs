@@ -18,6 +18,7 @@ pub mod applier;
 pub mod checkpoints;
 pub mod cluster;
 pub mod snapshots;
+pub mod state;
 
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::kafka::{KafkaBus, KafkaBusConfig};
@@ -235,7 +236,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Box::new(bus.clone()),
         Box::new(publisher.clone()),
         Box::new(dead_letters.clone()),
-        Box::new(kafka.as_ref().map(|k| k.checkpoints.clone())),
+        Box::new(
+            kafka
+                .as_ref()
+                .map(|k| (k.checkpoints.clone(), k.state.clone())),
+        ),
     ]);
 
     let push = PushRegistry::default();
@@ -322,6 +327,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         Some(k) => {
             let kc = config.bus.kafka.as_ref().expect("kafka mode");
+            owned_partitions.state_topic = k.state.clone();
             let (flush_tx, flush_rx) = mpsc::unbounded_channel();
             owned_sources.checkpoints = Some(k.checkpoints.clone());
             owned_sources.writer = Some(flush_tx);
@@ -529,13 +535,14 @@ async fn recv_event<T>(
     }
 }
 
-/// What Kafka mode adds: the bus itself, the entities publisher and the
-/// checkpoints topic.
+/// What Kafka mode adds: the bus itself, the entities publisher, the
+/// checkpoints topic and the state topic.
 #[derive(Clone)]
 struct KafkaParts {
     bus: Arc<KafkaBus>,
     publisher: Option<Arc<EntityPublisher>>,
     checkpoints: Arc<checkpoints::CheckpointTopic>,
+    state: Option<Arc<state::StateTopic>>,
 }
 
 /// Connects the Kafka bus, the entities topic, the dead-letter topic and
@@ -568,10 +575,18 @@ async fn connect_kafka(
         });
     }
     let checkpoints = checkpoints::CheckpointTopic::connect(k).await?;
+    let state = if k.state_topic {
+        Some(Arc::new(
+            state::StateTopic::connect(k, config.bus.partitions).await?,
+        ))
+    } else {
+        None
+    };
     Ok(KafkaParts {
         bus: Arc::new(bus),
         publisher,
         checkpoints: Arc::new(checkpoints),
+        state,
     })
 }
 

@@ -157,6 +157,11 @@ pub struct KafkaConfig {
     /// the retention period. Applies only when the fabric creates the topic.
     #[serde(default = "default_true")]
     pub entities_compacted: bool,
+    /// Keep every micro-DB on `<prefix>.state` (compacted) as it changes,
+    /// so a process given a partition restores it from there rather than
+    /// replaying the changes topic from its start.
+    #[serde(default = "default_true")]
+    pub state_topic: bool,
     /// Send dead letters to `<prefix>.dlq` as well as to the DLQ file.
     #[serde(default = "default_true")]
     pub dlq_topic: bool,

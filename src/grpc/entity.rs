@@ -46,11 +46,14 @@ impl EntityApi {
     }
 }
 
-/// A refusal that may pass once a partition has moved.
+/// A forwarded read's failure that may pass once a partition has moved:
+/// the holder refused (it stopped holding it), or could not be reached (it
+/// died and its lease has not run out: a transport error, `Unknown`).
 fn retryable(s: &Status) -> bool {
+    use tonic::Code::*;
     matches!(
         s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        Unavailable | DeadlineExceeded | Unknown | Cancelled | Aborted
     )
 }
 

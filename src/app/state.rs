@@ -1,0 +1,241 @@
+//! The state topic, `<prefix>.state`: every micro-DB as it is now, so that a
+//! process given a partition restores it from the broker instead of needing
+//! the disk of the process that held it before, or the whole history of the
+//! changes topic.
+//!
+//! Partition `p` of the topic mirrors bus partition `p`: one message per
+//! entity (key `<type>/<id>`, value a format byte and the entity in postcard
+//! encoding, the same encoding as snapshot files; a tombstone when the
+//! entity is deleted), compacted, so the topic holds the newest state of
+//! every entity. After each applied batch the applier also writes the key
+//! [`OFFSET_KEY`] with the bus offset the partition's state now reflects.
+//! Both go before the batch counts as applied (as the entities topic does),
+//! through one idempotent producer, in order: so when the newest offset
+//! record says `o`, every entity message of the records below `o` is on the
+//! topic before it.
+//!
+//! Restore of partition `p`: read the partition from its start to its end
+//! now; the entities are the state at the last offset record's `o`; the
+//! changes topic is replayed from `o` (a record applied twice is applied
+//! once). A process prefers its local snapshot when that is newer.
+
+use crate::bus::BusError;
+use crate::bus::kafka::{
+    self, BaseConsumer, Producer, client_config, durable_producer, ensure_topic, send_in_order,
+};
+use crate::config::KafkaConfig;
+use crate::store::{Entity, EntityChange};
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::FutureRecord;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The key of the per-partition offset record.
+pub const OFFSET_KEY: &str = "!offset";
+const FORMAT_POSTCARD: u8 = 1;
+
+pub struct StateTopic {
+    topic: String,
+    client: rdkafka::ClientConfig,
+    producer: Producer,
+}
+
+fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
+    move |e| BusError::Kafka {
+        operation: operation.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// What a partition of the state topic holds.
+pub struct Restored {
+    /// The bus offset the entities reflect.
+    pub offset: u64,
+    pub entities: Vec<Entity>,
+}
+
+impl StateTopic {
+    /// Connects, creating the topic (compacted, `partitions` partitions)
+    /// when it is missing.
+    pub async fn connect(k: &KafkaConfig, partitions: u32) -> Result<Self, BusError> {
+        let client = client_config(&k.brokers, &k.properties);
+        let topic = k.topic("state");
+        ensure_topic(
+            &client,
+            &topic,
+            partitions,
+            k.replication,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+        Ok(StateTopic {
+            producer: durable_producer(&client)?,
+            topic,
+            client,
+        })
+    }
+
+    /// Writes the entities `changes` left in `partition` (the newest state
+    /// of each) and then the offset the partition reflects; resolves once
+    /// the broker has them all.
+    pub async fn write(
+        &self,
+        partition: u32,
+        changes: &[Arc<EntityChange>],
+        offset: u64,
+    ) -> Result<(), BusError> {
+        // The newest change of each entity in the batch.
+        let mut newest: HashMap<&crate::event::EntityKey, &EntityChange> = HashMap::new();
+        for c in changes {
+            newest.insert(&c.key, c);
+        }
+        let mut deliveries = Vec::with_capacity(newest.len() + 1);
+        for c in changes {
+            if !newest.get(&c.key).is_some_and(|n| std::ptr::eq(*n, &**c)) {
+                continue;
+            }
+            let key = c.key.bus_key();
+            let value = match &c.entity {
+                Some(e) => {
+                    let v = postcard::to_extend(&**e, vec![FORMAT_POSTCARD]).map_err(|e| {
+                        BusError::Kafka {
+                            operation: "encode an entity's state".into(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    Some(v)
+                }
+                None => None,
+            };
+            let mut record = FutureRecord::to(&self.topic)
+                .partition(partition as i32)
+                .key(key.as_str());
+            if let Some(v) = &value {
+                record = record.payload(v.as_slice());
+            }
+            deliveries.push(
+                send_in_order(&self.producer, record)
+                    .await
+                    .map_err(err("write an entity's state"))?,
+            );
+        }
+        let o = offset.to_string();
+        let record = FutureRecord::to(&self.topic)
+            .partition(partition as i32)
+            .key(OFFSET_KEY)
+            .payload(o.as_bytes());
+        deliveries.push(
+            send_in_order(&self.producer, record)
+                .await
+                .map_err(err("write the state offset"))?,
+        );
+        for d in deliveries {
+            d.await
+                .map_err(|_| BusError::Closed)?
+                .map_err(|(e, _)| err("write the state")(e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads partition `p` whole; `None` when it holds no offset record
+    /// (nothing was ever applied into it).
+    pub async fn read(&self, partition: u32) -> Result<Option<Restored>, BusError> {
+        let client = self.client.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || read_partition(&client, &topic, partition))
+            .await
+            .map_err(|e| BusError::Kafka {
+                operation: "read the state topic".into(),
+                reason: e.to_string(),
+            })?
+    }
+}
+
+fn read_partition(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<Restored>, BusError> {
+    let mut c = client.clone();
+    c.set("group.id", format!("{topic}.reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = kafka::create(&c).map_err(err("create a reader"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
+        .map_err(err("read a watermark"))?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, rdkafka::Offset::Offset(low))
+        .map_err(err("assign"))?;
+    consumer.assign(&tpl).map_err(err("assign"))?;
+    let mut entities: HashMap<Vec<u8>, Entity> = HashMap::new();
+    let mut offset = None;
+    let mut idle = std::time::Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                idle = std::time::Instant::now();
+                let key = m.key().unwrap_or_default();
+                if key == OFFSET_KEY.as_bytes() {
+                    offset = m
+                        .payload()
+                        .and_then(|p| std::str::from_utf8(p).ok())
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .or(offset);
+                } else {
+                    match m.payload() {
+                        None => {
+                            entities.remove(key);
+                        }
+                        Some([FORMAT_POSTCARD, rest @ ..]) => {
+                            match postcard::from_bytes::<Entity>(rest) {
+                                Ok(e) => {
+                                    entities.insert(key.to_vec(), e);
+                                }
+                                Err(e) => {
+                                    return Err(BusError::Kafka {
+                                        operation: format!(
+                                            "read {topic}/{partition}@{}",
+                                            m.offset()
+                                        ),
+                                        reason: format!("an entity's state does not decode: {e}"),
+                                    });
+                                }
+                            }
+                        }
+                        Some(_) => {
+                            return Err(BusError::Kafka {
+                                operation: format!("read {topic}/{partition}@{}", m.offset()),
+                                reason: "unknown state format".into(),
+                            });
+                        }
+                    }
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, error = %e, "reading the state topic; retrying")
+            }
+            None if idle.elapsed() > Duration::from_secs(60) => {
+                return Err(BusError::Kafka {
+                    operation: format!("read {topic}/{partition}"),
+                    reason: format!("did not reach offset {high} within 60s"),
+                });
+            }
+            None => {}
+        }
+    }
+    // Drop off this thread is fine: it is a blocking one.
+    drop(consumer);
+    Ok(offset.map(|offset| Restored {
+        offset,
+        entities: entities.into_values().collect(),
+    }))
+}
