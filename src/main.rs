@@ -131,12 +131,13 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
                 match &c.bus.kafka {
                     Some(k) if c.bus.kind == entity_fabric::config::BusKind::Kafka => println!(
-                        "  bus: kafka at {} (topics {}, {}, {}, {}, {}; member {})",
+                        "  bus: kafka at {} (topics {}, {}, {}, {}, {}, {}; member {})",
                         k.brokers,
                         k.topic("changes"),
                         k.topic("entities"),
                         k.topic("dlq"),
                         k.topic("checkpoints"),
+                        k.topic("state"),
                         k.topic("members"),
                         k.instance_id(&c.resolve(&c.snapshot.dir).join(k.topic("changes"))),
                     ),

@@ -388,7 +388,7 @@ fn kafka_settings_are_checked() {
     assert!(ok, "{err}");
     assert!(
         out.contains(
-            "bus: kafka at k1:9092,k2:9092 (topics fabric.changes, fabric.entities, fabric.dlq, fabric.checkpoints, fabric.members; member "
+            "bus: kafka at k1:9092,k2:9092 (topics fabric.changes, fabric.entities, fabric.dlq, fabric.checkpoints, fabric.state, fabric.members; member "
         ),
         "{out}"
     );
