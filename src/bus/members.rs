@@ -182,7 +182,7 @@ impl Membership {
         c.set("group.id", format!("{}.reader", s.topic))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "50");
+            .set("fetch.wait.max.ms", "100");
         let reader: kafka::StreamConsumer = kafka::create(&c).map_err(err("create a reader"))?;
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition_offset(&s.topic, 0, rdkafka::Offset::Beginning)

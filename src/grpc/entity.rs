@@ -24,14 +24,14 @@ const MAX_PAGE: usize = 10_000;
 
 pub struct EntityApi {
     fabric: Arc<Fabric>,
-    peers: forward::Peers,
+    peers: Arc<forward::Peers>,
 }
 
 impl EntityApi {
     pub fn new(fabric: Arc<Fabric>) -> Self {
         EntityApi {
             fabric,
-            peers: forward::Peers::default(),
+            peers: Arc::new(forward::Peers::default()),
         }
     }
 
@@ -317,90 +317,243 @@ impl EntityService for EntityApi {
         &self,
         request: Request<WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        // On Kafka with several processes, a watch opened here (not one
+        // forwarded by another process) covers every process: the changes
+        // served here, merged with those each other process serves.
+        let cluster = !forward::forwarded(&request) && self.fabric.members.get().is_some();
         let r = request.into_inner();
         let cfg = entity_type(&self.fabric, &r.r#type)?;
         let key = if r.id.is_empty() {
             None
         } else {
             let key = resolve(&self.fabric, &r.r#type, &r.id, "")?.0;
-            serving(&self.fabric, &key)?;
+            if !cluster {
+                serving(&self.fabric, &key)?;
+            }
             Some(key)
         };
         resolve_view(&self.fabric, &r.r#type, &r.view)?;
         let fabric = self.fabric.clone();
+        let peers = self.peers.clone();
         let ty: Arc<str> = cfg.name.as_str().into();
         // Subscribe before reading the current state, so nothing falls between.
-        let mut rx = fabric.store.subscribe();
+        let rx = fabric.store.subscribe();
         let stream = async_stream(move |tx| async move {
-            let view = fabric.views.get(&*ty).and_then(|v| v.get(&r.view));
+            let (itx, mut irx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(local_changes(
+                fabric.clone(),
+                ty.clone(),
+                key.clone(),
+                r.view.clone(),
+                rx,
+                itx.clone(),
+            ));
+            if cluster {
+                let all = WatchEntitiesRequest {
+                    id: String::new(),
+                    from_version: 0,
+                    ..r.clone()
+                };
+                tokio::spawn(peer_changes(
+                    fabric.clone(),
+                    peers.clone(),
+                    all,
+                    key.clone(),
+                    itx.clone(),
+                ));
+            }
+            drop(itx);
             let mut last_sent = 0u64;
             if let Some(k) = &key
-                && let Some(e) = fabric.store.get(k)
-                && e.version >= r.from_version
+                && let Some(current) = current_state(&fabric, &peers, k, &r).await
+                && current
+                    .entity
+                    .as_ref()
+                    .is_some_and(|e| e.version >= r.from_version)
             {
-                last_sent = e.version;
-                if tx.send(Ok(upsert(&e, view, Vec::new()))).await.is_err() {
+                last_sent = current.entity.as_ref().map_or(0, |e| e.version);
+                if tx.send(Ok(current)).await.is_err() {
                     return;
                 }
             }
-            loop {
-                let next = tokio::select! {
-                    _ = fabric.streams_stop.cancelled() => return,
-                    c = rx.recv() => c,
-                };
-                let change = match next {
-                    Ok(c) => c,
-                    Err(RecvError::Closed) => return,
-                    Err(RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "this watcher fell {n} changes behind (server.watch_buffer); reconnect to resume"
-                            ))))
-                            .await;
-                        return;
+            while let Some(item) = irx.recv().await {
+                if let (Some(_), Ok(change)) = (&key, &item) {
+                    let version = change.entity.as_ref().map_or(0, |e| e.version);
+                    let deleted = change.operation == Operation::Delete as i32;
+                    if version <= last_sent && !deleted {
+                        continue;
                     }
-                };
-                if change.key.entity_type != ty || key.as_ref().is_some_and(|k| *k != change.key) {
-                    continue;
+                    // A deleted entity that comes back starts again at version 1.
+                    last_sent = if deleted { 0 } else { version };
                 }
-                // A partition being rebuilt replays old versions: not news.
-                let p = change.key.partition(fabric.bus.partitions());
-                if !fabric.partitions[p as usize].serving() {
-                    continue;
-                }
-                if key.is_some() && change.version <= last_sent {
-                    continue;
-                }
-                // A deleted entity that comes back starts again at version 1.
-                last_sent = if change.entity.is_some() {
-                    change.version
-                } else {
-                    0
-                };
-                let tables: Vec<String> = change
-                    .changed_tables
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect();
-                let msg = match &change.entity {
-                    Some(e) => upsert(e, view, tables),
-                    None => EntityChange {
-                        operation: Operation::Delete as i32,
-                        entity: Some(Entity {
-                            r#type: change.key.entity_type.to_string(),
-                            id: change.key.id.to_string(),
-                            version: change.version,
-                            ..Default::default()
-                        }),
-                        changed_tables: tables,
-                    },
-                };
-                if tx.send(Ok(msg)).await.is_err() {
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
                     return;
                 }
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The current state of `key` for a watch's first message: from here, or
+/// from the process that holds it.
+async fn current_state(
+    fabric: &Fabric,
+    peers: &forward::Peers,
+    key: &crate::event::EntityKey,
+    r: &WatchEntitiesRequest,
+) -> Option<EntityChange> {
+    let view = fabric
+        .views
+        .get(&*key.entity_type)
+        .and_then(|v| v.get(&r.view));
+    match forward::route(fabric, key.partition(fabric.bus.partitions())) {
+        Route::Local => fabric.store.get(key).map(|e| upsert(&e, view, Vec::new())),
+        Route::Remote(addr) => {
+            let mut c = peers.client(&addr).ok()?;
+            let ask = GetEntityRequest {
+                r#type: r.r#type.clone(),
+                id: key.id.to_string(),
+                view: r.view.clone(),
+            };
+            let e = c
+                .get_entity(forward::outgoing(ask, None))
+                .await
+                .ok()?
+                .into_inner();
+            Some(EntityChange {
+                operation: Operation::Upsert as i32,
+                entity: Some(e),
+                changed_tables: Vec::new(),
+            })
+        }
+        Route::Moving => None,
+    }
+}
+
+/// The changes applied here to entities of type `ty` (or to `key`) while
+/// their partition is served here.
+async fn local_changes(
+    fabric: Arc<Fabric>,
+    ty: Arc<str>,
+    key: Option<crate::event::EntityKey>,
+    view_name: String,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<crate::store::EntityChange>>,
+    tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
+) {
+    let view = fabric.views.get(&*ty).and_then(|v| v.get(&view_name));
+    loop {
+        let next = tokio::select! {
+            _ = fabric.streams_stop.cancelled() => return,
+            _ = tx.closed() => return,
+            c = rx.recv() => c,
+        };
+        let change = match next {
+            Ok(c) => c,
+            Err(RecvError::Closed) => return,
+            Err(RecvError::Lagged(n)) => {
+                let _ = tx
+                    .send(Err(Status::resource_exhausted(format!(
+                        "this watcher fell {n} changes behind (server.watch_buffer); reconnect to resume"
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        if change.key.entity_type != ty || key.as_ref().is_some_and(|k| *k != change.key) {
+            continue;
+        }
+        // A partition being rebuilt replays old versions: not news.
+        let p = change.key.partition(fabric.bus.partitions());
+        if !fabric.partitions[p as usize].serving() {
+            continue;
+        }
+        let tables: Vec<String> = change
+            .changed_tables
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let msg = match &change.entity {
+            Some(e) => upsert(e, view, tables),
+            None => EntityChange {
+                operation: Operation::Delete as i32,
+                entity: Some(Entity {
+                    r#type: change.key.entity_type.to_string(),
+                    id: change.key.id.to_string(),
+                    version: change.version,
+                    ..Default::default()
+                }),
+                changed_tables: tables,
+            },
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The changes every other live process serves, through a forwarded watch
+/// of the whole type on each (re-opened as processes come and go), those of
+/// `key` only when one is given.
+async fn peer_changes(
+    fabric: Arc<Fabric>,
+    peers: Arc<forward::Peers>,
+    all: WatchEntitiesRequest,
+    key: Option<crate::event::EntityKey>,
+    tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
+) {
+    let Some(members) = fabric.members.get() else {
+        return;
+    };
+    let mut members = members.clone();
+    let mut open: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+        Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        let live: Vec<(String, String)> = members
+            .borrow_and_update()
+            .live
+            .values()
+            .filter(|m| m.member != fabric.member_id)
+            .map(|m| (m.member.clone(), m.grpc.clone()))
+            .collect();
+        open.retain(|m, h| !h.is_finished() && live.iter().any(|(l, _)| l == m));
+        for (member, addr) in live {
+            if open.contains_key(&member) {
+                continue;
+            }
+            let Ok(mut c) = peers.client(&addr) else {
+                continue;
+            };
+            let (all, key, tx) = (all.clone(), key.clone(), tx.clone());
+            open.insert(
+                member,
+                tokio::spawn(async move {
+                    let Ok(stream) = c.watch_entities(forward::outgoing_stream(all)).await else {
+                        return;
+                    };
+                    let mut stream = stream.into_inner();
+                    while let Ok(Some(change)) = stream.message().await {
+                        let wanted = key
+                            .as_ref()
+                            .is_none_or(|k| change.entity.as_ref().is_some_and(|e| *e.id == *k.id));
+                        if wanted && tx.send(Ok(change)).await.is_err() {
+                            return;
+                        }
+                    }
+                }),
+            );
+        }
+        tokio::select! {
+            _ = tx.closed() => break,
+            _ = fabric.streams_stop.cancelled() => break,
+            _ = members.changed() => {}
+            _ = tick.tick() => {}
+        }
+    }
+    for (_, h) in open {
+        h.abort();
     }
 }
 

@@ -107,6 +107,15 @@ pub fn outgoing<T>(msg: T, until: Option<Instant>) -> Request<T> {
     r
 }
 
+/// A forwarded watch: marked, and without a deadline (it lasts as long as
+/// the watcher).
+pub fn outgoing_stream<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
 /// Waits a little before the next try, if `until` leaves time for one.
 pub async fn pause(until: Option<Instant>) -> bool {
     const STEP: Duration = Duration::from_millis(50);
