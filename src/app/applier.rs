@@ -72,6 +72,8 @@ pub struct Applier {
     /// Changes of records below this offset are not published: a previous
     /// holder of the partition published them (replays after a move).
     pub publish_from: Offset,
+    /// Likewise for the state topic: it holds the partition up to here.
+    pub state_from: Offset,
     /// Stops the applier between batches (its partition is handed over).
     pub stop: CancellationToken,
 }
@@ -93,6 +95,7 @@ pub async fn run(
         publisher,
         state_topic,
         publish_from,
+        state_from,
         stop,
     } = a;
     let mut consumer = bus.consume(partition, from).await?;
@@ -131,27 +134,32 @@ pub async fn run(
                         // The bus is closed: answer what can be answered and stop.
                         return Ok(next);
                     }
+                    // The changes of records below `publish_from` (`state_from`)
+                    // are a prefix of the batch's: a previous holder of the
+                    // partition published them (wrote them to the state topic).
+                    let (mut published, mut stated) = (0, 0);
                     for d in batch {
                         debug_assert_eq!(d.offset, next, "bus offsets must be dense");
-                        let published_already = changes.len();
                         apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
                         if d.offset < publish_from {
-                            changes.truncate(published_already);
+                            published = changes.len();
+                        }
+                        if d.offset < state_from {
+                            stated = changes.len();
                         }
                         next = Offset(d.offset.0 + 1);
                     }
                     // Published before counted applied: a snapshot (taken between
                     // batches) never reflects a version the topic has not got.
                     if let Some(p) = &publisher
-                        && !changes.is_empty()
+                        && changes.len() > published
                     {
-                        p.publish(&changes).await?;
+                        p.publish(&changes[published..]).await?;
                     }
-                    // Below `publish_from` a previous holder wrote it already.
                     if let Some(st) = &state_topic
-                        && next > publish_from
+                        && next > state_from
                     {
-                        st.write(partition, &changes, next.0).await?;
+                        st.write(partition, &changes[stated..], next.0).await?;
                     }
                     changes.clear();
                     state.applied.store(next.0, Ordering::Release);

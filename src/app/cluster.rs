@@ -74,13 +74,14 @@ impl Partitions {
     }
 
     /// Starts applying `partition` from `from`, publishing entity changes
-    /// from `publish_from` on.
+    /// from `publish_from` on and writing the state topic from `state_from`.
     pub fn start(
         &mut self,
         snap: &mut Snapshotter,
         partition: u32,
         from: Offset,
         publish_from: Offset,
+        state_from: Offset,
     ) {
         let f = &self.fabric;
         let p = partition as usize;
@@ -100,6 +101,7 @@ impl Partitions {
             publisher: self.publisher.clone(),
             state_topic: self.state_topic.clone(),
             publish_from,
+            state_from,
             stop: stop.clone(),
         };
         let failed = self.failed.clone();
@@ -195,8 +197,17 @@ impl Partitions {
         let local = restored.map(|(offset, _)| offset);
         // The state topic, when newer than what this process has on disk.
         let mut from_state = None;
+        let mut state_offset = None;
+        // Entities on the state topic, when it is not used (older).
+        let mut stale_keys: Vec<crate::event::EntityKey> = Vec::new();
         if let Some(st) = self.state_topic.clone() {
             let state = retrying("read the state topic", || st.read(p)).await;
+            state_offset = state.as_ref().map(|s| s.offset);
+            if let Some(s) = &state
+                && local.is_some_and(|l| s.offset <= l)
+            {
+                stale_keys = s.entities.iter().map(|e| e.key.clone()).collect();
+            }
             if let Some(s) = state
                 && local.is_none_or(|l| s.offset > l)
             {
@@ -243,10 +254,55 @@ impl Partitions {
             .await
             .unwrap_or_default();
         let published = Offset(committed.0.max(from_state.unwrap_or(0)));
+        // The state topic must hold the whole partition as of `from`: when
+        // it is behind (it was off, or a local snapshot is newer), write
+        // the partition as it is now, then its offset, before going on.
+        let mut state_from = Offset(state_offset.unwrap_or(0));
+        if let Some(st) = self.state_topic.clone()
+            && state_offset.is_none_or(|s| s < from.0)
+            && from.0 > 0
+        {
+            let mut all: Vec<Arc<crate::store::EntityChange>> = f
+                .store
+                .shard_entities(p)
+                .into_iter()
+                .map(|e| {
+                    Arc::new(crate::store::EntityChange {
+                        key: e.key.clone(),
+                        version: e.version,
+                        entity: Some(e),
+                        changed_tables: Vec::new(),
+                    })
+                })
+                .collect();
+            // What the topic holds and the partition no longer does: deleted.
+            for key in stale_keys {
+                if f.store.get(&key).is_none() {
+                    all.push(Arc::new(crate::store::EntityChange {
+                        key,
+                        version: 0,
+                        entity: None,
+                        changed_tables: Vec::new(),
+                    }));
+                }
+            }
+            let n = all.len();
+            retrying("write the partition to the state topic", || {
+                st.write(p, &all, from.0)
+            })
+            .await;
+            tracing::info!(
+                partition = p,
+                entities = n,
+                offset = from.0,
+                "state topic brought up to date"
+            );
+            state_from = from;
+        }
         let _ = self
             .router
             .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
-        self.start(snap, p, from, published);
+        self.start(snap, p, from, published, state_from);
         Ok(())
     }
 

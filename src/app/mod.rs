@@ -316,7 +316,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => {
             for p in 0..partitions {
                 let from = Offset(restored.offsets[p as usize]);
-                owned_partitions.start(&mut snapshotter, p, from, Offset(0));
+                owned_partitions.start(&mut snapshotter, p, from, Offset(0), Offset(0));
             }
             for i in 0..config.sources.len() {
                 let resume = restored.checkpoints.get(&config.sources[i].name).cloned();

@@ -121,21 +121,23 @@ impl StateTopic {
                     .map_err(err("write an entity's state"))?,
             );
         }
+        for d in deliveries {
+            d.await
+                .map_err(|_| BusError::Closed)?
+                .map_err(|(e, _)| err("write an entity's state")(e))?;
+        }
+        // Only once the entities are there does the offset say so.
         let o = offset.to_string();
         let record = FutureRecord::to(&self.topic)
             .partition(partition as i32)
             .key(OFFSET_KEY)
             .payload(o.as_bytes());
-        deliveries.push(
-            send_in_order(&self.producer, record)
-                .await
-                .map_err(err("write the state offset"))?,
-        );
-        for d in deliveries {
-            d.await
-                .map_err(|_| BusError::Closed)?
-                .map_err(|(e, _)| err("write the state")(e))?;
-        }
+        send_in_order(&self.producer, record)
+            .await
+            .map_err(err("write the state offset"))?
+            .await
+            .map_err(|_| BusError::Closed)?
+            .map_err(|(e, _)| err("write the state offset")(e))?;
         Ok(())
     }
 

@@ -170,9 +170,10 @@ impl EntityService for EntityApi {
                         Err(s) => return Err(s),
                     }
                 }
-                Route::Remote(_) | Route::Moving => {
-                    serving(&self.fabric, &key).expect_err("not served here")
-                }
+                Route::Remote(_) | Route::Moving => match serving(&self.fabric, &key) {
+                    Ok(()) => continue, // It became served meanwhile.
+                    Err(s) => s,
+                },
             };
             if !forward::pause(until).await {
                 return Err(refused);
@@ -247,15 +248,14 @@ impl EntityService for EntityApi {
                 match c.batch_get_entities(forward::outgoing(ask, until)).await {
                     Ok(resp) => {
                         let resp = resp.into_inner();
-                        let mut by_id: std::collections::HashMap<String, Entity> = resp
+                        let by_id: std::collections::HashMap<String, bytes::Bytes> = resp
                             .entities
                             .into_iter()
-                            .map(|e| (e.id.clone(), e))
+                            .map(|e| (e.id.clone(), prost::Message::encode_to_vec(&e).into()))
                             .collect();
                         for i in idx {
-                            found[i] = by_id
-                                .remove(keys[i].id.as_ref())
-                                .map(|e| prost::Message::encode_to_vec(&e).into());
+                            // An id asked twice is answered twice.
+                            found[i] = by_id.get(keys[i].id.as_ref()).cloned();
                         }
                     }
                     Err(s) if retryable(&s) => {
@@ -288,6 +288,8 @@ impl EntityService for EntityApi {
         request: Request<ListEntitiesRequest>,
     ) -> Result<Response<ListEntitiesResponse>, Status> {
         let _t = Timer::start(&self.fabric, "ListEntities");
+        let cluster = !forward::forwarded(&request) && self.fabric.members.get().is_some();
+        let until = forward::deadline(&request);
         let r = request.get_ref();
         let cfg = entity_type(&self.fabric, &r.r#type)?;
         let size = match r.page_size as usize {
@@ -295,12 +297,52 @@ impl EntityService for EntityApi {
             n => n.min(MAX_PAGE),
         };
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        // Only what this process serves (on Kafka: the partitions it owns).
-        let ids = self.fabric.store.list_ids(&cfg.name, after, size + 1, |p| {
-            self.fabric.partitions[p as usize].serving()
-        });
-        let more = ids.len() > size;
-        let ids: Vec<String> = ids.into_iter().take(size).map(|s| s.to_string()).collect();
+        // What this process serves (on Kafka: the partitions it holds) …
+        let mut ids: Vec<String> = self
+            .fabric
+            .store
+            .list_ids(&cfg.name, after, size + 1, |p| {
+                self.fabric.partitions[p as usize].serving()
+            })
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut more = false;
+        // … merged with the same page of every other process.
+        if cluster {
+            let others: Vec<String> = self.fabric.members.get().map_or(Vec::new(), |m| {
+                m.borrow()
+                    .live
+                    .values()
+                    .filter(|m| m.member != self.fabric.member_id)
+                    .map(|m| m.grpc.clone())
+                    .collect()
+            });
+            for addr in others {
+                let mut c = self.peers.client(&addr)?;
+                let ask = ListEntitiesRequest {
+                    r#type: r.r#type.clone(),
+                    page_size: size as u32,
+                    page_token: r.page_token.clone(),
+                };
+                let page = c
+                    .list_entities(forward::outgoing(ask, until))
+                    .await
+                    .map_err(|s| {
+                        Status::unavailable(format!(
+                            "cannot list the entities another process holds ({addr}): {}; retry",
+                            s.message()
+                        ))
+                    })?
+                    .into_inner();
+                more |= !page.next_page_token.is_empty();
+                ids.extend(page.ids);
+            }
+            ids.sort_by_cached_key(|id| crate::store::IdOrder::of(id));
+            ids.dedup();
+        }
+        more |= ids.len() > size;
+        ids.truncate(size);
         Ok(Response::new(ListEntitiesResponse {
             next_page_token: if more {
                 ids.last().cloned().unwrap_or_default()
@@ -354,13 +396,18 @@ impl EntityService for EntityApi {
                     from_version: 0,
                     ..r.clone()
                 };
+                let (opened, wait) = tokio::sync::oneshot::channel();
                 tokio::spawn(peer_changes(
                     fabric.clone(),
                     peers.clone(),
                     all,
                     key.clone(),
                     itx.clone(),
+                    opened,
                 ));
+                // The other processes' watches are subscribed before the
+                // current state is read, so nothing falls between.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
             }
             drop(itx);
             let mut last_sent = 0u64;
@@ -376,7 +423,13 @@ impl EntityService for EntityApi {
                     return;
                 }
             }
-            while let Some(item) = irx.recv().await {
+            loop {
+                let item = tokio::select! {
+                    item = irx.recv() => item,
+                    // The client left: the feeding tasks end with this one.
+                    _ = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
                 if let (Some(_), Ok(change)) = (&key, &item) {
                     let version = change.entity.as_ref().map_or(0, |e| e.version);
                     let deleted = change.operation == Operation::Delete as i32;
@@ -502,10 +555,12 @@ async fn peer_changes(
     all: WatchEntitiesRequest,
     key: Option<crate::event::EntityKey>,
     tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
+    opened: tokio::sync::oneshot::Sender<()>,
 ) {
     let Some(members) = fabric.members.get() else {
         return;
     };
+    let mut opened = Some(opened);
     let mut members = members.clone();
     let mut open: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
         Default::default();
@@ -526,15 +581,32 @@ async fn peer_changes(
             let Ok(mut c) = peers.client(&addr) else {
                 continue;
             };
-            let (all, key, tx) = (all.clone(), key.clone(), tx.clone());
+            // Subscribed on the other side once its response arrives.
+            let opening = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                c.watch_entities(forward::outgoing_stream(all.clone())),
+            )
+            .await;
+            let Ok(Ok(stream)) = opening else {
+                continue; // Unreachable (dying?): tried again next round.
+            };
+            let (key, tx) = (key.clone(), tx.clone());
             open.insert(
                 member,
                 tokio::spawn(async move {
-                    let Ok(stream) = c.watch_entities(forward::outgoing_stream(all)).await else {
-                        return;
-                    };
                     let mut stream = stream.into_inner();
-                    while let Ok(Some(change)) = stream.message().await {
+                    loop {
+                        let change = match stream.message().await {
+                            Ok(Some(c)) => c,
+                            Ok(None) => return,
+                            // Its lag ends this watch as a local lag would:
+                            // changes were lost.
+                            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                                let _ = tx.send(Err(s)).await;
+                                return;
+                            }
+                            Err(_) => return, // Gone; re-opened if still live.
+                        };
                         let wanted = key
                             .as_ref()
                             .is_none_or(|k| change.entity.as_ref().is_some_and(|e| *e.id == *k.id));
@@ -544,6 +616,9 @@ async fn peer_changes(
                     }
                 }),
             );
+        }
+        if let Some(o) = opened.take() {
+            let _ = o.send(());
         }
         tokio::select! {
             _ = tx.closed() => break,

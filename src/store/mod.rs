@@ -298,13 +298,13 @@ impl Store {
 
 /// The order of ids in listings: integers numerically, before any text.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum IdOrder {
+pub enum IdOrder {
     Int(i64),
     Text(String),
 }
 
 impl IdOrder {
-    fn of(id: &str) -> Self {
+    pub fn of(id: &str) -> Self {
         match id.parse::<i64>() {
             Ok(i) => IdOrder::Int(i),
             Err(_) => IdOrder::Text(id.to_string()),
