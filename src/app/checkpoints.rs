@@ -11,29 +11,17 @@
 //! (compacted, hence small) topic for its checkpoint.
 
 use crate::bus::BusError;
-use crate::bus::kafka::{
-    self, BaseConsumer, Producer, client_config, durable_producer, ensure_topic,
-};
+use crate::bus::kafka::{self, Producer, client_config, durable_producer, ensure_topic};
 use crate::config::KafkaConfig;
 use crate::event::Position;
 use rdkafka::Message;
-use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 pub struct CheckpointTopic {
     pub topic: String,
     client: rdkafka::ClientConfig,
     producer: Producer,
-}
-
-fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
-    move |e| BusError::Kafka {
-        operation: operation.to_string(),
-        reason: e.to_string(),
-    }
 }
 
 impl CheckpointTopic {
@@ -85,13 +73,13 @@ impl CheckpointTopic {
             .payload(value.as_slice());
         let delivery = kafka::send_in_order(&self.producer, record)
             .await
-            .map_err(err("write a checkpoint"))?;
+            .map_err(kafka::kafka("write a checkpoint"))?;
         Ok(async move {
             delivery
                 .await
                 .map_err(|_| BusError::Closed)?
                 .map(|_| ())
-                .map_err(|(e, _)| err("write a checkpoint")(e))
+                .map_err(|(e, _)| kafka::kafka("write a checkpoint")(e))
         })
     }
 }
@@ -103,59 +91,27 @@ fn read_partition(
     topic: &str,
     partition: u32,
 ) -> Result<HashMap<String, Position>, BusError> {
-    let mut c = client.clone();
-    c.set("group.id", format!("{topic}.reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = kafka::create(&c).map_err(err("create a reader"))?;
-    let consumer = Arc::new(consumer);
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
-        .map_err(err("read a watermark"))?;
     let mut out = HashMap::new();
-    if high <= low {
-        return Ok(out);
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition as i32, rdkafka::Offset::Offset(low))
-        .map_err(err("assign"))?;
-    consumer.assign(&tpl).map_err(err("assign"))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if std::time::Instant::now() > deadline {
-            return Err(BusError::Kafka {
-                operation: format!("read {topic}/{partition}"),
-                reason: format!("did not reach offset {high} within 60s"),
-            });
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
-                    let key = String::from_utf8_lossy(k).to_string();
-                    match serde_json::from_slice::<Position>(v) {
-                        Ok(p) => {
-                            out.insert(key, p);
-                        }
-                        Err(e) => tracing::warn!(
-                            topic,
-                            partition,
-                            offset = m.offset(),
-                            error = %e,
-                            "unreadable checkpoint skipped"
-                        ),
-                    }
-                } else if let Some(k) = m.key() {
-                    // A tombstone: the checkpoint was removed.
-                    out.remove(&*String::from_utf8_lossy(k));
-                }
-                if m.offset() + 1 >= high {
-                    return Ok(out);
-                }
+    kafka::read_whole_partition(client, topic, partition, |m| {
+        let Some(k) = m.key() else { return Ok(()) };
+        let key = String::from_utf8_lossy(k).to_string();
+        match m.payload().map(serde_json::from_slice::<Position>) {
+            Some(Ok(p)) => {
+                out.insert(key, p);
             }
-            Some(Err(e)) => {
-                tracing::warn!(topic, partition, error = %e, "reading checkpoints; retrying")
+            Some(Err(e)) => tracing::warn!(
+                topic,
+                partition,
+                offset = m.offset(),
+                error = %e,
+                "unreadable checkpoint skipped"
+            ),
+            // A tombstone: the checkpoint was removed.
+            None => {
+                out.remove(&key);
             }
-            None => {}
         }
-    }
+        Ok(())
+    })?;
+    Ok(out)
 }

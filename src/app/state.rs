@@ -21,16 +21,14 @@
 
 use crate::bus::BusError;
 use crate::bus::kafka::{
-    self, BaseConsumer, Producer, client_config, durable_producer, ensure_topic, send_in_order,
+    self, Producer, client_config, durable_producer, ensure_topic, send_in_order,
 };
 use crate::config::KafkaConfig;
 use crate::store::{Entity, EntityChange};
 use rdkafka::Message;
-use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The key of the per-partition offset record.
 pub const OFFSET_KEY: &str = "!offset";
@@ -40,13 +38,6 @@ pub struct StateTopic {
     topic: String,
     client: rdkafka::ClientConfig,
     producer: Producer,
-}
-
-fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
-    move |e| BusError::Kafka {
-        operation: operation.to_string(),
-        reason: e.to_string(),
-    }
 }
 
 /// What a partition of the state topic holds.
@@ -118,13 +109,13 @@ impl StateTopic {
             deliveries.push(
                 send_in_order(&self.producer, record)
                     .await
-                    .map_err(err("write an entity's state"))?,
+                    .map_err(kafka::kafka("write an entity's state"))?,
             );
         }
         for d in deliveries {
             d.await
                 .map_err(|_| BusError::Closed)?
-                .map_err(|(e, _)| err("write an entity's state")(e))?;
+                .map_err(|(e, _)| kafka::kafka("write an entity's state")(e))?;
         }
         // Only once the entities are there does the offset say so.
         let o = offset.to_string();
@@ -134,10 +125,10 @@ impl StateTopic {
             .payload(o.as_bytes());
         send_in_order(&self.producer, record)
             .await
-            .map_err(err("write the state offset"))?
+            .map_err(kafka::kafka("write the state offset"))?
             .await
             .map_err(|_| BusError::Closed)?
-            .map_err(|(e, _)| err("write the state offset")(e))?;
+            .map_err(|(e, _)| kafka::kafka("write the state offset")(e))?;
         Ok(())
     }
 
@@ -160,82 +151,35 @@ fn read_partition(
     topic: &str,
     partition: u32,
 ) -> Result<Option<Restored>, BusError> {
-    let mut c = client.clone();
-    c.set("group.id", format!("{topic}.reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = kafka::create(&c).map_err(err("create a reader"))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
-        .map_err(err("read a watermark"))?;
-    if high <= low {
-        return Ok(None);
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition as i32, rdkafka::Offset::Offset(low))
-        .map_err(err("assign"))?;
-    consumer.assign(&tpl).map_err(err("assign"))?;
     let mut entities: HashMap<Vec<u8>, Entity> = HashMap::new();
     let mut offset = None;
-    let mut idle = std::time::Instant::now();
-    loop {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                idle = std::time::Instant::now();
-                let key = m.key().unwrap_or_default();
-                if key == OFFSET_KEY.as_bytes() {
-                    offset = m
-                        .payload()
-                        .and_then(|p| std::str::from_utf8(p).ok())
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .or(offset);
-                } else {
-                    match m.payload() {
-                        None => {
-                            entities.remove(key);
-                        }
-                        Some([FORMAT_POSTCARD, rest @ ..]) => {
-                            match postcard::from_bytes::<Entity>(rest) {
-                                Ok(e) => {
-                                    entities.insert(key.to_vec(), e);
-                                }
-                                Err(e) => {
-                                    return Err(BusError::Kafka {
-                                        operation: format!(
-                                            "read {topic}/{partition}@{}",
-                                            m.offset()
-                                        ),
-                                        reason: format!("an entity's state does not decode: {e}"),
-                                    });
-                                }
-                            }
-                        }
-                        Some(_) => {
-                            return Err(BusError::Kafka {
-                                operation: format!("read {topic}/{partition}@{}", m.offset()),
-                                reason: "unknown state format".into(),
-                            });
-                        }
-                    }
-                }
-                if m.offset() + 1 >= high {
-                    break;
-                }
-            }
-            Some(Err(e)) => {
-                tracing::warn!(topic, partition, error = %e, "reading the state topic; retrying")
-            }
-            None if idle.elapsed() > Duration::from_secs(60) => {
-                return Err(BusError::Kafka {
-                    operation: format!("read {topic}/{partition}"),
-                    reason: format!("did not reach offset {high} within 60s"),
-                });
-            }
-            None => {}
+    kafka::read_whole_partition(client, topic, partition, |m| {
+        let key = m.key().unwrap_or_default();
+        let bad = |reason: String| BusError::Kafka {
+            operation: format!("read {topic}/{partition}@{}", m.offset()),
+            reason,
+        };
+        if key == OFFSET_KEY.as_bytes() {
+            offset = m
+                .payload()
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .and_then(|s| s.parse::<u64>().ok())
+                .or(offset);
+            return Ok(());
         }
-    }
-    // Drop off this thread is fine: it is a blocking one.
-    drop(consumer);
+        match m.payload() {
+            None => {
+                entities.remove(key);
+            }
+            Some([FORMAT_POSTCARD, rest @ ..]) => {
+                let e = postcard::from_bytes::<Entity>(rest)
+                    .map_err(|e| bad(format!("an entity's state does not decode: {e}")))?;
+                entities.insert(key.to_vec(), e);
+            }
+            Some(_) => return Err(bad("unknown state format".into())),
+        }
+        Ok(())
+    })?;
     Ok(offset.map(|offset| Restored {
         offset,
         entities: entities.into_values().collect(),

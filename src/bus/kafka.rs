@@ -303,7 +303,58 @@ pub async fn watermarks(
     .map_err(kafka("read a watermark"))
 }
 
-fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
+/// Reads `partition` of `topic` from its start to its end as it is now,
+/// handing each message to `each` (which may refuse it, ending the read).
+/// Blocking: call from `spawn_blocking`. For the small compacted topics the
+/// fabric reads whole (checkpoints, state).
+pub fn read_whole_partition(
+    client: &ClientConfig,
+    topic: &str,
+    partition: u32,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), BusError>,
+) -> Result<(), BusError> {
+    let mut c = client.clone();
+    c.set("group.id", format!("{topic}.reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = create(&c).map_err(kafka("create a reader"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition as i32, Duration::from_secs(30))
+        .map_err(kafka("read a watermark"))?;
+    if high <= low {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, rdkafka::Offset::Offset(low))
+        .map_err(kafka("assign"))?;
+    consumer.assign(&tpl).map_err(kafka("assign"))?;
+    // Bounded by progress, not by size: a large partition may take long.
+    let mut progress = std::time::Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                progress = std::time::Instant::now();
+                each(&m)?;
+                if m.offset() + 1 >= high {
+                    return Ok(());
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(topic, partition, error = %e, "reading a partition; retrying")
+            }
+            None if progress.elapsed() > Duration::from_secs(60) => {
+                return Err(BusError::Kafka {
+                    operation: format!("read {topic}/{partition}"),
+                    reason: format!("no progress towards offset {high} for 60s"),
+                });
+            }
+            None => {}
+        }
+    }
+}
+
+/// A librdkafka error as a [`BusError`] of `operation`.
+pub fn kafka(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
     move |e| BusError::Kafka {
         operation: operation.to_string(),
         reason: e.to_string(),

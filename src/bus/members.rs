@@ -40,7 +40,7 @@
 //! but produce and fetch.
 
 use super::BusError;
-use super::kafka::{self, BaseConsumer, Producer};
+use super::kafka::{self, BaseConsumer, Producer, kafka as err};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
@@ -134,13 +134,6 @@ pub fn assignment(
         .map(|(_, s)| s.clone())
         .collect();
     (parts, srcs)
-}
-
-fn err(operation: &str) -> impl Fn(rdkafka::error::KafkaError) -> BusError + '_ {
-    move |e| BusError::Kafka {
-        operation: operation.to_string(),
-        reason: e.to_string(),
-    }
 }
 
 /// What [`Membership::join`] reports on: bus partitions and sources.
