@@ -427,6 +427,35 @@ async fn processes_share_the_work_and_any_of_them_answers() {
     let took_over = killed.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let written = w.stop().await;
+    // Payments alone (their invoice untouched), for invoices of customers
+    // in every partition: the process now running the billing source links
+    // each to its customer, although the invoice rows were routed by the
+    // killed process and live in partitions another process may hold.
+    {
+        let mut db = demo_db(&data).await;
+        let invoices: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT id, customer_id FROM billing.invoices ORDER BY id")
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        let mut per_partition = BTreeMap::new();
+        for (invoice, customer) in invoices {
+            let p = entity_fabric::event::EntityKey::new("customer", customer.to_string())
+                .partition(PARTITIONS);
+            per_partition.entry(p).or_insert(invoice);
+        }
+        assert_eq!(per_partition.len(), PARTITIONS as usize);
+        for invoice in per_partition.values() {
+            sqlx::query(
+                "INSERT INTO billing.payments(invoice_id, amount, method, paid_at) \
+                 VALUES (?, '1.00', 'card', '2026-11-27 07:00:00')",
+            )
+            .bind(invoice)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        }
+    }
     let n = converge_all(&[&b, &c], &data, Duration::from_secs(240)).await;
     let (reads, failed) = reader.stop().await;
     println!(

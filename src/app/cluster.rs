@@ -349,6 +349,9 @@ pub struct Sources {
     pub router: mpsc::UnboundedSender<RouterControl>,
     /// On Kafka, the checkpoints topic and its writer.
     pub checkpoints: Option<Arc<CheckpointTopic>>,
+    /// On Kafka, the state topic: where a process taking sources over
+    /// learns the `id_via` links held by partitions other processes hold.
+    pub state_topic: Option<Arc<super::state::StateTopic>>,
     pub writer: Option<mpsc::UnboundedSender<Flush>>,
     running: HashMap<Arc<str>, (CancellationToken, JoinHandle<()>)>,
     /// The names in `running`, shared with the checkpoint writer.
@@ -369,6 +372,7 @@ impl Sources {
             stop: CancellationToken::new(),
             router,
             checkpoints: None,
+            state_topic: None,
             writer: None,
             running: HashMap::new(),
             owned: Default::default(),
@@ -421,6 +425,7 @@ impl Sources {
             })
             .collect();
         if !new.is_empty() {
+            self.learn_links_elsewhere().await;
             let checkpoints = retrying("read the checkpoints topic", || topic.read()).await;
             for i in new {
                 let src = &self.fabric.sources[i];
@@ -436,6 +441,38 @@ impl Sources {
             }
         }
         Ok(())
+    }
+
+    /// Before sources start here, the router learns the `id_via` links the
+    /// partitions held by other processes hold (from the state topic): the
+    /// rows of a link table may have been routed by another process, and a
+    /// child row whose link is unknown would wait and be dead-lettered.
+    /// Links of partitions held here were learned when they were restored.
+    async fn learn_links_elsewhere(&self) {
+        let Some(st) = self.state_topic.clone() else {
+            return;
+        };
+        let f = &self.fabric;
+        let links = f
+            .config
+            .entities
+            .iter()
+            .any(|e| e.tables.iter().any(|t| t.id_via.is_some()));
+        if !links {
+            return;
+        }
+        let mut n = 0;
+        for p in 0..f.bus.partitions() {
+            if f.partitions[p as usize].owned.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Some(state) = retrying("read the state topic", || st.read(p)).await {
+                n += state.entities.len();
+                let entities = state.entities.into_iter().map(Arc::new).collect();
+                let _ = self.router.send(RouterControl::LearnLinks(entities));
+            }
+        }
+        tracing::info!(entities = n, "links learned from the partitions other processes hold");
     }
 
     /// The membership takes these sources away.

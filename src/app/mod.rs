@@ -328,6 +328,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(k) => {
             let kc = config.bus.kafka.as_ref().expect("kafka mode");
             owned_partitions.state_topic = k.state.clone();
+            owned_sources.state_topic = k.state.clone();
             let (flush_tx, flush_rx) = mpsc::unbounded_channel();
             owned_sources.checkpoints = Some(k.checkpoints.clone());
             owned_sources.writer = Some(flush_tx);
