@@ -27,6 +27,11 @@ const PARTITIONS: u32 = 4;
 
 /// The demo config on the Kafka bus, for the first process.
 fn first_config(dir: &Path, prefix: &str) -> PathBuf {
+    first_config_on(dir, prefix, &brokers())
+}
+
+/// [`first_config`] on the broker at `brokers`.
+fn first_config_on(dir: &Path, prefix: &str, brokers: &str) -> PathBuf {
     let path = demo_config(
         dir,
         &DemoSettings {
@@ -40,8 +45,7 @@ fn first_config(dir: &Path, prefix: &str) -> PathBuf {
     assert!(text.contains("kind = \"embedded\""));
     let text = text.replace("kind = \"embedded\"", "kind = \"kafka\"")
         + &format!(
-            "\n[bus.kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\n",
-            brokers()
+            "\n[bus.kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\n"
         );
     std::fs::write(&path, text).unwrap();
     path
@@ -533,4 +537,46 @@ async fn processes_share_the_work_and_any_of_them_answers() {
     for p in [&mut a, &mut c, &mut d] {
         assert!(p.terminate(), "stops cleanly");
     }
+}
+
+/// A broker outage longer than the lease moves nothing: every process keeps
+/// what it holds (none is declared dead, since everyone's heartbeats were
+/// as late as its own), and the fabric catches up by itself afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = Broker::start(&dir.path().join("broker"), port);
+    let config_a = first_config_on(dir.path(), &unique("outage"), &format!("127.0.0.1:{port}"));
+    let config_b = other_config(&config_a, "b");
+    let data = dir.path().join("data");
+    let mut a = FabricProcess::start(&config_a, &dir.path().join("a.log"));
+    a.wait_serving(Duration::from_secs(60)).await;
+    let mut b = FabricProcess::start(&config_b, &dir.path().join("b.log"));
+    b.wait_serving(Duration::from_secs(60)).await;
+    let before = wait_spread(&[&a, &b]).await;
+    converge_all(&[&a, &b], &data, Duration::from_secs(240)).await;
+    let moves = |f: &FabricProcess| f.log_text().matches("ownership changed").count();
+    let (moves_a, moves_b) = (moves(&a), moves(&b));
+
+    let w = Workload::start(&data, 20.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.kill9();
+    // Well past the lease (6s): heartbeats fail on both sides meanwhile.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    broker.restart();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let written = w.stop().await;
+    let n = converge_all(&[&a, &b], &data, Duration::from_secs(240)).await;
+    let after = wait_spread(&[&a, &b]).await;
+    println!(
+        "broker down 15s: split {before:?} before, {after:?} after; {written} transactions; {n} customers equal"
+    );
+    assert_eq!(before, after, "the outage moved partitions");
+    assert_eq!(
+        (moves(&a), moves(&b)),
+        (moves_a, moves_b),
+        "ownership changed during or after the outage"
+    );
+    assert!(a.terminate() && b.terminate(), "both stop cleanly");
 }

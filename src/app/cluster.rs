@@ -472,7 +472,10 @@ impl Sources {
                 let _ = self.router.send(RouterControl::LearnLinks(entities));
             }
         }
-        tracing::info!(entities = n, "links learned from the partitions other processes hold");
+        tracing::info!(
+            entities = n,
+            "links learned from the partitions other processes hold"
+        );
     }
 
     /// The membership takes these sources away.

@@ -581,3 +581,67 @@ impl Workload {
         self.task.await.unwrap()
     }
 }
+
+/// A broker of this test's own, on SQLite storage that survives SIGKILL.
+pub struct Broker {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path, port: u16) -> Self {
+        let bin = std::env::var("FABRIC_TEST_TANSU").expect(
+            "FABRIC_TEST_TANSU is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("broker.log"))
+            .unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the test broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            dir: dir.to_path_buf(),
+            port,
+            child: Some(child),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        *self = Broker::start(&self.dir.clone(), self.port);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
