@@ -238,6 +238,8 @@ impl EntityService for EntityApi {
                     }
                 }
             }
+            // Every holder asked at once.
+            let mut asks = Vec::with_capacity(remote.len());
             for (addr, idx) in remote {
                 let mut c = self.peers.client(&addr)?;
                 let ask = BatchGetEntitiesRequest {
@@ -245,7 +247,13 @@ impl EntityService for EntityApi {
                     ids: idx.iter().map(|i| r.ids[*i].clone()).collect(),
                     view: r.view.clone(),
                 };
-                match c.batch_get_entities(forward::outgoing(ask, until)).await {
+                asks.push(async move {
+                    let answer = c.batch_get_entities(forward::outgoing(ask, until)).await;
+                    (idx, answer)
+                });
+            }
+            for (idx, answer) in futures::future::join_all(asks).await {
+                match answer {
                     Ok(resp) => {
                         let resp = resp.into_inner();
                         let by_id: std::collections::HashMap<String, bytes::Bytes> = resp
