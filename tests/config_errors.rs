@@ -345,6 +345,26 @@ fn database_sources_need_a_url_of_their_kind() {
 }
 
 #[test]
+fn advertise_addr_is_checked() {
+    for bad in ["50051", ":50051", "fabric-0:port"] {
+        refused(
+            &GOOD.replace(
+                "grpc_addr = \"127.0.0.1:50051\"",
+                &format!("grpc_addr = \"127.0.0.1:50051\"\nadvertise_addr = \"{bad}\""),
+            ),
+            "server.advertise_addr",
+            "is not host:port",
+        );
+    }
+    let good = GOOD.replace(
+        "grpc_addr = \"127.0.0.1:50051\"",
+        "grpc_addr = \"0.0.0.0:50051\"\nadvertise_addr = \"fabric-0.fabric-headless:50051\"",
+    );
+    let (ok, _, err, _) = check(&good);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn kafka_settings_are_checked() {
     let kafka = GOOD.replace("[snapshot]", "[bus]\nkind = \"kafka\"\n\n[snapshot]");
     refused(&kafka, "bus.kafka", "needs a [bus.kafka] section");

@@ -25,6 +25,11 @@ fn brokers() -> String {
 
 const PARTITIONS: u32 = 4;
 
+/// The tests of this file run one at a time: each runs several fabric
+/// processes (and one a broker of its own), and on two cores together they
+/// starve each other's heartbeats.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The demo config on the Kafka bus, for the first process.
 fn first_config(dir: &Path, prefix: &str) -> PathBuf {
     first_config_on(dir, prefix, &brokers())
@@ -292,6 +297,7 @@ async fn wait_spread(nodes: &[&FabricProcess]) -> Vec<BTreeSet<u32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_share_the_work_and_any_of_them_answers() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("cluster");
     let config_a = first_config(dir.path(), &prefix);
@@ -544,6 +550,7 @@ async fn processes_share_the_work_and_any_of_them_answers() {
 /// as late as its own), and the fabric catches up by itself afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_moves_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut broker = Broker::start(&dir.path().join("broker"), port);

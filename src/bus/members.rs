@@ -5,9 +5,11 @@
 //! partition, compacted, keyed by member id) every `session_timeout / 5`:
 //! its member id and incarnation, its gRPC address, and the partitions
 //! and sources it holds now. Every process reads every record. A member is
-//! live while its newest record is younger than `session_timeout` (by the
-//! record's timestamp, so clocks must agree to well within that) and does
-//! not say it is leaving.
+//! live while its newest record is less than `session_timeout` older than
+//! the newest heartbeat this process read back of its own (record
+//! timestamps: clocks must agree to well within the lease; measured in the
+//! log rather than against the local clock, so a reader that lags sees
+//! everyone equally late), and does not say it is leaving.
 //!
 //! From the live members, sorted by id, each process computes the same
 //! assignment: bus partitions in contiguous ranges (as Kafka's range
@@ -165,6 +167,13 @@ impl Membership {
             &[("cleanup.policy", "compact")],
         )
         .await?;
+        // Back promptly after a broker outage (librdkafka's default backs off
+        // to 10 s, longer than a lease).
+        let mut client = client.clone();
+        if client.get("reconnect.backoff.max.ms").is_none() {
+            client.set("reconnect.backoff.max.ms", "1000");
+        }
+        let client = &client;
         let mut c = client.clone();
         c.set("linger.ms", "0").set(
             "message.timeout.ms",
@@ -205,6 +214,7 @@ impl Membership {
             view: vtx,
             superseded: false,
             own_seen: 0,
+            own_ts: 0,
             fresh_since: 0,
         };
         let task = tokio::spawn(me.run(leave.clone()));
@@ -243,12 +253,17 @@ struct Member {
     view: watch::Sender<MemberView>,
     /// Another process took this member id: hold nothing.
     superseded: bool,
-    /// When this process last read its own heartbeat back (ms): the topic
-    /// works for it. Without that, it decides nothing (see `fresh_since`).
+    /// When this process last read its own heartbeat back (local clock,
+    /// ms): the topic works for it. Without that, it decides nothing.
     own_seen: i64,
-    /// Since when its own heartbeats have come back without a gap longer
-    /// than the lease (ms): only then may it declare another member dead,
-    /// since a member's records may have been as delayed as its own.
+    /// The timestamp of its newest own heartbeat read back (ms): the
+    /// others' ages are measured against it, not against the local clock,
+    /// so a reader that lags (a loaded machine, a slow broker) sees every
+    /// record equally late and declares no one dead for that.
+    own_ts: i64,
+    /// The timestamp of its first own heartbeat after a gap longer than a
+    /// lease (an outage): for two leases from there nobody is declared
+    /// dead, since every client reconnects in its own time.
     fresh_since: i64,
 }
 
@@ -306,12 +321,13 @@ impl Member {
         match serde_json::from_slice::<MemberRecord>(value) {
             Ok(r) if r.member.as_bytes() == key => {
                 if r.member == self.s.member && r.incarnation == self.incarnation {
-                    let now = now_ms();
+                    let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let lease = self.s.session_timeout.as_millis() as i64;
-                    if now - self.own_seen > lease {
-                        self.fresh_since = now;
+                    if ts - self.own_ts > lease {
+                        self.fresh_since = ts;
                     }
-                    self.own_seen = now;
+                    self.own_ts = self.own_ts.max(ts);
+                    self.own_seen = now_ms();
                 }
                 if r.member == self.s.member && r.incarnation < self.incarnation {
                     return; // An earlier life of this process: disowned.
@@ -345,12 +361,14 @@ impl Member {
 
     /// Live members other than this one, by id. A member whose lease ran
     /// out still counts until this process has itself seen the topic work
-    /// for a whole lease: after a broker outage every record is late, and
+    /// for two leases: after a broker outage every record is late, and
     /// nobody is declared dead for that.
     fn others(&self) -> BTreeMap<String, MemberRecord> {
-        let now = now_ms();
+        let now = self.own_ts;
         let lease = self.s.session_timeout.as_millis() as i64;
-        let trust_expiry = self.fresh_since > 0 && now - self.fresh_since >= lease;
+        // Two leases: the others' clients reconnect after an outage in their
+        // own time (librdkafka backs off), not at the same moment as this one.
+        let trust_expiry = self.fresh_since > 0 && now - self.fresh_since >= 2 * lease;
         self.seen
             .iter()
             .filter(|(id, (r, ts))| {
