@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Test services for the integration tests: a PostgreSQL with wal_level=logical,
-# a MariaDB with a ROW/FULL binlog, each private (own port and data
-# directory), and a Kafka-protocol broker (tansu, built once into a cache
-# outside the repository), started only when not already up. Idempotent.
+# Test services for the integration tests and the benchmark: a PostgreSQL
+# with wal_level=logical, a MariaDB with a ROW/FULL binlog, a Redis (the
+# benchmark's peer), each private (own port and data directory), and a
+# Kafka-protocol broker (tansu, built once into a cache outside the
+# repository), started only when not already up. Idempotent.
 #
 #   scripts/services.sh start   # start what is missing, print `export ...` lines
 #   scripts/services.sh stop    # stop what this script started (by PID)
@@ -20,6 +21,7 @@ PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tr
 PG_DIR="$BASE/pg"
 MY_DIR="$BASE/mariadb"
 KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
+REDIS_PORT="${FABRIC_REDIS_PORT:-16379}"
 # tansu (a Kafka-protocol broker in Rust) is built once into this cache, with
 # the in-memory storage (the shared test broker) and the SQLite storage (the
 # tests that kill and restart a broker of their own need one that survives).
@@ -31,6 +33,7 @@ install_packages() {
   local missing=()
   [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ] || missing+=(postgresql)
   command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server mariadb-client)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -67,7 +70,7 @@ start_pg() {
   fi
   log "starting PostgreSQL on $PG_PORT"
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR/server.log" -w -o \
-    "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
     start >/dev/null
   touch "$BASE/pg.started-by-us"
 }
@@ -157,18 +160,43 @@ start_kafka() {
   touch "$BASE/tansu.started-by-us"
 }
 
+redis_ready() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; }
+
+# Redis keeps nothing on disk here: the benchmark loads it each run.
+start_redis() {
+  redis_ready && return
+  log "starting Redis on $REDIS_PORT"
+  mkdir -p "$BASE/redis"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$BASE/redis" --daemonize yes --pidfile "$BASE/redis/redis.pid" \
+    --logfile "$BASE/redis/redis.log" >&2
+  for _ in $(seq 1 100); do
+    redis_ready && break
+    sleep 0.1
+  done
+  redis_ready || { log "Redis did not start; see $BASE/redis/redis.log"; exit 1; }
+  touch "$BASE/redis.started-by-us"
+}
+
 print_env() {
   echo "export FABRIC_TEST_KAFKA=${KAFKA:-127.0.0.1:$KAFKA_PORT}"
   # The broker binary, for tests that run (and kill) a broker of their own.
   echo "export FABRIC_TEST_TANSU=$TANSU_ROOT/bin/tansu"
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
+  echo "export FABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
   # Tests that restart a database mid-stream use these.
   echo "export FABRIC_TEST_PG_RESTART='${PG_RESTART:-}'"
   echo "export FABRIC_TEST_MYSQL_RESTART='${MY_RESTART:-}'"
 }
 
 stop() {
+  if [ -f "$BASE/redis.started-by-us" ] && [ -f "$BASE/redis/redis.pid" ]; then
+    local rpid; rpid="$(cat "$BASE/redis/redis.pid")"
+    log "stopping Redis (pid $rpid)"
+    kill -TERM "$rpid" 2>/dev/null || true
+    rm -f "$BASE/redis.started-by-us"
+  fi
   if [ -f "$BASE/tansu.started-by-us" ] && [ -f "$BASE/tansu.pid" ]; then
     local tpid; tpid="$(cat "$BASE/tansu.pid")"
     log "stopping tansu (pid $tpid)"
@@ -204,7 +232,7 @@ restart_mariadb() {
 mkdir -p "$BASE"
 case "${1:-start}" in
   restart-mariadb) restart_mariadb ;;
-  start) install_packages; start_pg; start_mariadb; start_kafka; print_env ;;
+  start) install_packages; start_pg; start_mariadb; start_redis; start_kafka; print_env ;;
   env) PG_URL="$(pg_url_on "$PG_PORT")"; MY_URL="mysql://root@127.0.0.1:$MY_PORT"; print_env ;;
   stop) stop ;;
   *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;

@@ -12,12 +12,14 @@
 //! - [`app`] — wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
 //! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
 //! - [`admin`] — `/healthz` and `/metrics`.
+//! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
 //! - [`view`] — projections and masks applied on the way out.
 //! - [`demo`] — the demo SQLite sources and their mutator.
 //! - [`telemetry`] — logging, metric names, dead letters.
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod demo;

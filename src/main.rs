@@ -64,6 +64,9 @@ enum Command {
         #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
         addr: String,
     },
+    /// Measures the fabric against Redis, PostgreSQL, the Kafka broker and
+    /// Debezium on this machine and prints the tables (see BENCHMARKS.md).
+    Bench(entity_fabric::bench::BenchArgs),
     /// Creates the demo SQLite sources (CRM, billing, support) and keeps changing them.
     Demo {
         /// Where the three databases go.
@@ -252,6 +255,18 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let report = entity_fabric::bench::run(args).await?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
             dir,

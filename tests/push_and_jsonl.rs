@@ -358,6 +358,41 @@ async fn pushed_and_file_sources_assemble_one_entity() {
     .await;
     assert!(durable >= 3);
 
+    // Many transactions sent without waiting for acks: each is acknowledged
+    // in the order sent, a malformed one in its place with its error.
+    let reqs: Vec<PushRequest> = (4..=303u64)
+        .map(|seq| PushRequest {
+            source: "orders".into(),
+            sequence: seq,
+            changes: vec![if seq == 150 {
+                insert("orders", HashMap::new())
+            } else {
+                insert(
+                    "orders",
+                    row(&[
+                        ("id", int(1000 + seq as i64)),
+                        ("account", text("acme")),
+                        ("total", text("1.00")),
+                    ]),
+                )
+            }],
+            commit_time_micros: 0,
+        })
+        .collect();
+    let acks = push_all(&mut ingest, reqs).await;
+    assert_eq!(
+        acks.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+        (4..=303).collect::<Vec<_>>()
+    );
+    for a in &acks {
+        assert_eq!(a.error.is_empty(), a.sequence != 150, "{a:?}");
+    }
+    assert!(
+        acks[146].error.contains("insert needs `after`"),
+        "{:?}",
+        acks[146]
+    );
+
     // Pushing to a source that does not exist is refused by name.
     let err = ingest
         .push(tokio_stream::iter(vec![PushRequest {

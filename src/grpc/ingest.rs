@@ -90,20 +90,35 @@ impl IngestService for IngestApi {
         let fabric = self.fabric.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
-            loop {
-                let req = tokio::select! {
-                    _ = fabric.streams_stop.cancelled() => return,
-                    r = input.next() => match r { Some(r) => r, None => return },
-                };
-                let req = match req {
-                    Ok(r) => r,
-                    Err(_) => return,
-                };
-                let ack = handle(&fabric, req).await;
-                if tx.send(ack).await.is_err() {
-                    return;
+            // Transactions are handed on as they come; their acks follow in
+            // the same order, each once its transaction is on the bus, so a
+            // client keeps up to `IN_FLIGHT` transactions moving instead of
+            // one bus round trip each.
+            let (pending_tx, mut pending_rx) = tokio::sync::mpsc::channel::<Pending>(IN_FLIGHT);
+            let reader = async move {
+                loop {
+                    let req = tokio::select! {
+                        _ = fabric.streams_stop.cancelled() => return,
+                        r = input.next() => match r { Some(r) => r, None => return },
+                    };
+                    let req = match req {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    };
+                    let pending = submit(&fabric, req).await;
+                    if pending_tx.send(pending).await.is_err() {
+                        return;
+                    }
                 }
-            }
+            };
+            let acker = async move {
+                while let Some(p) = pending_rx.recv().await {
+                    if tx.send(p.answer().await).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::join!(reader, acker);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -111,7 +126,45 @@ impl IngestService for IngestApi {
     }
 }
 
-async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
+/// Pushed transactions of one stream handed on whose acks are not sent yet.
+const IN_FLIGHT: usize = 1024;
+
+/// A pushed transaction's ack: known at once (refused, or a resend), or
+/// once the transaction is on the bus.
+enum Pending {
+    Now(Result<PushAck, Status>),
+    Routed {
+        answer: tokio::sync::oneshot::Receiver<Result<u64, String>>,
+        durable: tokio::sync::watch::Receiver<u64>,
+    },
+}
+
+impl Pending {
+    async fn answer(self) -> Result<PushAck, Status> {
+        let (answer, durable) = match self {
+            Pending::Now(r) => return r,
+            Pending::Routed { answer, durable } => (answer, durable),
+        };
+        match answer.await {
+            Ok(Ok(seq)) => Ok(PushAck {
+                sequence: seq,
+                durable_sequence: *durable.borrow(),
+                error: String::new(),
+            }),
+            Ok(Err(e)) => Err(Status::unavailable(e)),
+            Err(_) => Err(Status::unavailable("the fabric is shutting down")),
+        }
+    }
+}
+
+async fn submit(fabric: &Fabric, req: PushRequest) -> Pending {
+    match hand_on(fabric, req).await {
+        Ok(p) => p,
+        Err(s) => Pending::Now(Err(s)),
+    }
+}
+
+async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
     if let Some(s) = fabric.sources.iter().find(|s| *s.name == *req.source)
         && *s.status.state.lock() == "elsewhere"
     {
@@ -148,11 +201,11 @@ async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
     let txn = match to_txn(&req) {
         Ok(t) => t,
         Err(e) => {
-            return Ok(PushAck {
+            return Ok(Pending::Now(Ok(PushAck {
                 sequence: req.sequence,
                 durable_sequence: durable,
                 error: e,
-            });
+            })));
         }
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -165,13 +218,8 @@ async fn handle(fabric: &Fabric, req: PushRequest) -> Result<PushAck, Status> {
         })
         .await
         .map_err(|_| Status::unavailable("the push source is not running"))?;
-    match answer.await {
-        Ok(Ok(seq)) => Ok(PushAck {
-            sequence: seq,
-            durable_sequence: *handle.durable.borrow(),
-            error: String::new(),
-        }),
-        Ok(Err(e)) => Err(Status::unavailable(e)),
-        Err(_) => Err(Status::unavailable("the fabric is shutting down")),
-    }
+    Ok(Pending::Routed {
+        answer,
+        durable: handle.durable.clone(),
+    })
 }

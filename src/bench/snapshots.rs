@@ -1,0 +1,129 @@
+//! Part 5: snapshot write and restore, through the code a snapshot round
+//! and start-up run (`store::snapshot::write` per partition, then
+//! `app::snapshots::restore` of the directory), in this process: entities
+//! of a customer row and two order rows each.
+
+use super::{Bench, Table};
+use crate::event::{EntityKey, Position, Row, Value};
+use crate::store::snapshot::{self, SnapshotMeta};
+use crate::store::{Entity, Store};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+const PARTITIONS: u32 = 8;
+
+fn row(cols: &[(&str, Value)]) -> Arc<Row> {
+    Arc::new(
+        cols.iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    )
+}
+
+/// Customer `id` with two orders.
+pub fn entity(id: u64) -> Entity {
+    let i = id as i64;
+    let mut e = Entity::new(EntityKey::new("customer", id.to_string()));
+    e.version = 1;
+    e.updated_micros = 1_700_000_000_000_000 + i;
+    e.positions.insert("crm".into(), Position::Seq(id));
+    let customer = row(&[
+        ("id", Value::Int(i)),
+        ("name", Value::Text(format!("Customer {id}"))),
+        ("email", Value::Text(format!("customer{id}@example.com"))),
+        ("tier", Value::Text("gold".into())),
+        ("created_at", Value::Timestamp(1_600_000_000_000_000 + i)),
+    ]);
+    e.tables.insert(
+        "customer".into(),
+        BTreeMap::from([(vec![Value::Int(i)], customer)]),
+    );
+    let orders = (0..2)
+        .map(|k| {
+            let oid = i * 2 + k;
+            (
+                vec![Value::Int(oid)],
+                row(&[
+                    ("id", Value::Int(oid)),
+                    ("customer_id", Value::Int(i)),
+                    (
+                        "amount",
+                        Value::Decimal(format!("{}.{:02}", oid % 1000, oid % 100)),
+                    ),
+                    ("status", Value::Text("shipped".into())),
+                ]),
+            )
+        })
+        .collect();
+    e.tables.insert("orders".into(), orders);
+    e
+}
+
+pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
+    let n = b.snapshot_entities;
+    let dir = b.dir.join("snapshot-part");
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("snapshots: building {n} entities");
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<[f64; 3]> {
+        let store = Store::new(PARTITIONS, &["customer"], 16);
+        for id in 1..=n {
+            store.restore(entity(id));
+        }
+        let t0 = Instant::now();
+        let mut bytes = 0;
+        for p in 0..PARTITIONS {
+            let meta = SnapshotMeta {
+                partition: p,
+                partitions: PARTITIONS,
+                round: 1,
+                bus_offset: 0,
+                checkpoints: Default::default(),
+                created_micros: 0,
+            };
+            bytes += snapshot::write(&dir, &meta, &store.shard_entities(p))?.1;
+        }
+        let write = t0.elapsed().as_secs_f64();
+        drop(store);
+        let restored = Store::new(PARTITIONS, &["customer"], 16);
+        let t0 = Instant::now();
+        let r = crate::app::snapshots::restore(&dir, &restored, PARTITIONS)?;
+        let read = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            r.entities as u64 == n && restored.entity_count("customer") == n,
+            "restored {} of {n} entities",
+            r.entities
+        );
+        anyhow::ensure!(
+            restored
+                .get(&EntityKey::new("customer", n.to_string()))
+                .as_deref()
+                == Some(&entity(n)),
+            "a restored entity differs from the one written"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok([bytes as f64, write, read])
+    })
+    .await??;
+    let [bytes, write, read] = result;
+    let mut t = Table::new(
+        &format!("Snapshots of {n} entities ({PARTITIONS} partition files, lz4, fsync)"),
+        &["step", "seconds", "entities/s", "MB/s (file bytes)"],
+    );
+    for (step, secs) in [("write", write), ("restore (read, verify, load)", read)] {
+        t.row(vec![
+            step.into(),
+            format!("{secs:.2}"),
+            format!("{:.0}", n as f64 / secs),
+            format!("{:.0}", bytes / 1e6 / secs),
+        ]);
+    }
+    t.row(vec![
+        "file bytes".into(),
+        super::reads::mb(bytes as u64),
+        String::new(),
+        String::new(),
+    ]);
+    tables.push(t);
+    Ok(())
+}
