@@ -13,9 +13,9 @@ on stdout as JSON lines, one object a line, each flushed when written:
                                                at the arrival of the batch holding the
                                                first and the Nth record; n can exceed
                                                the asked N when that batch held more
-  {"lat_ns":D}                                 with --latency-column COL, one per c/u
-                                               record: arrival time of its batch minus
-                                               the record's after.COL (wall-clock ns)
+  {"ts":V,"lat_ns":D}                          with --latency-column COL, one per c/u
+                                               record: V its after.COL (wall-clock ns),
+                                               D the arrival time of its batch minus V
   {"event":"stopped","t_ns":T}                 after the engine closed, just before exit
 
 All times are time.time_ns(). After "done" the engine is closed (offsets
@@ -143,7 +143,8 @@ def make_handler(out, count_until, latency_column, stop):
                     n += 1
                     rec = json.loads(str(v))
                     if rec["op"] in ("c", "u") and rec["after"].get(latency_column) is not None:
-                        lines.append('{"lat_ns":%d}\n' % (t - int(rec["after"][latency_column])))
+                        ts = int(rec["after"][latency_column])
+                        lines.append('{"ts":%d,"lat_ns":%d}\n' % (ts, t - ts))
                 if lines:
                     out.write_lines(lines)
             if n and self.first_ns is None:

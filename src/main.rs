@@ -81,6 +81,12 @@ enum Command {
     },
 }
 
+/// mimalloc rather than the system allocator: the fabric allocates and frees
+/// many small rows and encodings, where glibc's malloc spent a fifth of the
+/// CPU of a read benchmark and kept freed memory fragmented (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

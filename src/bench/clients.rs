@@ -50,6 +50,9 @@ impl Decoder for RawDecoder {
     }
 }
 
+/// The HTTP/2 flow-control window of the benchmark's gRPC clients.
+const WINDOW: u32 = 4 << 20;
+
 /// Connects `n` HTTP/2 connections to the fabric (requests are spread
 /// over them round-robin by the callers).
 pub async fn fabric_channels(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
@@ -58,6 +61,10 @@ pub async fn fabric_channels(addr: &str, n: usize) -> anyhow::Result<Vec<Channel
         out.push(
             Channel::from_shared(addr.to_string())?
                 .tcp_nodelay(true)
+                // A batch answer is ~150 KB: HTTP/2's default 64 KiB
+                // window would cost it round trips for window updates.
+                .initial_stream_window_size(WINDOW)
+                .initial_connection_window_size(WINDOW * 4)
                 .connect()
                 .await
                 .with_context(|| format!("cannot reach the fabric at {addr}"))?,

@@ -59,7 +59,11 @@ pub async fn serve(
             Ok::<_, std::io::Error>(conn)
         },
     );
+    // Pushed transactions stream towards the server: HTTP/2's default
+    // 64 KiB window would make a pusher wait for window updates.
     let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -109,7 +113,7 @@ impl Drop for Timer<'_> {
             .metrics
             .grpc_latency
             .get_or_create(&crate::telemetry::MethodLabel {
-                method: self.method.to_string(),
+                method: self.method,
             })
             .observe(self.started.elapsed().as_secs_f64());
     }
