@@ -266,7 +266,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "warn".into()),
+                        // sqlx warns of the slow statements that build the data sets.
+                        .unwrap_or_else(|_| "warn,sqlx=error".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();

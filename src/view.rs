@@ -9,6 +9,7 @@ use crate::event::Value;
 use crate::proto;
 use crate::store::Entity;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 /// A compiled view.
@@ -59,39 +60,39 @@ impl View {
             .collect()
     }
 
-    fn shows_table(&self, t: &str) -> bool {
+    pub(crate) fn shows_table(&self, t: &str) -> bool {
         self.tables.as_ref().is_none_or(|s| s.contains(t))
     }
 
-    fn shows_column(&self, t: &str, c: &str) -> bool {
+    pub(crate) fn shows_column(&self, t: &str, c: &str) -> bool {
         self.columns.get(t).is_none_or(|s| s.contains(c))
     }
 
-    fn mask(&self, t: &str, c: &str, v: &Value) -> Value {
+    /// `v` as this view shows column `c` of table `t`: borrowed unless masked.
+    pub(crate) fn masked<'a>(&self, t: &str, c: &str, v: &'a Value) -> Cow<'a, Value> {
         if self.masks.is_empty() {
-            return v.clone();
+            return Cow::Borrowed(v);
         }
-        match self.masks.get(&(t.to_string(), c.to_string())) {
-            None => v.clone(),
+        Cow::Owned(match self.masks.get(&(t.to_string(), c.to_string())) {
+            None => return Cow::Borrowed(v),
             Some(_) if v.is_null() => Value::Null,
             Some(Mask::Null) => Value::Null,
             Some(Mask::Redact) => Value::Text("***".into()),
             Some(Mask::Hash) => {
                 let text = match v {
-                    Value::Text(s) => s.clone(),
-                    other => other.to_string(),
+                    Value::Text(s) => Cow::Borrowed(s.as_str()),
+                    other => Cow::Owned(other.to_string()),
                 };
                 Value::Text(hex::encode(Sha256::digest(text.as_bytes())))
             }
-        }
+        })
     }
 }
 
 /// The encoded `fabric.v1.Entity` through `view`, made once per entity
 /// version and view when `cache` is on. `views` is how many views the type has.
 pub fn encoded(e: &Entity, view: Option<&View>, views: usize, cache: bool) -> bytes::Bytes {
-    use prost::Message;
-    let encode = || bytes::Bytes::from(to_proto(e, view).encode_to_vec());
+    let encode = || bytes::Bytes::from(crate::grpc::encode::entity(e, view));
     if !cache {
         return encode();
     }
@@ -119,7 +120,7 @@ pub fn to_proto(e: &Entity, view: Option<&View>) -> proto::Entity {
                         columns: row
                             .iter()
                             .filter(|(c, _)| v.shows_column(t, c))
-                            .map(|(c, val)| (c.clone(), value_to_proto(&v.mask(t, c, val))))
+                            .map(|(c, val)| (c.clone(), value_to_proto(&v.masked(t, c, val))))
                             .collect(),
                     })
                     .collect(),
@@ -153,7 +154,7 @@ pub fn to_json(e: &Entity, view: Option<&View>) -> serde_json::Value {
                     serde_json::Value::Object(
                         row.iter()
                             .filter(|(c, _)| v.shows_column(t, c))
-                            .map(|(c, val)| (c.clone(), v.mask(t, c, val).to_json()))
+                            .map(|(c, val)| (c.clone(), v.masked(t, c, val).to_json()))
                             .collect(),
                     )
                 })

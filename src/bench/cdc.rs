@@ -123,22 +123,26 @@ async fn fabric_freshness(b: &Bench, f: &FabricChild, rows: u64) -> anyhow::Resu
     let from = now_ns();
     let mut writer = tokio::spawn(write_fresh(b.pg_url.clone(), rows, b.freshness));
     let mut lat = Vec::new();
-    let mut record = |change: Option<proto::EntityChange>| {
+    let mut record = |change: Option<proto::EntityChange>| -> anyhow::Result<()> {
         let arrived = now_ns();
-        if let Some(ts) = change.as_ref().and_then(|c| written_at(c, from)) {
+        let Some(change) = change else {
+            bail!("the fabric ended the watch");
+        };
+        if let Some(ts) = written_at(&change, from) {
             lat.push((arrived - ts).max(0) as u64);
         }
+        Ok(())
     };
     let written = loop {
         tokio::select! {
             w = &mut writer => break w??,
-            m = stream.message() => record(m?),
+            m = stream.message() => record(m?)?,
         }
     };
     // The last changes still on their way.
     let until = tokio::time::Instant::now() + Duration::from_secs(1);
     while let Ok(m) = tokio::time::timeout_at(until, stream.message()).await {
-        record(m?);
+        record(m?)?;
     }
     if (lat.len() as u64) < written * 9 / 10 {
         bail!("the fabric's watch saw {} of {written} changes", lat.len());

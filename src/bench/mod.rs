@@ -63,9 +63,15 @@ pub struct BenchArgs {
     /// Length of each read run (after a warm-up of a fifth of it, at least 1s).
     #[arg(long, default_value = "10s")]
     pub duration: humantime::Duration,
-    /// Change events of the ingest part.
+    /// Change events of the ingest part on the embedded bus.
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
+    /// Change events of the ingest part on the Kafka bus (and of the
+    /// broker's own run): the test broker (tansu, a debug build on SQLite
+    /// storage) takes a few thousand records a second, so a million would
+    /// take an hour per row; the figure that matters is the ratio.
+    #[arg(long, default_value_t = 100_000)]
+    pub kafka_events: u64,
     /// Rows of the change-capture table (snapshot and catch-up).
     #[arg(long, default_value_t = 1_000_000)]
     pub cdc_rows: u64,
@@ -113,6 +119,7 @@ pub struct Bench {
     pub warmup: Duration,
     pub duration: Duration,
     pub events: u64,
+    pub kafka_events: u64,
     pub cdc_rows: u64,
     pub freshness: Duration,
     pub snapshot_entities: u64,
@@ -259,6 +266,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         },
         duration,
         events: if smoke { 5_000 } else { args.events },
+        kafka_events: if smoke { 2_000 } else { args.kafka_events },
         cdc_rows: if smoke { 2_000 } else { args.cdc_rows },
         freshness: if smoke {
             Duration::from_secs(2)

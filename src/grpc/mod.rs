@@ -3,6 +3,7 @@
 //! stock client work without our `.proto` files).
 
 mod catalog;
+pub mod encode;
 mod entity;
 pub mod forward;
 mod ingest;
