@@ -29,6 +29,15 @@ TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu-0.6.0-sqlite}"
 
 log() { echo "services: $*" >&2; }
 
+# Runs the check "$@" every 0.1 s until it passes, for at most 10 s.
+wait_until() {
+  for _ in $(seq 1 100); do
+    "$@" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 install_packages() {
   local missing=()
   [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ] || missing+=(postgresql)
@@ -121,11 +130,7 @@ CNF
   fi
   log "starting MariaDB on $MY_PORT"
   setsid mariadbd --defaults-file="$MY_DIR/my.cnf" >"$MY_DIR/server.log" 2>&1 < /dev/null &
-  for _ in $(seq 1 100); do
-    my_ready "$MY_PORT" && break
-    sleep 0.1
-  done
-  my_ready "$MY_PORT" || { log "MariaDB did not start; see $MY_DIR/server.log"; exit 1; }
+  wait_until my_ready "$MY_PORT" || { log "MariaDB did not start; see $MY_DIR/server.log"; exit 1; }
   touch "$BASE/mariadb.started-by-us"
 }
 
@@ -152,11 +157,7 @@ start_kafka() {
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine sqlite://tansu.db >"$BASE/tansu.log" 2>&1 < /dev/null) &
   echo $! > "$BASE/tansu.pid"
-  for _ in $(seq 1 100); do
-    kafka_ready && break
-    sleep 0.1
-  done
-  kafka_ready || { log "tansu did not start; see $BASE/tansu.log"; exit 1; }
+  wait_until kafka_ready || { log "tansu did not start; see $BASE/tansu.log"; exit 1; }
   touch "$BASE/tansu.started-by-us"
 }
 
@@ -170,11 +171,7 @@ start_redis() {
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$BASE/redis" --daemonize yes --pidfile "$BASE/redis/redis.pid" \
     --logfile "$BASE/redis/redis.log" >&2
-  for _ in $(seq 1 100); do
-    redis_ready && break
-    sleep 0.1
-  done
-  redis_ready || { log "Redis did not start; see $BASE/redis/redis.log"; exit 1; }
+  wait_until redis_ready || { log "Redis did not start; see $BASE/redis/redis.log"; exit 1; }
   touch "$BASE/redis.started-by-us"
 }
 
@@ -222,10 +219,7 @@ restart_mariadb() {
   kill -TERM "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
   setsid mariadbd --defaults-file="$MY_DIR/my.cnf" >>"$MY_DIR/server.log" 2>&1 < /dev/null &
-  for _ in $(seq 1 100); do
-    my_ready "$MY_PORT" && return
-    sleep 0.1
-  done
+  wait_until my_ready "$MY_PORT" && return
   log "MariaDB did not come back"; exit 1
 }
 

@@ -68,6 +68,47 @@ struct Phase {
     peak: Option<u64>,
 }
 
+/// Starts the fabric and times it until it has applied `rows` changes.
+async fn fabric_until_applied(
+    b: &Bench,
+    log: &str,
+    rows: u64,
+) -> anyhow::Result<(FabricChild, Phase)> {
+    let mut f = start_fabric(b, log).await?;
+    let done = f
+        .wait_metric(
+            "fabric_changes_applied_total",
+            "",
+            rows as f64,
+            Duration::from_secs(3600),
+        )
+        .await?;
+    let phase = Phase {
+        seconds: Some(done.duration_since(f.started).as_secs_f64()),
+        peak: Some(f.memory().peak),
+    };
+    Ok((f, phase))
+}
+
+/// Runs Debezium (`snapshot.mode` `mode`) until its handler got `rows` records.
+async fn debezium_until_handed(
+    b: &Bench,
+    python: &std::path::Path,
+    target: &Target<'_>,
+    mode: &str,
+    rows: u64,
+) -> anyhow::Result<Phase> {
+    let extra = ["--snapshot-mode", mode, "--count-until", &rows.to_string()].map(String::from);
+    let log = b.dir.join(format!("debezium-{mode}.log"));
+    let mut peer = Peer::start(python, target, &extra, &log)?;
+    let (_, at) = peer.done(Duration::from_secs(3600)).await?;
+    let seconds = at.duration_since(peer.started).as_secs_f64();
+    Ok(Phase {
+        seconds: Some(seconds),
+        peak: Some(peer.stop().await?),
+    })
+}
+
 /// Writes single-row transactions at 200/s for `run`; how many.
 async fn write_fresh(pg_url: String, rows: u64, run: Duration) -> anyhow::Result<u64> {
     let mut pg = sqlx::PgConnection::connect(&pg_url).await?;
@@ -268,34 +309,12 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
 
     // 1. Initial snapshot.
     eprintln!("cdc: fabric initial snapshot");
-    let mut f = start_fabric(b, "cdc-snapshot.log").await?;
-    let done = f
-        .wait_metric(
-            "fabric_changes_applied_total",
-            "",
-            rows as f64,
-            Duration::from_secs(3600),
-        )
-        .await?;
-    let fab_snap = Phase {
-        seconds: Some(done.duration_since(f.started).as_secs_f64()),
-        peak: Some(f.memory().peak),
-    };
+    let (f, fab_snap) = fabric_until_applied(b, "cdc-snapshot.log", rows).await?;
     f.stop().await?;
     let mut dbz_snap = Phase::default();
     if let Some(py) = &python {
         eprintln!("cdc: Debezium initial snapshot");
-        let extra = [
-            "--snapshot-mode",
-            "initial",
-            "--count-until",
-            &rows.to_string(),
-        ]
-        .map(String::from);
-        let mut peer = Peer::start(py, &target, &extra, &b.dir.join("debezium-snapshot.log"))?;
-        let (_, at) = peer.done(Duration::from_secs(3600)).await?;
-        dbz_snap.seconds = Some(at.duration_since(peer.started).as_secs_f64());
-        dbz_snap.peak = Some(peer.stop().await?);
+        dbz_snap = debezium_until_handed(b, py, &target, "initial", rows).await?;
     }
 
     // 2. Catch-up.
@@ -311,19 +330,7 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         from = to + 1;
     }
     eprintln!("cdc: fabric catch-up");
-    let mut f = start_fabric(b, "cdc-catchup.log").await?;
-    let done = f
-        .wait_metric(
-            "fabric_changes_applied_total",
-            "",
-            rows as f64,
-            Duration::from_secs(3600),
-        )
-        .await?;
-    let fab_catch = Phase {
-        seconds: Some(done.duration_since(f.started).as_secs_f64()),
-        peak: Some(f.memory().peak),
-    };
+    let (f, fab_catch) = fabric_until_applied(b, "cdc-catchup.log", rows).await?;
     let mut dbz_catch = Phase::default();
 
     // 3. Freshness (the fabric first, still running from its catch-up).
@@ -334,17 +341,7 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
     let mut dbz_fresh = Vec::new();
     if let Some(py) = &python {
         eprintln!("cdc: Debezium catch-up");
-        let extra = [
-            "--snapshot-mode",
-            "no_data",
-            "--count-until",
-            &rows.to_string(),
-        ]
-        .map(String::from);
-        let mut peer = Peer::start(py, &target, &extra, &b.dir.join("debezium-catchup.log"))?;
-        let (_, at) = peer.done(Duration::from_secs(3600)).await?;
-        dbz_catch.seconds = Some(at.duration_since(peer.started).as_secs_f64());
-        dbz_catch.peak = Some(peer.stop().await?);
+        dbz_catch = debezium_until_handed(b, py, &target, "no_data", rows).await?;
         for poll in [Some(1), None] {
             eprintln!("cdc: Debezium freshness (poll {poll:?} ms)");
             dbz_fresh.push((poll, debezium_freshness(b, py, &target, rows, poll).await?));

@@ -282,15 +282,18 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         let n = b.kafka_events;
         let peer = broker_rate(b).await?;
         let bare = fabric_rate(b, Mode::Kafka { topics: false }, "kafka-bare", n).await?;
-        let full = fabric_rate(b, Mode::Kafka { topics: true }, "kafka", n).await?;
-        for (path, rate) in [
+        let mut rows = vec![
             (
                 "broker alone: the same records produced (idempotent, acks=all) and consumed",
                 peer,
             ),
             ("Kafka bus, entities and state topics off", bare),
-            ("Kafka bus, entities and state topics on (default)", full),
-        ] {
+        ];
+        if b.kafka_topics {
+            let full = fabric_rate(b, Mode::Kafka { topics: true }, "kafka", n).await?;
+            rows.push(("Kafka bus, entities and state topics on (default)", full));
+        }
+        for (path, rate) in rows {
             t.row(vec![
                 path.into(),
                 n.to_string(),

@@ -72,6 +72,12 @@ pub struct BenchArgs {
     /// take an hour per row; the figure that matters is the ratio.
     #[arg(long, default_value_t = 100_000)]
     pub kafka_events: u64,
+    /// Also measure the Kafka bus with the entities and state topics on
+    /// (the default config). Each applied change then writes its entity's
+    /// whole document and micro-DB too, some 30 times the bytes of the
+    /// change: beyond what the test broker takes (BENCHMARKS.md).
+    #[arg(long)]
+    pub kafka_topics: bool,
     /// Rows of the change-capture table (snapshot and catch-up).
     #[arg(long, default_value_t = 1_000_000)]
     pub cdc_rows: u64,
@@ -120,6 +126,7 @@ pub struct Bench {
     pub duration: Duration,
     pub events: u64,
     pub kafka_events: u64,
+    pub kafka_topics: bool,
     pub cdc_rows: u64,
     pub freshness: Duration,
     pub snapshot_entities: u64,
@@ -267,6 +274,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         duration,
         events: if smoke { 5_000 } else { args.events },
         kafka_events: if smoke { 2_000 } else { args.kafka_events },
+        kafka_topics: smoke || args.kafka_topics,
         cdc_rows: if smoke { 2_000 } else { args.cdc_rows },
         freshness: if smoke {
             Duration::from_secs(2)
