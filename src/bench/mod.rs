@@ -74,8 +74,8 @@ pub struct BenchArgs {
     pub kafka_events: u64,
     /// Also measure the Kafka bus with the entities and state topics on
     /// (the default config). Each applied change then writes its entity's
-    /// whole document and micro-DB too, some 30 times the bytes of the
-    /// change: beyond what the test broker takes (BENCHMARKS.md).
+    /// whole document and micro-DB too: more than the test broker takes
+    /// (BENCHMARKS.md).
     #[arg(long)]
     pub kafka_topics: bool,
     /// Rows of the change-capture table (snapshot and catch-up).
