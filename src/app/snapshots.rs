@@ -80,19 +80,25 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
     }
     let mut loaded: BTreeMap<u32, snapshot::LoadedSnapshot> = BTreeMap::new();
     let mut count: Option<u32> = None;
+    // The newest file of every partition is what restore uses unless one
+    // is unreadable: they are read (checked, decompressed, decoded) on
+    // parallel threads first; the walk below takes those results in its
+    // order and reads any older file it falls back to itself.
+    let mut newest_read = read_newest_in_parallel(&files);
     // Newest first: the first readable file fixes the partition count.
     for f in &files {
         if count.is_some_and(|n| f.partition >= n) || loaded.contains_key(&f.partition) {
             continue;
         }
-        let started = Instant::now();
-        match snapshot::read(&f.path) {
+        let read = newest_read
+            .remove(&f.path)
+            .unwrap_or_else(|| snapshot::read(&f.path));
+        match read {
             Ok(s) if count.is_none_or(|n| n == s.meta.partitions) => {
                 tracing::info!(
                     path = %f.path.display(),
                     entities = s.entities.len(),
                     bytes = s.bytes,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
                     "snapshot read"
                 );
                 count.get_or_insert(s.meta.partitions);
@@ -122,21 +128,65 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
         tracing::info!(from = n, to = partitions, "re-sharding restored entities");
     }
     out.offsets_restored = n == partitions;
-    for (p, s) in loaded {
+    for (p, s) in &loaded {
         if n == partitions {
-            out.offsets[p as usize] = s.meta.bus_offset;
+            out.offsets[*p as usize] = s.meta.bus_offset;
         }
         out.entities += s.entities.len();
+    }
+    // Loaded on parallel threads too: the store's shards are DashMaps, and
+    // a file's entities go to one shard (or, re-sharded, to several).
+    let loaded: Vec<snapshot::LoadedSnapshot> = loaded.into_values().collect();
+    on_threads(loaded, |s| {
         for e in s.entities {
             store.restore(e);
         }
-    }
+    });
     tracing::info!(
         entities = out.entities,
         checkpoints = ?out.checkpoints.0,
         "restored"
     );
     Ok(out)
+}
+
+/// Runs `f` on every item, spread over the machine's cores.
+fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len())
+        .max(1);
+    let mut chunks: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        chunks[i % threads].push(item);
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a restore thread panicked"))
+            .collect()
+    })
+}
+
+/// Reads the newest file of each partition in `files` (newest first), in
+/// parallel; by path.
+fn read_newest_in_parallel(
+    files: &[snapshot::SnapshotFile],
+) -> std::collections::HashMap<
+    std::path::PathBuf,
+    Result<snapshot::LoadedSnapshot, snapshot::SnapshotError>,
+> {
+    let mut seen = std::collections::HashSet::new();
+    let newest: Vec<&snapshot::SnapshotFile> =
+        files.iter().filter(|f| seen.insert(f.partition)).collect();
+    on_threads(newest, |f| (f.path.clone(), snapshot::read(&f.path)))
+        .into_iter()
+        .collect()
 }
 
 /// Loads the newest readable snapshot of `partition` (of a bus of
