@@ -51,16 +51,6 @@ fn config(b: &Bench, grpc: &str, admin: &str) -> String {
     )
 }
 
-async fn start_fabric(b: &Bench, log: &str) -> anyhow::Result<FabricChild> {
-    let grpc = format!("127.0.0.1:{}", harness::free_port()?);
-    let admin = format!("127.0.0.1:{}", harness::free_port()?);
-    let path = b.dir.join("cdc.toml");
-    std::fs::write(&path, config(b, &grpc, &admin))?;
-    let mut f = FabricChild::start(&path, &grpc, &admin, &b.dir.join(log))?;
-    f.wait_ready(Duration::from_secs(120)).await?;
-    Ok(f)
-}
-
 /// One phase's figures for one system.
 #[derive(Default, Clone)]
 struct Phase {
@@ -71,10 +61,10 @@ struct Phase {
 /// Starts the fabric and times it until it has applied `rows` changes.
 async fn fabric_until_applied(
     b: &Bench,
-    log: &str,
+    name: &str,
     rows: u64,
 ) -> anyhow::Result<(FabricChild, Phase)> {
-    let mut f = start_fabric(b, log).await?;
+    let mut f = FabricChild::launch(&b.dir, name, |grpc, admin| config(b, grpc, admin)).await?;
     let done = f
         .wait_metric(
             "fabric_changes_applied_total",
@@ -309,7 +299,7 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
 
     // 1. Initial snapshot.
     eprintln!("cdc: fabric initial snapshot");
-    let (f, fab_snap) = fabric_until_applied(b, "cdc-snapshot.log", rows).await?;
+    let (f, fab_snap) = fabric_until_applied(b, "cdc-snapshot", rows).await?;
     f.stop().await?;
     let mut dbz_snap = Phase::default();
     if let Some(py) = &python {
@@ -330,7 +320,7 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         from = to + 1;
     }
     eprintln!("cdc: fabric catch-up");
-    let (f, fab_catch) = fabric_until_applied(b, "cdc-catchup.log", rows).await?;
+    let (f, fab_catch) = fabric_until_applied(b, "cdc-catchup", rows).await?;
     let mut dbz_catch = Phase::default();
 
     // 3. Freshness (the fabric first, still running from its catch-up).

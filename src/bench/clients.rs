@@ -204,21 +204,27 @@ impl Client for RedisMget {
     }
 }
 
-/// The same view built by PostgreSQL in one prepared query: the customer
-/// row plus `json_agg` of its orders and tickets by the indexed
-/// `customer_id`.
-pub const PG_VIEW: &str = "SELECT json_build_object(\
-    'customer', row_to_json(c), \
-    'orders', (SELECT json_agg(o ORDER BY o.id) FROM orders o WHERE o.customer_id = c.id), \
-    'tickets', (SELECT json_agg(t ORDER BY t.id) FROM tickets t WHERE t.customer_id = c.id))::text \
-    FROM customers c WHERE c.id = $1";
+/// The customer view as PostgreSQL builds it in one query: the customer row
+/// plus `json_agg` of its orders and tickets by the indexed `customer_id`,
+/// for the customers `$where` picks.
+macro_rules! pg_view {
+    ($where:literal) => {
+        concat!(
+            "SELECT json_build_object(",
+            "'customer', row_to_json(c), ",
+            "'orders', (SELECT json_agg(o ORDER BY o.id) FROM orders o WHERE o.customer_id = c.id), ",
+            "'tickets', (SELECT json_agg(t ORDER BY t.id) FROM tickets t WHERE t.customer_id = c.id))::text ",
+            "FROM customers c WHERE ",
+            $where
+        )
+    };
+}
+
+/// One customer's view (prepared).
+pub const PG_VIEW: &str = pg_view!("c.id = $1");
 
 /// As [`PG_VIEW`], for many ids at once.
-pub const PG_VIEWS: &str = "SELECT json_build_object(\
-    'customer', row_to_json(c), \
-    'orders', (SELECT json_agg(o ORDER BY o.id) FROM orders o WHERE o.customer_id = c.id), \
-    'tickets', (SELECT json_agg(t ORDER BY t.id) FROM tickets t WHERE t.customer_id = c.id))::text \
-    FROM customers c WHERE c.id = ANY($1)";
+pub const PG_VIEWS: &str = pg_view!("c.id = ANY($1)");
 
 pub struct PgGet {
     pub conn: sqlx::PgConnection,

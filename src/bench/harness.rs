@@ -76,6 +76,24 @@ impl FabricChild {
         })
     }
 
+    /// Writes `<dir>/<name>.toml` as `config(grpc_addr, admin_addr)` gives
+    /// it for two free ports, starts the fabric on it (log `<name>.log`)
+    /// and waits until it is ready.
+    pub async fn launch(
+        dir: &Path,
+        name: &str,
+        config: impl FnOnce(&str, &str) -> String,
+    ) -> anyhow::Result<Self> {
+        let grpc = format!("127.0.0.1:{}", free_port()?);
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config(&grpc, &admin))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut f = Self::start(&path, &grpc, &admin, &dir.join(format!("{name}.log")))?;
+        f.wait_ready(Duration::from_secs(120)).await?;
+        Ok(f)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }

@@ -7,7 +7,7 @@
 //! in the same run: as many records of the same size and keys produced
 //! (idempotent, `acks=all`, as the bus does) and consumed at once.
 
-use super::harness::{self, FabricChild};
+use super::harness::FabricChild;
 use super::{Bench, Table};
 use crate::bus::kafka::{
     BaseConsumer, client_config, create, durable_producer, ensure_topic, send_in_order,
@@ -155,18 +155,16 @@ async fn wait_assigned(f: &FabricChild) -> anyhow::Result<()> {
 
 /// Pushes `events` and waits until they are applied; events per second.
 async fn fabric_rate(b: &Bench, mode: Mode, name: &str, events: u64) -> anyhow::Result<f64> {
-    let grpc = format!("127.0.0.1:{}", harness::free_port()?);
-    let admin = format!("127.0.0.1:{}", harness::free_port()?);
     let prefix = format!(
         "bench-{name}-{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis()
     );
-    let path = b.dir.join(format!("{prefix}.toml"));
-    std::fs::write(&path, config(b, mode, &grpc, &admin, &prefix))?;
-    let mut f = FabricChild::start(&path, &grpc, &admin, &b.dir.join(format!("{prefix}.log")))?;
-    f.wait_ready(Duration::from_secs(120)).await?;
+    let mut f = FabricChild::launch(&b.dir, &prefix, |grpc, admin| {
+        config(b, mode, grpc, admin, &prefix)
+    })
+    .await?;
     wait_assigned(&f).await?;
     let mut client = IngestServiceClient::connect(f.grpc.clone())
         .await?

@@ -99,15 +99,12 @@ fn config(b: &Bench, grpc: &str, admin: &str, slot: &str, with_source: bool) -> 
 /// Starts a fabric on the reads config; `with_source` false gives the same
 /// process with nothing to load (its idle memory).
 async fn start_fabric(b: &Bench, name: &str, with_source: bool) -> anyhow::Result<FabricChild> {
-    let grpc = format!("127.0.0.1:{}", harness::free_port()?);
-    let admin = format!("127.0.0.1:{}", harness::free_port()?);
-    let path = b.dir.join(format!("{name}.toml"));
     let slot = b.slot(name);
-    std::fs::write(&path, config(b, &grpc, &admin, &slot, with_source))?;
     let _ = std::fs::remove_dir_all(b.dir.join(format!("reads-snapshots-{slot}")));
-    let mut f = FabricChild::start(&path, &grpc, &admin, &b.dir.join(format!("{name}.log")))?;
-    f.wait_ready(Duration::from_secs(120)).await?;
-    Ok(f)
+    FabricChild::launch(&b.dir, name, |grpc, admin| {
+        config(b, grpc, admin, &slot, with_source)
+    })
+    .await
 }
 
 /// The bytes PostgreSQL stores for the values of every row of `table`
