@@ -23,9 +23,11 @@ MY_DIR="$BASE/mariadb"
 KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
 REDIS_PORT="${FABRIC_REDIS_PORT:-16379}"
 # tansu (a Kafka-protocol broker in Rust) is built once into this cache, with
-# the in-memory storage (the shared test broker) and the SQLite storage (the
-# tests that kill and restart a broker of their own need one that survives).
-TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu-0.6.0-sqlite}"
+# the in-memory storage and the SQLite storage (the tests that kill and
+# restart a broker of their own need one that survives). An optimised build:
+# a debug one (quicker to build) answered a cluster test's four fabrics
+# slowly enough for a joining process to time out connecting in CI.
+TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu-0.6.0-sqlite-release}"
 
 log() { echo "services: $*" >&2; }
 
@@ -143,7 +145,11 @@ start_kafka() {
   fi
   if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
     log "building the tansu broker into $TANSU_ROOT (once; a few minutes)"
-    cargo install tansu --version 0.6.0 --locked --features dynostore,libsql --debug \
+    # No LTO, many codegen units: most of the speed of a release build for
+    # well under the time of tansu's own release profile.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+      CARGO_PROFILE_RELEASE_DEBUG=0 \
+      cargo install tansu --version 0.6.0 --locked --features dynostore,libsql \
       --root "$TANSU_ROOT" >&2
   fi
   log "starting tansu on $KAFKA_PORT"

@@ -26,7 +26,6 @@ use crate::config::{Config, EntitiesFormat, KafkaConfig};
 use crate::store::EntityChange;
 use crate::telemetry::{DeadInput, DeadLetters};
 use crate::view::View;
-use prost::Message as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
@@ -187,7 +186,7 @@ impl EntityPublisher {
             EntitiesFormat::Json => {
                 serde_json::to_vec(&document(c, e, view)).expect("a json value serialises")
             }
-            EntitiesFormat::Protobuf => crate::view::to_proto(e, view).encode_to_vec(),
+            EntitiesFormat::Protobuf => crate::grpc::encode::entity(e, view),
         });
         Encoded {
             key: c.key.bus_key(),

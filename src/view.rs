@@ -7,10 +7,25 @@
 use crate::config::{EntityConfig, Mask};
 use crate::event::Value;
 use crate::proto;
-use crate::store::Entity;
+use crate::store::{Entity, ValueRef};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+
+/// A value as a view shows it: the stored one, or what its mask made.
+pub(crate) enum Shown<'a> {
+    As(ValueRef<'a>),
+    Masked(Value),
+}
+
+impl Shown<'_> {
+    pub(crate) fn get(&self) -> ValueRef<'_> {
+        match self {
+            Shown::As(v) => *v,
+            Shown::Masked(v) => v.as_value_ref(),
+        }
+    }
+}
 
 /// A compiled view.
 #[derive(Debug, Clone, Default)]
@@ -69,19 +84,19 @@ impl View {
     }
 
     /// `v` as this view shows column `c` of table `t`: borrowed unless masked.
-    pub(crate) fn masked<'a>(&self, t: &str, c: &str, v: &'a Value) -> Cow<'a, Value> {
+    pub(crate) fn masked<'a>(&self, t: &str, c: &str, v: ValueRef<'a>) -> Shown<'a> {
         if self.masks.is_empty() {
-            return Cow::Borrowed(v);
+            return Shown::As(v);
         }
-        Cow::Owned(match self.masks.get(&(t.to_string(), c.to_string())) {
-            None => return Cow::Borrowed(v),
-            Some(_) if v.is_null() => Value::Null,
+        Shown::Masked(match self.masks.get(&(t.to_string(), c.to_string())) {
+            None => return Shown::As(v),
+            Some(_) if v == ValueRef::Null => Value::Null,
             Some(Mask::Null) => Value::Null,
             Some(Mask::Redact) => Value::Text("***".into()),
             Some(Mask::Hash) => {
                 let text = match v {
-                    Value::Text(s) => Cow::Borrowed(s.as_str()),
-                    other => Cow::Owned(other.to_string()),
+                    ValueRef::Text(s) => Cow::Borrowed(s),
+                    other => Cow::Owned(other.to_owned().to_string()),
                 };
                 Value::Text(hex::encode(Sha256::digest(text.as_bytes())))
             }
@@ -120,7 +135,10 @@ pub fn to_proto(e: &Entity, view: Option<&View>) -> proto::Entity {
                         columns: row
                             .iter()
                             .filter(|(c, _)| v.shows_column(t, c))
-                            .map(|(c, val)| (c.clone(), value_to_proto(&v.masked(t, c, val))))
+                            .map(|(c, val)| {
+                                let shown = v.masked(t, c, val).get().to_owned();
+                                (c.to_string(), value_to_proto(&shown))
+                            })
                             .collect(),
                     })
                     .collect(),
@@ -154,7 +172,12 @@ pub fn to_json(e: &Entity, view: Option<&View>) -> serde_json::Value {
                     serde_json::Value::Object(
                         row.iter()
                             .filter(|(c, _)| v.shows_column(t, c))
-                            .map(|(c, val)| (c.clone(), v.masked(t, c, val).to_json()))
+                            .map(|(c, val)| {
+                                (
+                                    c.to_string(),
+                                    v.masked(t, c, val).get().to_owned().to_json(),
+                                )
+                            })
                             .collect(),
                     )
                 })
@@ -217,7 +240,6 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::event::EntityKey;
-    use std::sync::Arc;
 
     #[test]
     fn view_projects_and_masks() {
@@ -257,14 +279,14 @@ name = "customer"
         ]
         .into_iter()
         .collect();
-        e.tables
-            .entry("customer".into())
-            .or_default()
-            .insert(vec![Value::Int(1)], Arc::new(row.clone()));
-        e.tables
-            .entry("notes".into())
-            .or_default()
-            .insert(vec![Value::Int(1)], Arc::new(row));
+        e.tables.entry("customer".into()).or_default().insert(
+            vec![Value::Int(1)].into(),
+            crate::store::StoredRow::pack(&row),
+        );
+        e.tables.entry("notes".into()).or_default().insert(
+            vec![Value::Int(1)].into(),
+            crate::store::StoredRow::pack(&row),
+        );
         let j = to_json(&e, views.get("support"));
         let c = &j["tables"]["customer"][0];
         assert_eq!(c["id"], 1);

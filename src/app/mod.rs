@@ -190,10 +190,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             (BusKind::Kafka, Some(k)) => {
                 // The broker may come up after the fabric (or be restarting):
                 // wait for it, saying so, until it answers or shutdown comes.
+                // A broker that answers but slowly (overloaded, recovering)
+                // gets longer for each attempt: a fixed bound would start
+                // over, from nothing, every time it is just missed.
                 let mut backoff = Duration::from_secs(1);
+                let mut patience = Duration::from_secs(10);
                 loop {
                     let attempt = tokio::time::timeout(
-                        Duration::from_secs(10),
+                        patience,
                         connect_kafka(k, &config, &views, &dead_letters),
                     );
                     let failure = tokio::select! {
@@ -202,7 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                             Ok(Ok(parts)) => break (parts.bus.clone() as Arc<dyn Bus>, Some(parts)),
                             Ok(Err(crate::bus::BusError::Mismatch(m))) => anyhow::bail!("{m}"),
                             Ok(Err(e)) => e.to_string(),
-                            Err(_) => "no answer within 10s".to_string(),
+                            Err(_) => format!("no answer within {}s", patience.as_secs()),
                         },
                     };
                     tracing::warn!(
@@ -216,6 +220,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    patience = (patience * 2).min(Duration::from_secs(60));
                 }
             }
             _ => (

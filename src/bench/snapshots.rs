@@ -6,19 +6,17 @@
 use super::{Bench, Table};
 use crate::event::{EntityKey, Position, Row, Value};
 use crate::store::snapshot::{self, SnapshotMeta};
-use crate::store::{Entity, Store};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use crate::store::{Entity, Store, StoredRow, TableRows};
 use std::time::Instant;
 
 const PARTITIONS: u32 = 8;
 
-fn row(cols: &[(&str, Value)]) -> Arc<Row> {
-    Arc::new(
-        cols.iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-    )
+fn row(cols: &[(&str, Value)]) -> StoredRow {
+    let row: Row = cols
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    StoredRow::pack(&row)
 }
 
 /// Customer `id` with two orders.
@@ -37,13 +35,13 @@ pub fn entity(id: u64) -> Entity {
     ]);
     e.tables.insert(
         "customer".into(),
-        BTreeMap::from([(vec![Value::Int(i)], customer)]),
+        TableRows::from_iter([(vec![Value::Int(i)].into(), customer)]),
     );
     let orders = (0..2)
         .map(|k| {
             let oid = i * 2 + k;
             (
-                vec![Value::Int(oid)],
+                vec![Value::Int(oid)].into(),
                 row(&[
                     ("id", Value::Int(oid)),
                     ("customer_id", Value::Int(i)),

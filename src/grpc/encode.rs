@@ -7,12 +7,10 @@
 //! is written once into a buffer of the right size. This is the cost of a
 //! version's first read (later reads send the cached bytes).
 
-use crate::event::{Row, Value};
-use crate::store::Entity;
-use crate::view::View;
+use crate::store::{Entity, StoredRow, ValueRef};
+use crate::view::{Shown, View};
 use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-use std::borrow::Cow;
 
 /// Length of a length-delimited field `tag` whose payload is `len` bytes.
 fn ld_len(tag: u32, len: usize) -> usize {
@@ -30,18 +28,18 @@ fn put_str(buf: &mut Vec<u8>, tag: u32, s: &[u8]) {
 }
 
 /// The body of a `fabric.v1.Value` (its one `kind` field).
-fn value_len(v: &Value) -> usize {
+fn value_len(v: ValueRef<'_>) -> usize {
     match v {
-        Value::Null | Value::Bool(_) => key_len(1) + 1,
-        Value::Int(i) => key_len(3) + encoded_len_varint(zigzag(*i)),
-        Value::Float(_) => key_len(4) + 8,
-        Value::Decimal(s) => ld_len(5, s.len()),
-        Value::Text(s) => ld_len(6, s.len()),
-        Value::Json(s) => ld_len(11, s.len()),
-        Value::Bytes(b) => ld_len(7, b.len()),
-        Value::Timestamp(t) => key_len(8) + encoded_len_varint(*t as u64),
-        Value::Date(d) => key_len(9) + encoded_len_varint(*d as i64 as u64),
-        Value::Uuid(_) => ld_len(10, 36),
+        ValueRef::Null | ValueRef::Bool(_) => key_len(1) + 1,
+        ValueRef::Int(i) => key_len(3) + encoded_len_varint(zigzag(i)),
+        ValueRef::Float(_) => key_len(4) + 8,
+        ValueRef::Decimal(s) => ld_len(5, s.len()),
+        ValueRef::Text(s) => ld_len(6, s.len()),
+        ValueRef::Json(s) => ld_len(11, s.len()),
+        ValueRef::Bytes(b) => ld_len(7, b.len()),
+        ValueRef::Timestamp(t) => key_len(8) + encoded_len_varint(t as u64),
+        ValueRef::Date(d) => key_len(9) + encoded_len_varint(d as i64 as u64),
+        ValueRef::Uuid(_) => ld_len(10, 36),
     }
 }
 
@@ -49,43 +47,43 @@ fn zigzag(i: i64) -> u64 {
     ((i << 1) ^ (i >> 63)) as u64
 }
 
-fn put_value(buf: &mut Vec<u8>, v: &Value) {
+fn put_value(buf: &mut Vec<u8>, v: ValueRef<'_>) {
     match v {
-        Value::Null => {
+        ValueRef::Null => {
             encode_key(1, WireType::Varint, buf);
             buf.put_u8(1);
         }
-        Value::Bool(b) => {
+        ValueRef::Bool(b) => {
             encode_key(2, WireType::Varint, buf);
-            buf.put_u8(*b as u8);
+            buf.put_u8(b as u8);
         }
-        Value::Int(i) => {
+        ValueRef::Int(i) => {
             encode_key(3, WireType::Varint, buf);
-            encode_varint(zigzag(*i), buf);
+            encode_varint(zigzag(i), buf);
         }
-        Value::Float(f) => {
+        ValueRef::Float(f) => {
             encode_key(4, WireType::SixtyFourBit, buf);
-            buf.put_f64_le(*f);
+            buf.put_f64_le(f);
         }
-        Value::Decimal(s) => put_str(buf, 5, s.as_bytes()),
-        Value::Text(s) => put_str(buf, 6, s.as_bytes()),
-        Value::Bytes(b) => put_str(buf, 7, b),
-        Value::Timestamp(t) => {
+        ValueRef::Decimal(s) => put_str(buf, 5, s.as_bytes()),
+        ValueRef::Text(s) => put_str(buf, 6, s.as_bytes()),
+        ValueRef::Bytes(b) => put_str(buf, 7, b),
+        ValueRef::Timestamp(t) => {
             encode_key(8, WireType::Varint, buf);
-            encode_varint(*t as u64, buf);
+            encode_varint(t as u64, buf);
         }
-        Value::Date(d) => {
+        ValueRef::Date(d) => {
             encode_key(9, WireType::Varint, buf);
-            encode_varint(*d as i64 as u64, buf);
+            encode_varint(d as i64 as u64, buf);
         }
-        Value::Uuid(u) => {
+        ValueRef::Uuid(u) => {
             let mut text = [0u8; 36];
-            uuid::Uuid::from_bytes(*u)
+            uuid::Uuid::from_bytes(u)
                 .hyphenated()
                 .encode_lower(&mut text);
             put_str(buf, 10, &text);
         }
-        Value::Json(s) => put_str(buf, 11, s.as_bytes()),
+        ValueRef::Json(s) => put_str(buf, 11, s.as_bytes()),
     }
 }
 
@@ -93,21 +91,21 @@ fn put_value(buf: &mut Vec<u8>, v: &Value) {
 fn columns<'a>(
     view: &'a View,
     table: &'a str,
-    row: &'a Row,
-) -> impl Iterator<Item = (&'a str, Cow<'a, Value>)> + 'a {
+    row: &'a StoredRow,
+) -> impl Iterator<Item = (&'a str, Shown<'a>)> + 'a {
     row.iter()
         .filter(move |(c, _)| view.shows_column(table, c))
-        .map(move |(c, v)| (c.as_str(), view.masked(table, c, v)))
+        .map(move |(c, v)| (c, view.masked(table, c, v)))
 }
 
 /// One `columns` map entry: key (1) and value (2).
-fn entry_len(c: &str, v: &Value) -> usize {
+fn entry_len(c: &str, v: ValueRef<'_>) -> usize {
     ld_len(1, c.len()) + ld_len(2, value_len(v))
 }
 
-fn row_len(view: &View, table: &str, row: &Row) -> usize {
+fn row_len(view: &View, table: &str, row: &StoredRow) -> usize {
     columns(view, table, row)
-        .map(|(c, v)| ld_len(1, entry_len(c, &v)))
+        .map(|(c, v)| ld_len(1, entry_len(c, v.get())))
         .sum()
 }
 
@@ -161,10 +159,11 @@ pub fn entity(e: &Entity, view: Option<&View>) -> Vec<u8> {
         for (row, len) in rows.values().zip(lens) {
             put_ld(&mut buf, 2, *len);
             for (c, val) in columns(v, t, row) {
-                put_ld(&mut buf, 1, entry_len(c, &val));
+                let val = val.get();
+                put_ld(&mut buf, 1, entry_len(c, val));
                 put_str(&mut buf, 1, c.as_bytes());
-                put_ld(&mut buf, 2, value_len(&val));
-                put_value(&mut buf, &val);
+                put_ld(&mut buf, 2, value_len(val));
+                put_value(&mut buf, val);
             }
         }
     }
@@ -188,10 +187,9 @@ pub fn entity(e: &Entity, view: Option<&View>) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::event::{EntityKey, Position};
+    use crate::event::{EntityKey, Position, Row, Value};
     use crate::proto;
     use prost::Message;
-    use std::sync::Arc;
 
     fn every_value() -> Row {
         [
@@ -228,7 +226,7 @@ mod tests {
             for i in 0..n {
                 let mut r = every_value();
                 r.insert("id".into(), Value::Int(i));
-                rows.insert(vec![Value::Int(i)], Arc::new(r));
+                rows.insert(vec![Value::Int(i)].into(), StoredRow::pack(&r));
             }
         }
         e

@@ -5,13 +5,19 @@
 //! pointer per row, not the rows) and the store swaps it in. Readers holding
 //! the previous `Arc<Entity>` keep a consistent version.
 
-use crate::event::{EntityChangeSet, EntityKey, Op, Position, Row, Value};
+use super::row::StoredRow;
+use crate::event::{EntityChangeSet, EntityKey, Op, Position, Value};
+use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-/// Rows of one micro-DB table, by primary key.
-pub type TableRows = BTreeMap<Vec<Value>, Arc<Row>>;
+/// Rows of one micro-DB table, by primary key, in key order.
+///
+/// The maps of a micro-DB are sorted vectors ([`LiteMap`]), not B-trees: a
+/// micro-DB holds a handful of tables of a few rows each, where a B-tree
+/// spends a node of eleven slots on one row, and a version's copy of a
+/// sorted vector is one allocation. Serialized, either is the same map.
+pub type TableRows = LiteMap<Box<[Value]>, StoredRow>;
 
 /// One entity: its tables, version and applied source positions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,9 +26,9 @@ pub struct Entity {
     /// Grows by one per applied change set that changed something.
     pub version: u64,
     /// Micro-DB table name to rows. Tables with no rows are absent.
-    pub tables: BTreeMap<Arc<str>, TableRows>,
+    pub tables: LiteMap<Arc<str>, TableRows>,
     /// Per source, the position of the last change set applied.
-    pub positions: BTreeMap<Arc<str>, Position>,
+    pub positions: LiteMap<Arc<str>, Position>,
     /// Source commit time of the last applied change, microseconds since epoch.
     pub updated_micros: i64,
     /// Encoded forms of this version (one per view), made on first read. A
@@ -98,8 +104,8 @@ impl Entity {
         Entity {
             key,
             version: 0,
-            tables: BTreeMap::new(),
-            positions: BTreeMap::new(),
+            tables: LiteMap::new(),
+            positions: LiteMap::new(),
             updated_micros: 0,
             encoded: Encoded::default(),
         }
@@ -134,11 +140,12 @@ impl Entity {
             let did = match ch.op {
                 Op::Read | Op::Insert | Op::Update => {
                     let Some(row) = &ch.row else { continue };
+                    let row = StoredRow::pack(row);
                     let rows = next.tables.entry(ch.table.clone()).or_default();
-                    match rows.get(&ch.pk) {
-                        Some(old) if **old == *row => false,
+                    match rows.get(&ch.pk[..]) {
+                        Some(old) if *old == row => false,
                         _ => {
-                            rows.insert(ch.pk.clone(), Arc::new(row.clone()));
+                            rows.insert(ch.pk.clone().into_boxed_slice(), row);
                             true
                         }
                     }
@@ -147,7 +154,7 @@ impl Entity {
                     let did = next
                         .tables
                         .get_mut(&ch.table)
-                        .is_some_and(|rows| rows.remove(&ch.pk).is_some());
+                        .is_some_and(|rows| rows.remove(&ch.pk[..]).is_some());
                     if next.tables.get(&ch.table).is_some_and(|r| r.is_empty()) {
                         next.tables.remove(&ch.table);
                     }
@@ -166,7 +173,7 @@ impl Entity {
             if current.is_none() {
                 return Applied::Stale;
             }
-            for t in current.map(|c| c.tables.keys()).into_iter().flatten() {
+            for t in current.iter().flat_map(|c| c.tables.keys()) {
                 if !changed.contains(t) {
                     changed.push(t.clone());
                 }
@@ -204,7 +211,7 @@ impl Entity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TableChange;
+    use crate::event::{Row, TableChange};
 
     fn row(id: i64, name: &str) -> Row {
         let mut r = Row::new();

@@ -9,9 +9,11 @@
 //! The store knows nothing of sources or of the bus: it applies change sets.
 
 pub mod microdb;
+pub mod row;
 pub mod snapshot;
 
-pub use microdb::{Applied, Entity};
+pub use microdb::{Applied, Entity, TableRows};
+pub use row::{StoredRow, ValueRef};
 
 use crate::event::{EntityChangeSet, EntityKey, TruncateTable};
 use dashmap::DashMap;

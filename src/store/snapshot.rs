@@ -310,10 +310,10 @@ mod tests {
         let mut row = crate::event::Row::new();
         row.insert("id".into(), Value::Int(id));
         row.insert("name".into(), Value::Text(format!("c{id}")));
-        e.tables
-            .entry("customer".into())
-            .or_default()
-            .insert(vec![Value::Int(id)], Arc::new(row));
+        e.tables.entry("customer".into()).or_default().insert(
+            vec![Value::Int(id)].into(),
+            crate::store::StoredRow::pack(&row),
+        );
         e.version = 3;
         e.positions.insert("crm".into(), Position::Seq(9));
         Arc::new(e)
