@@ -136,8 +136,7 @@ pub fn to_proto(e: &Entity, view: Option<&View>) -> proto::Entity {
                             .iter()
                             .filter(|(c, _)| v.shows_column(t, c))
                             .map(|(c, val)| {
-                                let shown = v.masked(t, c, val).get().to_owned();
-                                (c.to_string(), value_to_proto(&shown))
+                                (c.to_string(), value_to_proto(v.masked(t, c, val).get()))
                             })
                             .collect(),
                     })
@@ -195,20 +194,20 @@ pub fn to_json(e: &Entity, view: Option<&View>) -> serde_json::Value {
     })
 }
 
-pub fn value_to_proto(v: &Value) -> proto::Value {
+pub fn value_to_proto(v: ValueRef<'_>) -> proto::Value {
     use proto::value::Kind;
     let kind = match v {
-        Value::Null => Kind::Null(true),
-        Value::Bool(b) => Kind::Bool(*b),
-        Value::Int(i) => Kind::Int(*i),
-        Value::Float(f) => Kind::Float(*f),
-        Value::Decimal(s) => Kind::Decimal(s.clone()),
-        Value::Text(s) => Kind::Text(s.clone()),
-        Value::Bytes(b) => Kind::Bytes(b.clone()),
-        Value::Timestamp(t) => Kind::TimestampMicros(*t),
-        Value::Date(d) => Kind::DateDays(*d),
-        Value::Uuid(u) => Kind::Uuid(uuid::Uuid::from_bytes(*u).hyphenated().to_string()),
-        Value::Json(s) => Kind::Json(s.clone()),
+        ValueRef::Null => Kind::Null(true),
+        ValueRef::Bool(b) => Kind::Bool(b),
+        ValueRef::Int(i) => Kind::Int(i),
+        ValueRef::Float(f) => Kind::Float(f),
+        ValueRef::Decimal(s) => Kind::Decimal(s.to_string()),
+        ValueRef::Text(s) => Kind::Text(s.to_string()),
+        ValueRef::Bytes(b) => Kind::Bytes(b.to_vec()),
+        ValueRef::Timestamp(t) => Kind::TimestampMicros(t),
+        ValueRef::Date(d) => Kind::DateDays(d),
+        ValueRef::Uuid(u) => Kind::Uuid(uuid::Uuid::from_bytes(u).hyphenated().to_string()),
+        ValueRef::Json(s) => Kind::Json(s.to_string()),
     };
     proto::Value { kind: Some(kind) }
 }

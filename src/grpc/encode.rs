@@ -187,32 +187,10 @@ pub fn entity(e: &Entity, view: Option<&View>) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::event::{EntityKey, Position, Row, Value};
+    use crate::event::{EntityKey, Position, Value};
     use crate::proto;
+    use crate::store::row::every_value;
     use prost::Message;
-
-    fn every_value() -> Row {
-        [
-            ("null", Value::Null),
-            ("yes", Value::Bool(true)),
-            ("no", Value::Bool(false)),
-            ("int", Value::Int(-42)),
-            ("zero", Value::Int(0)),
-            ("big", Value::Int(i64::MAX)),
-            ("float", Value::Float(-1.5)),
-            ("decimal", Value::Decimal("12.50".into())),
-            ("text", Value::Text("grüße".into())),
-            ("empty", Value::Text(String::new())),
-            ("bytes", Value::Bytes(vec![0, 255, 7])),
-            ("ts", Value::Timestamp(-1_000_000)),
-            ("date", Value::Date(-3)),
-            ("uuid", Value::Uuid([0xab; 16])),
-            ("json", Value::Json("{\"a\":[1]}".into())),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
 
     fn entity() -> Entity {
         let mut e = Entity::new(EntityKey::new("customer", "42"));

@@ -38,7 +38,7 @@ pub struct Columns {
 }
 
 impl Columns {
-    pub fn names(&self) -> impl ExactSizeIterator<Item = &str> {
+    fn names(&self) -> impl ExactSizeIterator<Item = &str> {
         self.names.iter().map(|n| &**n)
     }
 
@@ -55,8 +55,14 @@ const MAX_SHAPES: usize = 4096;
 /// Shapes remembered per thread in front of the shared interner.
 const THREAD_SHAPES: usize = 32;
 
-static SHAPES: LazyLock<Mutex<HashMap<u64, Vec<Arc<Columns>>>>> = LazyLock::new(Default::default);
-static SHAPE_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Interned shapes by a hash of their names, and how many there are.
+#[derive(Default)]
+struct Shapes {
+    by_hash: HashMap<u64, Vec<Arc<Columns>>>,
+    count: usize,
+}
+
+static SHAPES: LazyLock<Mutex<Shapes>> = LazyLock::new(Default::default);
 
 thread_local! {
     static RECENT: RefCell<Vec<Arc<Columns>>> = const { RefCell::new(Vec::new()) };
@@ -81,14 +87,13 @@ fn intern<'a>(names: impl ExactSizeIterator<Item = &'a str> + Clone) -> Arc<Colu
     };
     let columns = {
         let mut shapes = SHAPES.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = shapes.entry(hash).or_default();
+        let Shapes { by_hash, count } = &mut *shapes;
+        let bucket = by_hash.entry(hash).or_default();
         match bucket.iter().find(|c| c.same_as(names.clone())) {
             Some(c) => c.clone(),
-            None if SHAPE_COUNT.load(std::sync::atomic::Ordering::Relaxed) >= MAX_SHAPES => {
-                return make();
-            }
+            None if *count >= MAX_SHAPES => return make(),
             None => {
-                SHAPE_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *count += 1;
                 let c = make();
                 bucket.push(c.clone());
                 c
@@ -335,18 +340,6 @@ impl StoredRow {
             .map(|(c, v)| (c.to_string(), v.to_owned()))
             .collect()
     }
-
-    /// Heap bytes this row holds on its own (its values; the column names
-    /// are shared), for memory accounting.
-    pub fn packed_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-impl From<&Row> for StoredRow {
-    fn from(row: &Row) -> Self {
-        StoredRow::pack(row)
-    }
 }
 
 impl PartialEq for StoredRow {
@@ -401,32 +394,37 @@ impl<'de> Deserialize<'de> for StoredRow {
     }
 }
 
+/// A row with every kind of value, the edges of the integer ranges among
+/// them, for the tests of everything that reads stored rows.
+#[cfg(test)]
+pub(crate) fn every_value() -> Row {
+    [
+        ("null", Value::Null),
+        ("yes", Value::Bool(true)),
+        ("no", Value::Bool(false)),
+        ("int", Value::Int(-42)),
+        ("zero", Value::Int(0)),
+        ("big", Value::Int(i64::MAX)),
+        ("small", Value::Int(i64::MIN)),
+        ("float", Value::Float(-1.5)),
+        ("decimal", Value::Decimal("12.50".into())),
+        ("text", Value::Text("grüße".into())),
+        ("empty", Value::Text(String::new())),
+        ("bytes", Value::Bytes(vec![0, 255, 7])),
+        ("ts", Value::Timestamp(-1_000_000)),
+        ("date", Value::Date(-3)),
+        ("first_date", Value::Date(i32::MIN)),
+        ("uuid", Value::Uuid([0xab; 16])),
+        ("json", Value::Json("{\"a\":[1]}".into())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn every_value() -> Row {
-        [
-            ("a_null", Value::Null),
-            ("b_yes", Value::Bool(true)),
-            ("c_no", Value::Bool(false)),
-            ("d_int", Value::Int(-42)),
-            ("e_min", Value::Int(i64::MIN)),
-            ("f_max", Value::Int(i64::MAX)),
-            ("g_float", Value::Float(-1.5)),
-            ("i_decimal", Value::Decimal("-12.50".into())),
-            ("j_text", Value::Text("grüße".into())),
-            ("k_empty", Value::Text(String::new())),
-            ("l_bytes", Value::Bytes(vec![0, 255, 7])),
-            ("m_ts", Value::Timestamp(-1_000_000)),
-            ("n_date", Value::Date(i32::MIN)),
-            ("o_uuid", Value::Uuid([0xab; 16])),
-            ("p_json", Value::Json("{\"a\":[1]}".into())),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
 
     #[test]
     fn every_value_comes_back_as_it_went_in() {
@@ -434,7 +432,7 @@ mod tests {
         let stored = StoredRow::pack(&row);
         assert_eq!(stored.to_row(), row);
         assert_eq!(stored.len(), row.len());
-        assert_eq!(stored.get("j_text"), Some(ValueRef::Text("grüße")));
+        assert_eq!(stored.get("text"), Some(ValueRef::Text("grüße")));
         assert_eq!(stored.get("zz"), None);
         let nan: Row = [("x".to_string(), Value::Float(f64::NAN))].into();
         assert_eq!(StoredRow::pack(&nan).to_row(), nan);
@@ -444,13 +442,13 @@ mod tests {
     fn rows_of_one_shape_share_their_column_names() {
         let mut a = every_value();
         let b = StoredRow::pack(&a);
-        a.insert("d_int".into(), Value::Int(7));
+        a.insert("int".into(), Value::Int(7));
         let c = StoredRow::pack(&a);
         assert!(Arc::ptr_eq(&b.columns, &c.columns));
         assert_ne!(b, c);
-        a.insert("d_int".into(), Value::Int(-42));
+        a.insert("int".into(), Value::Int(-42));
         assert_eq!(StoredRow::pack(&a), b);
-        a.insert("q_more".into(), Value::Null);
+        a.insert("zz_more".into(), Value::Null);
         assert!(!Arc::ptr_eq(&StoredRow::pack(&a).columns, &b.columns));
     }
 
