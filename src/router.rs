@@ -80,7 +80,9 @@ struct Pending {
 type LinkKey = (Arc<str>, Arc<str>, String);
 
 pub struct Router {
-    routes: HashMap<(String, String), Vec<Route>>,
+    /// Source name -> source table (normalised) -> the routes it feeds,
+    /// looked up by borrowed names (no key built per change).
+    routes: HashMap<String, HashMap<String, Arc<[Route]>>>,
     partitions: u32,
     /// (entity type, link table, link pk text) -> entity id.
     links: HashMap<LinkKey, Arc<str>>,
@@ -132,8 +134,12 @@ impl Router {
                     });
             }
         }
+        let mut by_source: HashMap<String, HashMap<String, Arc<[Route]>>> = HashMap::new();
+        for ((source, table), r) in routes {
+            by_source.entry(source).or_default().insert(table, r.into());
+        }
         Router {
-            routes,
+            routes: by_source,
             partitions,
             links: HashMap::new(),
             pending: VecDeque::new(),
@@ -177,7 +183,8 @@ impl Router {
         let targets: Vec<(Arc<str>, Arc<str>)> = self
             .routes
             .values()
-            .flatten()
+            .flat_map(|tables| tables.values())
+            .flat_map(|routes| routes.iter())
             .filter(|r| r.is_link_target)
             .map(|r| (r.entity_type.clone(), r.table.clone()))
             .collect();
@@ -225,20 +232,37 @@ impl Router {
         out
     }
 
-    /// Routes one transaction.
-    pub fn route(&mut self, txn: &SourceTxn) -> Routed {
+    /// Routes one transaction. Rows move into the change sets (a row that
+    /// feeds more than one entity type is copied for all but the last).
+    pub fn route(&mut self, txn: SourceTxn) -> Routed {
+        let SourceTxn {
+            source,
+            position,
+            commit_micros,
+            changes,
+        } = txn;
+        let txn = TxnHead {
+            source,
+            position,
+            commit_micros,
+        };
         let mut out = Routed::default();
         let checkpoint_before = self.routed.get(&txn.source).cloned();
         // Per entity, in first-touch order, its changes and whether its root went.
         let mut sets: Vec<EntityChangeSet> = Vec::new();
         let mut index: HashMap<EntityKey, usize> = HashMap::new();
-        for change in &txn.changes {
-            let key = (txn.source.to_string(), norm(&change.table).to_string());
-            let Some(routes) = self.routes.get(&key).cloned() else {
+        for mut change in changes {
+            let Some(routes) = self
+                .routes
+                .get(&*txn.source)
+                .and_then(|t| t.get(norm(&change.table)))
+                .cloned()
+            else {
                 // A table no entity type uses: not an error, just not ours.
                 continue;
             };
-            for route in &routes {
+            for (i, route) in routes.iter().enumerate() {
+                let last = i + 1 == routes.len();
                 if change.op == Op::Truncate {
                     // Changes before the truncate go first: order within the
                     // transaction is kept.
@@ -261,7 +285,7 @@ impl Router {
                     }
                     continue;
                 }
-                match self.resolve(route, change) {
+                match self.resolve(route, &mut change, last) {
                     Ok(Resolved::Ready(items)) => {
                         for (key, tc, delete_entity) in items {
                             let released = if route.is_link_target {
@@ -269,18 +293,18 @@ impl Router {
                             } else {
                                 Vec::new()
                             };
-                            push_change(&mut sets, &mut index, txn, key.clone(), tc, delete_entity);
+                            push_change(&mut sets, &mut index, &txn, key, tc, delete_entity);
                             for p in released {
-                                self.place(&mut sets, &mut index, txn, &mut out, p);
+                                self.place(&mut sets, &mut index, &txn, &mut out, p);
                             }
                         }
                     }
                     Ok(Resolved::Wait(link)) => {
                         self.wait(
-                            txn,
+                            &txn,
                             checkpoint_before.clone(),
                             route,
-                            change,
+                            &change,
                             link,
                             &mut out,
                         );
@@ -289,7 +313,7 @@ impl Router {
                         source: txn.source.to_string(),
                         table: change.table.clone(),
                         reason,
-                        raw: raw_of(change),
+                        raw: raw_of(&change),
                     }),
                 }
             }
@@ -298,7 +322,7 @@ impl Router {
             let p = set.key.partition(self.partitions);
             out.records.push((p, BusRecord::Changes(set)));
         }
-        self.routed.insert(txn.source.clone(), txn.position.clone());
+        self.routed.insert(txn.source, txn.position);
         out
     }
 
@@ -329,7 +353,7 @@ impl Router {
 
     fn wait(
         &mut self,
-        txn: &SourceTxn,
+        txn: &TxnHead,
         checkpoint_before: Option<Position>,
         route: &Route,
         change: &RowChange,
@@ -395,11 +419,12 @@ impl Router {
         &mut self,
         sets: &mut Vec<EntityChangeSet>,
         index: &mut HashMap<EntityKey, usize>,
-        txn: &SourceTxn,
+        txn: &TxnHead,
         out: &mut Routed,
-        p: Pending,
+        mut p: Pending,
     ) {
-        match self.resolve(&p.route, &p.change) {
+        let route = p.route.clone();
+        match self.resolve(&route, &mut p.change, false) {
             Ok(Resolved::Ready(items)) => {
                 for (key, tc, del) in items {
                     push_change(sets, index, txn, key, tc, del);
@@ -446,7 +471,15 @@ impl Router {
         }
     }
 
-    fn resolve(&self, route: &Route, change: &RowChange) -> Result<Resolved, String> {
+    /// The change sets `change` makes through `route`. With `take`, the
+    /// row image moves into them (the change's last route) instead of being
+    /// copied; only once the change is known to be routable.
+    fn resolve(
+        &self,
+        route: &Route,
+        change: &mut RowChange,
+        take: bool,
+    ) -> Result<Resolved, String> {
         let image = change
             .image()
             .ok_or_else(|| format!("a {} change with no row image", change.op.as_str()))?;
@@ -513,6 +546,7 @@ impl Router {
                 pk,
                 row: match change.op {
                     Op::Delete | Op::Truncate => None,
+                    _ if take => change.after.take(),
                     _ => change.after.clone(),
                 },
             },
@@ -527,10 +561,17 @@ enum Resolved {
     Wait(LinkKey),
 }
 
+/// What every change set of a transaction carries from it.
+struct TxnHead {
+    source: Arc<str>,
+    position: Position,
+    commit_micros: i64,
+}
+
 fn push_change(
     sets: &mut Vec<EntityChangeSet>,
     index: &mut HashMap<EntityKey, usize>,
-    txn: &SourceTxn,
+    txn: &TxnHead,
     key: EntityKey,
     tc: TableChange,
     delete_entity: bool,
@@ -639,7 +680,7 @@ name = "customer"
     #[test]
     fn id_via_follows_link_in_same_txn() {
         let mut r = router();
-        let out = r.route(&txn(
+        let out = r.route(txn(
             1,
             vec![
                 insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
@@ -655,7 +696,7 @@ name = "customer"
     #[test]
     fn unknown_link_waits_then_joins_the_txn_that_brings_it() {
         let mut r = router();
-        let out = r.route(&txn(
+        let out = r.route(txn(
             1,
             vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))],
         ));
@@ -663,7 +704,7 @@ name = "customer"
         assert_eq!(r.pending_len(), 1);
         // The checkpoint stays before the transaction with the waiting change.
         assert_eq!(r.checkpoints().get("billing").cloned().flatten(), None);
-        let out = r.route(&txn(
+        let out = r.route(txn(
             2,
             vec![insert("invoices", row(&[("id", 10), ("customer_id", 7)]))],
         ));
@@ -681,7 +722,7 @@ name = "customer"
     #[test]
     fn waiting_too_long_is_dead_lettered_with_reason() {
         let mut r = router();
-        r.route(&txn(
+        r.route(txn(
             1,
             vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))],
         ));
@@ -694,7 +735,7 @@ name = "customer"
     #[test]
     fn a_truncate_keeps_its_place_in_the_transaction() {
         let mut r = router();
-        let out = r.route(&txn(
+        let out = r.route(txn(
             1,
             vec![
                 insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
@@ -733,7 +774,7 @@ name = "customer"
             Some(Position::Seq(41))
         );
         // A waiting change holds the checkpoint at the restored position.
-        r.route(&txn(
+        r.route(txn(
             42,
             vec![insert("payments", row(&[("id", 1), ("invoice_id", 99)]))],
         ));
@@ -746,7 +787,7 @@ name = "customer"
     #[test]
     fn missing_id_column_is_unroutable() {
         let mut r = router();
-        let out = r.route(&txn(1, vec![insert("invoices", row(&[("id", 10)]))]));
+        let out = r.route(txn(1, vec![insert("invoices", row(&[("id", 10)]))]));
         assert_eq!(out.dead.len(), 1);
         assert!(out.dead[0].reason.contains("customer_id"));
     }
@@ -754,7 +795,7 @@ name = "customer"
     #[test]
     fn update_moving_a_row_deletes_it_from_the_old_entity() {
         let mut r = router();
-        let out = r.route(&txn(
+        let out = r.route(txn(
             1,
             vec![RowChange {
                 table: "invoices".into(),

@@ -214,23 +214,28 @@ pub fn value_to_proto(v: ValueRef<'_>) -> proto::Value {
 
 /// A protobuf value as a fabric value; a bad UUID is an error naming it.
 pub fn value_from_proto(v: &proto::Value) -> Result<Value, String> {
+    value_of_proto(v.clone())
+}
+
+/// As [`value_from_proto`], taking the value (its text moves, not copied).
+pub fn value_of_proto(v: proto::Value) -> Result<Value, String> {
     use proto::value::Kind;
-    Ok(match &v.kind {
+    Ok(match v.kind {
         None | Some(Kind::Null(_)) => Value::Null,
-        Some(Kind::Bool(b)) => Value::Bool(*b),
-        Some(Kind::Int(i)) => Value::Int(*i),
-        Some(Kind::Float(f)) => Value::Float(*f),
-        Some(Kind::Decimal(s)) => Value::Decimal(s.clone()),
-        Some(Kind::Text(s)) => Value::Text(s.clone()),
-        Some(Kind::Bytes(b)) => Value::Bytes(b.clone()),
-        Some(Kind::TimestampMicros(t)) => Value::Timestamp(*t),
-        Some(Kind::DateDays(d)) => Value::Date(*d),
+        Some(Kind::Bool(b)) => Value::Bool(b),
+        Some(Kind::Int(i)) => Value::Int(i),
+        Some(Kind::Float(f)) => Value::Float(f),
+        Some(Kind::Decimal(s)) => Value::Decimal(s),
+        Some(Kind::Text(s)) => Value::Text(s),
+        Some(Kind::Bytes(b)) => Value::Bytes(b),
+        Some(Kind::TimestampMicros(t)) => Value::Timestamp(t),
+        Some(Kind::DateDays(d)) => Value::Date(d),
         Some(Kind::Uuid(s)) => Value::Uuid(
-            *uuid::Uuid::parse_str(s)
+            *uuid::Uuid::parse_str(&s)
                 .map_err(|_| format!("{s:?} is not a uuid"))?
                 .as_bytes(),
         ),
-        Some(Kind::Json(s)) => Value::Json(s.clone()),
+        Some(Kind::Json(s)) => Value::Json(s),
     })
 }
 
@@ -278,11 +283,11 @@ name = "customer"
         ]
         .into_iter()
         .collect();
-        e.tables.entry("customer".into()).or_default().insert(
+        std::sync::Arc::make_mut(e.tables.entry("customer".into()).or_default()).insert(
             vec![Value::Int(1)].into(),
             crate::store::StoredRow::pack(&row),
         );
-        e.tables.entry("notes".into()).or_default().insert(
+        std::sync::Arc::make_mut(e.tables.entry("notes".into()).or_default()).insert(
             vec![Value::Int(1)].into(),
             crate::store::StoredRow::pack(&row),
         );

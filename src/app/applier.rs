@@ -8,7 +8,7 @@
 use crate::bus::{Bus, BusError, Offset};
 use crate::event::BusRecord;
 use crate::publish::EntityPublisher;
-use crate::store::{Applied, Entity, EntityChange, Store};
+use crate::store::{Entity, EntityChange, Outcome, Store};
 use crate::telemetry::Metrics;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
@@ -188,7 +188,7 @@ fn apply(
     match record {
         BusRecord::Changes(set) => {
             let applied = store.apply_into(set, changes);
-            if !matches!(applied, Applied::Stale) {
+            if applied != Outcome::Stale {
                 counters
                     .entry(set.source.clone())
                     .or_insert_with(|| {

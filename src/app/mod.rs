@@ -704,7 +704,7 @@ async fn route_loop(
                 }
             },
         };
-        let routed = router.route(&env.txn);
+        let routed = router.route(env.txn);
         for d in &routed.dead {
             f.dead_letters
                 .record(&d.source, &d.table, &d.reason, &d.raw);

@@ -8,7 +8,7 @@
 use super::clients::{self, FabricBatch, FabricGet, PgBatch, PgGet, RedisGet, RedisMget};
 use super::harness::{self, Client, FabricChild, LoadResult};
 use super::{Bench, Table, pg_exec};
-use anyhow::Context;
+use anyhow::{Context, bail};
 use sqlx::Connection;
 use std::time::{Duration, Instant};
 
@@ -292,8 +292,21 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         "Memory of the fabric holding the read set (resident, against the rows' raw bytes)",
         &["measure", "value"],
     );
+    // The same data after a restart: restored from the snapshot the stop
+    // wrote, without what the load left behind (change events, snapshot
+    // reader batches, the source's buffers) that the allocator still holds.
+    fabric.stop().await?;
+    let mut restarted = restart_fabric(b, "reads").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restored_rss = restarted.memory().rss;
+    let restored_entities = restarted.metric("fabric_entities", ENTITY).await? as u64;
+    restarted.stop().await?;
+    if restored_entities != n {
+        bail!("the restarted fabric restored {restored_entities} of {n} entities");
+    }
     let held = loaded_rss.saturating_sub(idle_rss);
     let with_cache = read_rss.saturating_sub(idle_rss);
+    let restored = restored_rss.saturating_sub(idle_rss);
     for (k, v) in [
         ("entities / rows".to_string(), format!("{n} / {rows}")),
         (
@@ -319,6 +332,14 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
             format!("{:.2}", with_cache as f64 / raw.max(1) as f64),
         ),
         (
+            "held after a restart (restored from its snapshot): per row, ÷ raw".into(),
+            format!(
+                "{} B, {:.2}",
+                restored / rows.max(1),
+                restored as f64 / raw.max(1) as f64
+            ),
+        ),
+        (
             "first read of every entity (BatchGet of 1,000, encodes each)".into(),
             format!("{warm_secs:.2} s, {:.0} entities/s", n as f64 / warm_secs),
         ),
@@ -330,9 +351,18 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         t.row(vec![k, v]);
     }
     tables.push(t);
-    fabric.stop().await?;
     b.drop_slot(&b.slot("reads")).await?;
     Ok(())
+}
+
+/// Starts the reads fabric again on its snapshots (kept, unlike
+/// [`start_fabric`]); ready once restored.
+async fn restart_fabric(b: &Bench, name: &str) -> anyhow::Result<FabricChild> {
+    let slot = b.slot(name);
+    FabricChild::launch(&b.dir, &format!("{name}-restart"), |grpc, admin| {
+        config(b, grpc, admin, &slot, true)
+    })
+    .await
 }
 
 /// Reads every entity once, in batches of 1,000.

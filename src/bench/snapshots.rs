@@ -35,7 +35,7 @@ pub fn entity(id: u64) -> Entity {
     ]);
     e.tables.insert(
         "customer".into(),
-        TableRows::from_iter([(vec![Value::Int(i)].into(), customer)]),
+        TableRows::from_iter([(vec![Value::Int(i)].into(), customer)]).into(),
     );
     let orders = (0..2)
         .map(|k| {
@@ -53,8 +53,8 @@ pub fn entity(id: u64) -> Entity {
                 ]),
             )
         })
-        .collect();
-    e.tables.insert("orders".into(), orders);
+        .collect::<TableRows>();
+    e.tables.insert("orders".into(), orders.into());
     e
 }
 

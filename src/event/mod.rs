@@ -116,7 +116,19 @@ impl EntityKey {
     /// and for the store's shards: Kafka's default partitioner (murmur2 of the
     /// `<type>/<id>` key), so that other Kafka producers agree with us.
     pub fn partition(&self, partitions: u32) -> u32 {
-        partition_for(self.bus_key().as_bytes(), partitions)
+        // The `<type>/<id>` bytes on the stack when short (every apply and
+        // every read asks), instead of a formatted string each time.
+        let (t, id) = (self.entity_type.as_bytes(), self.id.as_bytes());
+        let len = t.len() + 1 + id.len();
+        let mut buf = [0u8; 128];
+        if len <= buf.len() {
+            buf[..t.len()].copy_from_slice(t);
+            buf[t.len()] = b'/';
+            buf[t.len() + 1..len].copy_from_slice(id);
+            partition_for(&buf[..len], partitions)
+        } else {
+            partition_for(self.bus_key().as_bytes(), partitions)
+        }
     }
 }
 
@@ -216,6 +228,21 @@ mod tests {
         let p = k.partition(8);
         assert!(p < 8);
         assert_eq!(p, EntityKey::new("customer", "42").partition(8));
+    }
+
+    #[test]
+    fn partition_is_that_of_the_bus_key_for_short_and_long_ids() {
+        for id in [
+            "7".to_string(),
+            "x".repeat(118),
+            "y".repeat(119),
+            "z".repeat(500),
+        ] {
+            let k = EntityKey::new("customer", id);
+            for n in [1, 8, 13] {
+                assert_eq!(k.partition(n), partition_for(k.bus_key().as_bytes(), n));
+            }
+        }
     }
 }
 

@@ -200,7 +200,7 @@ mod tests {
         e.positions
             .insert("billing".into(), Position::Lsn(0x1234_5678));
         for (t, n) in [("customer", 1), ("notes", 3)] {
-            let rows = e.tables.entry(t.into()).or_default();
+            let rows = std::sync::Arc::make_mut(e.tables.entry(t.into()).or_default());
             for i in 0..n {
                 let mut r = every_value();
                 r.insert("id".into(), Value::Int(i));

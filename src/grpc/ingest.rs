@@ -6,7 +6,7 @@ use crate::proto::ingest_service_server::IngestService;
 use crate::proto::row_change::Operation;
 use crate::proto::{PushAck, PushRequest};
 use crate::sources::grpc_push::PushedTxn;
-use crate::view::value_from_proto;
+use crate::view::value_of_proto;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,23 +17,21 @@ pub struct IngestApi {
     pub fabric: Arc<Fabric>,
 }
 
-fn row(m: &HashMap<String, crate::proto::Value>) -> Result<Option<Row>, String> {
+fn row(m: HashMap<String, crate::proto::Value>) -> Result<Option<Row>, String> {
     if m.is_empty() {
         return Ok(None);
     }
     let mut r = Row::new();
     for (k, v) in m {
-        r.insert(
-            k.clone(),
-            value_from_proto(v).map_err(|e| format!("column {k:?}: {e}"))?,
-        );
+        let v = value_of_proto(v).map_err(|e| format!("column {k:?}: {e}"))?;
+        r.insert(k, v);
     }
     Ok(Some(r))
 }
 
-fn to_txn(req: &PushRequest) -> Result<SourceTxn, String> {
+fn to_txn(req: PushRequest) -> Result<SourceTxn, String> {
     let mut changes = Vec::with_capacity(req.changes.len());
-    for (i, c) in req.changes.iter().enumerate() {
+    for (i, c) in req.changes.into_iter().enumerate() {
         let op = match Operation::try_from(c.operation) {
             Ok(Operation::Insert) => Op::Insert,
             Ok(Operation::Update) => Op::Update,
@@ -44,8 +42,8 @@ fn to_txn(req: &PushRequest) -> Result<SourceTxn, String> {
         if c.table.is_empty() {
             return Err(format!("changes[{i}]: table is empty"));
         }
-        let before = row(&c.before).map_err(|e| format!("changes[{i}].before: {e}"))?;
-        let after = row(&c.after).map_err(|e| format!("changes[{i}].after: {e}"))?;
+        let before = row(c.before).map_err(|e| format!("changes[{i}].before: {e}"))?;
+        let after = row(c.after).map_err(|e| format!("changes[{i}].after: {e}"))?;
         match op {
             Op::Insert | Op::Update if after.is_none() => {
                 return Err(format!("changes[{i}]: {} needs `after`", op.as_str()));
@@ -58,7 +56,7 @@ fn to_txn(req: &PushRequest) -> Result<SourceTxn, String> {
             _ => {}
         }
         changes.push(RowChange {
-            table: c.table.clone(),
+            table: c.table,
             op,
             before,
             after,
@@ -198,11 +196,12 @@ async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
         )));
     };
     let durable = *handle.durable.borrow();
-    let txn = match to_txn(&req) {
+    let sequence = req.sequence;
+    let txn = match to_txn(req) {
         Ok(t) => t,
         Err(e) => {
             return Ok(Pending::Now(Ok(PushAck {
-                sequence: req.sequence,
+                sequence,
                 durable_sequence: durable,
                 error: e,
             })));
@@ -212,7 +211,7 @@ async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
     handle
         .tx
         .send(PushedTxn {
-            sequence: req.sequence,
+            sequence,
             txn,
             reply,
         })

@@ -5,8 +5,8 @@
 //! pointer per row, not the rows) and the store swaps it in. Readers holding
 //! the previous `Arc<Entity>` keep a consistent version.
 
-use super::row::StoredRow;
-use crate::event::{EntityChangeSet, EntityKey, Op, Position, Value};
+use super::row::{Pk, StoredRow};
+use crate::event::{EntityChangeSet, EntityKey, Op, Position};
 use litemap::LiteMap;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 /// micro-DB holds a handful of tables of a few rows each, where a B-tree
 /// spends a node of eleven slots on one row, and a version's copy of a
 /// sorted vector is one allocation. Serialized, either is the same map.
-pub type TableRows = LiteMap<Box<[Value]>, StoredRow>;
+pub type TableRows = LiteMap<Pk, StoredRow>;
 
 /// One entity: its tables, version and applied source positions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,8 +25,11 @@ pub struct Entity {
     pub key: EntityKey,
     /// Grows by one per applied change set that changed something.
     pub version: u64,
-    /// Micro-DB table name to rows. Tables with no rows are absent.
-    pub tables: LiteMap<Arc<str>, TableRows>,
+    /// Micro-DB table name to rows. Tables with no rows are absent. Each
+    /// table's rows are shared between versions until a change set touches
+    /// that table (copy on write): a new version copies the tables it
+    /// changes, not the entity.
+    pub tables: LiteMap<Arc<str>, Arc<TableRows>>,
     /// Per source, the position of the last change set applied.
     pub positions: LiteMap<Arc<str>, Position>,
     /// Source commit time of the last applied change, microseconds since epoch.
@@ -78,6 +81,18 @@ impl std::fmt::Debug for Encoded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Encoded")
     }
+}
+
+/// `rows` to change: the table itself when no other version shares it,
+/// else a copy made for this version, with room for one more row when
+/// `grows` (so the insert does not copy the table a second time).
+fn own(rows: &mut Arc<TableRows>, grows: bool) -> &mut TableRows {
+    if Arc::get_mut(rows).is_none() {
+        let mut copy = Vec::with_capacity(rows.len() + usize::from(grows));
+        copy.extend(rows.iter().map(|(k, r)| (k.clone(), r.clone())));
+        *rows = Arc::new(LiteMap::from_sorted_store_unchecked(copy));
+    }
+    Arc::get_mut(rows).expect("a table no other version holds")
 }
 
 /// What applying a change set did.
@@ -144,17 +159,18 @@ impl Entity {
                     let rows = next.tables.entry(ch.table.clone()).or_default();
                     match rows.get(&ch.pk[..]) {
                         Some(old) if *old == row => false,
-                        _ => {
-                            rows.insert(ch.pk.clone().into_boxed_slice(), row);
+                        old => {
+                            let grows = old.is_none();
+                            own(rows, grows).insert(Pk::from(&ch.pk[..]), row);
                             true
                         }
                     }
                 }
                 Op::Delete => {
-                    let did = next
-                        .tables
-                        .get_mut(&ch.table)
-                        .is_some_and(|rows| rows.remove(&ch.pk[..]).is_some());
+                    let did = next.tables.get_mut(&ch.table).is_some_and(|rows| {
+                        rows.contains_key(&ch.pk[..])
+                            && own(rows, false).remove(&ch.pk[..]).is_some()
+                    });
                     if next.tables.get(&ch.table).is_some_and(|r| r.is_empty()) {
                         next.tables.remove(&ch.table);
                     }
@@ -211,7 +227,7 @@ impl Entity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Row, TableChange};
+    use crate::event::{Row, TableChange, Value};
 
     fn row(id: i64, name: &str) -> Row {
         let mut r = Row::new();
@@ -264,6 +280,40 @@ mod tests {
         ));
         assert_eq!(e2.version, 2);
         assert_eq!(e2.row_count(), 3);
+    }
+
+    #[test]
+    fn a_new_version_shares_the_tables_it_does_not_change() {
+        let e1 = changed(Entity::apply(
+            None,
+            &set(
+                1,
+                vec![upsert("customer", 1, "a"), upsert("orders", 7, "x")],
+            ),
+        ));
+        let e2 = changed(Entity::apply(
+            Some(&e1),
+            &set(2, vec![upsert("orders", 8, "y")]),
+        ));
+        assert!(Arc::ptr_eq(
+            e1.tables.get("customer").unwrap(),
+            e2.tables.get("customer").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            e1.tables.get("orders").unwrap(),
+            e2.tables.get("orders").unwrap()
+        ));
+        // The old version is as it was.
+        assert_eq!(e1.tables.get("orders").unwrap().len(), 1);
+        assert_eq!(e2.tables.get("orders").unwrap().len(), 2);
+        let keys: Vec<_> = e2
+            .tables
+            .get("orders")
+            .unwrap()
+            .keys()
+            .map(|k| k.to_vec())
+            .collect();
+        assert_eq!(keys, vec![vec![Value::Int(7)], vec![Value::Int(8)]]);
     }
 
     #[test]

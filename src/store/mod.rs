@@ -13,7 +13,7 @@ pub mod row;
 pub mod snapshot;
 
 pub use microdb::{Applied, Entity, TableRows};
-pub use row::{StoredRow, ValueRef};
+pub use row::{Pk, StoredRow, ValueRef};
 
 use crate::event::{EntityChangeSet, EntityKey, TruncateTable};
 use dashmap::DashMap;
@@ -33,6 +33,20 @@ pub struct EntityChange {
 }
 
 type Shard = DashMap<EntityKey, Arc<Entity>>;
+
+/// What [`Store::apply`] did with a change set (the entity itself went into
+/// the store and, when it changed, to the watchers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Older than what the entity reflects: nothing done.
+    Stale,
+    /// Nothing changed; the source's position moved.
+    Unchanged,
+    /// A new version.
+    Changed,
+    /// The entity is gone.
+    Deleted,
+}
 
 /// All micro-DBs.
 pub struct Store {
@@ -94,25 +108,25 @@ impl Store {
     }
 
     /// Applies one change set. Call only from the shard's single writer.
-    pub fn apply(&self, set: &EntityChangeSet) -> Applied {
+    pub fn apply(&self, set: &EntityChangeSet) -> Outcome {
         self.apply_into(set, &mut Vec::new())
     }
 
     /// As [`Store::apply`], also pushing the entity change (if any) to `out`.
-    pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Applied {
+    pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Outcome {
         let shard = self.shard(&set.key);
         let current = shard.get(&set.key).map(|e| e.value().clone());
-        let applied = Entity::apply(current.as_deref(), set);
-        match &applied {
-            Applied::Stale => {}
+        match Entity::apply(current.as_deref(), set) {
+            Applied::Stale => Outcome::Stale,
             Applied::Unchanged(e) => {
-                shard.insert(set.key.clone(), Arc::new(e.clone()));
+                shard.insert(set.key.clone(), Arc::new(e));
+                Outcome::Unchanged
             }
             Applied::Changed {
                 entity,
                 changed_tables,
             } => {
-                let entity = Arc::new(entity.clone());
+                let entity = Arc::new(entity);
                 if shard.insert(set.key.clone(), entity.clone()).is_none() {
                     self.count(&set.key.entity_type, 1);
                 }
@@ -121,10 +135,11 @@ impl Store {
                         key: set.key.clone(),
                         version: entity.version,
                         entity: Some(entity),
-                        changed_tables: changed_tables.clone(),
+                        changed_tables,
                     },
                     out,
                 );
+                Outcome::Changed
             }
             Applied::Deleted {
                 version,
@@ -136,15 +151,15 @@ impl Store {
                 self.publish(
                     EntityChange {
                         key: set.key.clone(),
-                        version: *version,
+                        version,
                         entity: None,
-                        changed_tables: changed_tables.clone(),
+                        changed_tables,
                     },
                     out,
                 );
+                Outcome::Deleted
             }
         }
-        applied
     }
 
     /// Clears one table in every entity of `shard` of the truncated type.

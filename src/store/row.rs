@@ -31,6 +31,113 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex};
 
+thread_local! {
+    /// The buffer rows are packed in before they get their own allocation.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer grown past this by one huge row is not kept.
+const SCRATCH_KEEP: usize = 64 << 10;
+
+/// A row's primary key: its key columns' values, in key order.
+///
+/// Most keys are one value, kept inline (no allocation, and copying an
+/// integer key for a new version copies 24 bytes); longer keys are boxed.
+/// Compares and serializes as the slice of its values, so a table's
+/// order and its serialized form are those of `Box<[Value]>` keys.
+#[derive(Clone)]
+pub struct Pk(PkRepr);
+
+#[derive(Clone)]
+enum PkRepr {
+    One(Value),
+    Many(Box<[Value]>),
+}
+
+impl Pk {
+    pub fn as_slice(&self) -> &[Value] {
+        match &self.0 {
+            PkRepr::One(v) => std::slice::from_ref(v),
+            PkRepr::Many(vs) => vs,
+        }
+    }
+
+    pub fn first(&self) -> Option<&Value> {
+        self.as_slice().first()
+    }
+}
+
+impl From<&[Value]> for Pk {
+    fn from(values: &[Value]) -> Self {
+        match values {
+            [one] => Pk(PkRepr::One(one.clone())),
+            many => Pk(PkRepr::Many(many.into())),
+        }
+    }
+}
+
+impl From<Vec<Value>> for Pk {
+    fn from(mut values: Vec<Value>) -> Self {
+        if values.len() == 1
+            && let Some(one) = values.pop()
+        {
+            return Pk(PkRepr::One(one));
+        }
+        Pk(PkRepr::Many(values.into_boxed_slice()))
+    }
+}
+
+impl std::borrow::Borrow<[Value]> for Pk {
+    fn borrow(&self) -> &[Value] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::Deref for Pk {
+    type Target = [Value];
+    fn deref(&self) -> &[Value] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Pk {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Pk {}
+
+impl PartialOrd for Pk {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pk {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+impl std::fmt::Debug for Pk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
+impl Serialize for Pk {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pk {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Value>::deserialize(d).map(Pk::from)
+    }
+}
+
 /// The sorted column names of one row shape.
 #[derive(PartialEq, Eq)]
 pub struct Columns {
@@ -303,14 +410,20 @@ impl StoredRow {
         cols: impl ExactSizeIterator<Item = (&'a str, ValueRef<'a>)> + Clone,
     ) -> StoredRow {
         let columns = intern(cols.clone().map(|(c, _)| c));
-        let mut data = Vec::with_capacity(cols.len() * 4);
-        for (_, v) in cols {
-            pack_value(&mut data, v);
-        }
-        StoredRow {
-            columns,
-            data: data.into(),
-        }
+        // Packed into a reused buffer, then copied once into the row's own
+        // allocation (a fresh `Vec` would be a second allocation and a copy).
+        let data = SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            for (_, v) in cols {
+                pack_value(buf, v);
+            }
+            let data = Arc::<[u8]>::from(&buf[..]);
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            data
+        });
+        StoredRow { columns, data }
     }
 
     /// Columns and values, in column name order.
@@ -425,6 +538,33 @@ pub(crate) fn every_value() -> Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_order_and_serialize_as_value_slices() {
+        let keys: Vec<Vec<Value>> = vec![
+            vec![Value::Int(2)],
+            vec![Value::Int(10)],
+            vec![Value::Text("a".into())],
+            vec![Value::Int(1), Value::Text("b".into())],
+            vec![Value::Int(1), Value::Text("a".into())],
+            vec![],
+        ];
+        let mut pks: Vec<Pk> = keys.iter().cloned().map(Pk::from).collect();
+        let mut boxed: Vec<Box<[Value]>> =
+            keys.iter().cloned().map(Vec::into_boxed_slice).collect();
+        pks.sort();
+        boxed.sort();
+        for (p, b) in pks.iter().zip(&boxed) {
+            assert_eq!(p.as_slice(), &b[..]);
+            assert_eq!(
+                postcard::to_allocvec(p).unwrap(),
+                postcard::to_allocvec(b).unwrap()
+            );
+            let back: Pk = postcard::from_bytes(&postcard::to_allocvec(b).unwrap()).unwrap();
+            assert_eq!(&back, p);
+            assert_eq!(Pk::from(&b[..]), *p);
+        }
+    }
 
     #[test]
     fn every_value_comes_back_as_it_went_in() {

@@ -310,7 +310,7 @@ mod tests {
         let mut row = crate::event::Row::new();
         row.insert("id".into(), Value::Int(id));
         row.insert("name".into(), Value::Text(format!("c{id}")));
-        e.tables.entry("customer".into()).or_default().insert(
+        std::sync::Arc::make_mut(e.tables.entry("customer".into()).or_default()).insert(
             vec![Value::Int(id)].into(),
             crate::store::StoredRow::pack(&row),
         );
