@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod grpc;
+pub mod memory;
 pub mod publish;
 pub mod router;
 pub mod sources;

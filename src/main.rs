@@ -91,6 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(entity_fabric::memory::on_thread_park)
         .build()
     {
         Ok(rt) => rt,

@@ -298,6 +298,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         streams_stop: CancellationToken::new(),
     });
 
+    // Freed memory back to the system once the appliers go quiet.
+    {
+        let f = fabric.clone();
+        tokio::spawn(crate::memory::watch(Duration::from_secs(2), move || {
+            f.partitions
+                .iter()
+                .map(|p| p.applied.load(std::sync::atomic::Ordering::Relaxed))
+                .sum()
+        }));
+    }
+
     // Router.
     let (txn_tx, txn_rx) = mpsc::channel::<TxnEnvelope>(1024);
     let (router_ctl, router_ctl_rx) = mpsc::unbounded_channel();

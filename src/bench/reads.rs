@@ -192,8 +192,10 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         )
         .await?;
     let load_secs = loaded.duration_since(fabric.started).as_secs_f64();
-    // Let the first snapshot round and allocator settle before reading memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the first snapshot round and allocator settle before reading
+    // memory: the fabric gives freed pages back once its appliers have been
+    // quiet for a few seconds (src/memory.rs).
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let loaded_rss = fabric.memory().rss;
     // Redis holds prebuilt views; the fabric encodes a version on its first
     // read and keeps the bytes. Reading every entity once first compares
