@@ -421,20 +421,26 @@ impl Router {
         index: &mut HashMap<EntityKey, usize>,
         txn: &TxnHead,
         out: &mut Routed,
-        mut p: Pending,
+        p: Pending,
     ) {
-        let route = p.route.clone();
-        match self.resolve(&route, &mut p.change, false) {
+        let Pending {
+            source,
+            route,
+            mut change,
+            ..
+        } = p;
+        // The waiting change is used up here: its row moves, not copied.
+        match self.resolve(&route, &mut change, true) {
             Ok(Resolved::Ready(items)) => {
                 for (key, tc, del) in items {
                     push_change(sets, index, txn, key, tc, del);
                 }
             }
             Ok(Resolved::Wait(_)) | Err(_) => out.dead.push(Unroutable {
-                source: p.source.to_string(),
-                table: p.change.table.clone(),
+                source: source.to_string(),
+                table: change.table.clone(),
                 reason: "link resolved but the row still cannot be routed".into(),
-                raw: raw_of(&p.change),
+                raw: raw_of(&change),
             }),
         }
     }

@@ -61,10 +61,6 @@ impl Pk {
             PkRepr::Many(vs) => vs,
         }
     }
-
-    pub fn first(&self) -> Option<&Value> {
-        self.as_slice().first()
-    }
 }
 
 impl From<&[Value]> for Pk {
