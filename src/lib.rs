@@ -13,6 +13,8 @@
 //! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
 //! - [`admin`] — `/healthz` and `/metrics`.
 //! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
+//! - [`freshness`] — reads that wait for source positions (read-your-writes).
+//! - [`fetch`] — entities read straight from their sources (staleness bounds, sync on access).
 //! - [`view`] — projections and masks applied on the way out.
 //! - [`demo`] — the demo SQLite sources and their mutator.
 //! - [`telemetry`] — logging, metric names, dead letters.
@@ -24,6 +26,8 @@ pub mod bus;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod fetch;
+pub mod freshness;
 pub mod grpc;
 pub mod memory;
 pub mod publish;

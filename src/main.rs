@@ -178,6 +178,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     r#type: entity_type,
                     id,
                     view: view.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await;
             match resp {

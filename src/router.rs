@@ -104,7 +104,8 @@ impl Router {
     /// start, which stand until each source routes something newer.
     pub fn new(config: &Config, partitions: u32, restored: &Checkpoints) -> Self {
         let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
-        for e in &config.entities {
+        // Sync-on-access types are read from their sources, not captured.
+        for e in config.entities.iter().filter(|e| !e.on_access()) {
             let root = e.root_table();
             for t in &e.tables {
                 let rule = match (&t.id_column, &t.id_via) {
@@ -760,6 +761,7 @@ name = "customer"
             .map(|(_, b)| match b {
                 BusRecord::Changes(s) => format!("set:{}", s.changes[0].pk[0]),
                 BusRecord::Truncate(_) => "truncate".into(),
+                BusRecord::Fetched(_) => "fetched".into(),
                 BusRecord::Unreadable => "unreadable".into(),
             })
             .collect();

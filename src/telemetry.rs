@@ -43,6 +43,12 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceTableLabel {
+    pub source: String,
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     pub entity_type: String,
 }
@@ -86,6 +92,10 @@ pub struct Metrics {
     pub snapshot_last_unix: Gauge,
     /// gRPC request latency, per method.
     pub grpc_latency: Family<MethodLabel, Histogram>,
+    /// Queries made to read one entity's rows straight from a source table.
+    pub source_fetches: Family<SourceTableLabel, Counter>,
+    /// Entities of sync-on-access types dropped from memory (age or bound).
+    pub evicted: Family<TypeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -167,8 +177,22 @@ impl Metrics {
             "gRPC request latency",
             grpc_latency.clone(),
         );
+        let source_fetches = Family::<SourceTableLabel, Counter>::default();
+        r.register(
+            "source_fetches",
+            "Queries reading one entity's rows straight from a source table",
+            source_fetches.clone(),
+        );
+        let evicted = Family::<TypeLabel, Counter>::default();
+        r.register(
+            "entities_evicted",
+            "Entities of sync-on-access types dropped from memory",
+            evicted.clone(),
+        );
         Metrics {
             registry: Mutex::new(r),
+            source_fetches,
+            evicted,
             changes_applied,
             source_transactions,
             source_lag,

@@ -143,6 +143,7 @@ async fn mismatches(fabric: &FabricProcess, want: &Expected) -> Vec<String> {
                 r#type: "customer".into(),
                 ids: chunk.to_vec(),
                 view: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()

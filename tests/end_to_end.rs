@@ -23,6 +23,7 @@ async fn get(
             r#type: "customer".into(),
             id: id.into(),
             view: view.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -240,6 +241,7 @@ async fn errors_health_reflection_metrics_and_cli() {
             r#type: "custmer".into(),
             id: "1".into(),
             view: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -192,6 +192,7 @@ async fn grpc_customers(
                 r#type: "customer".into(),
                 ids: chunk.to_vec(),
                 view: view.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

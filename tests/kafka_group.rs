@@ -159,6 +159,7 @@ async fn compare_through(node: &FabricProcess, data: &Path) -> (usize, Vec<Strin
             r#type: "customer".into(),
             ids: chunk.to_vec(),
             view: String::new(),
+            ..Default::default()
         });
         req.set_timeout(Duration::from_secs(10));
         let resp = match c.batch_get_entities(req).await {
@@ -247,6 +248,7 @@ impl Reader {
                             r#type: "customer".into(),
                             id: (1 + (i * 7919) % 300).to_string(),
                             view: String::new(),
+                            ..Default::default()
                         });
                         req.set_timeout(Duration::from_secs(30));
                         reads += 1;
@@ -359,6 +361,7 @@ async fn processes_share_the_work_and_any_of_them_answers() {
         r#type: "customer".into(),
         id: id.to_string(),
         view: String::new(),
+        ..Default::default()
     });
     req.metadata_mut()
         .insert("x-fabric-forwarded", "1".parse().unwrap());

@@ -150,6 +150,7 @@ async fn mismatches(fabric: &FabricProcess, url: &str) -> (usize, Vec<String>) {
                 r#type: "customer".into(),
                 ids: chunk.to_vec(),
                 view: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -298,6 +299,7 @@ async fn snapshot_stream_and_sigkill_converge_to_postgres() {
             r#type: "customer".into(),
             id: "4".into(),
             view: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -453,6 +455,7 @@ async fn a_table_without_full_replica_identity_is_refused_by_name() {
             r#type: "customer".into(),
             id: "1".into(),
             view: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -602,6 +605,7 @@ async fn an_unmapped_column_type_is_refused_unless_carried_as_text() {
                     r#type: "customer".into(),
                     id: "1".into(),
                     view: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .ok()
@@ -630,6 +634,7 @@ async fn an_unmapped_column_type_is_refused_unless_carried_as_text() {
                     r#type: "customer".into(),
                     id: "1".into(),
                     view: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .ok()?

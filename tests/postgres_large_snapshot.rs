@@ -137,6 +137,7 @@ name = "device"
                         r#type: "device".into(),
                         ids: chunk.to_vec(),
                         view: String::new(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()

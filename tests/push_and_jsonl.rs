@@ -259,6 +259,7 @@ async fn pushed_and_file_sources_assemble_one_entity() {
                         r#type: "account".into(),
                         id: "acme".into(),
                         view: String::new(),
+                        ..Default::default()
                     })
                     .await
                     .ok()?
@@ -299,6 +300,7 @@ async fn pushed_and_file_sources_assemble_one_entity() {
                     r#type: "account".into(),
                     id: "globex".into(),
                     view: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .ok()?
@@ -425,6 +427,7 @@ async fn pushed_and_file_sources_assemble_one_entity() {
             r#type: "account".into(),
             id: "acme".into(),
             view: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -44,6 +44,8 @@ pub struct PartitionState {
     /// when the partition was assigned, so a partition being rebuilt never
     /// answers with old versions as if they were current.
     pub ready_at: AtomicU64,
+    /// Told after each batch applied (reads waiting for positions).
+    pub advanced: tokio::sync::Notify,
 }
 
 impl PartitionState {
@@ -163,6 +165,7 @@ pub async fn run(
                     }
                     changes.clear();
                     state.applied.store(next.0, Ordering::Release);
+                    state.advanced.notify_waiters();
                 }
             }
         }
@@ -200,6 +203,10 @@ fn apply(
                     .inc_by(set.changes.len() as u64);
             }
             tracing::trace!(key = %set.key, position = %set.position, "applied");
+        }
+        BusRecord::Fetched(set) => {
+            store.apply_fetched_into(set, changes);
+            tracing::trace!(key = %set.key, "applied a fetch");
         }
         BusRecord::Truncate(t) => {
             let n = store.truncate_into(partition, t, changes);

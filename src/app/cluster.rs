@@ -384,6 +384,11 @@ impl Sources {
         let f = &self.fabric;
         let cfg = f.config.sources[i].clone();
         let src = &f.sources[i];
+        if cfg.tables.is_empty() && crate::config::can_fetch(cfg.kind) {
+            // Only read by query (sync-on-access types): nothing to capture.
+            src.status.set_state("fetch only");
+            return;
+        }
         let Some(out) = self.out.clone() else { return };
         let _ = self
             .router

@@ -72,6 +72,11 @@ pub struct Fabric {
     pub push: PushRegistry,
     /// Per source, the routed checkpoint (see [`Router::checkpoints`]).
     pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
+    /// How far each source is on the bus, per partition, for reads with
+    /// minimum positions (see [`crate::freshness`]).
+    pub frontiers: crate::freshness::Frontiers,
+    /// Reads of entities straight from their sources (see [`crate::fetch`]).
+    pub fetcher: crate::fetch::Fetcher,
     /// The store may hold rows of a source that starts over: entities were
     /// restored from snapshots, or (Kafka) the appliers replay the changes
     /// topic from the snapshot offsets, which may bring back rows of runs
@@ -135,11 +140,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let partitions = config.bus.partitions;
     let kafka_mode = config.bus.kind == BusKind::Kafka;
     let entity_types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
-    let store = Arc::new(Store::new(
-        partitions,
-        &entity_types,
-        config.server.watch_buffer,
-    ));
+    let store = Arc::new(
+        Store::new(partitions, &entity_types, config.server.watch_buffer)
+            .with_history(config.entities.iter().map(|e| (e.name.as_str(), e.history))),
+    );
     let dead_letters = Arc::new(DeadLetters::new(
         &config.resolve(&config.dlq.file),
         config.dlq.keep_last,
@@ -265,6 +269,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .iter()
         .map(|s| (s.name.clone(), restored.checkpoints.get(&s.name).cloned()))
         .collect();
+    let fetcher = crate::fetch::Fetcher::new(&config).map_err(|e| anyhow::anyhow!(e))?;
+    if config.entities.iter().any(|e| e.on_access()) {
+        store.for_each(|e| fetcher.restored(e));
+    }
+    // What the restored entities reflect is reached already, at the offsets
+    // the partitions resume from.
+    let frontiers = crate::freshness::Frontiers::default();
+    frontiers.reached(routed.iter(), &restored.offsets);
     let fabric = Arc::new(Fabric {
         config: config.clone(),
         store: store.clone(),
@@ -287,12 +299,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     snapshot: restored.offsets[p as usize].into(),
                     owned: false.into(),
                     ready_at: 0.into(),
+                    advanced: tokio::sync::Notify::new(),
                 })
             })
             .collect(),
         views,
         push: push.clone(),
         routed: Mutex::new(routed),
+        frontiers,
+        fetcher,
         store_may_hold_rows: restored.entities > 0 || kafka_mode,
         ready: false.into(),
         streams_stop: CancellationToken::new(),
@@ -393,6 +408,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         });
     }
+
+    // Sync-on-access entities dropped from memory when idle or over bound.
+    side.spawn(crate::fetch::evict_loop(
+        fabric.clone(),
+        sources_stop.clone(),
+    ));
 
     // Servers.
     let servers_stop = fabric.streams_stop.clone();
@@ -626,9 +647,18 @@ const MAX_IN_FLIGHT: usize = 4096;
 /// router's checkpoints after it, and the sender's notice.
 type Landed = (
     Result<Vec<Offset>, crate::bus::BusError>,
+    Vec<u32>,
     BTreeMap<Arc<str>, Option<Position>>,
     Option<tokio::sync::oneshot::Sender<()>>,
 );
+
+/// Publishes the checkpoints after records have landed, with where they
+/// end per partition (`ends`, kept by the router task) for reads that wait
+/// for positions.
+fn landed(f: &Fabric, checkpoints: BTreeMap<Arc<str>, Option<Position>>, ends: &[u64]) {
+    f.frontiers.reached(checkpoints.iter(), ends);
+    publish_checkpoints(f, checkpoints);
+}
 
 /// The router task: routes each transaction, hands its records to the bus,
 /// and publishes the checkpoints after it once the bus has them (never
@@ -651,6 +681,10 @@ async fn route_loop(
     > = futures::stream::FuturesOrdered::new();
     let mut open = true;
     let mut marker_last = false;
+    // Per partition, the offset after the last record acknowledged.
+    let mut ends: Vec<u64> = (0..f.bus.partitions())
+        .map(|p| f.bus.end_offset(p).0)
+        .collect();
     loop {
         if in_flight.is_empty() {
             marker_last = false;
@@ -660,9 +694,12 @@ async fn route_loop(
         }
         let env = tokio::select! {
             biased;
-            Some((acked, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
-                acked?;
-                publish_checkpoints(&f, checkpoints);
+            Some((acked, parts, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
+                for (p, o) in parts.into_iter().zip(acked?) {
+                    let e = &mut ends[p as usize];
+                    *e = (*e).max(o.0 + 1);
+                }
+                landed(&f, checkpoints, &ends);
                 if let Some(tx) = on_routed {
                     let _ = tx.send(());
                 }
@@ -678,10 +715,10 @@ async fn route_loop(
                     RouterControl::Flush(done) => {
                         let checkpoints = router.checkpoints();
                         if in_flight.is_empty() {
-                            publish_checkpoints(&f, checkpoints);
+                            landed(&f, checkpoints, &ends);
                             let _ = done.send(());
                         } else {
-                            in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, Some(done)) }));
+                            in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), Vec::new(), checkpoints, Some(done)) }));
                         }
                     }
                 }
@@ -698,11 +735,11 @@ async fn route_loop(
                 f.metrics.router_pending.set(router.pending_len() as i64);
                 let checkpoints = router.checkpoints();
                 if in_flight.is_empty() {
-                    publish_checkpoints(&f, checkpoints);
+                    landed(&f, checkpoints, &ends);
                 } else if !marker_last {
                     // Queued behind what is in flight; one marker at a time
                     // (the next transaction or tick brings newer ones).
-                    in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), checkpoints, None) }));
+                    in_flight.push_back(Box::pin(async move { (Ok(Vec::new()), Vec::new(), checkpoints, None) }));
                     marker_last = true;
                 }
                 continue;
@@ -724,12 +761,13 @@ async fn route_loop(
         let checkpoints = router.checkpoints();
         let on_routed = env.on_routed;
         if routed.records.is_empty() && in_flight.is_empty() {
-            publish_checkpoints(&f, checkpoints);
+            landed(&f, checkpoints, &ends);
             if let Some(tx) = on_routed {
                 let _ = tx.send(());
             }
             continue;
         }
+        let parts: Vec<u32> = routed.records.iter().map(|(p, _)| *p).collect();
         let acked = if routed.records.is_empty() {
             None
         } else {
@@ -741,7 +779,7 @@ async fn route_loop(
                 Some(a) => a.await,
                 None => Ok(Vec::new()),
             };
-            (result, checkpoints, on_routed)
+            (result, parts, checkpoints, on_routed)
         }));
     }
 }

@@ -103,6 +103,7 @@ impl Client for FabricGet {
             r#type: self.entity_type.clone(),
             id: id.to_string(),
             view: String::new(),
+            ..Default::default()
         };
         let body = unary(&mut self.grpc, "/fabric.v1.EntityService/GetEntity", req).await?;
         if body.is_empty() {
@@ -151,6 +152,7 @@ impl Client for FabricBatch {
                 .map(|i| i.to_string())
                 .collect(),
             view: String::new(),
+            ..Default::default()
         };
         let body = unary(
             &mut self.grpc,

@@ -10,6 +10,7 @@
 //! Defaults live in the `default_*` functions of this module and nowhere else.
 
 mod validate;
+pub use validate::can_fetch;
 
 pub use validate::{ConfigError, ConfigErrors};
 
@@ -81,6 +82,10 @@ pub struct ServerConfig {
     /// them again. Costs memory about the size of the entities read.
     #[serde(default = "default_true")]
     pub cache_encoded: bool,
+    /// How long a read with `min_positions` waits for them to be applied
+    /// when the call carries no deadline of its own, e.g. `"10s"`.
+    #[serde(default = "default_min_position_wait")]
+    pub min_position_wait: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -413,9 +418,59 @@ pub struct EntityConfig {
     pub views: BTreeMap<String, ViewConfig>,
     /// The view published on the entities topic (default: the whole entity).
     pub publish_view: Option<String>,
+    /// Earlier versions of each entity kept in memory besides the current
+    /// one, for reads of a given version and watches that resume from one.
+    /// 0 keeps none.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// How the type's entities are kept: `cdc` (default: current at all
+    /// times, from the sources' change capture) or `on_access` (read from the
+    /// sources when first asked for, refreshed when older than `max_age`).
+    #[serde(default)]
+    pub sync: SyncMode,
+    /// `on_access`: a read of an entity fetched longer ago than this fetches
+    /// it again first, e.g. `"60s"`.
+    pub max_age: Option<String>,
+    /// `on_access`: an entity not read for this long is dropped from memory,
+    /// e.g. `"10m"`.
+    pub evict_after: Option<String>,
+    /// `on_access`: at most this many entities of the type are held; beyond,
+    /// the least recently read are dropped.
+    pub max_entities: Option<usize>,
+}
+
+/// How an entity type's entities are kept current.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    #[default]
+    Cdc,
+    OnAccess,
 }
 
 impl EntityConfig {
+    pub fn on_access(&self) -> bool {
+        self.sync == SyncMode::OnAccess
+    }
+
+    pub fn max_age(&self) -> Duration {
+        self.max_age
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(60))
+    }
+
+    pub fn evict_after(&self) -> Duration {
+        self.evict_after
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(600))
+    }
+
+    pub fn max_entities(&self) -> usize {
+        self.max_entities.unwrap_or(100_000)
+    }
+
     pub fn root_table(&self) -> &str {
         self.root_table
             .as_deref()
@@ -444,6 +499,12 @@ pub struct TableConfig {
     /// The columns that identify a row.
     #[serde(default)]
     pub primary_key: Vec<String>,
+    /// The query that reads one entity's rows of this table straight from
+    /// the source (staleness bounds, `sync = "on_access"`): it returns the
+    /// table's columns and has one placeholder, the entity id as text (`$1`
+    /// on PostgreSQL, `?` on MySQL/MariaDB and SQLite). Default: derived
+    /// from `id_column` or `id_via`.
+    pub fetch: Option<String>,
 }
 
 /// `payments.invoice_id -> invoices.<pk> -> invoices.<id_column>`.
@@ -522,6 +583,10 @@ impl Config {
         humantime::parse_duration(&self.snapshot.interval).expect("validated")
     }
 
+    pub fn min_position_wait(&self) -> Duration {
+        humantime::parse_duration(&self.server.min_position_wait).expect("validated")
+    }
+
     pub fn shutdown_timeout(&self) -> Duration {
         humantime::parse_duration(&self.server.shutdown_timeout).expect("validated")
     }
@@ -582,6 +647,7 @@ impl Default for ServerConfig {
             watch_buffer: default_watch_buffer(),
             cache_encoded: default_true(),
             shutdown_timeout: default_shutdown_timeout(),
+            min_position_wait: default_min_position_wait(),
         }
     }
 }
@@ -650,6 +716,15 @@ fn default_admin_addr() -> String {
 }
 fn default_shutdown_timeout() -> String {
     "30s".into()
+}
+fn default_min_position_wait() -> String {
+    "10s".into()
+}
+/// The most earlier versions an entity type may keep per entity.
+pub const MAX_HISTORY: usize = 64;
+
+fn default_history() -> usize {
+    1
 }
 fn default_watch_buffer() -> usize {
     4096

@@ -226,6 +226,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     }
     check_duration(c, "router.pending_timeout", &cfg.router.pending_timeout);
     check_duration(c, "server.shutdown_timeout", &cfg.server.shutdown_timeout);
+    check_duration(c, "server.min_position_wait", &cfg.server.min_position_wait);
     if !matches!(cfg.log.format.as_str(), "text" | "json") {
         c.err("log.format", "must be \"text\" or \"json\"");
     }
@@ -249,7 +250,16 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                 format!("duplicate source name {:?} (also sources[{j}])", s.name),
             );
         }
-        check_source(c, &p, s, cfg.bus.kafka.is_some());
+        // A source only sync-on-access types read (by query) captures nothing.
+        let fetch_only = cfg
+            .entities
+            .iter()
+            .any(|e| e.on_access() && e.tables.iter().any(|t| t.source == s.name))
+            && !cfg
+                .entities
+                .iter()
+                .any(|e| !e.on_access() && e.tables.iter().any(|t| t.source == s.name));
+        check_source(c, &p, s, cfg.bus.kafka.is_some(), fetch_only);
     }
 
     let mut entity_names = HashSet::new();
@@ -290,7 +300,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                         known(cfg.sources.iter().map(|s| s.name.as_str()))
                     ),
                 ),
-                Some(s) if !s.tables.is_empty() => {
+                Some(s) if !s.tables.is_empty() && !e.on_access() => {
                     let listed = s
                         .tables
                         .iter()
@@ -384,6 +394,18 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
             c.err(
                 format!("{p}.publish_view"),
                 format!("no view {pv:?} in entity type {:?}", e.name),
+            );
+        }
+        check_sync(c, cfg, &p, e);
+        if e.history > super::MAX_HISTORY {
+            c.err(
+                format!("{p}.history"),
+                format!(
+                    "{} versions kept per entity is more than the {} allowed: \
+                     each costs the memory of the tables that changed in it",
+                    e.history,
+                    super::MAX_HISTORY
+                ),
             );
         }
         for (name, v) in &e.views {
@@ -483,7 +505,13 @@ fn check_kafka(c: &mut Collector<'_>, k: &super::KafkaConfig) {
     }
 }
 
-fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig, bus_kafka: bool) {
+fn check_source(
+    c: &mut Collector<'_>,
+    p: &str,
+    s: &super::SourceConfig,
+    bus_kafka: bool,
+    fetch_only: bool,
+) {
     let allowed: &[&str] = match s.kind {
         SourceKind::Sqlite => &[
             "path",
@@ -602,6 +630,7 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig, bus_kaf
             | SourceKind::MysqlBinlog
             | SourceKind::SqlPoll
     ) && s.tables.is_empty()
+        && !fetch_only
     {
         c.err(
             format!("{p}.tables"),
@@ -666,6 +695,89 @@ fn check_source(c: &mut Collector<'_>, p: &str, s: &super::SourceConfig, bus_kaf
     }
     if s.batch_size == Some(0) {
         c.err(format!("{p}.batch_size"), "must be at least 1");
+    }
+}
+
+/// Whether the fabric can read an entity's rows straight from a source of
+/// this kind (fetches: staleness bounds, `sync = "on_access"`).
+pub fn can_fetch(kind: SourceKind) -> bool {
+    matches!(
+        kind,
+        SourceKind::PostgresCdc
+            | SourceKind::MysqlBinlog
+            | SourceKind::SqlPoll
+            | SourceKind::Sqlite
+    )
+}
+
+fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityConfig) {
+    if !e.on_access() {
+        for (field, set) in [
+            ("max_age", e.max_age.is_some()),
+            ("evict_after", e.evict_after.is_some()),
+            ("max_entities", e.max_entities.is_some()),
+        ] {
+            if set {
+                c.err(
+                    format!("{p}.{field}"),
+                    "applies to sync = \"on_access\" entity types only",
+                );
+            }
+        }
+    } else {
+        for (field, v) in [("max_age", &e.max_age), ("evict_after", &e.evict_after)] {
+            if let Some(v) = v {
+                check_duration(c, &format!("{p}.{field}"), v);
+            }
+        }
+        if e.max_entities == Some(0) {
+            c.err(format!("{p}.max_entities"), "must be at least 1");
+        }
+    }
+    for (j, t) in e.tables.iter().enumerate() {
+        let tp = format!("{p}.tables[{j}]");
+        let Some(s) = cfg.source(&t.source) else {
+            continue;
+        };
+        if !can_fetch(s.kind) {
+            if e.on_access() {
+                c.err(
+                    format!("{tp}.source"),
+                    format!(
+                        "entity type {:?} is sync = \"on_access\": its tables are read straight from their sources, \
+                         and a {} source cannot be read that way (use postgres_cdc, mysql_binlog, sql_poll or sqlite)",
+                        e.name,
+                        s.kind.as_str()
+                    ),
+                );
+            } else if t.fetch.is_some() {
+                c.err(
+                    format!("{tp}.fetch"),
+                    format!("a {} source cannot be read by query", s.kind.as_str()),
+                );
+            }
+            continue;
+        }
+        if let Some(q) = &t.fetch
+            && q.trim().is_empty()
+        {
+            c.err(format!("{tp}.fetch"), "must not be empty");
+        }
+        if t.fetch.is_none()
+            && let Some(via) = &t.id_via
+            && let Some(link) = e.table(&via.table)
+            && link.source != t.source
+            && e.on_access()
+        {
+            c.err(
+                format!("{tp}.fetch"),
+                format!(
+                    "the link table {:?} is in source {:?}, not {:?}: the fetch query cannot be derived; \
+                     write it (`fetch`, one placeholder for the entity id)",
+                    via.table, link.source, t.source
+                ),
+            );
+        }
     }
 }
 

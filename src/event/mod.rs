@@ -257,6 +257,24 @@ pub struct TruncateTable {
     pub commit_micros: i64,
 }
 
+/// Rows of one table as fetched: primary key (in key order) and row.
+pub type FetchedRows = Vec<(Vec<Value>, Row)>;
+
+/// One entity's rows as read straight from its sources (a fetch): each
+/// listed micro-DB table is replaced by exactly these rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchedEntity {
+    pub key: EntityKey,
+    /// Per micro-DB table read, every row the source holds for the entity
+    /// now: primary key (in the table's key order) and row.
+    pub tables: Vec<(Arc<str>, FetchedRows)>,
+    /// The type's root table when the entity goes with its root row
+    /// (`delete_with_root`): without a root row there is no entity.
+    pub root: Option<Arc<str>>,
+    /// When the rows were read, microseconds since the Unix epoch.
+    pub fetched_micros: i64,
+}
+
 /// What the bus carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BusRecord {
@@ -264,6 +282,8 @@ pub enum BusRecord {
     Changes(EntityChangeSet),
     /// A table truncation, sent to every partition.
     Truncate(TruncateTable),
+    /// An entity read straight from its sources, keyed by it.
+    Fetched(FetchedEntity),
     /// A record on the bus this fabric could not read (written by something
     /// else, or by an incompatible version). Never written: made by the Kafka
     /// consumer in its place after it went to the dead-letter output, so the

@@ -4,6 +4,7 @@ use super::forward::{self, Route};
 use super::{Timer, entity_type};
 use crate::app::Fabric;
 use crate::event::EntityKey;
+use crate::freshness;
 use crate::grpc::wire::{BatchWire, EntityWire};
 use crate::proto::entity_change::Operation;
 use crate::proto::entity_server::entity_service_server::EntityService;
@@ -33,6 +34,59 @@ impl EntityApi {
             fabric,
             peers: Arc::new(forward::Peers::default()),
         }
+    }
+
+    /// How long a read waits for its minimum positions.
+    fn wait_until(&self, until: Option<std::time::Instant>) -> std::time::Instant {
+        until.unwrap_or_else(|| std::time::Instant::now() + self.fabric.config.min_position_wait())
+    }
+
+    /// The entity as a read with staleness bound `bound` (or of a
+    /// sync-on-access type) serves it, its partition served here; `None`
+    /// when it exists neither here nor in its sources.
+    async fn read_through(
+        &self,
+        cfg: &crate::config::EntityConfig,
+        key: &EntityKey,
+        bound: Option<std::time::Duration>,
+    ) -> Result<Option<Arc<crate::store::Entity>>, Status> {
+        match self
+            .fabric
+            .fetcher
+            .read_through(&self.fabric, cfg, key, bound, true)
+            .await
+        {
+            Ok(Some(e)) => Ok(Some(e)),
+            Ok(None) => Ok(self.fabric.store.get(key)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// The current version of `key`, or the kept `version` of it.
+    fn read_local(
+        &self,
+        key: &EntityKey,
+        version: u64,
+    ) -> Result<Arc<crate::store::Entity>, Status> {
+        if version == 0 {
+            return self.fabric.store.get(key).ok_or_else(|| {
+                Status::not_found(format!("{} {} not found", key.entity_type, key.id))
+            });
+        }
+        self.fabric.store.get_version(key, version).map_err(|kept| {
+            if kept.is_empty() {
+                return Status::not_found(format!("{} {} not found", key.entity_type, key.id));
+            }
+            let kept: Vec<String> = kept.iter().map(u64::to_string).collect();
+            Status::not_found(format!(
+                "version {version} of {} {} is not kept (versions kept: {}; the entity type \
+                 keeps `history` earlier versions)",
+                key.entity_type,
+                key.id,
+                kept.join(", ")
+            ))
+        })
     }
 
     /// The encoded entity through `view`, from the version's cache.
@@ -147,11 +201,43 @@ impl EntityService for EntityApi {
         let hop = forward::forwarded(&request);
         let r = request.get_ref();
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
+        let cfg = entity_type(&self.fabric, &r.r#type)?;
+        let wants = freshness::parse_request(&self.fabric.config, &r.min_positions)?;
+        let bound = r.max_staleness_ms.map(std::time::Duration::from_millis);
+        let through =
+            r.version == 0 && (bound.is_some() || self.fabric.fetcher.on_access(&cfg.name));
         let p = key.partition(self.fabric.bus.partitions());
         loop {
             let refused = match forward::route(&self.fabric, p) {
                 Route::Local => {
-                    return match self.fabric.store.get(&key) {
+                    freshness::wait(&self.fabric, &wants, p, self.wait_until(until)).await?;
+                    if through
+                        && let Some(e) = self
+                            .fabric
+                            .fetcher
+                            .read_through(&self.fabric, cfg, &key, bound, true)
+                            .await?
+                    {
+                        return Ok(Response::new(EntityWire(self.encode(&e, view))));
+                    }
+                    return self
+                        .read_local(&key, r.version)
+                        .map(|e| Response::new(EntityWire(self.encode(&e, view))));
+                }
+                // Being rebuilt here: what the sources hold now is fresher
+                // than waiting, when the request allows reading them.
+                Route::Moving
+                    if through
+                        && self.fabric.partitions[p as usize]
+                            .owned
+                            .load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    return match self
+                        .fabric
+                        .fetcher
+                        .read_through(&self.fabric, cfg, &key, bound, false)
+                        .await?
+                    {
                         Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
                         None => Err(Status::not_found(format!(
                             "{} {} not found",
@@ -202,13 +288,38 @@ impl EntityService for EntityApi {
             .iter()
             .map(|id| key_of(cfg, id))
             .collect::<Result<Vec<_>, _>>()?;
+        let wants = freshness::parse_request(&self.fabric.config, &r.min_positions)?;
+        let bound = r.max_staleness_ms.map(std::time::Duration::from_millis);
+        let through = bound.is_some() || self.fabric.fetcher.on_access(&cfg.name);
         let partitions = self.fabric.bus.partitions();
+        // Partitions already known to reflect the positions asked.
+        let mut waited = vec![wants.is_empty(); partitions as usize];
         // Fast path: every id served here.
         if keys
             .iter()
             .all(|k| self.fabric.partitions[k.partition(partitions) as usize].serving())
         {
+            if !wants.is_empty() {
+                for key in &keys {
+                    let p = key.partition(partitions);
+                    if !waited[p as usize] {
+                        freshness::wait(&self.fabric, &wants, p, self.wait_until(until)).await?;
+                        waited[p as usize] = true;
+                    }
+                }
+            }
             let mut out = BatchWire::default();
+            if through {
+                let reads = keys.iter().map(|k| self.read_through(cfg, k, bound));
+                let found = futures::future::join_all(reads).await;
+                for (id, f) in r.ids.iter().zip(found) {
+                    match f? {
+                        Some(e) => out.entities.push(self.encode(&e, view)),
+                        None => out.missing_ids.push(id.clone()),
+                    }
+                }
+                return Ok(Response::new(out));
+            }
             for (id, key) in r.ids.iter().zip(&keys) {
                 match self.fabric.store.get(key) {
                     Some(e) => out.entities.push(self.encode(&e, view)),
@@ -229,7 +340,18 @@ impl EntityService for EntityApi {
                 let key = &keys[i];
                 match forward::route(&self.fabric, key.partition(partitions)) {
                     Route::Local => {
-                        found[i] = self.fabric.store.get(key).map(|e| self.encode(&e, view));
+                        let p = key.partition(partitions);
+                        if !waited[p as usize] {
+                            freshness::wait(&self.fabric, &wants, p, self.wait_until(until))
+                                .await?;
+                            waited[p as usize] = true;
+                        }
+                        let e = if through {
+                            self.read_through(cfg, key, bound).await?
+                        } else {
+                            self.fabric.store.get(key)
+                        };
+                        found[i] = e.map(|e| self.encode(&e, view));
                     }
                     Route::Remote(addr) if !hop => remote.entry(addr).or_default().push(i),
                     Route::Remote(_) | Route::Moving => {
@@ -246,6 +368,8 @@ impl EntityService for EntityApi {
                     r#type: r.r#type.clone(),
                     ids: idx.iter().map(|i| r.ids[*i].clone()).collect(),
                     view: r.view.clone(),
+                    min_positions: r.min_positions.clone(),
+                    max_staleness_ms: r.max_staleness_ms,
                 };
                 asks.push(async move {
                     let answer = c.batch_get_entities(forward::outgoing(ask, until)).await;
@@ -418,17 +542,18 @@ impl EntityService for EntityApi {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
             }
             drop(itx);
-            let mut last_sent = 0u64;
-            if let Some(k) = &key
-                && let Some(current) = current_state(&fabric, &peers, k, &r).await
-                && current
-                    .entity
-                    .as_ref()
-                    .is_some_and(|e| e.version >= r.from_version)
-            {
-                last_sent = current.entity.as_ref().map_or(0, |e| e.version);
-                if tx.send(Ok(current)).await.is_err() {
-                    return;
+            // Versions below `from_version` are not wanted, live ones neither.
+            let mut last_sent = r.from_version.saturating_sub(1);
+            if let Some(k) = &key {
+                for change in kept_versions(&fabric, &peers, k, &r).await {
+                    let v = change.entity.as_ref().map_or(0, |e| e.version);
+                    if v <= last_sent {
+                        continue;
+                    }
+                    last_sent = v;
+                    if tx.send(Ok(change)).await.is_err() {
+                        return;
+                    }
                 }
             }
             loop {
@@ -457,41 +582,80 @@ impl EntityService for EntityApi {
     }
 }
 
-/// The current state of `key` for a watch's first message: from here, or
-/// from the process that holds it.
-async fn current_state(
+/// What a watch of `key` sends first, oldest first: with `from_version`,
+/// every version kept from it on (the oldest kept when it is older than
+/// that); without, the current version. From here, or from the process
+/// that holds the entity.
+async fn kept_versions(
     fabric: &Fabric,
     peers: &forward::Peers,
     key: &crate::event::EntityKey,
     r: &WatchEntitiesRequest,
-) -> Option<EntityChange> {
+) -> Vec<EntityChange> {
     let view = fabric
         .views
         .get(&*key.entity_type)
         .and_then(|v| v.get(&r.view));
     match forward::route(fabric, key.partition(fabric.bus.partitions())) {
-        Route::Local => fabric.store.get(key).map(|e| upsert(&e, view, Vec::new())),
+        Route::Local if r.from_version == 0 => fabric
+            .store
+            .get(key)
+            .map(|e| upsert(&e, view, Vec::new()))
+            .into_iter()
+            .collect(),
+        Route::Local => fabric
+            .store
+            .versions(key)
+            .iter()
+            .filter(|e| e.version >= r.from_version)
+            .map(|e| upsert(e, view, Vec::new()))
+            .collect(),
         Route::Remote(addr) => {
-            let mut c = peers.client(&addr).ok()?;
-            let ask = GetEntityRequest {
+            let Ok(mut c) = peers.client(&addr) else {
+                return Vec::new();
+            };
+            let ask = |version| GetEntityRequest {
                 r#type: r.r#type.clone(),
                 id: key.id.to_string(),
                 view: r.view.clone(),
+                version,
+                ..Default::default()
             };
-            let e = c
-                .get_entity(forward::outgoing(ask, None))
-                .await
-                .ok()?
-                .into_inner();
-            Some(EntityChange {
+            let Ok(current) = c.get_entity(forward::outgoing(ask(0), None)).await else {
+                return Vec::new();
+            };
+            let current = current.into_inner();
+            let mut out = Vec::new();
+            // The kept ones below the current version, asked one by one
+            // (those no longer kept answer NOT_FOUND and are skipped).
+            if r.from_version > 0 {
+                let lowest = r
+                    .from_version
+                    .max(current.version.saturating_sub(MAX_KEPT_ASKED));
+                for v in lowest..current.version {
+                    if let Ok(e) = c.get_entity(forward::outgoing(ask(v), None)).await {
+                        out.push(EntityChange {
+                            operation: Operation::Upsert as i32,
+                            entity: Some(e.into_inner()),
+                            changed_tables: Vec::new(),
+                        });
+                    }
+                }
+            }
+            out.push(EntityChange {
                 operation: Operation::Upsert as i32,
-                entity: Some(e),
+                entity: Some(current),
                 changed_tables: Vec::new(),
-            })
+            });
+            out
         }
-        Route::Moving => None,
+        Route::Moving => Vec::new(),
     }
 }
+
+/// Versions asked of another process for a watch that resumes: no type
+/// keeps more.
+const MAX_KEPT_ASKED: u64 = crate::config::MAX_HISTORY as u64;
 
 /// The changes applied here to entities of type `ty` (or to `key`) while
 /// their partition is served here.

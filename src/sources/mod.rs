@@ -200,13 +200,16 @@ impl SourceContext {
         on_routed: Option<oneshot::Sender<()>>,
     ) -> Result<(), SourceError> {
         debug_assert_eq!(txn.source, self.name);
-        self.status.transactions.fetch_add(1, Ordering::Relaxed);
-        self.status
-            .changes
-            .fetch_add(txn.changes.len() as u64, Ordering::Relaxed);
-        self.status
-            .last_commit_micros
-            .store(txn.commit_micros, Ordering::Relaxed);
+        // One without changes only says how far the source has read.
+        if !txn.changes.is_empty() {
+            self.status.transactions.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .changes
+                .fetch_add(txn.changes.len() as u64, Ordering::Relaxed);
+            self.status
+                .last_commit_micros
+                .store(txn.commit_micros, Ordering::Relaxed);
+        }
         self.out
             .send(TxnEnvelope { txn, on_routed })
             .await

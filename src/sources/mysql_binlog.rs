@@ -91,14 +91,17 @@ use std::time::{Duration, Instant};
 
 /// How often the server sends a heartbeat on an idle stream.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// No event for this long: the stream is caught up.
-const IDLE: Duration = Duration::from_millis(200);
+/// No event for this long: the stream is caught up (and the position of
+/// groups skipped since the last transaction sent goes out).
+const IDLE: Duration = Duration::from_millis(50);
 /// No event nor heartbeat for this long: the connection is lost.
 const SILENCE_LIMIT: Duration = Duration::from_secs(10);
 /// Events at most this old (timestamps are whole seconds) are live.
 const LIVE: Duration = Duration::from_secs(2);
-/// Most time between two position-only transactions while skipping.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Most time between two position-only transactions while skipping: how
+/// late a read waiting for a GTID of someone else's write (tables not
+/// captured) may learn that it was passed (see `crate::freshness`).
+const PROGRESS_EVERY: Duration = Duration::from_millis(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// MariaDB's GTID event, which starts every event group.
 const MARIADB_GTID_EVENT: u8 = 0xa2;

@@ -22,9 +22,12 @@
 //! Streaming: one `SourceTxn` per committed transaction that touched a
 //! configured table, positioned at its commit's end LSN. Invariant 3: the
 //! slot's confirmed position is advanced (standby status updates) only to
-//! positions the fabric reports durable. When the stream is idle and all
-//! that was sent is durable, the slot is advanced to the server's current
-//! WAL end from keepalives, so an idle slot never holds WAL forever.
+//! positions the fabric reports durable. A keepalive between transactions
+//! carries the server's WAL end up to which everything has been decoded and
+//! sent: it goes to the router as a transaction without changes, so the
+//! source's checkpoint follows the WAL end (an idle slot never holds WAL
+//! forever) and reads waiting for a position written by others (tables or
+//! databases not captured) are answered (see [`crate::freshness`]).
 //!
 //! A lost connection or a server restart is a retryable error: the fabric
 //! restarts the source with backoff from the last position it routed, and
@@ -581,6 +584,20 @@ impl PostgresCdcSource {
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } if open.is_none() => {
                     ctx.status.caught_up.store(true, Ordering::Relaxed);
+                    // Every transaction committed before the server's WAL end
+                    // has been sent: say so, so that a read waiting for a
+                    // position past our last change (written by others, in
+                    // tables or databases not captured) is answered.
+                    if wal_end.0 > last_sent {
+                        if !ctx
+                            .deliver(Position::Lsn(wal_end.0), super::now_micros(), Vec::new())
+                            .await?
+                        {
+                            client.stop();
+                            return Ok(());
+                        }
+                        last_sent = wal_end.0;
+                    }
                     // Idle and everything sent is durable: let the slot move
                     // to the server's WAL end so it holds no WAL.
                     if durable >= last_sent && wal_end.0 > durable {

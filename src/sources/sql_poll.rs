@@ -103,6 +103,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -484,14 +485,7 @@ impl SqlPollSource {
                 (format!("CAST({e} AS TEXT)"), e, "?".into(), false)
             }
         };
-        let cells = match flavor {
-            Flavor::Sqlite => row_json(&columns),
-            _ => columns
-                .iter()
-                .map(|c| c.expr.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let cells = cells_select(flavor, &columns);
         Ok(Table {
             configured: configured.to_string(),
             flavor,
@@ -1066,42 +1060,14 @@ impl Table {
     }
 
     fn decode(&self, raw: &RawRow) -> Result<Row, String> {
-        if self.flavor == Flavor::Sqlite {
-            let text = raw.first().cloned().flatten().ok_or("the row is null")?;
-            let serde_json::Value::Object(obj) =
-                serde_json::from_str(&text).map_err(|e| format!("bad row json: {e}"))?
-            else {
-                return Err("the row is not a json object".into());
-            };
-            return self
-                .columns
-                .iter()
-                .map(|c| {
-                    let v = obj.get(&c.name).unwrap_or(&serde_json::Value::Null);
-                    decode_sqlite_value(&c.decl, v)
-                        .map(|v| (c.name.clone(), v))
-                        .map_err(|e| format!("column {}: {e}", c.name))
-                })
-                .collect();
-        }
-        if raw.len() != self.columns.len() + 1 {
+        if self.flavor != Flavor::Sqlite && raw.len() != self.columns.len() + 1 {
             return Err(format!(
                 "{} columns read, {} expected",
                 raw.len(),
                 self.columns.len() + 1
             ));
         }
-        Ok(self
-            .columns
-            .iter()
-            .zip(raw)
-            .map(|(c, cell)| {
-                let v = cell
-                    .as_deref()
-                    .map_or(Value::Null, |s| decode_text(c.ty, s));
-                (c.name.clone(), v)
-            })
-            .collect())
+        decode_cells(self.flavor, &self.columns, raw)
     }
 
     fn is_deleted(&self, row: &Row) -> bool {
@@ -1113,6 +1079,58 @@ impl Table {
             Some(_) => true,
         }
     }
+}
+
+/// The select list giving a row's cells: each column's text expression,
+/// or one `json_object` of them (SQLite).
+fn cells_select(flavor: Flavor, columns: &[Column]) -> String {
+    match flavor {
+        Flavor::Sqlite => row_json(columns),
+        _ => columns
+            .iter()
+            .map(|c| c.expr.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// One row from its cells: the columns' text in order (PostgreSQL, MySQL;
+/// cells past the columns are ignored), or one `json_object` (SQLite).
+fn decode_cells(flavor: Flavor, columns: &[Column], raw: &[Option<String>]) -> Result<Row, String> {
+    if flavor == Flavor::Sqlite {
+        let text = raw.first().cloned().flatten().ok_or("the row is null")?;
+        let serde_json::Value::Object(obj) =
+            serde_json::from_str(&text).map_err(|e| format!("bad row json: {e}"))?
+        else {
+            return Err("the row is not a json object".into());
+        };
+        return columns
+            .iter()
+            .map(|c| {
+                let v = obj.get(&c.name).unwrap_or(&serde_json::Value::Null);
+                decode_sqlite_value(&c.decl, v)
+                    .map(|v| (c.name.clone(), v))
+                    .map_err(|e| format!("column {}: {e}", c.name))
+            })
+            .collect();
+    }
+    if raw.len() < columns.len() {
+        return Err(format!(
+            "{} columns read, {} expected",
+            raw.len(),
+            columns.len()
+        ));
+    }
+    Ok(columns
+        .iter()
+        .zip(raw)
+        .map(|(c, cell)| {
+            let v = cell
+                .as_deref()
+                .map_or(Value::Null, |s| decode_text(c.ty, s));
+            (c.name.clone(), v)
+        })
+        .collect())
 }
 
 /// A poll in progress over one table: pages from `low` until a short one.
@@ -1957,4 +1975,227 @@ mod tests {
             .is_err()
         );
     }
+}
+
+/// How the rows of one entity are found in a source table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// `WHERE <column> = <id>`.
+    Column(String),
+    /// Through a link table of the same database: `WHERE <column> IN
+    /// (SELECT <link_key> FROM <link_table> WHERE <link_id> = <id>)`.
+    Via {
+        column: String,
+        link_table: String,
+        link_key: String,
+        link_id: String,
+    },
+    /// The operator's own query returning the table's columns, with one
+    /// placeholder for the id (`$1` PostgreSQL, `?` MySQL and SQLite) bound
+    /// as text.
+    Sql(String),
+}
+
+/// A table as read for fetches: its columns and their text expressions.
+struct Described {
+    flavor: Flavor,
+    columns: Vec<Column>,
+    /// The select list of the columns' text (one `json_object` on SQLite).
+    select: String,
+    /// The table, quoted.
+    from: String,
+}
+
+/// Reads the rows one entity has in a source's tables right now: the
+/// fetches of `crate::fetch` (staleness bounds, sync-on-access types), typed
+/// as polled rows are. Connections are opened when first needed, at most
+/// `max_connections` at once, and kept for the next fetch.
+pub struct EntityReader {
+    source: SqlPollSource,
+    free: parking_lot::Mutex<Vec<Conn>>,
+    permits: tokio::sync::Semaphore,
+    described: tokio::sync::Mutex<HashMap<String, Arc<Described>>>,
+}
+
+impl EntityReader {
+    /// A reader of the database at `url` (`postgres://`, `mysql://`,
+    /// `mariadb://` or `sqlite:<path>`) for source `name`.
+    pub fn new(
+        name: &str,
+        url: &str,
+        config: &Config,
+        max_connections: usize,
+    ) -> Result<Self, SourceError> {
+        let cfg = SourceConfig {
+            name: name.to_string(),
+            kind: crate::config::SourceKind::SqlPoll,
+            path: None,
+            url: Some(url.to_string()),
+            // Placeholders: a reader polls nothing.
+            tables: vec![String::new()],
+            poll_interval: None,
+            batch_size: None,
+            initial_snapshot: None,
+            slot: None,
+            publication: None,
+            create_slot: None,
+            unmapped_types: None,
+            server_id: None,
+            cursor_column: Some("-".into()),
+            soft_delete_column: None,
+            topics: Vec::new(),
+            brokers: None,
+            group_id: None,
+            safety_window: None,
+        };
+        let mut source = SqlPollSource::new(&cfg, config)?;
+        source.tables.clear();
+        Ok(EntityReader {
+            source,
+            free: parking_lot::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(max_connections.max(1)),
+            described: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Every row of `table` belonging to entity `id`, as it is now.
+    pub async fn rows(
+        &self,
+        table: &str,
+        lookup: &Lookup,
+        id: &str,
+    ) -> Result<Vec<Row>, SourceError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SourceError::Closed {
+                source_name: self.source.name.clone(),
+            })?;
+        let pooled = self.free.lock().pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.source.connect().await?,
+        };
+        let result = self.read(&mut conn, table, lookup, id).await;
+        match &result {
+            // A broken connection is not kept.
+            Err(SourceError::External { .. }) => {}
+            _ => self.free.lock().push(conn),
+        }
+        result
+    }
+
+    async fn describe(&self, conn: &mut Conn, table: &str) -> Result<Arc<Described>, SourceError> {
+        let mut described = self.described.lock().await;
+        if let Some(d) = described.get(table) {
+            return Ok(d.clone());
+        }
+        let flavor = conn.flavor();
+        let (from, columns, _) = match flavor {
+            Flavor::Postgres => self.source.describe_pg(conn, table).await?,
+            Flavor::MySql => self.source.describe_mysql(conn, table).await?,
+            Flavor::Sqlite => self.source.describe_sqlite(conn, table).await?,
+        };
+        let select = cells_select(flavor, &columns);
+        let d = Arc::new(Described {
+            flavor,
+            columns,
+            select,
+            from,
+        });
+        described.insert(table.to_string(), d.clone());
+        Ok(d)
+    }
+
+    async fn read(
+        &self,
+        conn: &mut Conn,
+        table: &str,
+        lookup: &Lookup,
+        id: &str,
+    ) -> Result<Vec<Row>, SourceError> {
+        let d = self.describe(conn, table).await?;
+        let sql = fetch_sql(&d, lookup).map_err(|e| self.source.config_err(e))?;
+        let raw: Vec<RawRow> = conn
+            .fetch(sql, vec![Bind::Text(id.to_string())])
+            .try_collect()
+            .await
+            .map_err(|e| match &e {
+                // The query itself is wrong (a bad `fetch`, a missing column).
+                sqlx::Error::Database(db)
+                    if db.code().is_some_and(|c| c.starts_with("42"))
+                        || db
+                            .try_downcast_ref::<MySqlDatabaseError>()
+                            .is_some_and(|m| matches!(m.number(), 1054 | 1064 | 1146)) =>
+                {
+                    self.source
+                        .config_err(format!("fetch of table {table}: {}", db.message()))
+                }
+                _ => SourceError::external(&self.source.name, "fetch an entity", e),
+            })?;
+        raw.iter()
+            .map(|r| decode_cells(d.flavor, &d.columns, r))
+            .collect::<Result<Vec<Row>, String>>()
+            .map_err(|e| {
+                SourceError::external(&self.source.name, &format!("read table {table}"), e)
+            })
+    }
+}
+
+/// The statement of one fetch, with its id placeholder.
+fn fetch_sql(d: &Described, lookup: &Lookup) -> Result<String, String> {
+    let q = |c: &str| quote(d.flavor, c);
+    let column = |name: &str| {
+        d.columns
+            .iter()
+            .find(|c| c.name == name || c.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("table {} has no column {name}", d.from))
+    };
+    // The id is bound as text: cast to the column's type where the database
+    // would not compare them (PostgreSQL).
+    let id_of = |c: &Column| match d.flavor {
+        Flavor::Postgres => format!("$1::{}", c.decl),
+        Flavor::MySql | Flavor::Sqlite => "?".to_string(),
+    };
+    Ok(match lookup {
+        Lookup::Column(name) => {
+            let c = column(name)?;
+            format!(
+                "SELECT {} FROM {} WHERE {} = {}",
+                d.select,
+                d.from,
+                q(&c.name),
+                id_of(c)
+            )
+        }
+        Lookup::Via {
+            column: col,
+            link_table,
+            link_key,
+            link_id,
+        } => {
+            let c = column(col)?;
+            // The link's id column is of the entity id's type, as this
+            // table's own id columns are; cast to text on both sides so no
+            // catalog of the link table is needed.
+            let (l_id, ph) = match d.flavor {
+                Flavor::Postgres => (format!("{}::text", q(link_id)), "$1".to_string()),
+                Flavor::MySql => (format!("CAST({} AS CHAR)", q(link_id)), "?".to_string()),
+                Flavor::Sqlite => (format!("CAST({} AS TEXT)", q(link_id)), "?".to_string()),
+            };
+            let link_from = match d.flavor {
+                Flavor::Postgres => link_table.clone(),
+                _ => link_table.split('.').map(&q).collect::<Vec<_>>().join("."),
+            };
+            format!(
+                "SELECT {} FROM {} WHERE {} IN (SELECT {} FROM {link_from} WHERE {l_id} = {ph})",
+                d.select,
+                d.from,
+                q(&c.name),
+                q(link_key)
+            )
+        }
+        Lookup::Sql(sql) => format!("SELECT {} FROM ({sql}) AS fetched", d.select),
+    })
 }

@@ -95,6 +95,23 @@ fn own(rows: &mut Arc<TableRows>, grows: bool) -> &mut TableRows {
     Arc::get_mut(rows).expect("a table no other version holds")
 }
 
+/// `current` is gone: every table it had changed (nothing to delete when
+/// it did not exist).
+fn deleted(current: Option<&Entity>, mut changed: Vec<Arc<str>>) -> Applied {
+    let Some(cur) = current else {
+        return Applied::Stale;
+    };
+    for t in cur.tables.keys() {
+        if !changed.contains(t) {
+            changed.push(t.clone());
+        }
+    }
+    Applied::Deleted {
+        version: cur.version + 1,
+        changed_tables: changed,
+    }
+}
+
 /// What applying a change set did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
@@ -128,6 +145,57 @@ impl Entity {
 
     pub fn row_count(&self) -> usize {
         self.tables.values().map(|t| t.len()).sum()
+    }
+
+    /// Replaces the fetched tables of `current` with the rows read from the
+    /// sources. A table whose rows are the same stays as it is; nothing
+    /// changed is [`Applied::Stale`] (no new version). Positions stay: a
+    /// fetch is no position in any source's log.
+    pub fn apply_fetched(current: Option<&Entity>, set: &crate::event::FetchedEntity) -> Applied {
+        let mut next = current
+            .cloned()
+            .unwrap_or_else(|| Entity::new(set.key.clone()));
+        let mut changed: Vec<Arc<str>> = Vec::new();
+        for (table, rows) in &set.tables {
+            let mut fresh: Vec<(Pk, StoredRow)> = rows
+                .iter()
+                .map(|(pk, row)| (Pk::from(&pk[..]), StoredRow::pack(row)))
+                .collect();
+            fresh.sort_by(|a, b| a.0.cmp(&b.0));
+            fresh.dedup_by(|a, b| a.0 == b.0);
+            let fresh: TableRows = LiteMap::from_sorted_store_unchecked(fresh);
+            let same = match next.tables.get(table) {
+                Some(old) => **old == fresh,
+                None => fresh.is_empty(),
+            };
+            if same {
+                continue;
+            }
+            if fresh.is_empty() {
+                next.tables.remove(table);
+            } else {
+                next.tables.insert(table.clone(), Arc::new(fresh));
+            }
+            changed.push(table.clone());
+        }
+        let version = current.map_or(0, |c| c.version);
+        let gone = next.tables.is_empty()
+            || set
+                .root
+                .as_ref()
+                .is_some_and(|r| !next.tables.contains_key(r));
+        if gone {
+            return deleted(current, changed);
+        }
+        if changed.is_empty() {
+            return Applied::Stale;
+        }
+        next.version = version + 1;
+        next.updated_micros = set.fetched_micros;
+        Applied::Changed {
+            entity: next,
+            changed_tables: changed,
+        }
     }
 
     /// Applies `set` to `current` (None: the entity does not exist yet).
@@ -186,18 +254,7 @@ impl Entity {
         next.positions.insert(set.source.clone(), position);
         let version = current.map_or(0, |c| c.version);
         if set.delete_entity || next.tables.is_empty() {
-            if current.is_none() {
-                return Applied::Stale;
-            }
-            for t in current.iter().flat_map(|c| c.tables.keys()) {
-                if !changed.contains(t) {
-                    changed.push(t.clone());
-                }
-            }
-            return Applied::Deleted {
-                version: version + 1,
-                changed_tables: changed,
-            };
+            return deleted(current, changed);
         }
         if changed.is_empty() {
             return Applied::Unchanged(next);

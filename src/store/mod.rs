@@ -32,7 +32,41 @@ pub struct EntityChange {
     pub changed_tables: Vec<Arc<str>>,
 }
 
-type Shard = DashMap<EntityKey, Arc<Entity>>;
+/// One entity in its shard: the current version and, when its type keeps
+/// history, the earlier versions kept (oldest first).
+#[derive(Debug)]
+struct Slot {
+    current: Arc<Entity>,
+    // Boxed: 8 bytes in every entity's slot instead of 32, and most
+    // entities have no history (their type keeps none, or never changed).
+    #[allow(clippy::box_collection)]
+    past: Option<Box<std::collections::VecDeque<Arc<Entity>>>>,
+}
+
+impl Slot {
+    fn new(current: Arc<Entity>) -> Self {
+        Slot {
+            current,
+            past: None,
+        }
+    }
+
+    /// Makes `next` current; the one it replaces joins the history when
+    /// `keep` earlier versions are kept and `next` is a new version.
+    fn replace(&mut self, next: Arc<Entity>, keep: usize) {
+        let old = std::mem::replace(&mut self.current, next);
+        if keep == 0 || old.version == self.current.version {
+            return;
+        }
+        let past = self.past.get_or_insert_with(Default::default);
+        past.push_back(old);
+        while past.len() > keep {
+            past.pop_front();
+        }
+    }
+}
+
+type Shard = DashMap<EntityKey, Slot>;
 
 /// What [`Store::apply`] did with a change set (the entity itself went into
 /// the store and, when it changed, to the watchers).
@@ -53,6 +87,8 @@ pub struct Store {
     shards: Vec<Shard>,
     /// Entity count per entity type.
     counts: HashMap<Arc<str>, AtomicI64>,
+    /// Earlier versions kept per entity, per entity type (absent: none).
+    history: HashMap<Arc<str>, usize>,
     changes: broadcast::Sender<Arc<EntityChange>>,
 }
 
@@ -67,7 +103,40 @@ impl Store {
                 .iter()
                 .map(|t| (Arc::<str>::from(*t), AtomicI64::new(0)))
                 .collect(),
+            history: HashMap::new(),
             changes,
+        }
+    }
+
+    /// Keeps `n` earlier versions of each entity of the given types.
+    pub fn with_history<'a>(mut self, types: impl IntoIterator<Item = (&'a str, usize)>) -> Self {
+        self.history = types
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(t, n)| (Arc::<str>::from(t), n))
+            .collect();
+        self
+    }
+
+    fn keep(&self, entity_type: &str) -> usize {
+        if self.history.is_empty() {
+            return 0;
+        }
+        self.history.get(entity_type).copied().unwrap_or(0)
+    }
+
+    /// Puts `entity` in place as the current version of `key`; true when the
+    /// entity was not there before.
+    fn put(&self, shard: &Shard, key: &EntityKey, entity: Arc<Entity>) -> bool {
+        match shard.entry(key.clone()) {
+            dashmap::Entry::Occupied(mut o) => {
+                o.get_mut().replace(entity, self.keep(&key.entity_type));
+                false
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Slot::new(entity));
+                true
+            }
         }
     }
 
@@ -81,7 +150,37 @@ impl Store {
 
     /// The current version of an entity.
     pub fn get(&self, key: &EntityKey) -> Option<Arc<Entity>> {
-        self.shard(key).get(key).map(|e| e.value().clone())
+        self.shard(key).get(key).map(|e| e.value().current.clone())
+    }
+
+    /// Version `version` of an entity, if it is current or kept; else the
+    /// versions kept (oldest first, empty when the entity does not exist).
+    pub fn get_version(&self, key: &EntityKey, version: u64) -> Result<Arc<Entity>, Vec<u64>> {
+        let Some(slot) = self.shard(key).get(key) else {
+            return Err(Vec::new());
+        };
+        if slot.current.version == version {
+            return Ok(slot.current.clone());
+        }
+        let past = slot.past.iter().flat_map(|p| p.iter());
+        if let Some(e) = past.clone().find(|e| e.version == version) {
+            return Ok(e.clone());
+        }
+        Err(past
+            .map(|e| e.version)
+            .chain([slot.current.version])
+            .collect())
+    }
+
+    /// Every version of an entity kept, the current one last.
+    pub fn versions(&self, key: &EntityKey) -> Vec<Arc<Entity>> {
+        self.shard(key).get(key).map_or_else(Vec::new, |slot| {
+            slot.past
+                .iter()
+                .flat_map(|p| p.iter().cloned())
+                .chain([slot.current.clone()])
+                .collect()
+        })
     }
 
     /// Subscribes to every change from now on.
@@ -115,11 +214,47 @@ impl Store {
     /// As [`Store::apply`], also pushing the entity change (if any) to `out`.
     pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Outcome {
         let shard = self.shard(&set.key);
-        let current = shard.get(&set.key).map(|e| e.value().clone());
-        match Entity::apply(current.as_deref(), set) {
+        let current = shard.get(&set.key).map(|e| e.value().current.clone());
+        let applied = Entity::apply(current.as_deref(), set);
+        self.settle(&set.key, applied, out)
+    }
+
+    /// Applies an entity read straight from its sources (see
+    /// [`Entity::apply_fetched`]). Call only from the shard's single writer.
+    pub fn apply_fetched_into(
+        &self,
+        set: &crate::event::FetchedEntity,
+        out: &mut Vec<Arc<EntityChange>>,
+    ) -> Outcome {
+        let shard = self.shard(&set.key);
+        let current = shard.get(&set.key).map(|e| e.value().current.clone());
+        let applied = Entity::apply_fetched(current.as_deref(), set);
+        self.settle(&set.key, applied, out)
+    }
+
+    /// Drops an entity from memory without telling watchers (it did not
+    /// change: a sync-on-access entity no longer held). True when it was there.
+    pub fn evict(&self, key: &EntityKey) -> bool {
+        if self.shard(key).remove(key).is_some() {
+            self.count(&key.entity_type, -1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Puts the result of an apply in place and tells the watchers.
+    fn settle(
+        &self,
+        key: &EntityKey,
+        applied: Applied,
+        out: &mut Vec<Arc<EntityChange>>,
+    ) -> Outcome {
+        let shard = self.shard(key);
+        match applied {
             Applied::Stale => Outcome::Stale,
             Applied::Unchanged(e) => {
-                shard.insert(set.key.clone(), Arc::new(e));
+                self.put(shard, key, Arc::new(e));
                 Outcome::Unchanged
             }
             Applied::Changed {
@@ -127,12 +262,12 @@ impl Store {
                 changed_tables,
             } => {
                 let entity = Arc::new(entity);
-                if shard.insert(set.key.clone(), entity.clone()).is_none() {
-                    self.count(&set.key.entity_type, 1);
+                if self.put(shard, key, entity.clone()) {
+                    self.count(&key.entity_type, 1);
                 }
                 self.publish(
                     EntityChange {
-                        key: set.key.clone(),
+                        key: key.clone(),
                         version: entity.version,
                         entity: Some(entity),
                         changed_tables,
@@ -145,12 +280,12 @@ impl Store {
                 version,
                 changed_tables,
             } => {
-                if shard.remove(&set.key).is_some() {
-                    self.count(&set.key.entity_type, -1);
+                if shard.remove(key).is_some() {
+                    self.count(&key.entity_type, -1);
                 }
                 self.publish(
                     EntityChange {
-                        key: set.key.clone(),
+                        key: key.clone(),
                         version,
                         entity: None,
                         changed_tables,
@@ -181,13 +316,14 @@ impl Store {
         let keys: Vec<EntityKey> = s
             .iter()
             .filter(|e| {
-                e.key().entity_type == t.entity_type && e.value().tables.contains_key(&t.table)
+                e.key().entity_type == t.entity_type
+                    && e.value().current.tables.contains_key(&t.table)
             })
             .map(|e| e.key().clone())
             .collect();
         let mut n = 0;
         for key in keys {
-            let Some(cur) = s.get(&key).map(|e| e.value().clone()) else {
+            let Some(cur) = s.get(&key).map(|e| e.value().current.clone()) else {
                 continue;
             };
             let Some(next) = cur.truncated(&t.table, &t.source, &t.position) else {
@@ -208,7 +344,7 @@ impl Store {
                 );
             } else {
                 let next = Arc::new(next);
-                s.insert(key.clone(), next.clone());
+                self.put(s, &key, next.clone());
                 self.publish(
                     EntityChange {
                         key,
@@ -234,7 +370,7 @@ impl Store {
     pub fn shard_entities(&self, shard: u32) -> Vec<Arc<Entity>> {
         self.shards
             .get(shard as usize)
-            .map(|s| s.iter().map(|e| e.value().clone()).collect())
+            .map(|s| s.iter().map(|e| e.value().current.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -259,7 +395,7 @@ impl Store {
         let key = entity.key.clone();
         if self
             .shard(&key)
-            .insert(key.clone(), Arc::new(entity))
+            .insert(key.clone(), Slot::new(Arc::new(entity)))
             .is_none()
         {
             self.count(&key.entity_type, 1);
@@ -307,7 +443,7 @@ impl Store {
     pub fn for_each(&self, mut f: impl FnMut(&Arc<Entity>)) {
         for s in &self.shards {
             for e in s.iter() {
-                f(e.value());
+                f(&e.value().current);
             }
         }
     }

@@ -90,7 +90,10 @@ impl FabricProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_fabric"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("FABRIC_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -461,6 +464,7 @@ pub async fn compare_all(
                 r#type: "customer".into(),
                 ids: chunk.to_vec(),
                 view: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -515,6 +519,7 @@ pub async fn first_row_field(
             r#type: entity_type.into(),
             id: id.into(),
             view: String::new(),
+            ..Default::default()
         })
         .await
         .ok()?

@@ -1,0 +1,469 @@
+//! Entities read straight from their sources: staleness bounds and
+//! sync-on-access entity types.
+//!
+//! A fetch reads, for one entity, every row each of its tables has in its
+//! source right now (one query per table: `WHERE <id_column> = <id>`, or
+//! through the `id_via` link table, or the table's own `fetch` query). The
+//! result goes onto the bus as a [`FetchedEntity`] in the entity's partition,
+//! so the partition's applier stays the only writer of its entities: the
+//! fetched tables replace what the entity held, a new version is made only
+//! when something differs, watchers and the entities topic see it, and
+//! snapshots keep it.
+//!
+//! One fetch per entity at a time: requests that need the same entity while
+//! a fetch of it is running wait for that fetch instead of starting another.
+//! The fetch runs in its own task, so a caller that gives up does not leave
+//! the others waiting on nothing.
+//!
+//! - **Staleness bound** (`max_staleness_ms` on a read): an entity is read
+//!   from its sources when it is missing, when its partition is not served
+//!   here (being rebuilt), or when it may be older than the bound. An entity
+//!   of a change-captured type is as old as its sources are behind: 0 while
+//!   every source feeding the type streams and is caught up, else the time
+//!   since the last transaction it read. Tables whose sources cannot be read
+//!   by query keep what memory has.
+//! - **Sync-on-access types** (`sync = "on_access"`): nothing is captured;
+//!   an entity is fetched when first read and again when a read finds it
+//!   fetched longer ago than `max_age`. Entities not read for `evict_after`
+//!   are dropped from memory, and beyond `max_entities` the least recently
+//!   read go first.
+
+use crate::app::Fabric;
+use crate::bus::Offset;
+use crate::config::{Config, EntityConfig};
+use crate::event::{BusRecord, EntityKey, FetchedEntity, Value};
+use crate::sources::sql_poll::{EntityReader, Lookup};
+use crate::store::Entity;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+/// Connections each source's reader may hold at once.
+const READER_CONNECTIONS: usize = 4;
+/// How long a fetched entity may take to be applied before the fetch says so.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// How one micro-DB table is fetched.
+struct TablePlan {
+    table: Arc<str>,
+    source: Arc<str>,
+    from: String,
+    lookup: Lookup,
+    primary_key: Vec<String>,
+}
+
+/// How one entity type is fetched.
+struct TypePlan {
+    /// The tables whose sources can be read by query.
+    tables: Vec<TablePlan>,
+    root: Option<Arc<str>>,
+    on_access: bool,
+    max_age: Duration,
+    evict_after: Duration,
+    max_entities: usize,
+    /// The sources feeding the type, for its staleness.
+    sources: Vec<Arc<str>>,
+}
+
+/// When an entity was fetched and last read (sync-on-access types).
+struct Held {
+    /// `None`: held (restored from a snapshot) but never fetched by this process.
+    fetched: Option<Instant>,
+    /// Milliseconds since the fetcher started.
+    read_ms: AtomicU64,
+}
+
+type Outcome = Result<Option<Arc<Entity>>, (Code, String)>;
+
+/// Fetches entities from their sources; see the module docs.
+pub struct Fetcher {
+    types: HashMap<String, TypePlan>,
+    readers: HashMap<String, Arc<EntityReader>>,
+    flights: Mutex<HashMap<EntityKey, watch::Receiver<Option<Outcome>>>>,
+    held: DashMap<EntityKey, Held>,
+    started: Instant,
+}
+
+impl Fetcher {
+    /// The fetch plans of every entity type, and a reader per source that
+    /// can be read by query (connections open on first use).
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let mut readers = HashMap::new();
+        for s in config
+            .sources
+            .iter()
+            .filter(|s| crate::config::can_fetch(s.kind))
+        {
+            let url = match (&s.url, &s.path) {
+                (Some(u), _) => u.clone(),
+                (None, Some(p)) => format!("sqlite:{}", config.resolve(p).display()),
+                (None, None) => continue,
+            };
+            let reader = EntityReader::new(&s.name, &url, config, READER_CONNECTIONS)
+                .map_err(|e| e.to_string())?;
+            readers.insert(s.name.clone(), Arc::new(reader));
+        }
+        let types = config
+            .entities
+            .iter()
+            .map(|e| (e.name.clone(), plan(e, &readers)))
+            .collect();
+        Ok(Fetcher {
+            types,
+            readers,
+            flights: Mutex::new(HashMap::new()),
+            held: DashMap::new(),
+            started: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// True when entities of `entity_type` are fetched on access.
+    pub fn on_access(&self, entity_type: &str) -> bool {
+        self.types.get(entity_type).is_some_and(|t| t.on_access)
+    }
+
+    /// Entities restored from snapshots: those of sync-on-access types are
+    /// held, never fetched here (their first read fetches them).
+    pub fn restored(&self, entity: &Entity) {
+        if self.on_access(&entity.key.entity_type) {
+            self.held.insert(
+                entity.key.clone(),
+                Held {
+                    fetched: None,
+                    read_ms: AtomicU64::new(self.now_ms()),
+                },
+            );
+        }
+    }
+
+    /// How old `key`'s entity may be, for a staleness bound: `None` when
+    /// unknown (never fetched, a source not caught up that never read).
+    fn staleness(&self, fabric: &Fabric, plan: &TypePlan, key: &EntityKey) -> Option<Duration> {
+        if plan.on_access {
+            return self.held.get(key)?.fetched.map(|t| t.elapsed());
+        }
+        let mut worst = Duration::ZERO;
+        for name in &plan.sources {
+            let s = fabric.sources.iter().find(|s| s.name == *name)?;
+            let st = &s.status;
+            let current = st.caught_up.load(Ordering::Relaxed)
+                && matches!(st.state.lock().as_str(), "streaming");
+            if current {
+                continue;
+            }
+            let last = st.last_commit_micros.load(Ordering::Relaxed);
+            if last == 0 {
+                return None;
+            }
+            let behind = (crate::sources::now_micros() - last).max(0) as u64;
+            worst = worst.max(Duration::from_micros(behind));
+        }
+        Some(worst)
+    }
+
+    /// What a read of `key` (of type `cfg`) serves when it must come from
+    /// the sources: `Ok(None)` when memory will do (read the store as
+    /// usual), `Ok(Some(e))` for the fetched entity, `Err(NOT_FOUND)` when
+    /// the sources have no such entity. `bound` is the request's staleness
+    /// bound; `serving` whether its partition is served here.
+    pub async fn read_through(
+        &self,
+        fabric: &Arc<Fabric>,
+        cfg: &EntityConfig,
+        key: &EntityKey,
+        bound: Option<Duration>,
+        serving: bool,
+    ) -> Result<Option<Arc<Entity>>, Status> {
+        let Some(plan) = self.types.get(&cfg.name) else {
+            return Ok(None);
+        };
+        if !plan.on_access && bound.is_none() {
+            return Ok(None);
+        }
+        if plan.tables.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "entity type {:?} has no table whose source can be read by query \
+                 (postgres_cdc, mysql_binlog, sql_poll, sqlite): it cannot be read with a staleness bound",
+                cfg.name
+            )));
+        }
+        if let Some(h) = self.held.get(key) {
+            h.read_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        let limit = match (plan.on_access, bound) {
+            (true, Some(b)) => b.min(plan.max_age),
+            (true, None) => plan.max_age,
+            (false, Some(b)) => b,
+            (false, None) => return Ok(None),
+        };
+        let held = serving.then(|| fabric.store.get(key)).flatten();
+        let fresh = held.is_some()
+            && self
+                .staleness(fabric, plan, key)
+                .is_some_and(|age| age <= limit);
+        if fresh {
+            return Ok(None);
+        }
+        match self.refresh(fabric, key.clone()).await {
+            Ok(Some(e)) => Ok(Some(e)),
+            Ok(None) => Err(Status::not_found(format!(
+                "{} {} not found (read from its sources)",
+                key.entity_type, key.id
+            ))),
+            Err((code, msg)) => Err(Status::new(code, msg)),
+        }
+    }
+
+    /// Fetches `key` from its sources, once however many ask at the same
+    /// time, and returns the entity as then held (or built from the fetch
+    /// when its partition is not served here).
+    async fn refresh(&self, fabric: &Arc<Fabric>, key: EntityKey) -> Outcome {
+        let mut rx = {
+            let mut flights = self.flights.lock();
+            match flights.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(key.clone(), rx.clone());
+                    let f = fabric.clone();
+                    let k = key.clone();
+                    tokio::spawn(async move {
+                        let out = f.fetcher.fetch_and_apply(&f, &k).await;
+                        f.fetcher.flights.lock().remove(&k);
+                        let _ = tx.send(Some(out));
+                    });
+                    rx
+                }
+            }
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().expect("waited for a result"),
+            Err(_) => Err((
+                Code::Internal,
+                format!("the fetch of {key} ended without an answer"),
+            )),
+        }
+    }
+
+    /// Reads every fetchable table of `key`, puts the result on the bus and
+    /// waits until it is applied.
+    async fn fetch_and_apply(&self, fabric: &Fabric, key: &EntityKey) -> Outcome {
+        let plan = self
+            .types
+            .get(&*key.entity_type)
+            .ok_or((Code::Internal, format!("no fetch plan for {key}")))?;
+        let mut tables = Vec::with_capacity(plan.tables.len());
+        for t in &plan.tables {
+            let reader = &self.readers[&*t.source];
+            let rows = reader
+                .rows(&t.from, &t.lookup, &key.id)
+                .await
+                .map_err(|e| {
+                    let code = if e.retryable() {
+                        Code::Unavailable
+                    } else {
+                        Code::FailedPrecondition
+                    };
+                    (
+                        code,
+                        format!("cannot read {key} from source {}: {e}", t.source),
+                    )
+                })?;
+            fabric
+                .metrics
+                .source_fetches
+                .get_or_create(&crate::telemetry::SourceTableLabel {
+                    source: t.source.to_string(),
+                    table: t.from.clone(),
+                })
+                .inc();
+            let mut keyed = Vec::with_capacity(rows.len());
+            for row in rows {
+                let pk: Vec<Value> = t
+                    .primary_key
+                    .iter()
+                    .map(|c| row.get(c).cloned().unwrap_or(Value::Null))
+                    .collect();
+                keyed.push((pk, row));
+            }
+            tables.push((t.table.clone(), keyed));
+        }
+        let set = FetchedEntity {
+            key: key.clone(),
+            tables,
+            root: plan.root.clone(),
+            fetched_micros: crate::sources::now_micros(),
+        };
+        let p = key.partition(fabric.bus.partitions());
+        let state = &fabric.partitions[p as usize];
+        let built = Entity::apply_fetched(None, &set);
+        let offsets = fabric
+            .bus
+            .produce(vec![(p, BusRecord::Fetched(set))])
+            .await
+            .map_err(|e| (Code::Unavailable, format!("cannot keep {key}: {e}")))?;
+        let at = offsets.first().copied().unwrap_or(Offset(0));
+        if plan.on_access {
+            self.held.insert(
+                key.clone(),
+                Held {
+                    fetched: Some(Instant::now()),
+                    read_ms: AtomicU64::new(self.now_ms()),
+                },
+            );
+        }
+        if !state.serving() {
+            // Kept once the partition's applier gets there; served as read.
+            return Ok(match built {
+                crate::store::Applied::Changed { entity, .. } => Some(Arc::new(entity)),
+                _ => None,
+            });
+        }
+        let until = Instant::now() + APPLY_WAIT;
+        loop {
+            let applied = state.advanced.notified();
+            tokio::pin!(applied);
+            applied.as_mut().enable();
+            if state.applied.load(Ordering::Acquire) > at.0 {
+                return Ok(fabric.store.get(key));
+            }
+            tokio::select! {
+                _ = &mut applied => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep_until(until.into()) => {
+                    return Err((
+                        Code::Unavailable,
+                        format!("{key} was read from its sources but not applied within {APPLY_WAIT:?}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Drops sync-on-access entities not read for their type's
+    /// `evict_after`, then the least recently read beyond `max_entities`.
+    /// Returns how many were dropped.
+    pub fn evict(&self, fabric: &Fabric) -> usize {
+        let now = self.now_ms();
+        let mut dropped = 0;
+        for (name, plan) in self.types.iter().filter(|(_, p)| p.on_access) {
+            let idle_ms = plan.evict_after.as_millis() as u64;
+            let mut keep: Vec<(u64, EntityKey)> = Vec::new();
+            let mut old: Vec<EntityKey> = Vec::new();
+            for h in self.held.iter().filter(|h| *h.key().entity_type == **name) {
+                let read = h.read_ms.load(Ordering::Relaxed);
+                if now.saturating_sub(read) >= idle_ms {
+                    old.push(h.key().clone());
+                } else {
+                    keep.push((read, h.key().clone()));
+                }
+            }
+            if keep.len() > plan.max_entities {
+                keep.sort_unstable_by_key(|(read, _)| *read);
+                let over = keep.len() - plan.max_entities;
+                old.extend(keep.drain(..over).map(|(_, k)| k));
+            }
+            let label = crate::telemetry::TypeLabel {
+                entity_type: name.clone(),
+            };
+            for key in old {
+                self.held.remove(&key);
+                if fabric.store.evict(&key) {
+                    dropped += 1;
+                    fabric.metrics.evicted.get_or_create(&label).inc();
+                }
+            }
+        }
+        dropped
+    }
+}
+
+/// The fetch plan of one entity type.
+fn plan(e: &EntityConfig, readers: &HashMap<String, Arc<EntityReader>>) -> TypePlan {
+    let mut tables = Vec::new();
+    for t in &e.tables {
+        if !readers.contains_key(&t.source) {
+            continue;
+        }
+        let lookup = match (&t.fetch, &t.id_column, &t.id_via) {
+            (Some(sql), _, _) => Lookup::Sql(sql.clone()),
+            (None, Some(c), _) => Lookup::Column(c.clone()),
+            (None, None, Some(via)) => {
+                let Some(link) = e.table(&via.table) else {
+                    continue;
+                };
+                let (Some(link_id), Some(link_key)) = (&link.id_column, link.primary_key.first())
+                else {
+                    continue;
+                };
+                if link.source != t.source {
+                    // Not derivable (the config refuses it for on-access
+                    // types); a staleness read keeps what memory has.
+                    continue;
+                }
+                Lookup::Via {
+                    column: via.column.clone(),
+                    link_table: link.from.clone(),
+                    link_key: link_key.clone(),
+                    link_id: link_id.clone(),
+                }
+            }
+            (None, None, None) => continue,
+        };
+        tables.push(TablePlan {
+            table: t.name.as_str().into(),
+            source: t.source.as_str().into(),
+            from: t.from.clone(),
+            lookup,
+            primary_key: t.primary_key.clone(),
+        });
+    }
+    let mut sources: Vec<Arc<str>> = e.tables.iter().map(|t| t.source.as_str().into()).collect();
+    sources.sort();
+    sources.dedup();
+    TypePlan {
+        tables,
+        root: e.delete_with_root.then(|| e.root_table().into()),
+        on_access: e.on_access(),
+        max_age: e.max_age(),
+        evict_after: e.evict_after(),
+        max_entities: e.max_entities(),
+        sources,
+    }
+}
+
+/// Evicts now and then, until `stop`.
+pub async fn evict_loop(fabric: Arc<Fabric>, stop: tokio_util::sync::CancellationToken) {
+    if !fabric.config.entities.iter().any(|e| e.on_access()) {
+        return;
+    }
+    let every = fabric
+        .config
+        .entities
+        .iter()
+        .filter(|e| e.on_access())
+        .map(|e| e.evict_after() / 10)
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_millis(100), Duration::from_secs(10));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let n = fabric.fetcher.evict(&fabric);
+        if n > 0 {
+            tracing::debug!(evicted = n, "sync-on-access entities dropped from memory");
+        }
+    }
+}
