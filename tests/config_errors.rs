@@ -440,3 +440,56 @@ fn debezium_kafka_sources_and_publish_views_are_checked() {
         "no view \"billing\" in entity type \"customer\"",
     );
 }
+
+#[test]
+fn freshness_and_sync_settings() {
+    refused(
+        &GOOD.replace(
+            "[[entities]]\nname = \"customer\"\n",
+            "[[entities]]\nname = \"customer\"\nmax_age = \"5s\"\n",
+        ),
+        "entities[0].max_age",
+        "applies to sync = \"on_access\" entity types only",
+    );
+    refused(
+        &GOOD.replace(
+            "[[entities]]\nname = \"customer\"\n",
+            "[[entities]]\nname = \"customer\"\nhistory = 65\n",
+        ),
+        "entities[0].history",
+        "more than the 64 allowed",
+    );
+    refused(
+        &GOOD.replace(
+            "grpc_addr = \"127.0.0.1:50051\"",
+            "grpc_addr = \"127.0.0.1:50051\"\nmin_position_wait = \"soon\"",
+        ),
+        "server.min_position_wait",
+        "is not a duration",
+    );
+    // A sync-on-access type reads its tables by query: a file source cannot.
+    let jsonl = GOOD
+        .replace(
+            "kind = \"sqlite\"\npath = \"billing.db\"",
+            "kind = \"jsonl\"\npath = \"billing.jsonl\"",
+        )
+        .replace(
+            "[[entities]]\nname = \"customer\"\n",
+            "[[entities]]\nname = \"customer\"\nsync = \"on_access\"\n",
+        );
+    refused(
+        &jsonl,
+        "entities[0].tables[1].source",
+        "a jsonl source cannot be read that way",
+    );
+    // Its tables need not be captured, and a source only it reads needs no tables.
+    let on_access = GOOD
+        .replace(
+            "[[entities]]\nname = \"customer\"\n",
+            "[[entities]]\nname = \"customer\"\nsync = \"on_access\"\nmax_age = \"30s\"\nmax_entities = 1000\n",
+        )
+        .replace("tables = [\"invoices\", \"payments\"]\n", "")
+        .replace("from = \"payments\"", "from = \"refunds\"");
+    let (ok, _, err, _) = check(&on_access);
+    assert!(ok, "{err}");
+}
