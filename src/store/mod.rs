@@ -87,8 +87,9 @@ pub struct Store {
     shards: Vec<Shard>,
     /// Entity count per entity type.
     counts: HashMap<Arc<str>, AtomicI64>,
-    /// Earlier versions kept per entity, per entity type (absent: none).
-    history: HashMap<Arc<str>, usize>,
+    /// Earlier versions kept per entity, per entity type (absent: none); a
+    /// handful of types, looked up on every apply: a scan, no hashing.
+    history: Vec<(Arc<str>, usize)>,
     changes: broadcast::Sender<Arc<EntityChange>>,
 }
 
@@ -103,7 +104,7 @@ impl Store {
                 .iter()
                 .map(|t| (Arc::<str>::from(*t), AtomicI64::new(0)))
                 .collect(),
-            history: HashMap::new(),
+            history: Vec::new(),
             changes,
         }
     }
@@ -118,11 +119,11 @@ impl Store {
         self
     }
 
-    fn keep(&self, entity_type: &str) -> usize {
-        if self.history.is_empty() {
-            return 0;
-        }
-        self.history.get(entity_type).copied().unwrap_or(0)
+    fn keep(&self, entity_type: &Arc<str>) -> usize {
+        self.history
+            .iter()
+            .find(|(t, _)| Arc::ptr_eq(t, entity_type) || **t == **entity_type)
+            .map_or(0, |(_, n)| *n)
     }
 
     /// Puts `entity` in place as the current version of `key`; true when the
