@@ -43,8 +43,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
-/// Connections each source's reader may hold at once.
-const READER_CONNECTIONS: usize = 4;
 /// How long a fetched entity may take to be applied before the fetch says so.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 
@@ -66,6 +64,7 @@ struct TypePlan {
     max_age: Duration,
     evict_after: Duration,
     max_entities: usize,
+    max_bytes: Option<u64>,
     /// The sources feeding the type, for its staleness.
     sources: Vec<Arc<str>>,
 }
@@ -76,6 +75,8 @@ struct Held {
     fetched: Option<Instant>,
     /// Milliseconds since the fetcher started.
     read_ms: AtomicU64,
+    /// About the memory the entity holds, as last fetched.
+    bytes: u64,
 }
 
 type Outcome = Result<Option<Arc<Entity>>, (Code, String)>;
@@ -104,7 +105,7 @@ impl Fetcher {
                 (None, Some(p)) => format!("sqlite:{}", config.resolve(p).display()),
                 (None, None) => continue,
             };
-            let reader = EntityReader::new(&s.name, &url, config, READER_CONNECTIONS)
+            let reader = EntityReader::new(&s.name, &url, config, config.server.fetch_connections)
                 .map_err(|e| e.to_string())?;
             readers.insert(s.name.clone(), Arc::new(reader));
         }
@@ -140,6 +141,7 @@ impl Fetcher {
                 Held {
                     fetched: None,
                     read_ms: AtomicU64::new(self.now_ms()),
+                    bytes: entity.approx_bytes() as u64,
                 },
             );
         }
@@ -206,12 +208,20 @@ impl Fetcher {
             (false, None) => return Ok(None),
         };
         let held = serving.then(|| fabric.store.get(key)).flatten();
-        let fresh = held.is_some()
-            && self
-                .staleness(fabric, plan, key)
-                .is_some_and(|age| age <= limit);
-        if fresh {
+        let young = self
+            .staleness(fabric, plan, key)
+            .is_some_and(|age| age <= limit);
+        if young && held.is_some() {
             return Ok(None);
+        }
+        // Looked for in the sources within the age, and not there: not there
+        // (a sync-on-access id that does not exist costs one query per
+        // `max_age`, not one per read).
+        if young && plan.on_access && serving {
+            return Err(Status::not_found(format!(
+                "{} {} not found (not in its sources when last read from them)",
+                key.entity_type, key.id
+            )));
         }
         match self.refresh(fabric, key.clone()).await {
             Ok(Some(e)) => Ok(Some(e)),
@@ -313,11 +323,16 @@ impl Fetcher {
             .map_err(|e| (Code::Unavailable, format!("cannot keep {key}: {e}")))?;
         let at = offsets.first().copied().unwrap_or(Offset(0));
         if plan.on_access {
+            let bytes = match &built {
+                crate::store::Applied::Changed { entity, .. } => entity.approx_bytes() as u64,
+                _ => 0,
+            };
             self.held.insert(
                 key.clone(),
                 Held {
                     fetched: Some(Instant::now()),
                     read_ms: AtomicU64::new(self.now_ms()),
+                    bytes,
                 },
             );
         }
@@ -350,27 +365,41 @@ impl Fetcher {
     }
 
     /// Drops sync-on-access entities not read for their type's
-    /// `evict_after`, then the least recently read beyond `max_entities`.
-    /// Returns how many were dropped.
+    /// `evict_after`, then the least recently read beyond `max_entities`
+    /// and `max_bytes`. Returns how many were dropped.
     pub fn evict(&self, fabric: &Fabric) -> usize {
         let now = self.now_ms();
         let mut dropped = 0;
         for (name, plan) in self.types.iter().filter(|(_, p)| p.on_access) {
             let idle_ms = plan.evict_after.as_millis() as u64;
-            let mut keep: Vec<(u64, EntityKey)> = Vec::new();
+            let mut keep: Vec<(u64, u64, EntityKey)> = Vec::new();
             let mut old: Vec<EntityKey> = Vec::new();
+            let mut bytes = 0u64;
             for h in self.held.iter().filter(|h| *h.key().entity_type == **name) {
                 let read = h.read_ms.load(Ordering::Relaxed);
                 if now.saturating_sub(read) >= idle_ms {
                     old.push(h.key().clone());
                 } else {
-                    keep.push((read, h.key().clone()));
+                    bytes += h.bytes;
+                    keep.push((read, h.bytes, h.key().clone()));
                 }
             }
-            if keep.len() > plan.max_entities {
-                keep.sort_unstable_by_key(|(read, _)| *read);
-                let over = keep.len() - plan.max_entities;
-                old.extend(keep.drain(..over).map(|(_, k)| k));
+            let over_bytes = plan.max_bytes.is_some_and(|m| bytes > m);
+            if keep.len() > plan.max_entities || over_bytes {
+                // Least recently read first.
+                keep.sort_unstable_by_key(|(read, _, _)| *read);
+                let mut n = keep.len().saturating_sub(plan.max_entities);
+                if let Some(max) = plan.max_bytes {
+                    let mut left = bytes;
+                    for (_, b, _) in &keep[..n] {
+                        left -= b;
+                    }
+                    while left > max && n < keep.len() {
+                        left -= keep[n].1;
+                        n += 1;
+                    }
+                }
+                old.extend(keep.drain(..n).map(|(_, _, k)| k));
             }
             let label = crate::telemetry::TypeLabel {
                 entity_type: name.clone(),
@@ -437,6 +466,7 @@ fn plan(e: &EntityConfig, readers: &HashMap<String, Arc<EntityReader>>) -> TypeP
         max_age: e.max_age(),
         evict_after: e.evict_after(),
         max_entities: e.max_entities(),
+        max_bytes: e.max_bytes,
         sources,
     }
 }

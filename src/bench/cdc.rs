@@ -42,10 +42,11 @@ fn config(b: &Bench, grpc: &str, admin: &str) -> String {
          [log]\nlevel = \"warn\"\n\n\
          [[sources]]\nname = \"pg\"\nkind = \"postgres_cdc\"\nurl = \"{url}\"\n\
          tables = [\"public.cdc_orders\"]\nslot = \"{slot}\"\npublication = \"{slot}\"\n\n\
-         [[entities]]\nname = \"account\"\n\n\
+         [[entities]]\nname = \"account\"\n{history}\n\
          [[entities.tables]]\nname = \"orders\"\nsource = \"pg\"\nfrom = \"public.cdc_orders\"\n\
          id_column = \"customer_id\"\nprimary_key = [\"id\"]\n",
         dir = b.dir.display(),
+        history = b.history_line(),
         url = b.pg_url,
         slot = b.slot("cdc"),
     )

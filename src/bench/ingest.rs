@@ -46,10 +46,11 @@ fn config(b: &Bench, mode: Mode, grpc: &str, admin: &str, prefix: &str) -> Strin
          [dlq]\nfile = \"{dir}/{prefix}-dlq.jsonl\"\n\n\
          [log]\nlevel = \"warn\"\n\n\
          [[sources]]\nname = \"events\"\nkind = \"grpc_push\"\n\n\
-         [[entities]]\nname = \"account\"\n\n\
+         [[entities]]\nname = \"account\"\n{history}\n\
          [[entities.tables]]\nname = \"events\"\nsource = \"events\"\nfrom = \"events\"\n\
          id_column = \"account_id\"\nprimary_key = [\"id\"]\n",
         dir = b.dir.display(),
+        history = b.history_line(),
     )
 }
 

@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// Where configs, logs, snapshots and the fabric's data go.
     #[arg(long, default_value = "target/bench")]
     pub dir: PathBuf,
+    /// Earlier versions each entity keeps (the entity types' `history`);
+    /// unset: the config's default.
+    #[arg(long)]
+    pub history: Option<usize>,
 }
 
 /// What every part works with.
@@ -131,9 +135,17 @@ pub struct Bench {
     pub freshness: Duration,
     pub snapshot_entities: u64,
     pub debezium: bool,
+    pub history: Option<usize>,
 }
 
 impl Bench {
+    /// The `history = N` line of the configs' entity types, when asked for.
+    fn history_line(&self) -> String {
+        self.history
+            .map(|n| format!("history = {n}\n"))
+            .unwrap_or_default()
+    }
+
     async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let url = self
             .redis_url
@@ -283,6 +295,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         },
         snapshot_entities: if smoke { 2_000 } else { args.snapshot_entities },
         debezium: args.debezium,
+        history: args.history,
     };
     fresh_database(&b.pg_admin_url, &b.db).await?;
     let started = std::time::Instant::now();

@@ -85,7 +85,7 @@ fn config(b: &Bench, grpc: &str, admin: &str, slot: &str, with_source: bool) -> 
          [dlq]\nfile = \"{dir}/reads-dlq.jsonl\"\n\n\
          [log]\nlevel = \"warn\"\n\n\
          {source}\n\
-         [[entities]]\nname = \"{ENTITY}\"\n\n\
+         [[entities]]\nname = \"{ENTITY}\"\n{history}\n\
          [[entities.tables]]\nname = \"customer\"\nsource = \"crm\"\nfrom = \"public.customers\"\n\
          id_column = \"id\"\nprimary_key = [\"id\"]\n\n\
          [[entities.tables]]\nname = \"orders\"\nsource = \"crm\"\nfrom = \"public.orders\"\n\
@@ -93,6 +93,7 @@ fn config(b: &Bench, grpc: &str, admin: &str, slot: &str, with_source: bool) -> 
          [[entities.tables]]\nname = \"tickets\"\nsource = \"crm\"\nfrom = \"public.tickets\"\n\
          id_column = \"customer_id\"\nprimary_key = [\"id\"]\n",
         dir = b.dir.display(),
+        history = b.history_line(),
     )
 }
 

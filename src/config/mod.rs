@@ -86,6 +86,10 @@ pub struct ServerConfig {
     /// when the call carries no deadline of its own, e.g. `"10s"`.
     #[serde(default = "default_min_position_wait")]
     pub min_position_wait: String,
+    /// Connections each source keeps open at most for reading entities
+    /// straight from it (staleness bounds, `sync = "on_access"`).
+    #[serde(default = "default_fetch_connections")]
+    pub fetch_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -437,6 +441,9 @@ pub struct EntityConfig {
     /// `on_access`: at most this many entities of the type are held; beyond,
     /// the least recently read are dropped.
     pub max_entities: Option<usize>,
+    /// `on_access`: at most about this many bytes of rows of the type are
+    /// held; beyond, the least recently read are dropped.
+    pub max_bytes: Option<u64>,
 }
 
 /// How an entity type's entities are kept current.
@@ -648,6 +655,7 @@ impl Default for ServerConfig {
             cache_encoded: default_true(),
             shutdown_timeout: default_shutdown_timeout(),
             min_position_wait: default_min_position_wait(),
+            fetch_connections: default_fetch_connections(),
         }
     }
 }
@@ -723,6 +731,9 @@ fn default_min_position_wait() -> String {
 /// The most earlier versions an entity type may keep per entity.
 pub const MAX_HISTORY: usize = 64;
 
+fn default_fetch_connections() -> usize {
+    4
+}
 fn default_history() -> usize {
     1
 }

@@ -227,6 +227,9 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     check_duration(c, "router.pending_timeout", &cfg.router.pending_timeout);
     check_duration(c, "server.shutdown_timeout", &cfg.server.shutdown_timeout);
     check_duration(c, "server.min_position_wait", &cfg.server.min_position_wait);
+    if cfg.server.fetch_connections == 0 {
+        c.err("server.fetch_connections", "must be at least 1");
+    }
     if !matches!(cfg.log.format.as_str(), "text" | "json") {
         c.err("log.format", "must be \"text\" or \"json\"");
     }
@@ -716,6 +719,7 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
             ("max_age", e.max_age.is_some()),
             ("evict_after", e.evict_after.is_some()),
             ("max_entities", e.max_entities.is_some()),
+            ("max_bytes", e.max_bytes.is_some()),
         ] {
             if set {
                 c.err(
@@ -732,6 +736,9 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
         }
         if e.max_entities == Some(0) {
             c.err(format!("{p}.max_entities"), "must be at least 1");
+        }
+        if e.max_bytes == Some(0) {
+            c.err(format!("{p}.max_bytes"), "must be at least 1");
         }
     }
     for (j, t) in e.tables.iter().enumerate() {

@@ -143,6 +143,21 @@ impl Entity {
         }
     }
 
+    /// About the memory this version holds (its rows, keys and maps; not
+    /// what the allocator keeps around them): for memory bounds.
+    pub fn approx_bytes(&self) -> usize {
+        let rows: usize = self
+            .tables
+            .values()
+            .flat_map(|t| t.iter())
+            .map(|(k, r)| std::mem::size_of_val(k) + r.own_bytes())
+            .sum();
+        std::mem::size_of::<Self>()
+            + self.tables.len() * (std::mem::size_of::<(Arc<str>, Arc<TableRows>)>() + 40)
+            + self.positions.len() * std::mem::size_of::<(Arc<str>, Position)>()
+            + rows
+    }
+
     pub fn row_count(&self) -> usize {
         self.tables.values().map(|t| t.len()).sum()
     }

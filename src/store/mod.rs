@@ -4,7 +4,9 @@
 //! the applier of a partition is the only writer of its shard). Readers get an
 //! `Arc<Entity>`: a consistent version, never a half-applied change set, and
 //! no lock held after the lookup. Every change is also published on a
-//! broadcast channel for `WatchEntities`.
+//! broadcast channel for `WatchEntities`. Beside the current version, each
+//! entity keeps its type's `history` earlier versions (in memory only; not
+//! in snapshots), for reads of a given version and watches that resume.
 //!
 //! The store knows nothing of sources or of the bus: it applies change sets.
 

@@ -439,6 +439,12 @@ impl StoredRow {
         self.columns.names.len()
     }
 
+    /// About the memory this row holds of its own: its packed values and
+    /// their allocation (the column names are shared by rows of one shape).
+    pub fn own_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + 16 + self.data.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.columns.names.is_empty()
     }
