@@ -19,6 +19,7 @@
 //! - [`demo`] — the demo SQLite sources and their mutator.
 //! - [`telemetry`] — logging, metric names, dead letters.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod bench;

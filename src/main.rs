@@ -45,9 +45,8 @@ enum Command {
         /// Print the entity as JSON.
         #[arg(long)]
         json: bool,
-        /// The fabric's gRPC address.
-        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Prints entity changes as they happen, one JSON document per line.
     Watch {
@@ -56,13 +55,13 @@ enum Command {
         id: Option<String>,
         #[arg(long)]
         view: Option<String>,
-        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
     Health {
-        #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Measures the fabric against Redis, PostgreSQL, the Kafka broker and
     /// Debezium on this machine and prints the tables (see BENCHMARKS.md).
@@ -170,16 +169,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             id,
             view,
             json,
-            addr,
+            client: args,
         } => {
-            let mut client = connect(&addr).await?;
+            let mut client = EntityServiceClient::new(args.channel().await?);
             let resp = client
-                .get_entity(proto::GetEntityRequest {
+                .get_entity(args.request(proto::GetEntityRequest {
                     r#type: entity_type,
                     id,
                     view: view.unwrap_or_default(),
                     ..Default::default()
-                })
+                })?)
                 .await;
             match resp {
                 Ok(r) => {
@@ -203,16 +202,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             entity_type,
             id,
             view,
-            addr,
+            client: args,
         } => {
-            let mut client = connect(&addr).await?;
+            let mut client = EntityServiceClient::new(args.channel().await?);
             let mut stream = client
-                .watch_entities(proto::WatchEntitiesRequest {
+                .watch_entities(args.request(proto::WatchEntitiesRequest {
                     r#type: entity_type,
                     id: id.unwrap_or_default(),
                     from_version: 0,
                     view: view.unwrap_or_default(),
-                })
+                })?)
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
@@ -242,12 +241,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Health { addr } => {
+        Command::Health { client } => {
             use tonic_health::pb::health_check_response::ServingStatus;
-            let channel = tonic::transport::Channel::from_shared(addr.clone())?
-                .connect()
-                .await
-                .with_context(|| format!("cannot reach the fabric at {addr}"))?;
+            let channel = client.channel().await?;
             let status = tonic_health::pb::health_client::HealthClient::new(channel)
                 .check(tonic_health::pb::HealthCheckRequest {
                     service: String::new(),
@@ -307,10 +303,72 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn connect(addr: &str) -> anyhow::Result<EntityServiceClient<tonic::transport::Channel>> {
-    EntityServiceClient::connect(addr.to_string())
-        .await
-        .with_context(|| format!("cannot reach the fabric at {addr}"))
+/// How the CLI's gRPC commands reach the fabric.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The fabric's gRPC address (`https://…` when it serves TLS).
+    #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// A bearer token (`[access]`); prefer the environment variable to the
+    /// command line, which other users of the machine can see.
+    #[arg(long, env = "FABRIC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate the server's certificate is verified against (TLS).
+    #[arg(long, env = "FABRIC_CA")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS), with --key.
+    #[arg(long, env = "FABRIC_CERT")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "FABRIC_KEY")]
+    key: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the
+    /// address's host).
+    #[arg(long, env = "FABRIC_TLS_NAME")]
+    tls_name: Option<String>,
+}
+
+impl ClientArgs {
+    async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut endpoint = tonic::transport::Channel::from_shared(self.addr.clone())
+            .with_context(|| format!("{:?} is not a gRPC address", self.addr))?;
+        if self.addr.starts_with("https://") {
+            let ca = self.ca.as_ref().context(
+                "--ca (FABRIC_CA) is needed to verify the server's certificate over https",
+            )?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => anyhow::bail!("--cert and --key (FABRIC_CERT, FABRIC_KEY) go together"),
+            }
+            if let Some(n) = &self.tls_name {
+                tls = tls.domain_name(n);
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        } else if self.ca.is_some() || self.cert.is_some() {
+            anyhow::bail!("TLS files given for {}: use an https:// address", self.addr);
+        }
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the fabric at {}", self.addr))
+    }
+
+    /// `msg` with the token, if any.
+    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            let value = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+            r.metadata_mut().insert("authorization", value);
+        }
+        Ok(r)
+    }
 }
 
 async fn wait_for_signal() {

@@ -96,6 +96,12 @@ pub struct Metrics {
     pub source_fetches: Family<SourceTableLabel, Counter>,
     /// Entities of sync-on-access types dropped from memory (age or bound).
     pub evicted: Family<TypeLabel, Counter>,
+    /// gRPC calls whose handler panicked (answered INTERNAL).
+    pub grpc_panics: Counter,
+    /// `WatchEntities` streams open now (bounded by `server.max_watchers`).
+    pub grpc_watchers: Gauge,
+    /// gRPC calls refused by access control, per method.
+    pub grpc_denied: Family<MethodLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -189,8 +195,29 @@ impl Metrics {
             "Entities of sync-on-access types dropped from memory",
             evicted.clone(),
         );
+        let grpc_panics = Counter::default();
+        r.register(
+            "grpc_panics",
+            "gRPC calls whose handler panicked and were answered INTERNAL",
+            grpc_panics.clone(),
+        );
+        let grpc_watchers = Gauge::default();
+        r.register(
+            "grpc_watchers",
+            "WatchEntities streams open now",
+            grpc_watchers.clone(),
+        );
+        let grpc_denied = Family::<MethodLabel, Counter>::default();
+        r.register(
+            "grpc_denied",
+            "gRPC calls refused by access control (UNAUTHENTICATED or PERMISSION_DENIED)",
+            grpc_denied.clone(),
+        );
         Metrics {
             registry: Mutex::new(r),
+            grpc_denied,
+            grpc_panics,
+            grpc_watchers,
             source_fetches,
             evicted,
             changes_applied,

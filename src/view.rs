@@ -1,16 +1,118 @@
 //! Views: the named projections readers ask for, applied on the way out.
 //!
 //! A view picks tables and columns of an entity and masks some columns
-//! (`hash`: SHA-256 hex of the value's text, joinable but unreadable;
-//! `redact`: `"***"`; `null`). The same code serves gRPC and the CLI's JSON.
+//! (`hash`: HMAC-SHA256 hex of the value's text under the fabric's masking
+//! key, joinable but unreadable; `redact`: `"***"`; `null`; `keep_last:N`:
+//! `"***"` and the last N characters). The same code serves gRPC, the
+//! entities topic and the CLI's JSON, so a masked column leaves the
+//! process masked whichever way it goes.
 
-use crate::config::{EntityConfig, Mask};
+use crate::config::{Config, EntityConfig, Mask};
 use crate::event::Value;
 use crate::proto;
 use crate::store::{Entity, ValueRef};
-use sha2::{Digest, Sha256};
+use anyhow::Context;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// The secret key of the `hash` mask.
+#[derive(Clone)]
+pub struct MaskKey(Arc<Hmac<Sha256>>);
+
+impl std::fmt::Debug for MaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaskKey(…)")
+    }
+}
+
+/// A key shorter than this is refused.
+const MIN_KEY_BYTES: usize = 16;
+
+impl MaskKey {
+    pub fn new(secret: &[u8]) -> MaskKey {
+        MaskKey(Arc::new(
+            Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length"),
+        ))
+    }
+
+    /// The hex HMAC-SHA256 of `text`.
+    pub fn hash(&self, text: &[u8]) -> String {
+        let mut mac = (*self.0).clone();
+        mac.update(text);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The key `config` names (`[masking]`), or `None` when no view of it
+    /// hashes. The default key file is created on first use.
+    pub fn load(config: &Config) -> anyhow::Result<Option<MaskKey>> {
+        let hashes = config
+            .entities
+            .iter()
+            .flat_map(|e| e.views.values())
+            .any(|v| v.mask.values().any(|m| *m == Mask::Hash));
+        if !hashes {
+            return Ok(None);
+        }
+        let m = &config.masking;
+        let secret = if let Some(var) = &m.key_env {
+            std::env::var_os(var)
+                .with_context(|| {
+                    format!("masking.key_env: the environment variable {var} is not set")
+                })?
+                .into_encoded_bytes()
+        } else if let Some(file) = &m.key_file {
+            let path = config.resolve(file);
+            std::fs::read(&path)
+                .with_context(|| format!("masking.key_file: cannot read {}", path.display()))?
+        } else {
+            let path = config.resolve(&config.snapshot.dir).join("mask.key");
+            read_or_create_key(&path).with_context(|| {
+                format!("cannot read or create the masking key {}", path.display())
+            })?
+        };
+        anyhow::ensure!(
+            secret.len() >= MIN_KEY_BYTES,
+            "the masking key has {} bytes; it needs at least {MIN_KEY_BYTES}",
+            secret.len()
+        );
+        Ok(Some(MaskKey::new(&secret)))
+    }
+}
+
+/// The key in `path`, or a new random one written there (mode 0600).
+fn read_or_create_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(k) => return Ok(k),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut key = vec![0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(&key)?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "masking key created");
+            Ok(key)
+        }
+        // Another process made it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read(path)?),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// A value as a view shows it: the stored one, or what its mask made.
 pub(crate) enum Shown<'a> {
@@ -38,11 +140,13 @@ pub struct View {
     /// Per table, the columns shown (a table absent here shows all).
     columns: HashMap<String, HashSet<String>>,
     masks: HashMap<(String, String), Mask>,
+    /// The key of `hash` masks (present whenever a mask hashes).
+    key: Option<MaskKey>,
 }
 
 impl View {
     /// Every view of an entity type, by name.
-    pub fn compile_all(e: &EntityConfig) -> HashMap<String, View> {
+    pub fn compile_all(e: &EntityConfig, key: Option<&MaskKey>) -> HashMap<String, View> {
         e.views
             .iter()
             .enumerate()
@@ -69,6 +173,7 @@ impl View {
                         tables: Some(v.tables.iter().cloned().collect()),
                         columns,
                         masks,
+                        key: key.cloned(),
                     },
                 )
             })
@@ -94,13 +199,29 @@ impl View {
             Some(Mask::Null) => Value::Null,
             Some(Mask::Redact) => Value::Text("***".into()),
             Some(Mask::Hash) => {
-                let text = match v {
-                    ValueRef::Text(s) => Cow::Borrowed(s),
-                    other => Cow::Owned(other.to_owned().to_string()),
-                };
-                Value::Text(hex::encode(Sha256::digest(text.as_bytes())))
+                let key = self.key.as_ref().expect("a view that hashes has a key");
+                Value::Text(key.hash(text_of(v).as_bytes()))
+            }
+            Some(Mask::KeepLast(n)) => {
+                let text = text_of(v);
+                let n = *n as usize;
+                let chars = text.chars().count();
+                if chars <= n {
+                    Value::Text("***".into())
+                } else {
+                    let tail: String = text.chars().skip(chars - n).collect();
+                    Value::Text(format!("***{tail}"))
+                }
             }
         })
+    }
+}
+
+/// The text a mask works on: a text as it is, anything else as printed.
+fn text_of(v: ValueRef<'_>) -> Cow<'_, str> {
+    match v {
+        ValueRef::Text(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_owned().to_string()),
     }
 }
 
@@ -269,17 +390,20 @@ name = "customer"
   primary_key = ["id"]
   [entities.views.support]
   tables = ["customer"]
-  columns = ["customer.id", "customer.email"]
-  mask = { "customer.email" = "hash" }
+  columns = ["customer.id", "customer.email", "customer.card", "customer.pin"]
+  mask = { "customer.email" = "hash", "customer.card" = "keep_last:4", "customer.pin" = "keep_last:4" }
 "#,
         )
         .unwrap();
-        let views = View::compile_all(&cfg.entities[0]);
+        let key = MaskKey::new(b"0123456789abcdef");
+        let views = View::compile_all(&cfg.entities[0], Some(&key));
         let mut e = Entity::new(EntityKey::new("customer", "1"));
         let row: crate::event::Row = [
             ("id".to_string(), Value::Int(1)),
             ("email".to_string(), Value::Text("a@b.c".into())),
             ("secret".to_string(), Value::Text("x".into())),
+            ("card".to_string(), Value::Int(4111111111111111)),
+            ("pin".to_string(), Value::Text("1234".into())),
         ]
         .into_iter()
         .collect();
@@ -295,12 +419,53 @@ name = "customer"
         let c = &j["tables"]["customer"][0];
         assert_eq!(c["id"], 1);
         assert!(c.get("secret").is_none());
-        assert_eq!(
-            c["email"].as_str().unwrap(),
-            hex::encode(Sha256::digest(b"a@b.c"))
-        );
+        assert_eq!(c["email"].as_str().unwrap(), key.hash(b"a@b.c"));
         assert_eq!(c["email"].as_str().unwrap().len(), 64);
+        // Keyed: not what a dictionary of plain SHA-256 digests would hold.
+        use sha2::Digest;
+        assert_ne!(c["email"], hex::encode(Sha256::digest(b"a@b.c")));
+        assert_ne!(
+            c["email"],
+            MaskKey::new(b"another key, same length").hash(b"a@b.c")
+        );
+        assert_eq!(c["card"], "***1111");
+        // No more characters than it keeps: nothing shown.
+        assert_eq!(c["pin"], "***");
         assert_ne!(c["email"], "a@b.c");
         assert!(j["tables"].get("notes").is_none());
+    }
+
+    #[test]
+    fn hash_is_hmac_sha256() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            MaskKey::new(b"Jefe").hash(b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn masks_parse() {
+        let m = |s: &str| Mask::try_from(s.to_string());
+        assert_eq!(m("keep_last:4"), Ok(Mask::KeepLast(4)));
+        assert_eq!(m("hash"), Ok(Mask::Hash));
+        for bad in ["keep_last:0", "keep_last:33", "keep_last", "sha1"] {
+            assert!(m(bad).unwrap_err().contains("unknown mask"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_default_key_is_made_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap").join("mask.key");
+        let a = read_or_create_key(&path).unwrap();
+        assert_eq!(a.len(), 32);
+        assert_eq!(read_or_create_key(&path).unwrap(), a);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let other = tempfile::tempdir().unwrap();
+        let b = read_or_create_key(&other.path().join("mask.key")).unwrap();
+        assert_ne!(a, b, "two keys made alike");
     }
 }

@@ -400,9 +400,16 @@ fn kafka_settings_are_checked() {
             "{field}: {reason} missing:\n{err}"
         );
     }
+    let kafka = "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"k1:9092,k2:9092\"\n[bus.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\n";
+    // A view hashes: the processes on the bus must share the key.
+    refused(
+        &GOOD.replace("[snapshot]", &format!("{kafka}[snapshot]")),
+        "masking",
+        "every process must hash with one key",
+    );
     let good = GOOD.replace(
         "[snapshot]",
-        "[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"k1:9092,k2:9092\"\n[bus.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\n[snapshot]",
+        &format!("{kafka}[masking]\nkey_env = \"FABRIC_MASK_KEY\"\n\n[snapshot]"),
     );
     let (ok, out, err, _) = check(&good);
     assert!(ok, "{err}");
@@ -466,6 +473,22 @@ fn freshness_and_sync_settings() {
         ),
         "server.min_position_wait",
         "is not a duration",
+    );
+    refused(
+        &GOOD.replace(
+            "grpc_addr = \"127.0.0.1:50051\"",
+            "grpc_addr = \"127.0.0.1:50051\"\nmax_request_bytes = 100",
+        ),
+        "server.max_request_bytes",
+        "must be at least 1024",
+    );
+    refused(
+        &GOOD.replace(
+            "grpc_addr = \"127.0.0.1:50051\"",
+            "grpc_addr = \"127.0.0.1:50051\"\nmax_streams_per_connection = 0",
+        ),
+        "server.max_streams_per_connection",
+        "must be at least 1",
     );
     // A sync-on-access type reads its tables by query: a file source cannot.
     let jsonl = GOOD

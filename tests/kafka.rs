@@ -8,10 +8,10 @@
 mod common;
 
 use common::*;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,7 +41,8 @@ fn kafka_demo_config(
     let text = text.replace("kind = \"embedded\"", "kind = \"kafka\"")
         + &format!(
             "\n[bus.kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\nentities_compacted = {compacted}\n"
-        );
+        )
+        + &shared_mask_key(dir);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -125,24 +126,7 @@ fn header(m: &impl Message, name: &str) -> Option<String> {
 
 /// An independent consumer of `topic`, every partition from the start.
 fn consumer_of(brokers: &str, topic: &str) -> StreamConsumer {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("test_reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let parts = md.topics()[0].partitions().len();
-    assert!(parts > 0, "topic {topic} has no partitions");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    c
+    consumer_from_start(brokers, topic)
 }
 
 /// Reads the entities topic until `done` holds for what was read, per key

@@ -51,7 +51,8 @@ fn first_config_on(dir: &Path, prefix: &str, brokers: &str) -> PathBuf {
     let text = text.replace("kind = \"embedded\"", "kind = \"kafka\"")
         + &format!(
             "\n[bus.kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\n"
-        );
+        )
+        + &shared_mask_key(dir);
     std::fs::write(&path, text).unwrap();
     path
 }

@@ -86,6 +86,25 @@ pub struct Fabric {
     pub ready: std::sync::atomic::AtomicBool,
     /// Fires when the servers stop: long-lived streams end with it.
     pub streams_stop: CancellationToken,
+    /// Who may call what (`[access]`); None: everyone, everything.
+    pub access: Option<crate::access::Access>,
+}
+
+impl Fabric {
+    /// Allows a gRPC call to do `action`, or refuses it (see
+    /// [`crate::access`]). Calls forwarded by another process of the fabric
+    /// carry their caller's credentials and are checked the same way.
+    pub fn allow<T>(
+        &self,
+        request: &tonic::Request<T>,
+        method: &'static str,
+        action: crate::access::Action<'_>,
+    ) -> Result<(), tonic::Status> {
+        match &self.access {
+            None => Ok(()),
+            Some(a) => a.check(request, method, action).map(|_| ()),
+        }
+    }
 }
 
 impl Fabric {
@@ -150,6 +169,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.clone(),
     ));
 
+    // Before anything slow: a missing key is a start-up error.
+    let mask_key = crate::view::MaskKey::load(&config)?;
+
     if let Some(demo) = &config.demo {
         let dir = config.resolve(&demo.dir);
         if crate::demo::ensure(&dir, demo.customers)
@@ -187,7 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let views: HashMap<String, HashMap<String, View>> = config
         .entities
         .iter()
-        .map(|e| (e.name.clone(), View::compile_all(e)))
+        .map(|e| (e.name.clone(), View::compile_all(e, mask_key.as_ref())))
         .collect();
     let (bus, kafka): (Arc<dyn Bus>, Option<KafkaParts>) =
         match (config.bus.kind, &config.bus.kafka) {
@@ -278,6 +300,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let frontiers = crate::freshness::Frontiers::default();
     frontiers.reached(routed.iter(), &restored.offsets);
     let fabric = Arc::new(Fabric {
+        access: config
+            .access
+            .as_ref()
+            .map(|a| crate::access::Access::new(a, &metrics)),
         config: config.clone(),
         store: store.clone(),
         bus: bus.clone(),

@@ -41,6 +41,11 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The key of the `hash` mask.
+    #[serde(default)]
+    pub masking: MaskingConfig,
+    /// Who may call what over gRPC (absent: everyone, everything).
+    pub access: Option<AccessConfig>,
     /// When present, `fabric run` creates the demo SQLite sources if missing
     /// and keeps mutating them.
     #[serde(default)]
@@ -90,6 +95,89 @@ pub struct ServerConfig {
     /// straight from it (staleness bounds, `sync = "on_access"`).
     #[serde(default = "default_fetch_connections")]
     pub fetch_connections: usize,
+    /// The largest request message the gRPC server decodes, in bytes;
+    /// larger ones are refused with OUT_OF_RANGE before they are read into
+    /// memory.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// The largest response message the gRPC server sends, in bytes (a
+    /// bigger answer is OUT_OF_RANGE: ask for fewer ids or a page).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// HTTP/2 streams (calls in flight, open watches included) one client
+    /// connection may have open at once; further calls wait on the client
+    /// side until one ends.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// `WatchEntities` streams open at once over all connections; one more
+    /// is refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: usize,
+    /// TLS for the gRPC façade (absent: plaintext).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the server's certificate and, for mutual TLS, the CA
+/// its clients' certificates are signed by.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s) client certificates must be signed by (mutual
+    /// TLS). Absent: clients present no certificate.
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: `"required"` (every connection presents a
+    /// certificate) or `"optional"` (clients may use bearer tokens instead).
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+    /// Kafka mode, several processes: the CA that signs the other
+    /// processes' server certificates, trusted when this one forwards a
+    /// read to them (it presents its own certificate). Default:
+    /// `client_ca_file`, else `cert_file` (a self-signed certificate).
+    pub peer_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertMode {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// `[access]`: who may call what. Absent: every client may call
+/// everything (fine on loopback, not on a network).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AccessConfig {
+    /// What a call without credentials may do (default: nothing, it is
+    /// UNAUTHENTICATED).
+    #[serde(default)]
+    pub anonymous: Vec<String>,
+    /// The known clients.
+    #[serde(default)]
+    pub principals: Vec<PrincipalConfig>,
+}
+
+/// One client of the fabric and what it may do.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PrincipalConfig {
+    /// Its name in audit log lines.
+    pub name: String,
+    /// SHA-256 (hex) of each bearer token it presents (`authorization:
+    /// Bearer <token>`): the config holds no secret.
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    /// Client certificate names (subject CN or DNS subject alternative
+    /// name) that are this principal (mutual TLS).
+    #[serde(default)]
+    pub cert_names: Vec<String>,
+    /// Permissions: `read:TYPE` (the whole entity and every view),
+    /// `read:TYPE.VIEW`, `read:TYPE.*` (every view, not the whole entity),
+    /// `read:*`, `push:SOURCE`, `push:*`, `catalog`, `*`.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -524,15 +612,63 @@ pub struct IdVia {
     pub column: String,
 }
 
+/// How a view shows a masked column (`"hash"`, `"redact"`, `"null"`,
+/// `"keep_last:N"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum Mask {
-    /// SHA-256 of the text, hex: joinable, not readable.
+    /// HMAC-SHA256 of the text under the fabric's masking key, hex:
+    /// joinable (the same value hashes alike everywhere under one key),
+    /// not readable, and not reversible by hashing a dictionary without
+    /// the key.
     Hash,
     /// The text `"***"`.
     Redact,
     /// Null.
     Null,
+    /// `"***"` followed by the text's last N characters (all `"***"` when
+    /// the text has N characters or fewer), e.g. a card's last 4 digits.
+    KeepLast(u8),
+}
+
+/// The most characters `keep_last:N` may keep.
+pub const MAX_KEEP_LAST: u8 = 32;
+
+impl TryFrom<String> for Mask {
+    type Error = String;
+    fn try_from(s: String) -> Result<Mask, String> {
+        match s.as_str() {
+            "hash" => Ok(Mask::Hash),
+            "redact" => Ok(Mask::Redact),
+            "null" => Ok(Mask::Null),
+            other => {
+                let n = other
+                    .strip_prefix("keep_last:")
+                    .and_then(|n| n.parse::<u8>().ok())
+                    .filter(|n| (1..=MAX_KEEP_LAST).contains(n));
+                n.map(Mask::KeepLast).ok_or_else(|| {
+                    format!(
+                        "unknown mask {other:?}: \"hash\", \"redact\", \"null\" or \"keep_last:N\" \
+                         (N from 1 to {MAX_KEEP_LAST})"
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// `[masking]`: the key of the `hash` mask. The key never appears in logs,
+/// in `fabric check` or in any answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MaskingConfig {
+    /// The name of an environment variable holding the key (at least 16
+    /// bytes). Wins over `key_file`.
+    pub key_env: Option<String>,
+    /// A file holding the key (at least 16 bytes; must exist). Default,
+    /// when neither is set: `mask.key` in the snapshot directory, created
+    /// with 32 random bytes (mode 0600) on first start. Several processes
+    /// on Kafka must share one key, so there one of the two must be set.
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -656,6 +792,11 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown_timeout(),
             min_position_wait: default_min_position_wait(),
             fetch_connections: default_fetch_connections(),
+            max_request_bytes: default_max_request_bytes(),
+            max_response_bytes: default_max_response_bytes(),
+            max_streams_per_connection: default_max_streams_per_connection(),
+            max_watchers: default_max_watchers(),
+            tls: None,
         }
     }
 }
@@ -733,6 +874,18 @@ pub const MAX_HISTORY: usize = 64;
 
 fn default_fetch_connections() -> usize {
     4
+}
+fn default_max_request_bytes() -> usize {
+    4 << 20
+}
+fn default_max_response_bytes() -> usize {
+    64 << 20
+}
+fn default_max_streams_per_connection() -> u32 {
+    256
+}
+fn default_max_watchers() -> usize {
+    10_000
 }
 fn default_history() -> usize {
     1

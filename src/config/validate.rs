@@ -211,6 +211,26 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
         (Some(k), _) => check_kafka(c, k),
         (None, BusKind::Embedded) => {}
     }
+    let hashes = cfg
+        .entities
+        .iter()
+        .flat_map(|e| e.views.values())
+        .any(|v| v.mask.values().any(|m| *m == crate::config::Mask::Hash));
+    if hashes
+        && cfg.bus.kind == BusKind::Kafka
+        && cfg.masking.key_env.is_none()
+        && cfg.masking.key_file.is_none()
+    {
+        c.err(
+            "masking",
+            "a view masks with \"hash\" on the kafka bus: every process must hash with one key, \
+             so set masking.key_env or masking.key_file (the default key is made per process)",
+        );
+    }
+    check_tls(c, cfg);
+    if let Some(a) = &cfg.access {
+        check_access(c, cfg, a);
+    }
     if !(1..=4096).contains(&cfg.bus.partitions) {
         c.err("bus.partitions", "must be between 1 and 4096");
     }
@@ -229,6 +249,15 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     check_duration(c, "server.min_position_wait", &cfg.server.min_position_wait);
     if cfg.server.fetch_connections == 0 {
         c.err("server.fetch_connections", "must be at least 1");
+    }
+    if cfg.server.max_request_bytes < 1024 {
+        c.err("server.max_request_bytes", "must be at least 1024");
+    }
+    if cfg.server.max_response_bytes < 65536 {
+        c.err("server.max_response_bytes", "must be at least 65536");
+    }
+    if cfg.server.max_streams_per_connection == 0 {
+        c.err("server.max_streams_per_connection", "must be at least 1");
     }
     if !matches!(cfg.log.format.as_str(), "text" | "json") {
         c.err("log.format", "must be \"text\" or \"json\"");
@@ -785,6 +814,113 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
                 ),
             );
         }
+    }
+}
+
+fn check_tls(c: &mut Collector<'_>, cfg: &Config) {
+    let Some(t) = &cfg.server.tls else {
+        return;
+    };
+    let files = [
+        ("cert_file", Some(&t.cert_file)),
+        ("key_file", Some(&t.key_file)),
+        ("client_ca_file", t.client_ca_file.as_ref()),
+        ("peer_ca_file", t.peer_ca_file.as_ref()),
+    ];
+    for (field, file) in files {
+        if let Some(f) = file
+            && !cfg.resolve(f).is_file()
+        {
+            c.err(
+                format!("server.tls.{field}"),
+                format!("no file at {}", cfg.resolve(f).display()),
+            );
+        }
+    }
+    if t.client_cert == super::ClientCertMode::Optional && t.client_ca_file.is_none() {
+        c.err(
+            "server.tls.client_cert",
+            "\"optional\" client certificates need client_ca_file (the CA that signs them)",
+        );
+    }
+}
+
+fn check_access(c: &mut Collector<'_>, cfg: &Config, a: &super::AccessConfig) {
+    let known = |ty: &str, view: Option<&str>| -> Result<(), String> {
+        let e = cfg
+            .entity(ty)
+            .ok_or_else(|| format!("no entity type {ty:?}"))?;
+        match view {
+            Some(v) if !e.views.contains_key(v) => {
+                Err(format!("entity type {ty:?} has no view {v:?}"))
+            }
+            _ => Ok(()),
+        }
+    };
+    let push_source = |name: &str| {
+        cfg.sources
+            .iter()
+            .any(|s| s.name == name && s.kind == SourceKind::GrpcPush)
+    };
+    let check_list = |c: &mut Collector<'_>, field: &str, list: &[String]| {
+        for (i, p) in list.iter().enumerate() {
+            if let Err(e) = crate::access::check_permission(p, &known, &push_source) {
+                c.err(format!("{field}[{i}]"), e);
+            }
+        }
+    };
+    check_list(c, "access.anonymous", &a.anonymous);
+    let mut names = HashSet::new();
+    let mut tokens: HashMap<String, usize> = HashMap::new();
+    let mut certs: HashMap<&str, usize> = HashMap::new();
+    let mtls = cfg
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_file.is_some());
+    for (i, p) in a.principals.iter().enumerate() {
+        let at = format!("access.principals[{i}]");
+        if p.name.is_empty() || p.name == "anonymous" {
+            c.err(format!("{at}.name"), "needs a name (not \"anonymous\")");
+        } else if !names.insert(p.name.as_str()) {
+            c.err(format!("{at}.name"), format!("{:?} is named twice", p.name));
+        }
+        if p.token_sha256.is_empty() && p.cert_names.is_empty() {
+            c.err(
+                &at,
+                "neither token_sha256 nor cert_names: nobody can be this principal",
+            );
+        }
+        for (j, t) in p.token_sha256.iter().enumerate() {
+            // Never echoed: a token pasted here by mistake stays unprinted.
+            if !crate::access::is_sha256_hex(t) {
+                c.err(
+                    format!("{at}.token_sha256[{j}]"),
+                    "is not 64 hex digits: give the SHA-256 of the token \
+                     (e.g. `printf %s \"$TOKEN\" | sha256sum`), never the token",
+                );
+            } else if let Some(other) = tokens.insert(t.to_ascii_lowercase(), i) {
+                c.err(
+                    format!("{at}.token_sha256[{j}]"),
+                    format!("the same token is also access.principals[{other}]'s"),
+                );
+            }
+        }
+        for (j, n) in p.cert_names.iter().enumerate() {
+            if let Some(other) = certs.insert(n, i) {
+                c.err(
+                    format!("{at}.cert_names[{j}]"),
+                    format!("{n:?} is also access.principals[{other}]'s"),
+                );
+            }
+        }
+        if !p.cert_names.is_empty() && !mtls {
+            c.err(
+                format!("{at}.cert_names"),
+                "client certificates need mutual TLS: set server.tls.client_ca_file",
+            );
+        }
+        check_list(c, &format!("{at}.allow"), &p.allow);
     }
 }
 

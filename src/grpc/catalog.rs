@@ -15,9 +15,10 @@ pub struct CatalogApi {
 impl CatalogService for CatalogApi {
     async fn list_entity_types(
         &self,
-        _request: Request<ListEntityTypesRequest>,
+        request: Request<ListEntityTypesRequest>,
     ) -> Result<Response<ListEntityTypesResponse>, Status> {
         let f = &self.fabric;
+        f.allow(&request, "ListEntityTypes", crate::access::Action::Catalog)?;
         let entity_types = f
             .config
             .entities
@@ -65,9 +66,10 @@ impl CatalogService for CatalogApi {
 
     async fn list_sources(
         &self,
-        _request: Request<ListSourcesRequest>,
+        request: Request<ListSourcesRequest>,
     ) -> Result<Response<ListSourcesResponse>, Status> {
         let f = &self.fabric;
+        f.allow(&request, "ListSources", crate::access::Action::Catalog)?;
         let routed = f.routed.lock().clone();
         let sources = f
             .sources
@@ -100,9 +102,10 @@ impl CatalogService for CatalogApi {
 
     async fn list_partitions(
         &self,
-        _request: Request<ListPartitionsRequest>,
+        request: Request<ListPartitionsRequest>,
     ) -> Result<Response<ListPartitionsResponse>, Status> {
         let f = &self.fabric;
+        f.allow(&request, "ListPartitions", crate::access::Action::Catalog)?;
         let partitions = f
             .partitions
             .iter()

@@ -239,7 +239,8 @@ name = "customer"
 "#,
         )
         .unwrap();
-        let views = View::compile_all(&cfg.entities[0]);
+        let key = crate::view::MaskKey::new(b"a test key of 32 bytes, or about");
+        let views = View::compile_all(&cfg.entities[0], Some(&key));
         let e = entity();
         for view in [None, views.get("support")] {
             let bytes = super::entity(&e, view);

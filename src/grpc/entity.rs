@@ -1,7 +1,8 @@
 //! `EntityService`: reads of micro-DBs.
 
 use super::forward::{self, Route};
-use super::{Timer, entity_type};
+use super::{Timer, entity_type, guard};
+use crate::access::Action;
 use crate::app::Fabric;
 use crate::event::EntityKey;
 use crate::freshness;
@@ -29,11 +30,11 @@ pub struct EntityApi {
 }
 
 impl EntityApi {
-    pub fn new(fabric: Arc<Fabric>) -> Self {
-        EntityApi {
+    pub fn new(fabric: Arc<Fabric>) -> anyhow::Result<Self> {
+        Ok(EntityApi {
+            peers: Arc::new(forward::Peers::new(&fabric.config)?),
             fabric,
-            peers: Arc::new(forward::Peers::default()),
-        }
+        })
     }
 
     /// How long a read waits for its minimum positions.
@@ -157,9 +158,11 @@ pub(super) fn resolve<'a>(
 
 /// The key of `id` in canonical form, or INVALID_ARGUMENT naming it.
 fn key_of(cfg: &crate::config::EntityConfig, id: &str) -> Result<EntityKey, Status> {
+    super::guard::check_id_len(id)?;
     let canonical = cfg.id_type.canonical(id).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "id {id:?} is not a valid {} id for entity type {:?}",
+            "id {} is not a valid {} id for entity type {:?}",
+            super::guard::shown(id),
             cfg.id_type.as_str(),
             cfg.name
         ))
@@ -178,7 +181,8 @@ fn resolve_view<'a>(fabric: &'a Fabric, ty: &str, view: &str) -> Result<Option<&
             .unwrap_or_default();
         known.sort();
         Status::invalid_argument(format!(
-            "entity type {ty:?} has no view {view:?} (views: {})",
+            "entity type {ty:?} has no view {} (views: {})",
+            super::guard::shown(view),
             if known.is_empty() {
                 "none".to_string()
             } else {
@@ -197,6 +201,13 @@ impl EntityService for EntityApi {
         request: Request<GetEntityRequest>,
     ) -> Result<Response<EntityWire>, Status> {
         let _t = Timer::start(&self.fabric, "GetEntity");
+        let r = request.get_ref();
+        let read = Action::Read {
+            ty: &r.r#type,
+            view: &r.view,
+        };
+        self.fabric.allow(&request, "GetEntity", read)?;
+        let auth = forward::credentials(&request);
         let until = forward::deadline(&request);
         let hop = forward::forwarded(&request);
         let r = request.get_ref();
@@ -247,7 +258,8 @@ impl EntityService for EntityApi {
                 }
                 Route::Remote(addr) if !hop => {
                     let mut c = self.peers.client(&addr)?;
-                    match c.get_entity(forward::outgoing(r.clone(), until)).await {
+                    let ask = forward::outgoing(r.clone(), until, &auth);
+                    match c.get_entity(ask).await {
                         Ok(e) => {
                             let bytes = prost::Message::encode_to_vec(&e.into_inner());
                             return Ok(Response::new(EntityWire(bytes.into())));
@@ -272,6 +284,13 @@ impl EntityService for EntityApi {
         request: Request<BatchGetEntitiesRequest>,
     ) -> Result<Response<BatchWire>, Status> {
         let _t = Timer::start(&self.fabric, "BatchGetEntities");
+        let r = request.get_ref();
+        let read = Action::Read {
+            ty: &r.r#type,
+            view: &r.view,
+        };
+        self.fabric.allow(&request, "BatchGetEntities", read)?;
+        let auth = &forward::credentials(&request);
         let until = forward::deadline(&request);
         let hop = forward::forwarded(&request);
         let r = request.get_ref();
@@ -372,7 +391,9 @@ impl EntityService for EntityApi {
                     max_staleness_ms: r.max_staleness_ms,
                 };
                 asks.push(async move {
-                    let answer = c.batch_get_entities(forward::outgoing(ask, until)).await;
+                    let answer = c
+                        .batch_get_entities(forward::outgoing(ask, until, auth))
+                        .await;
                     (idx, answer)
                 });
             }
@@ -420,6 +441,11 @@ impl EntityService for EntityApi {
         request: Request<ListEntitiesRequest>,
     ) -> Result<Response<ListEntitiesResponse>, Status> {
         let _t = Timer::start(&self.fabric, "ListEntities");
+        let list = Action::List {
+            ty: &request.get_ref().r#type,
+        };
+        self.fabric.allow(&request, "ListEntities", list)?;
+        let auth = forward::credentials(&request);
         let cluster = !forward::forwarded(&request) && self.fabric.members.get().is_some();
         let until = forward::deadline(&request);
         let r = request.get_ref();
@@ -458,7 +484,7 @@ impl EntityService for EntityApi {
                     page_token: r.page_token.clone(),
                 };
                 let page = c
-                    .list_entities(forward::outgoing(ask, until))
+                    .list_entities(forward::outgoing(ask, until, &auth))
                     .await
                     .map_err(|s| {
                         Status::unavailable(format!(
@@ -491,6 +517,13 @@ impl EntityService for EntityApi {
         &self,
         request: Request<WatchEntitiesRequest>,
     ) -> Result<Response<Self::WatchEntitiesStream>, Status> {
+        let r = request.get_ref();
+        let read = Action::Read {
+            ty: &r.r#type,
+            view: &r.view,
+        };
+        self.fabric.allow(&request, "WatchEntities", read)?;
+        let auth = forward::credentials(&request);
         // On Kafka with several processes, a watch opened here (not one
         // forwarded by another process) covers every process: the changes
         // served here, merged with those each other process serves.
@@ -507,21 +540,30 @@ impl EntityService for EntityApi {
             Some(key)
         };
         resolve_view(&self.fabric, &r.r#type, &r.view)?;
+        let slot = guard::WatchSlot::take(
+            &self.fabric.metrics.grpc_watchers,
+            self.fabric.config.server.max_watchers,
+        )?;
         let fabric = self.fabric.clone();
         let peers = self.peers.clone();
         let ty: Arc<str> = cfg.name.as_str().into();
         // Subscribe before reading the current state, so nothing falls between.
         let rx = fabric.store.subscribe();
-        let stream = async_stream(move |tx| async move {
+        let panics = self.fabric.metrics.grpc_panics.clone();
+        let stream = async_stream(panics, move |tx| async move {
             let (itx, mut irx) = tokio::sync::mpsc::channel(64);
-            tokio::spawn(local_changes(
-                fabric.clone(),
-                ty.clone(),
-                key.clone(),
-                r.view.clone(),
-                rx,
+            spawn_reporting(
+                local_changes(
+                    fabric.clone(),
+                    ty.clone(),
+                    key.clone(),
+                    r.view.clone(),
+                    rx,
+                    itx.clone(),
+                ),
                 itx.clone(),
-            ));
+                fabric.metrics.grpc_panics.clone(),
+            );
             if cluster {
                 let all = WatchEntitiesRequest {
                     id: String::new(),
@@ -536,6 +578,7 @@ impl EntityService for EntityApi {
                     key.clone(),
                     itx.clone(),
                     opened,
+                    auth.clone(),
                 ));
                 // The other processes' watches are subscribed before the
                 // current state is read, so nothing falls between.
@@ -545,7 +588,7 @@ impl EntityService for EntityApi {
             // Versions below `from_version` are not wanted, live ones neither.
             let mut last_sent = r.from_version.saturating_sub(1);
             if let Some(k) = &key {
-                for change in kept_versions(&fabric, &peers, k, &r).await {
+                for change in kept_versions(&fabric, &peers, k, &r, &auth).await {
                     let v = change.entity.as_ref().map_or(0, |e| e.version);
                     if v <= last_sent {
                         continue;
@@ -578,7 +621,10 @@ impl EntityService for EntityApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(guard::Slotted {
+            inner: Box::pin(stream),
+            slot,
+        })))
     }
 }
 
@@ -591,6 +637,7 @@ async fn kept_versions(
     peers: &forward::Peers,
     key: &crate::event::EntityKey,
     r: &WatchEntitiesRequest,
+    auth: &forward::Credentials,
 ) -> Vec<EntityChange> {
     let view = fabric
         .views
@@ -621,7 +668,7 @@ async fn kept_versions(
                 version,
                 ..Default::default()
             };
-            let Ok(current) = c.get_entity(forward::outgoing(ask(0), None)).await else {
+            let Ok(current) = c.get_entity(forward::outgoing(ask(0), None, auth)).await else {
                 return Vec::new();
             };
             let current = current.into_inner();
@@ -633,7 +680,7 @@ async fn kept_versions(
                     .from_version
                     .max(current.version.saturating_sub(MAX_KEPT_ASKED));
                 for v in lowest..current.version {
-                    if let Ok(e) = c.get_entity(forward::outgoing(ask(v), None)).await {
+                    if let Ok(e) = c.get_entity(forward::outgoing(ask(v), None, auth)).await {
                         out.push(EntityChange {
                             operation: Operation::Upsert as i32,
                             entity: Some(e.into_inner()),
@@ -728,6 +775,7 @@ async fn peer_changes(
     key: Option<crate::event::EntityKey>,
     tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
     opened: tokio::sync::oneshot::Sender<()>,
+    auth: forward::Credentials,
 ) {
     let Some(members) = fabric.members.get() else {
         return;
@@ -756,7 +804,7 @@ async fn peer_changes(
             // Subscribed on the other side once its response arrives.
             let opening = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                c.watch_entities(forward::outgoing_stream(all.clone())),
+                c.watch_entities(forward::outgoing_stream(all.clone(), &auth)),
             )
             .await;
             let Ok(Ok(stream)) = opening else {
@@ -814,12 +862,44 @@ fn upsert(e: &crate::store::Entity, view: Option<&View>, tables: Vec<String>) ->
 
 /// A stream fed by a task through a small channel; the task ends when the
 /// client goes away.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<EntityChange, Status>>
+fn async_stream<F, Fut>(
+    panics: prometheus_client::metrics::counter::Counter,
+    f: F,
+) -> impl Stream<Item = Result<EntityChange, Status>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<EntityChange, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
+    spawn_reporting(f(tx.clone()), tx, panics);
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Runs a task feeding a stream; if it panics, the stream ends with
+/// INTERNAL (and a log line) rather than as if it were complete.
+fn spawn_reporting<Fut>(
+    task: Fut,
+    tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
+    panics: prometheus_client::metrics::counter::Counter,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let task = tokio::spawn(task);
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            panics.inc();
+            let p = e.into_panic();
+            tracing::error!(
+                panic = guard::panic_message(&*p),
+                "a WatchEntities stream's task panicked; the stream ends with INTERNAL"
+            );
+            let _ = tx
+                .send(Err(Status::internal(
+                    "internal error in this stream; the server logged it",
+                )))
+                .await;
+        }
+    });
 }

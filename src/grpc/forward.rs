@@ -52,15 +52,53 @@ pub fn route(f: &Fabric, p: u32) -> Route {
 #[derive(Default)]
 pub struct Peers {
     clients: DashMap<String, EntityServiceClient<Channel>>,
+    /// With `[server.tls]`: how this process connects to the others (they
+    /// serve TLS too), presenting its own certificate.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Peers {
+    /// Clients for the fabric of `config`; its TLS files are read now.
+    pub fn new(config: &crate::config::Config) -> anyhow::Result<Peers> {
+        let Some(tls) = &config.server.tls else {
+            return Ok(Peers::default());
+        };
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &std::path::Path| {
+            let path = config.resolve(p);
+            std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("server.tls: cannot read {}: {e}", path.display()))
+        };
+        let ca = tls
+            .peer_ca_file
+            .as_ref()
+            .or(tls.client_ca_file.as_ref())
+            .unwrap_or(&tls.cert_file);
+        let client = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .identity(Identity::from_pem(
+                read(&tls.cert_file)?,
+                read(&tls.key_file)?,
+            ));
+        Ok(Peers {
+            clients: DashMap::new(),
+            tls: Some(client),
+        })
+    }
+
     pub fn client(&self, addr: &str) -> Result<EntityServiceClient<Channel>, Status> {
         if let Some(c) = self.clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad peer address {addr:?}: {e}")))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Status::internal(format!("bad peer address {addr:?}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::internal(format!("TLS to peer {addr}: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             // Forwarded batch answers run to megabytes: a default 64 KiB
@@ -98,11 +136,28 @@ pub fn forwarded<T>(r: &Request<T>) -> bool {
     r.metadata().contains_key(FORWARDED)
 }
 
-/// A request to forward, marked and bounded by what is left of `until`.
-pub fn outgoing<T>(msg: T, until: Option<Instant>) -> Request<T> {
-    let mut r = Request::new(msg);
+/// The caller's credentials, passed on with what is forwarded for it: the
+/// process that serves the entity checks them again.
+pub type Credentials = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+
+/// The credentials `r` carries.
+pub fn credentials<T>(r: &Request<T>) -> Credentials {
+    r.metadata().get("authorization").cloned()
+}
+
+fn mark<T>(r: &mut Request<T>, auth: &Credentials) {
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(a) = auth {
+        r.metadata_mut().insert("authorization", a.clone());
+    }
+}
+
+/// A request to forward for a caller with `auth`, marked and bounded by
+/// what is left of `until`.
+pub fn outgoing<T>(msg: T, until: Option<Instant>, auth: &Credentials) -> Request<T> {
+    let mut r = Request::new(msg);
+    mark(&mut r, auth);
     if let Some(u) = until {
         r.set_timeout(u.saturating_duration_since(Instant::now()));
     } else {
@@ -113,10 +168,9 @@ pub fn outgoing<T>(msg: T, until: Option<Instant>) -> Request<T> {
 
 /// A forwarded watch: marked, and without a deadline (it lasts as long as
 /// the watcher).
-pub fn outgoing_stream<T>(msg: T) -> Request<T> {
+pub fn outgoing_stream<T>(msg: T, auth: &Credentials) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    mark(&mut r, auth);
     r
 }
 

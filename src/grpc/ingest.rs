@@ -84,6 +84,13 @@ impl IngestService for IngestApi {
         &self,
         request: Request<Streaming<PushRequest>>,
     ) -> Result<Response<Self::PushStream>, Status> {
+        // Who pushes is known from the call; what it may push to, from each
+        // transaction's source.
+        let who = match &self.fabric.access {
+            Some(a) => Some(a.caller(&request, "Push")?),
+            None => None,
+        };
+        let peer = crate::access::peer_of(&request);
         let mut input = request.into_inner();
         let fabric = self.fabric.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -103,6 +110,15 @@ impl IngestService for IngestApi {
                         Ok(r) => r,
                         Err(_) => return,
                     };
+                    if let (Some(a), Some(who)) = (&fabric.access, who) {
+                        let push = crate::access::Action::Push {
+                            source: &req.source,
+                        };
+                        if let Err(denied) = a.permit(who, "Push", push, &peer) {
+                            let _ = pending_tx.send(Pending::Now(Err(denied))).await;
+                            return;
+                        }
+                    }
                     let pending = submit(&fabric, req).await;
                     if pending_tx.send(pending).await.is_err() {
                         return;
@@ -186,8 +202,8 @@ async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
         let mut known = fabric.push.names();
         known.sort();
         return Err(Status::not_found(format!(
-            "no grpc_push source named {:?} (known: {})",
-            req.source,
+            "no grpc_push source named {} (known: {})",
+            super::guard::shown(&req.source),
             if known.is_empty() {
                 "none".into()
             } else {

@@ -6,6 +6,7 @@ mod catalog;
 pub mod encode;
 mod entity;
 pub mod forward;
+pub mod guard;
 mod ingest;
 pub mod wire;
 
@@ -62,20 +63,77 @@ pub async fn serve(
     );
     // Pushed transactions stream towards the server: HTTP/2's default
     // 64 KiB window would make a pusher wait for window updates.
-    let router = tonic::transport::Server::builder()
+    let server = &fabric.config.server;
+    if !addr.ip().is_loopback() {
+        if fabric.config.access.is_none() {
+            tracing::warn!(%addr, "gRPC listens beyond loopback with no [access] section: every client may read every entity");
+        } else if server.tls.is_none() {
+            tracing::warn!(%addr, "gRPC listens beyond loopback without TLS: bearer tokens travel in clear");
+        }
+    }
+    let (max_in, max_out) = (server.max_request_bytes, server.max_response_bytes);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &server.tls {
+        builder = builder
+            .tls_config(server_tls(&fabric.config, tls)?)
+            .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
+    }
+    let router = builder
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(server.max_streams_per_connection)
+        // A client that vanished without closing its connection (its
+        // watches open) is found out and its streams dropped.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .layer(guard::CatchPanicLayer {
+            panics: fabric.metrics.grpc_panics.clone(),
+        })
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(EntityServiceServer::new(entity::EntityApi::new(
-            fabric.clone(),
-        )))
-        .add_service(CatalogServiceServer::new(catalog::CatalogApi {
-            fabric: fabric.clone(),
-        }))
-        .add_service(IngestServiceServer::new(ingest::IngestApi { fabric }));
+        .add_service(
+            EntityServiceServer::new(entity::EntityApi::new(fabric.clone())?)
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            CatalogServiceServer::new(catalog::CatalogApi {
+                fabric: fabric.clone(),
+            })
+            .max_decoding_message_size(max_in)
+            .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            IngestServiceServer::new(ingest::IngestApi { fabric })
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        );
     Ok(router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }))
+}
+
+/// The server's TLS settings from `[server.tls]`, its files read now.
+fn server_tls(
+    config: &crate::config::Config,
+    tls: &crate::config::TlsConfig,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |field: &str, p: &std::path::Path| {
+        let path = config.resolve(p);
+        std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("server.tls.{field}: cannot read {}: {e}", path.display()))
+    };
+    let identity = Identity::from_pem(
+        read("cert_file", &tls.cert_file)?,
+        read("key_file", &tls.key_file)?,
+    );
+    let mut out = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        out = out
+            .client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?))
+            .client_auth_optional(tls.client_cert == crate::config::ClientCertMode::Optional);
+    }
+    Ok(out)
 }
 
 /// Marks every service (and the server as a whole, `""`) serving or not.
@@ -133,7 +191,8 @@ fn entity_type<'a>(
             .map(|e| e.name.as_str())
             .collect();
         Status::invalid_argument(format!(
-            "unknown entity type {name:?} (known: {})",
+            "unknown entity type {} (known: {})",
+            guard::shown(name),
             known.join(", ")
         ))
     })

@@ -64,6 +64,61 @@ pub fn demo_config(dir: &Path, s: &DemoSettings) -> PathBuf {
     path
 }
 
+/// `[masking]` with a key file of its own in `dir`, for configs that
+/// several processes share (the Kafka bus refuses a per-process key when a
+/// view hashes).
+pub fn shared_mask_key(dir: &Path) -> String {
+    let path = dir.join("mask.key");
+    std::fs::write(&path, format!("test key {}", unique("mask"))).unwrap();
+    format!("\n[masking]\nkey_file = \"{}\"\n", path.display())
+}
+
+/// A `[server]` section on free loopback ports, for test configs.
+pub fn loopback_server() -> String {
+    format!(
+        "[server]\ngrpc_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port()
+    )
+}
+
+/// Writes `text` as `dir/fabric.toml`; returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("fabric.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A text value, as pushed over `IngestService`.
+pub fn text(s: &str) -> entity_fabric::proto::Value {
+    entity_fabric::proto::Value {
+        kind: Some(entity_fabric::proto::value::Kind::Text(s.into())),
+    }
+}
+
+/// A consumer of every partition of `topic` from its beginning.
+pub fn consumer_from_start(brokers: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let c: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("test_reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts = md.topics()[0].partitions().len();
+    assert!(parts > 0, "topic {topic} has no partitions");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..parts as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    c
+}
+
 /// Reads `[server]` addresses back from a config file.
 fn addrs(config: &Path) -> (String, String) {
     let cfg = entity_fabric::config::Config::load(config).unwrap();
