@@ -70,6 +70,9 @@ start_pg() {
   fi
   PG_URL="$(pg_url_on "$PG_PORT")"
   PG_RESTART="runuser -u postgres -- $PG_BIN/pg_ctl -D $PG_DIR -w -m fast restart -l $PG_DIR/server.log"
+  # A crash and restart: no wait for replication clients to drain (a fast
+  # shutdown waits for every logical walsender to have its WAL confirmed).
+  PG_CRASH="runuser -u postgres -- $PG_BIN/pg_ctl -D $PG_DIR -w -m immediate restart -l $PG_DIR/server.log"
   if pg_ready "$PG_PORT"; then
     pg_logical "$PG_PORT" || { log "PostgreSQL on $PG_PORT is not wal_level=logical"; exit 1; }
     return
@@ -190,6 +193,7 @@ print_env() {
   echo "export FABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
   # Tests that restart a database mid-stream use these.
   echo "export FABRIC_TEST_PG_RESTART='${PG_RESTART:-}'"
+  echo "export FABRIC_TEST_PG_CRASH='${PG_CRASH:-}'"
   echo "export FABRIC_TEST_MYSQL_RESTART='${MY_RESTART:-}'"
 }
 

@@ -356,6 +356,9 @@ pub struct Sources {
     running: HashMap<Arc<str>, (CancellationToken, JoinHandle<()>)>,
     /// The names in `running`, shared with the checkpoint writer.
     pub owned: Arc<parking_lot::Mutex<HashSet<Arc<str>>>>,
+    /// Sources assigned here that wait for this process's partitions to
+    /// catch up before they start (see [`Sources::assigned`]).
+    deferred: Option<Vec<String>>,
 }
 
 impl Sources {
@@ -376,6 +379,7 @@ impl Sources {
             writer: None,
             running: HashMap::new(),
             owned: Default::default(),
+            deferred: None,
         }
     }
 
@@ -429,8 +433,24 @@ impl Sources {
                 owned.iter().any(|o| o.as_str() == &**name) && !self.running.contains_key(name)
             })
             .collect();
+        if !new.is_empty() && !self.partitions_caught_up() {
+            // The router must know every `id_via` link before a source
+            // routes a child row: the links in records a previous holder of
+            // these partitions routed (replayed from the changes topic) are
+            // known only once the replay is done. A child row routed
+            // before would wait for a link no source sends again, and be
+            // dead-lettered.
+            if self.deferred.is_none() {
+                tracing::info!(
+                    "sources wait for this process's partitions to catch up with the changes topic (id_via links)"
+                );
+            }
+            self.deferred = Some(owned.to_vec());
+            return Ok(());
+        }
+        self.deferred = None;
         if !new.is_empty() {
-            self.learn_links_elsewhere().await;
+            self.learn_links().await;
             let checkpoints = retrying("read the checkpoints topic", || topic.read()).await;
             for i in new {
                 let src = &self.fabric.sources[i];
@@ -448,12 +468,51 @@ impl Sources {
         Ok(())
     }
 
-    /// Before sources start here, the router learns the `id_via` links the
-    /// partitions held by other processes hold (from the state topic): the
-    /// rows of a link table may have been routed by another process, and a
-    /// child row whose link is unknown would wait and be dead-lettered.
-    /// Links of partitions held here were learned when they were restored.
-    async fn learn_links_elsewhere(&self) {
+    /// Whether sources waiting to start may: an entity type links rows
+    /// (`id_via`), and every partition the membership gives this process is
+    /// held and caught up with the changes topic as it was when assigned.
+    fn partitions_caught_up(&self) -> bool {
+        let f = &self.fabric;
+        let links = f
+            .config
+            .entities
+            .iter()
+            .any(|e| e.tables.iter().any(|t| t.id_via.is_some()));
+        let Some(view) = f.members.get() else {
+            return true;
+        };
+        if !links {
+            return true;
+        }
+        let view = view.borrow();
+        (0..f.bus.partitions()).all(|p| {
+            let mine = view.owner_of(p).is_some_and(|m| m.member == f.member_id);
+            !mine || f.partitions[p as usize].serving()
+        })
+    }
+
+    /// Whether sources wait to start.
+    pub fn deferred(&self) -> bool {
+        self.deferred.is_some()
+    }
+
+    /// Starts the sources that waited, once they may.
+    pub async fn retry_deferred(&mut self) -> anyhow::Result<()> {
+        if let Some(owned) = self.deferred.clone()
+            && self.partitions_caught_up()
+        {
+            self.assigned(&owned).await?;
+        }
+        Ok(())
+    }
+
+    /// Before sources start here, the router learns every `id_via` link:
+    /// those of the partitions held here from the store (caught up with the
+    /// changes topic, so links a previous holder routed are in), those of
+    /// the partitions other processes hold from the state topic (the rows
+    /// of a link table may have been routed by another process). A child
+    /// row whose link is unknown would wait and be dead-lettered.
+    async fn learn_links(&self) {
         let Some(st) = self.state_topic.clone() else {
             return;
         };
@@ -469,6 +528,9 @@ impl Sources {
         let mut n = 0;
         for p in 0..f.bus.partitions() {
             if f.partitions[p as usize].owned.load(Ordering::Acquire) {
+                let entities = f.store.shard_entities(p);
+                n += entities.len();
+                let _ = self.router.send(RouterControl::LearnLinks(entities));
                 continue;
             }
             if let Some(state) = retrying("read the state topic", || st.read(p)).await {
@@ -477,10 +539,7 @@ impl Sources {
                 let _ = self.router.send(RouterControl::LearnLinks(entities));
             }
         }
-        tracing::info!(
-            entities = n,
-            "links learned from the partitions other processes hold"
-        );
+        tracing::info!(entities = n, "id_via links learned before sources start");
     }
 
     /// The membership takes these sources away.
@@ -492,6 +551,9 @@ impl Sources {
             .cloned()
             .collect();
         self.stop_sources(&gone).await;
+        if let Some(d) = &mut self.deferred {
+            d.retain(|n| !names.contains(n));
+        }
         for s in &self.fabric.sources {
             if !self.running.contains_key(&s.name) {
                 s.status.set_state("elsewhere");

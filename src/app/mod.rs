@@ -479,9 +479,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut tick = tokio::time::interval(config.snapshot_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // Sources that wait for this process's partitions to catch up.
+    let mut deferred_tick = tokio::time::interval(Duration::from_millis(50));
+    deferred_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = deferred_tick.tick(), if owned_sources.deferred() => {
+                tokio::select! {
+                    r = owned_sources.retry_deferred() => r?,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
             Some(ev) = recv_event(&mut partition_events) => match ev {
                 Ownership::Assigned(owned) => {
                     // Restoring waits for the broker: shutdown must not wait behind it.

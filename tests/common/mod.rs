@@ -2,6 +2,8 @@
 //! on free loopback ports, wait for it, stop or kill it, talk gRPC to it.
 #![allow(dead_code)]
 
+pub mod two_databases;
+
 use entity_fabric::proto::entity_service_client::EntityServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
