@@ -888,7 +888,9 @@ fn default_max_watchers() -> usize {
     10_000
 }
 fn default_history() -> usize {
-    1
+    // Opt-in: keeping one earlier version of every entity cost about a
+    // quarter more memory after an initial load (BENCHMARKS.md, run 7).
+    0
 }
 fn default_watch_buffer() -> usize {
     4096
