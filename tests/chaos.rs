@@ -155,7 +155,7 @@ async fn chaos_loses_nothing_and_invents_nothing() {
             // idempotent producer) while the fabric is down too: SIGKILLed
             // under the fabric's producers, tansu (the test broker) was
             // seen to time out every produce for minutes after its restart
-            // in 2 of about 8 runs. A broker restarted under a live fabric
+            // in several of a dozen runs. A broker restarted under a live fabric
             // is tests/kafka.rs, broker_killed_and_restarted_mid_stream.
             Fault::RestartBroker => {
                 fabric.kill9();
