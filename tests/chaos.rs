@@ -1,5 +1,6 @@
 //! Chaos: while sessions keep writing to PostgreSQL and MariaDB, the
-//! fabric (on the Kafka bus, a broker of the test's own) is SIGKILLed at
+//! fabric (on the embedded bus; on the Kafka bus with a broker of the
+//! test's own when FABRIC_CHAOS_KAFKA=1) is SIGKILLed at
 //! random points and restarted, PostgreSQL crashes and restarts and MariaDB
 //! restarts (and, on request, the broker is killed and restarted: see
 //! below); then every customer entity must equal what the two databases
@@ -26,7 +27,7 @@ enum Fault {
     RestartMariadb,
 }
 
-fn run(cmd: &str, what: &str, fabric: &FabricProcess, broker: &Broker) {
+fn run(cmd: &str, what: &str, fabric: &FabricProcess, broker: &Option<Broker>) {
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
@@ -35,7 +36,10 @@ fn run(cmd: &str, what: &str, fabric: &FabricProcess, broker: &Broker) {
         let log = fabric.log_text();
         let tail: Vec<&str> = log.lines().rev().take(80).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        let blog = std::fs::read_to_string(broker.dir.join("broker.log")).unwrap_or_default();
+        let blog = broker
+            .as_ref()
+            .and_then(|b| std::fs::read_to_string(b.dir.join("broker.log")).ok())
+            .unwrap_or_default();
         let btail: Vec<&str> = blog.lines().rev().take(40).collect();
         let btail: Vec<&str> = btail.into_iter().rev().collect();
         panic!(
@@ -115,15 +119,21 @@ async fn chaos_loses_nothing_and_invents_nothing() {
 
     let dbs = TwoDatabases::create("fab_chaos").await;
     let dir = tempfile::tempdir().unwrap();
+    // The embedded bus by default; FABRIC_CHAOS_KAFKA=1 runs it on the Kafka
+    // bus with a broker of the test's own (docs/testing.md: the test broker,
+    // tansu, stalled for minutes in several Kafka runs here).
+    let kafka = std::env::var("FABRIC_CHAOS_KAFKA").is_ok_and(|v| v == "1");
     let port = free_port();
-    let mut broker = Broker::start(&dir.path().join("broker"), port);
+    let mut broker = kafka.then(|| Broker::start(&dir.path().join("broker"), port));
     let prefix = unique("chaos");
-    let cfg = dbs.config(
-        dir.path(),
-        &format!(
+    let bus = if kafka {
+        format!(
             "kind = \"kafka\"\npartitions = 4\n[bus.kafka]\nbrokers = \"127.0.0.1:{port}\"\ntopic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\n"
-        ),
-    );
+        )
+    } else {
+        "partitions = 4\n".to_string()
+    };
+    let cfg = dbs.config(dir.path(), &bus);
     let started = Instant::now();
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric-0.log"));
     fabric.wait_serving(Duration::from_secs(90)).await;
@@ -161,7 +171,10 @@ async fn chaos_loses_nothing_and_invents_nothing() {
             // is tests/kafka.rs, broker_killed_and_restarted_mid_stream.
             Fault::RestartBroker => {
                 fabric.kill9();
-                broker.restart();
+                broker
+                    .as_mut()
+                    .expect("broker faults need FABRIC_CHAOS_KAFKA=1")
+                    .restart();
                 fabric =
                     FabricProcess::start(&cfg, &dir.path().join(format!("fabric-{}.log", i + 1)));
                 fabric.wait_serving(Duration::from_secs(90)).await;
