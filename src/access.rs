@@ -201,11 +201,24 @@ pub enum Who {
     Anonymous,
 }
 
-/// The peer address of a call, for audit lines.
-pub fn peer_of<T>(request: &Request<T>) -> String {
-    request
-        .remote_addr()
-        .map_or_else(|| "unknown".to_string(), |a| a.to_string())
+/// The peer address of a call, for audit lines (formatted only when a
+/// line is written).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(Option<std::net::SocketAddr>);
+
+impl Peer {
+    pub fn of<T>(request: &Request<T>) -> Peer {
+        Peer(request.remote_addr())
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
 }
 
 impl Access {
@@ -242,24 +255,23 @@ impl Access {
         }
     }
 
-    /// Allows `request` to do `action` (its principal's name), or refuses it
-    /// with UNAUTHENTICATED / PERMISSION_DENIED and an audit line.
+    /// Allows `request` to do `action`, or refuses it with
+    /// UNAUTHENTICATED / PERMISSION_DENIED and an audit line.
     pub fn check<T>(
         &self,
         request: &Request<T>,
         method: &'static str,
         action: Action<'_>,
-    ) -> Result<String, Status> {
+    ) -> Result<(), Status> {
         let who = self.caller(request, method)?;
-        self.permit(who, method, action, &peer_of(request))?;
-        Ok(self.name(who).to_string())
+        self.permit(who, method, action, Peer::of(request))
     }
 
     /// Who `request` comes from, or a refusal (an unknown token, a
     /// certificate that is nobody's) with its audit line.
     pub fn caller<T>(&self, request: &Request<T>, method: &'static str) -> Result<Who, Status> {
         self.identify(request)
-            .map_err(|(who, status)| self.denied(&who, method, None, &peer_of(request), status))
+            .map_err(|(who, status)| self.denied(&who, method, None, Peer::of(request), status))
     }
 
     /// Allows `who` to do `action`, or refuses it with its audit line.
@@ -268,7 +280,7 @@ impl Access {
         who: Who,
         method: &'static str,
         action: Action<'_>,
-        peer: &str,
+        peer: Peer,
     ) -> Result<(), Status> {
         let name = self.name(who);
         let grants = match who {
@@ -276,7 +288,7 @@ impl Access {
             Who::Anonymous => &self.anonymous,
         };
         if grants.iter().any(|g| g.allows(action)) {
-            tracing::debug!(target: "fabric::audit", principal = name, method, action = %action, peer, "call allowed");
+            tracing::debug!(target: "fabric::audit", principal = name, method, action = %action, peer = %peer, "call allowed");
             return Ok(());
         }
         let status = match who {
@@ -303,7 +315,7 @@ impl Access {
         who: &str,
         method: &'static str,
         action: Option<Action<'_>>,
-        peer: &str,
+        peer: Peer,
         status: Status,
     ) -> Status {
         self.denied
@@ -314,7 +326,7 @@ impl Access {
             principal = who,
             method,
             action = action.map(|a| a.to_string()),
-            peer,
+            peer = %peer,
             code = ?status.code(),
             reason = status.message(),
             "call denied"

@@ -48,12 +48,7 @@ impl MaskKey {
     /// The key `config` names (`[masking]`), or `None` when no view of it
     /// hashes. The default key file is created on first use.
     pub fn load(config: &Config) -> anyhow::Result<Option<MaskKey>> {
-        let hashes = config
-            .entities
-            .iter()
-            .flat_map(|e| e.views.values())
-            .any(|v| v.mask.values().any(|m| *m == Mask::Hash));
-        if !hashes {
+        if !config.hashes() {
             return Ok(None);
         }
         let m = &config.masking;
@@ -64,9 +59,7 @@ impl MaskKey {
                 })?
                 .into_encoded_bytes()
         } else if let Some(file) = &m.key_file {
-            let path = config.resolve(file);
-            std::fs::read(&path)
-                .with_context(|| format!("masking.key_file: cannot read {}", path.display()))?
+            config.read_file("masking.key_file", file)?
         } else {
             let path = config.resolve(&config.snapshot.dir).join("mask.key");
             read_or_create_key(&path).with_context(|| {

@@ -473,15 +473,10 @@ impl Sources {
     /// held and caught up with the changes topic as it was when assigned.
     fn partitions_caught_up(&self) -> bool {
         let f = &self.fabric;
-        let links = f
-            .config
-            .entities
-            .iter()
-            .any(|e| e.tables.iter().any(|t| t.id_via.is_some()));
         let Some(view) = f.members.get() else {
             return true;
         };
-        if !links {
+        if !f.config.links_rows() {
             return true;
         }
         let view = view.borrow();
@@ -517,12 +512,7 @@ impl Sources {
             return;
         };
         let f = &self.fabric;
-        let links = f
-            .config
-            .entities
-            .iter()
-            .any(|e| e.tables.iter().any(|t| t.id_via.is_some()));
-        if !links {
+        if !f.config.links_rows() {
             return;
         }
         let mut n = 0;

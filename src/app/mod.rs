@@ -102,7 +102,7 @@ impl Fabric {
     ) -> Result<(), tonic::Status> {
         match &self.access {
             None => Ok(()),
-            Some(a) => a.check(request, method, action).map(|_| ()),
+            Some(a) => a.check(request, method, action),
         }
     }
 }

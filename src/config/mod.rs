@@ -742,6 +742,29 @@ impl Config {
         self.entities.iter().find(|e| e.name == name)
     }
 
+    /// Whether some view masks a column with `hash` (which needs the key).
+    pub fn hashes(&self) -> bool {
+        self.entities
+            .iter()
+            .flat_map(|e| e.views.values())
+            .any(|v| v.mask.values().any(|m| *m == Mask::Hash))
+    }
+
+    /// Whether some table finds its entity through an `id_via` link.
+    pub fn links_rows(&self) -> bool {
+        self.entities
+            .iter()
+            .any(|e| e.tables.iter().any(|t| t.id_via.is_some()))
+    }
+
+    /// The bytes of the file at `p` (relative to the config's directory);
+    /// an error names `field` and the path.
+    pub fn read_file(&self, field: &str, p: &Path) -> anyhow::Result<Vec<u8>> {
+        let path = self.resolve(p);
+        std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()))
+    }
+
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {
         self.sources.iter().find(|s| s.name == name)
     }

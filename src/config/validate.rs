@@ -211,12 +211,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
         (Some(k), _) => check_kafka(c, k),
         (None, BusKind::Embedded) => {}
     }
-    let hashes = cfg
-        .entities
-        .iter()
-        .flat_map(|e| e.views.values())
-        .any(|v| v.mask.values().any(|m| *m == crate::config::Mask::Hash));
-    if hashes
+    if cfg.hashes()
         && cfg.bus.kind == BusKind::Kafka
         && cfg.masking.key_env.is_none()
         && cfg.masking.key_file.is_none()

@@ -64,21 +64,18 @@ impl Peers {
             return Ok(Peers::default());
         };
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let read = |p: &std::path::Path| {
-            let path = config.resolve(p);
-            std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("server.tls: cannot read {}: {e}", path.display()))
-        };
         let ca = tls
             .peer_ca_file
             .as_ref()
             .or(tls.client_ca_file.as_ref())
             .unwrap_or(&tls.cert_file);
         let client = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .ca_certificate(Certificate::from_pem(
+                config.read_file("server.tls (the peers' CA)", ca)?,
+            ))
             .identity(Identity::from_pem(
-                read(&tls.cert_file)?,
-                read(&tls.key_file)?,
+                config.read_file("server.tls.cert_file", &tls.cert_file)?,
+                config.read_file("server.tls.key_file", &tls.key_file)?,
             ));
         Ok(Peers {
             clients: DashMap::new(),

@@ -90,7 +90,7 @@ impl IngestService for IngestApi {
             Some(a) => Some(a.caller(&request, "Push")?),
             None => None,
         };
-        let peer = crate::access::peer_of(&request);
+        let peer = crate::access::Peer::of(&request);
         let mut input = request.into_inner();
         let fabric = self.fabric.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -114,7 +114,7 @@ impl IngestService for IngestApi {
                         let push = crate::access::Action::Push {
                             source: &req.source,
                         };
-                        if let Err(denied) = a.permit(who, "Push", push, &peer) {
+                        if let Err(denied) = a.permit(who, "Push", push, peer) {
                             let _ = pending_tx.send(Pending::Now(Err(denied))).await;
                             return;
                         }

@@ -118,19 +118,16 @@ fn server_tls(
     tls: &crate::config::TlsConfig,
 ) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let read = |field: &str, p: &std::path::Path| {
-        let path = config.resolve(p);
-        std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("server.tls.{field}: cannot read {}: {e}", path.display()))
-    };
     let identity = Identity::from_pem(
-        read("cert_file", &tls.cert_file)?,
-        read("key_file", &tls.key_file)?,
+        config.read_file("server.tls.cert_file", &tls.cert_file)?,
+        config.read_file("server.tls.key_file", &tls.key_file)?,
     );
     let mut out = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &tls.client_ca_file {
         out = out
-            .client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?))
+            .client_ca_root(Certificate::from_pem(
+                config.read_file("server.tls.client_ca_file", ca)?,
+            ))
             .client_auth_optional(tls.client_cert == crate::config::ClientCertMode::Optional);
     }
     Ok(out)

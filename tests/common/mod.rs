@@ -495,13 +495,23 @@ pub async fn all_ids(
     }
 }
 
-/// Compares every customer entity with the sources; returns the mismatches.
+/// Compares every customer entity with the demo's sources; returns how
+/// many customers the sources hold and the mismatches.
 pub async fn compare_all(
     client: &mut EntityServiceClient<Channel>,
     data: &Path,
 ) -> (usize, Vec<String>) {
-    use entity_fabric::proto::BatchGetEntitiesRequest;
     let want = expected_customers(data).await;
+    (want.len(), compare_with(client, &want).await)
+}
+
+/// Compares every customer entity the fabric serves with `want`; returns
+/// the mismatches (empty: equal).
+pub async fn compare_with(
+    client: &mut EntityServiceClient<Channel>,
+    want: &Expected,
+) -> Vec<String> {
+    use entity_fabric::proto::BatchGetEntitiesRequest;
     let ids = all_ids(client, "customer", 500).await;
     let mut mismatches = Vec::new();
     let have: std::collections::BTreeSet<i64> = ids.iter().map(|i| i.parse().unwrap()).collect();
@@ -533,7 +543,7 @@ pub async fn compare_all(
             }
         }
     }
-    (want.len(), mismatches)
+    mismatches
 }
 
 /// The PostgreSQL (wal_level=logical) the test command started

@@ -5,7 +5,6 @@
 //! Shared by the cross-database and chaos tests.
 
 use super::*;
-use entity_fabric::proto::BatchGetEntitiesRequest;
 use mysql_async::prelude::*;
 use sqlx::{Connection, PgConnection, Row};
 use std::sync::Arc;
@@ -207,45 +206,12 @@ name = "customer"
     }
 }
 
-/// What differs between the fabric's customers and `want` (empty: equal).
-pub async fn mismatches(fabric: &FabricProcess, want: &Expected) -> Vec<String> {
-    let mut client = fabric.client().await;
-    let ids = all_ids(&mut client, "customer", 1000).await;
-    let mut out = Vec::new();
-    for id in want.keys() {
-        if !ids.contains(&id.to_string()) {
-            out.push(format!("customer {id}: missing in the fabric"));
-        }
-    }
-    for chunk in ids.chunks(500) {
-        let resp = client
-            .batch_get_entities(BatchGetEntitiesRequest {
-                r#type: "customer".into(),
-                ids: chunk.to_vec(),
-                view: String::new(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for e in resp.entities {
-            let id: i64 = e.id.parse().unwrap();
-            let got = entity_tables(&e);
-            match want.get(&id) {
-                Some(w) => out.extend(diff_entity(id, w, &got)),
-                None => out.push(format!("customer {id}: in the fabric, not in the sources")),
-            }
-        }
-    }
-    out
-}
-
 /// Waits until every customer equals `want`; panics with the first
 /// differences (and the log) after `within`.
 pub async fn converge_to(fabric: &FabricProcess, want: &Expected, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let bad = mismatches(fabric, want).await;
+        let bad = compare_with(&mut fabric.client().await, want).await;
         if bad.is_empty() {
             return;
         }
