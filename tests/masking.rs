@@ -164,6 +164,23 @@ async fn masked_columns_never_leave_in_clear() {
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
     fabric.wait_serving(WITHIN).await;
     let mut client = fabric.client().await;
+    // On the Kafka bus the group assigns partitions after the server is up;
+    // a change applied while its partition is still being rebuilt is not
+    // news to a watcher (docs/kafka.md). Wait until every person's partition
+    // answers NOT_FOUND rather than UNAVAILABLE before changing anything.
+    eventually(WITHIN, "every person's partition served", || {
+        let mut c = client.clone();
+        async move {
+            for i in 0..PEOPLE {
+                match c.get_entity(view_req(i)).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    _ => return None,
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
     let mut watch = client
         .watch_entities(WatchEntitiesRequest {
             r#type: "person".into(),
