@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of Entity Fabric: formatting, lints, unit tests,
-# and the integration tests that start the real `fabric` binary.
+# the integration tests that start the real `fabric` binary, and a brief
+# run of each fuzz target (scripts/fuzz.sh; FABRIC_FUZZ_SECONDS each).
 #
 # Idempotent and self-contained: scripts/services.sh starts a private
 # PostgreSQL (logical decoding) and MariaDB (ROW binlog) when none is up, and
@@ -37,3 +38,6 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --locked -- --test-threads="${FABRIC_TEST_THREADS:-2}"
+
+echo "== fuzzing (each target ${FABRIC_FUZZ_SECONDS:-20}s)"
+scripts/fuzz.sh --time "${FABRIC_FUZZ_SECONDS:-20}"

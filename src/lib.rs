@@ -14,6 +14,7 @@
 //! - [`admin`] — `/healthz` and `/metrics`.
 //! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
 //! - [`freshness`] — reads that wait for source positions (read-your-writes).
+//! - [`fuzzing`] — the fuzz targets' entry points (`fuzz/`, `scripts/fuzz.sh`).
 //! - [`fetch`] — entities read straight from their sources (staleness bounds, sync on access).
 //! - [`view`] — projections and masks applied on the way out.
 //! - [`demo`] — the demo SQLite sources and their mutator.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod event;
 pub mod fetch;
 pub mod freshness;
+pub mod fuzzing;
 pub mod grpc;
 pub mod memory;
 pub mod publish;

@@ -684,6 +684,9 @@ pub struct ViewConfig {
     pub mask: BTreeMap<String, Mask>,
 }
 
+/// The largest key or certificate file a config may name.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
 impl Config {
     /// Reads, expands, deserializes and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -757,12 +760,24 @@ impl Config {
             .any(|e| e.tables.iter().any(|t| t.id_via.is_some()))
     }
 
-    /// The bytes of the file at `p` (relative to the config's directory);
-    /// an error names `field` and the path.
+    /// The bytes of the file at `p` (relative to the config's directory),
+    /// a key or certificate file of at most [`MAX_CONFIG_FILE`] bytes (a
+    /// config naming `/dev/zero` gets an error, not a process that reads
+    /// forever); an error names `field` and the path.
     pub fn read_file(&self, field: &str, p: &Path) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read;
         let path = self.resolve(p);
-        std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()))
+        let mut out = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_end(&mut out))
+            .map_err(|e| anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()))?;
+        if out.len() as u64 > MAX_CONFIG_FILE {
+            anyhow::bail!(
+                "{field}: {} is larger than {MAX_CONFIG_FILE} bytes: not a key or certificate file",
+                path.display()
+            );
+        }
+        Ok(out)
     }
 
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {
@@ -1008,5 +1023,22 @@ mod tests {
         assert_eq!(c.resolve(Path::new("../../../x")), Path::new("/x"));
         c.file = "fabric.toml".into();
         assert_eq!(c.resolve(Path::new("../x")), Path::new("../x"));
+    }
+
+    #[test]
+    fn a_named_file_that_never_ends_is_refused() {
+        let c = Config::from_toml(Path::new("fabric.toml"), "").unwrap();
+        let err = c
+            .read_file("masking.key_file", Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("larger than 1048576 bytes"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), b"key").unwrap();
+        assert_eq!(
+            c.read_file("masking.key_file", &dir.path().join("k"))
+                .unwrap(),
+            b"key"
+        );
     }
 }

@@ -75,7 +75,7 @@
 use super::{Source, SourceContext, SourceError, now_micros};
 use crate::config::{Config, SourceConfig};
 use crate::event::{Op, Position, Row, RowChange, SourceTxn, Value};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use mysql_async::binlog::events::{
     Event, EventData, OptionalMetaExtractor, OptionalMetadataField, RowsEventData, TableMapEvent,
 };
@@ -84,7 +84,9 @@ use mysql_async::binlog::value::BinlogValue;
 use mysql_async::consts::ColumnType;
 use mysql_async::prelude::*;
 use mysql_async::{BinlogStreamRequest, Conn, Opts, OptsBuilder};
+use mysql_common::proto::MySerialize;
 use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -108,8 +110,29 @@ const MARIADB_GTID_EVENT: u8 = 0xa2;
 /// Flag of a MariaDB GTID event: the group is one statement, without COMMIT.
 const FL_STANDALONE: u8 = 1;
 const TABLE_MAP_EVENT: u8 = 0x13;
+const FORMAT_DESCRIPTION_EVENT: u8 = 0x0f;
 /// WRITE/UPDATE/DELETE_ROWS, v1 and v2.
 const ROWS_EVENTS: [u8; 6] = [0x17, 0x18, 0x19, 0x1e, 0x1f, 0x20];
+/// The events the source decodes (query, rotate, format description, xid,
+/// table map, heartbeat v1/v2, the rows events, MySQL's partial update);
+/// the driver's decoding of the others (MySQL's GTID sets, say) trusts
+/// lengths in the event and is never asked to run on them.
+const DECODED_EVENTS: [u8; 14] = [
+    0x02,
+    0x04,
+    FORMAT_DESCRIPTION_EVENT,
+    0x10,
+    TABLE_MAP_EVENT,
+    0x1b,
+    0x29,
+    0x17,
+    0x18,
+    0x19,
+    0x1e,
+    0x1f,
+    0x20,
+    0x27,
+];
 /// The `binary` character set (collation id).
 const BINARY_CHARSET: u16 = 63;
 
@@ -715,7 +738,29 @@ impl MysqlBinlogSource {
         loop {
             let next = tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
-                r = tokio::time::timeout(IDLE, stream.next()) => r,
+                // mysql_common unwraps a short read when a packet is shorter
+                // than its event header says: a panic there is an error of
+                // this stream (the source reconnects), not a dead task.
+                r = tokio::time::timeout(IDLE, AssertUnwindSafe(stream.next()).catch_unwind()) => r,
+            };
+            let next = match next {
+                Ok(Err(panic)) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    return Err(SourceError::external(
+                        &self.name,
+                        &format!("read the binlog on {}", self.server),
+                        format!(
+                            "the driver failed decoding the event after {} ({what})",
+                            st.position()
+                        ),
+                    ));
+                }
+                Ok(Ok(r)) => Ok(r),
+                Err(e) => Err(e),
             };
             let event = match next {
                 Err(_) => {
@@ -818,6 +863,9 @@ impl MysqlBinlogSource {
             }
             return Ok(None);
         }
+        if !DECODED_EVENTS.contains(&header.event_type_raw()) {
+            return Ok(None);
+        }
         let data = match event.read_data() {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(None),
@@ -918,7 +966,14 @@ impl MysqlBinlogSource {
                 let Some(table) = mapped.table.clone() else {
                     return Ok(None);
                 };
-                let changes = decode_rows(ctx, &table, &mapped.tme, &re, &st.file, end);
+                let (changes, dead) = decode_rows(&table, &mapped.tme, &re);
+                for (reason, raw) in dead {
+                    ctx.dead_letter(
+                        &table.configured,
+                        &reason,
+                        &format!("{}:{end} {raw}", st.file),
+                    );
+                }
                 st.txn
                     .get_or_insert_with(Txn::default)
                     .changes
@@ -1368,6 +1423,20 @@ fn stream_columns(tme: &TableMapEvent<'_>, meta: &TableMeta) -> Result<Vec<Colum
     let mut enums: Vec<Vec<String>> = Vec::new();
     let mut sets: Vec<Vec<String>> = Vec::new();
     for field in tme.iter_optional_meta() {
+        let raw = |v: &dyn MySerialize| {
+            let mut raw = Vec::new();
+            v.serialize(&mut raw);
+            raw
+        };
+        match &field {
+            Ok(OptionalMetadataField::EnumStrValue(v)) if !plausible_str_values(&raw(v)) => {
+                return Err("bad enum values in the table map: counts beyond the event".into());
+            }
+            Ok(OptionalMetadataField::SetStrValue(v)) if !plausible_str_values(&raw(v)) => {
+                return Err("bad set values in the table map: counts beyond the event".into());
+            }
+            _ => {}
+        }
         match field {
             Ok(OptionalMetadataField::EnumStrValue(v)) => {
                 for e in v.iter_values() {
@@ -1392,6 +1461,19 @@ fn stream_columns(tme: &TableMapEvent<'_>, meta: &TableMeta) -> Result<Vec<Colum
             .get_column_type(i)
             .map_err(|e| format!("column {name}: {e}"))?
             .ok_or_else(|| format!("column {name}: no type in the table map"))?;
+        // The driver sizes a DECIMAL's bytes from precision - scale without
+        // a check: a scale above the precision would ask for 2^64 bytes and
+        // abort the process.
+        if ty == ColumnType::MYSQL_TYPE_NEWDECIMAL {
+            match tme.get_column_metadata(i) {
+                Some(&[p, s, ..]) if s <= p && p <= 65 && s <= 38 => {}
+                m => {
+                    return Err(format!(
+                        "column {name}: DECIMAL metadata {m:?} is no precision and scale"
+                    ));
+                }
+            }
+        }
         let declared = meta
             .columns
             .iter()
@@ -1424,6 +1506,49 @@ fn stream_columns(tme: &TableMapEvent<'_>, meta: &TableMeta) -> Result<Vec<Colum
         out.push(ColumnMeta { name, kind });
     }
     Ok(out)
+}
+
+/// True when the ENUM or SET value lists of a table map (per column: a
+/// count, then that many length-prefixed strings, all length-encoded
+/// integers) ask for no more items or bytes than are there. The driver
+/// allocates for a count before it reads the items: a hostile count would
+/// abort the process.
+fn plausible_str_values(mut b: &[u8]) -> bool {
+    fn lenenc(b: &mut &[u8]) -> Option<u64> {
+        let (&first, rest) = b.split_first()?;
+        let n = match first {
+            0..=0xfa => {
+                *b = rest;
+                return Some(u64::from(first));
+            }
+            0xfc => 2,
+            0xfd => 3,
+            0xfe => 8,
+            _ => return None,
+        };
+        if rest.len() < n {
+            return None;
+        }
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(&rest[..n]);
+        *b = &rest[n..];
+        Some(u64::from_le_bytes(v))
+    }
+    while !b.is_empty() {
+        let Some(count) = lenenc(&mut b) else {
+            return false;
+        };
+        if count > b.len() as u64 {
+            return false;
+        }
+        for _ in 0..count {
+            match lenenc(&mut b) {
+                Some(n) if n <= b.len() as u64 => b = &b[n as usize..],
+                _ => return false,
+            }
+        }
+    }
+    true
 }
 
 /// The kind of a table map column type; `declared` (information_schema)
@@ -1464,15 +1589,16 @@ fn is_latin1(collation: u16) -> bool {
     matches!(collation, 5 | 8 | 15 | 31 | 47 | 48 | 49 | 94)
 }
 
-/// The changes of one rows event; rows that cannot be decoded are dead-lettered.
+/// Dead letters of undecodable rows: (reason, raw).
+pub type Dead = Vec<(String, String)>;
+
+/// The changes of one rows event, and the rows that cannot be decoded
+/// (to be dead-lettered).
 fn decode_rows(
-    ctx: &SourceContext,
     table: &StreamTable,
-    tme: &TableMapEvent<'static>,
+    tme: &TableMapEvent<'_>,
     re: &RowsEventData<'_>,
-    file: &str,
-    end: u64,
-) -> Vec<RowChange> {
+) -> (Vec<RowChange>, Dead) {
     let op = match re {
         RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Insert,
         RowsEventData::UpdateRowsEventV1(_)
@@ -1480,14 +1606,12 @@ fn decode_rows(
         | RowsEventData::PartialUpdateRowsEvent(_) => Op::Update,
         RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
     };
-    let dead = |reason: &str, raw: String| {
-        ctx.dead_letter(&table.configured, reason, &format!("{file}:{end} {raw}"));
-    };
+    let mut dead = Dead::new();
     let columns = match &table.columns {
         Ok(c) => c,
         Err(reason) => {
-            dead(reason, format!("{:?}", re.rows_data()));
-            return Vec::new();
+            dead.push((reason.clone(), format!("{:?}", re.rows_data())));
+            return (Vec::new(), dead);
         }
     };
     let before_cols: Vec<usize> = re
@@ -1499,15 +1623,40 @@ fn decode_rows(
         .map(|b| b.iter_ones().collect())
         .unwrap_or_default();
     let mut out = Vec::new();
-    for r in re.rows(tme) {
+    // Every row image takes at least a byte; a hostile event whose rows
+    // take none (no columns present) would otherwise never end.
+    let most = re.rows_data().len();
+    let mut rows = re.rows(tme);
+    let mut n = 0;
+    loop {
+        // The driver's row parsing overflows on some hostile (and, for
+        // negative TIME(1..4) with a fraction, some real) values: a panic
+        // there (debug builds) is this event's dead letter, not the
+        // source's end.
+        let Ok(next) = std::panic::catch_unwind(AssertUnwindSafe(|| rows.next())) else {
+            dead.push((
+                "the driver failed decoding a row of this event".into(),
+                format!("{:?}", re.rows_data()),
+            ));
+            break;
+        };
+        let Some(r) = next else { break };
+        n += 1;
+        if n > most.max(1) {
+            dead.push((
+                format!("a rows event of {most} bytes yields more than {most} rows"),
+                format!("{:?}", re.rows_data()),
+            ));
+            break;
+        }
         let (before, after) = match r {
             Ok(images) => images,
             Err(e) => {
                 // The rest of the event cannot be found past a bad row.
-                dead(
-                    &format!("undecodable rows event: {e}"),
+                dead.push((
+                    format!("undecodable rows event: {e}"),
                     format!("{:?}", re.rows_data()),
-                );
+                ));
                 break;
             }
         };
@@ -1526,11 +1675,103 @@ fn decode_rows(
                 after,
             }),
             (Err(reason), _) | (_, Err(reason)) => {
-                dead(&reason, format!("before {before:?} after {after:?}"))
+                dead.push((reason, format!("before {before:?} after {after:?}")))
             }
         }
     }
-    out
+    (out, dead)
+}
+
+/// Decodes a stream of binlog events (a binlog file without its 4-byte
+/// magic, or what a server sends) the way the source does, without a
+/// server: every table is captured, its columns known from the table map
+/// alone. Returns the row changes and the dead letters; hostile bytes end
+/// the stream with an error, never a panic. For the binlog fuzz target
+/// and for tools reading binlog files.
+pub fn decode_events(mut bytes: &[u8]) -> Result<(Vec<RowChange>, Dead), String> {
+    use mysql_async::binlog::events::FormatDescriptionEvent;
+    use mysql_async::binlog::{BinlogChecksumAlg, BinlogVersion};
+    const HEADER: usize = 19;
+    let mut fde = FormatDescriptionEvent::new(BinlogVersion::Version4);
+    let mut tables: HashMap<u64, (TableMapEvent<'static>, Arc<StreamTable>)> = HashMap::new();
+    let (mut out, mut dead) = (Vec::new(), Dead::new());
+    while !bytes.is_empty() {
+        // The driver unwraps a short read of an event's body: an event is
+        // cut out whole first (the source guards the driver's own reads).
+        if bytes.len() < HEADER {
+            return Err(format!(
+                "{} bytes left: a truncated event header",
+                bytes.len()
+            ));
+        }
+        let size = u32::from_le_bytes(bytes[9..13].try_into().expect("4 bytes")) as usize;
+        if size < HEADER || size > bytes.len() {
+            return Err(format!(
+                "an event of {size} bytes with {} left",
+                bytes.len()
+            ));
+        }
+        // Nor does it check that an event holds the checksum (and, in a
+        // format description, the algorithm byte) it cuts off.
+        let checksummed = !matches!(
+            fde.footer().get_checksum_alg(),
+            Ok(None | Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_OFF))
+        );
+        let is_fde = bytes[4] == FORMAT_DESCRIPTION_EVENT;
+        let least = HEADER
+            + if is_fde {
+                5
+            } else if checksummed {
+                4
+            } else {
+                0
+            };
+        if size < least {
+            return Err(format!(
+                "an event of {size} bytes, shorter than its checksum"
+            ));
+        }
+        let (one, rest) = bytes.split_at(size);
+        bytes = rest;
+        let event = Event::read(&fde, one).map_err(|e| format!("undecodable binlog event: {e}"))?;
+        if !DECODED_EVENTS.contains(&event.header().event_type_raw()) {
+            continue;
+        }
+        if is_fde {
+            let new = event
+                .read_event::<FormatDescriptionEvent<'_>>()
+                .map_err(|e| format!("undecodable format description: {e}"))?;
+            fde = new.into_owned().with_footer(event.footer());
+            continue;
+        }
+        match event.read_data() {
+            Ok(Some(EventData::TableMapEvent(tme))) => {
+                let meta = TableMeta {
+                    configured: format!("{}.{}", tme.database_name(), tme.table_name()),
+                    db: tme.database_name().into_owned(),
+                    table: tme.table_name().into_owned(),
+                    columns: Vec::new(),
+                    pk: Vec::new(),
+                };
+                let table = Arc::new(stream_table(&tme, &meta));
+                tables.insert(tme.table_id(), (tme.into_owned(), table));
+            }
+            Ok(Some(EventData::RowsEvent(re))) => match tables.get(&re.table_id()) {
+                Some((tme, table)) => {
+                    let (c, d) = decode_rows(table, tme, &re);
+                    out.extend(c);
+                    dead.extend(d);
+                }
+                None => dead.push((
+                    "rows event without a readable table map".into(),
+                    format!("table id {}", re.table_id()),
+                )),
+            },
+            Ok(_) => {}
+            Err(e) => dead.push((format!("undecodable binlog event: {e}"), String::new())),
+        }
+    }
+    Ok((out, dead))
 }
 
 /// A binlog row image as a [`Row`]; `present` are the column indexes it holds.

@@ -29,8 +29,10 @@ pub struct Entity {
     /// table's rows are shared between versions until a change set touches
     /// that table (copy on write): a new version copies the tables it
     /// changes, not the entity.
+    #[serde(deserialize_with = "cautious::tables")]
     pub tables: LiteMap<Arc<str>, Arc<TableRows>>,
     /// Per source, the position of the last change set applied.
+    #[serde(deserialize_with = "cautious::map")]
     pub positions: LiteMap<Arc<str>, Position>,
     /// Source commit time of the last applied change, microseconds since epoch.
     pub updated_micros: i64,
@@ -293,6 +295,64 @@ impl Entity {
         let position = position.merged_with(next.positions.get(source));
         next.positions.insert(source.clone(), position);
         Some(next)
+    }
+}
+
+/// Maps read back from snapshots without trusting their lengths:
+/// litemap's own `Deserialize` reserves room for the length a map says it
+/// has, so a hostile snapshot (checksum and all) could ask for 2^60
+/// entries and abort the process. These grow with the entries actually
+/// read (found by the snapshot fuzz target, `fuzz/regressions/snapshot/`).
+mod cautious {
+    use super::{Arc, LiteMap, TableRows};
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use std::marker::PhantomData;
+
+    struct Cautious<K, V>(PhantomData<(K, V)>);
+
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Visitor<'de> for Cautious<K, V> {
+        type Value = LiteMap<K, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            let mut out = LiteMap::new();
+            while let Some((k, v)) = a.next_entry()? {
+                // Written sorted: appended in O(1); anything else inserted.
+                if let Some((k, v)) = out.try_append(k, v) {
+                    out.insert(k, v);
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn map<'de, D, K, V>(d: D) -> Result<LiteMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        d.deserialize_map(Cautious(PhantomData))
+    }
+
+    /// A table's rows, behind their `Arc`.
+    struct Rows(TableRows);
+
+    impl<'de> Deserialize<'de> for Rows {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            map(d).map(Rows)
+        }
+    }
+
+    pub fn tables<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<LiteMap<Arc<str>, Arc<TableRows>>, D::Error> {
+        let tables: LiteMap<Arc<str>, Rows> = map(d)?;
+        Ok(tables
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v.0)))
+            .collect())
     }
 }
 

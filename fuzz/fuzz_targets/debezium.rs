@@ -1,0 +1,4 @@
+//! See `entity_fabric::fuzzing::debezium_event`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(init: entity_fabric::fuzzing::init(), |data: &[u8]| entity_fabric::fuzzing::debezium_event(data));

@@ -1,0 +1,110 @@
+//! Entry points of the fuzz targets (`fuzz/`, run by `scripts/fuzz.sh`):
+//! every decoder of bytes from outside the process, driven the way the
+//! product drives it. Each takes any bytes and must return without a
+//! panic, without unbounded allocation and in time linear in its input.
+//! `tests/fuzz_regressions.rs` runs the seeds and every input a fuzzer
+//! ever found a crash with (`fuzz/regressions/<target>/`) through the same
+//! functions in the ordinary test build.
+
+use crate::sources::pgoutput::{self, Message, Relation};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
+/// The targets by name (the names of the `fuzz/` binaries and of the
+/// seed and regression directories).
+pub const TARGETS: [(&str, Target); 5] = [
+    ("pgoutput", pgoutput_stream),
+    ("binlog", binlog_events),
+    ("debezium", debezium_event),
+    ("snapshot", snapshot_file),
+    ("config", config_text),
+];
+
+/// Run once by each fuzz target before any input: a panic is a crash only
+/// when it escapes the product. libfuzzer-sys aborts on every panic, even
+/// one the product catches where it must (the MySQL driver's row parsing
+/// panics on hostile bytes; `mysql_binlog` dead-letters that row event);
+/// with this hook a caught panic is a line on stderr and an escaping one
+/// still aborts the fuzzer (its harness aborts on a panic it catches).
+pub fn init() {
+    std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
+}
+
+/// A stream of pgoutput messages (each a big-endian u16 length and its
+/// bytes) as the PostgreSQL source reads them: relations remembered, every
+/// tuple of a known relation turned into a row by its columns' types, an
+/// update's new tuple filled in from its old one.
+pub fn pgoutput_stream(data: &[u8]) {
+    let mut relations: HashMap<u32, Relation> = HashMap::new();
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = (u16::from_be_bytes([rest[0], rest[1]]) as usize).min(rest.len() - 2);
+        let (msg, tail) = rest[2..].split_at(n);
+        rest = tail;
+        let Ok(m) = pgoutput::decode(msg) else {
+            continue;
+        };
+        let (relation, tuples) = match m {
+            Message::Relation(r) => {
+                relations.insert(r.id, r);
+                continue;
+            }
+            Message::Insert { relation, new } => (relation, vec![new]),
+            Message::Update { relation, old, new } => {
+                (relation, old.into_iter().chain([new]).collect())
+            }
+            Message::Delete { relation, old } => (relation, vec![old]),
+            Message::Truncate { .. } | Message::Other(_) => continue,
+        };
+        if let Some(rel) = relations.get(&relation) {
+            let mut previous = None;
+            for t in &tuples {
+                if let Ok(row) = pgoutput::row(rel, t, previous.as_ref()) {
+                    previous = Some(row);
+                }
+            }
+        }
+    }
+}
+
+/// Binlog events (a binlog file without its magic, or what a server sends)
+/// through the MariaDB/MySQL source's table maps and row decoding.
+pub fn binlog_events(data: &[u8]) {
+    let _ = crate::sources::mysql_binlog::decode_events(data);
+}
+
+/// One Debezium change event (JSON, with or without the schema envelope)
+/// as the Debezium sources read it.
+pub fn debezium_event(data: &[u8]) {
+    let _ = crate::sources::debezium::peek_table(data);
+    let _ = crate::sources::debezium::decode(data);
+}
+
+/// Snapshot files. The first byte picks the layer: odd, the rest is a
+/// whole file (magic, checksum, lz4 frame: all checked before decoding);
+/// even, the rest is an uncompressed body sealed into a file with a good
+/// checksum, so the fuzzer reaches the records and entities behind it.
+pub fn snapshot_file(data: &[u8]) {
+    use crate::store::snapshot;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let path = Path::new("fuzz.snap");
+    if mode & 1 == 1 {
+        let _ = snapshot::decode(path, rest);
+    } else {
+        let _ = snapshot::decode(path, &snapshot::seal(0, 1, 1, rest));
+    }
+}
+
+/// A config file: TOML parsing, `${VAR}` expansion and every validation
+/// rule. Files it names are looked up relative to a directory that does
+/// not exist.
+pub fn config_text(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::config::Config::from_toml(Path::new("/nonexistent/fuzz.toml"), text);
+    }
+}
