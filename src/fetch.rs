@@ -322,22 +322,28 @@ impl Fetcher {
             .await
             .map_err(|e| (Code::Unavailable, format!("cannot keep {key}: {e}")))?;
         let at = offsets.first().copied().unwrap_or(Offset(0));
-        if plan.on_access {
-            let bytes = match &built {
-                crate::store::Applied::Changed { entity, .. } => entity.approx_bytes() as u64,
-                _ => 0,
-            };
-            self.held.insert(
-                key.clone(),
-                Held {
-                    fetched: Some(Instant::now()),
-                    read_ms: AtomicU64::new(self.now_ms()),
-                    bytes,
-                },
-            );
-        }
+        // Counted as fetched only once what was fetched is there to read: a
+        // read that finds an entity fetched within its age but not held
+        // takes it for absent from the sources.
+        let keep = || {
+            if plan.on_access {
+                let bytes = match &built {
+                    crate::store::Applied::Changed { entity, .. } => entity.approx_bytes() as u64,
+                    _ => 0,
+                };
+                self.held.insert(
+                    key.clone(),
+                    Held {
+                        fetched: Some(Instant::now()),
+                        read_ms: AtomicU64::new(self.now_ms()),
+                        bytes,
+                    },
+                );
+            }
+        };
         if !state.serving() {
             // Kept once the partition's applier gets there; served as read.
+            keep();
             return Ok(match built {
                 crate::store::Applied::Changed { entity, .. } => Some(Arc::new(entity)),
                 _ => None,
@@ -349,6 +355,7 @@ impl Fetcher {
             tokio::pin!(applied);
             applied.as_mut().enable();
             if state.applied.load(Ordering::Acquire) > at.0 {
+                keep();
                 return Ok(fabric.store.get(key));
             }
             tokio::select! {
