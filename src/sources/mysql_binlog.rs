@@ -113,26 +113,31 @@ const TABLE_MAP_EVENT: u8 = 0x13;
 const FORMAT_DESCRIPTION_EVENT: u8 = 0x0f;
 /// WRITE/UPDATE/DELETE_ROWS, v1 and v2.
 const ROWS_EVENTS: [u8; 6] = [0x17, 0x18, 0x19, 0x1e, 0x1f, 0x20];
-/// The events the source decodes (query, rotate, format description, xid,
-/// table map, heartbeat v1/v2, the rows events, MySQL's partial update);
-/// the driver's decoding of the others (MySQL's GTID sets, say) trusts
-/// lengths in the event and is never asked to run on them.
-const DECODED_EVENTS: [u8; 14] = [
-    0x02,
-    0x04,
-    FORMAT_DESCRIPTION_EVENT,
-    0x10,
-    TABLE_MAP_EVENT,
-    0x1b,
-    0x29,
-    0x17,
-    0x18,
-    0x19,
-    0x1e,
-    0x1f,
-    0x20,
-    0x27,
-];
+/// Whether the source decodes events of type `ty`: query, rotate, format
+/// description, xid, table map, heartbeat (v1, v2), the rows events and
+/// MySQL's partial update. The driver's decoding of the others (MySQL's
+/// GTID sets, say) trusts lengths in the event and is never asked to run
+/// on them.
+fn decoded_event(ty: u8) -> bool {
+    const QUERY: u8 = 0x02;
+    const ROTATE: u8 = 0x04;
+    const XID: u8 = 0x10;
+    const HEARTBEAT_V1: u8 = 0x1b;
+    const HEARTBEAT_V2: u8 = 0x29;
+    const PARTIAL_UPDATE_ROWS: u8 = 0x27;
+    ROWS_EVENTS.contains(&ty)
+        || [
+            QUERY,
+            ROTATE,
+            FORMAT_DESCRIPTION_EVENT,
+            XID,
+            TABLE_MAP_EVENT,
+            HEARTBEAT_V1,
+            HEARTBEAT_V2,
+            PARTIAL_UPDATE_ROWS,
+        ]
+        .contains(&ty)
+}
 /// The `binary` character set (collation id).
 const BINARY_CHARSET: u16 = 63;
 
@@ -745,11 +750,7 @@ impl MysqlBinlogSource {
             };
             let next = match next {
                 Ok(Err(panic)) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
+                    let what = crate::grpc::guard::panic_message(&*panic);
                     return Err(SourceError::external(
                         &self.name,
                         &format!("read the binlog on {}", self.server),
@@ -863,7 +864,7 @@ impl MysqlBinlogSource {
             }
             return Ok(None);
         }
-        if !DECODED_EVENTS.contains(&header.event_type_raw()) {
+        if !decoded_event(header.event_type_raw()) {
             return Ok(None);
         }
         let data = match event.read_data() {
@@ -1423,28 +1424,20 @@ fn stream_columns(tme: &TableMapEvent<'_>, meta: &TableMeta) -> Result<Vec<Colum
     let mut enums: Vec<Vec<String>> = Vec::new();
     let mut sets: Vec<Vec<String>> = Vec::new();
     for field in tme.iter_optional_meta() {
-        let raw = |v: &dyn MySerialize| {
-            let mut raw = Vec::new();
-            v.serialize(&mut raw);
-            raw
-        };
-        match &field {
-            Ok(OptionalMetadataField::EnumStrValue(v)) if !plausible_str_values(&raw(v)) => {
-                return Err("bad enum values in the table map: counts beyond the event".into());
-            }
-            Ok(OptionalMetadataField::SetStrValue(v)) if !plausible_str_values(&raw(v)) => {
-                return Err("bad set values in the table map: counts beyond the event".into());
-            }
-            _ => {}
-        }
         match field {
             Ok(OptionalMetadataField::EnumStrValue(v)) => {
+                if !plausible_str_values(&serialized(&v)) {
+                    return Err("bad enum values in the table map: counts beyond the event".into());
+                }
                 for e in v.iter_values() {
                     let e = e.map_err(|e| format!("bad enum values in the table map: {e}"))?;
                     enums.push(e.values().iter().map(|x| x.value().into_owned()).collect());
                 }
             }
             Ok(OptionalMetadataField::SetStrValue(v)) => {
+                if !plausible_str_values(&serialized(&v)) {
+                    return Err("bad set values in the table map: counts beyond the event".into());
+                }
                 for s in v.iter_values() {
                     let s = s.map_err(|e| format!("bad set values in the table map: {e}"))?;
                     sets.push(s.values().iter().map(|x| x.value().into_owned()).collect());
@@ -1506,6 +1499,13 @@ fn stream_columns(tme: &TableMapEvent<'_>, meta: &TableMeta) -> Result<Vec<Colum
         out.push(ColumnMeta { name, kind });
     }
     Ok(out)
+}
+
+/// The bytes the driver parses `v` from.
+fn serialized(v: &dyn MySerialize) -> Vec<u8> {
+    let mut raw = Vec::new();
+    v.serialize(&mut raw);
+    raw
 }
 
 /// True when the ENUM or SET value lists of a table map (per column: a
@@ -1734,7 +1734,7 @@ pub fn decode_events(mut bytes: &[u8]) -> Result<(Vec<RowChange>, Dead), String>
         let (one, rest) = bytes.split_at(size);
         bytes = rest;
         let event = Event::read(&fde, one).map_err(|e| format!("undecodable binlog event: {e}"))?;
-        if !DECODED_EVENTS.contains(&event.header().event_type_raw()) {
+        if !decoded_event(event.header().event_type_raw()) {
             continue;
         }
         if is_fde {

@@ -135,15 +135,8 @@ pub fn write(
         path: path.clone(),
         reason: format!("cannot encode: {e}"),
     };
-    (|| -> io::Result<()> {
-        out.write_all(MAGIC)?;
-        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        out.write_all(&meta.partition.to_le_bytes())?;
-        out.write_all(&meta.partitions.to_le_bytes())?;
-        out.write_all(&meta.round.to_le_bytes())?;
-        Ok(())
-    })()
-    .map_err(io_err(&tmp))?;
+    out.write_all(&header(meta.partition, meta.partitions, meta.round))
+        .map_err(io_err(&tmp))?;
     let mut lz = lz4_flex::frame::FrameEncoder::new(&mut out);
     let m = postcard::to_stdvec(meta).map_err(encode)?;
     write_prefixed(&mut lz, &m).map_err(io_err(&tmp))?;
@@ -163,9 +156,7 @@ pub fn write(
     let len = out.len;
     let mut inner = out.inner;
     (|| -> io::Result<()> {
-        inner.write_all(&crc.to_le_bytes())?;
-        inner.write_all(&len.to_le_bytes())?;
-        inner.write_all(TRAILER_MAGIC)?;
+        inner.write_all(&trailer(crc, len))?;
         let file = inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()
     })()
@@ -272,20 +263,34 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<LoadedSnapshot, SnapshotError
 /// snapshot fuzz target, which reach past the checksum this way.
 pub fn seal(partition: u32, partitions: u32, round: u64, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() / 2 + TRAILER_LEN);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&partition.to_le_bytes());
-    out.extend_from_slice(&partitions.to_le_bytes());
-    out.extend_from_slice(&round.to_le_bytes());
+    out.extend_from_slice(&header(partition, partitions, round));
     let mut lz = lz4_flex::frame::FrameEncoder::new(out);
     lz.write_all(body).expect("writing to memory");
     let mut out = lz.finish().expect("writing to memory");
-    let crc = crc32fast::hash(&out);
-    let len = out.len() as u64;
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(TRAILER_MAGIC);
+    let t = trailer(crc32fast::hash(&out), out.len() as u64);
+    out.extend_from_slice(&t);
     out
+}
+
+/// The first bytes of a file: magic, format version, partition, partitions, round.
+fn header(partition: u32, partitions: u32, round: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&partition.to_le_bytes());
+    h[16..20].copy_from_slice(&partitions.to_le_bytes());
+    h[20..].copy_from_slice(&round.to_le_bytes());
+    h
+}
+
+/// The last bytes of a file: the checksum and length of every byte before
+/// them, and the trailer magic.
+fn trailer(crc: u32, len: u64) -> [u8; TRAILER_LEN] {
+    let mut t = [0u8; TRAILER_LEN];
+    t[..4].copy_from_slice(&crc.to_le_bytes());
+    t[4..12].copy_from_slice(&len.to_le_bytes());
+    t[12..].copy_from_slice(TRAILER_MAGIC);
+    t
 }
 
 /// Snapshot files in `dir`, newest round first. Leftover `.tmp` files of an
