@@ -33,6 +33,8 @@ pub enum Action<'a> {
     Push { source: &'a str },
     /// Read the catalog (types, sources, partitions).
     Catalog,
+    /// Forget (or unblock) entities of a type.
+    Forget { ty: &'a str },
 }
 
 impl std::fmt::Display for Action<'_> {
@@ -43,6 +45,7 @@ impl std::fmt::Display for Action<'_> {
             Action::List { ty } => write!(f, "list ids of {ty}"),
             Action::Push { source } => write!(f, "push:{source}"),
             Action::Catalog => f.write_str("catalog"),
+            Action::Forget { ty } => write!(f, "forget:{ty}"),
         }
     }
 }
@@ -71,6 +74,10 @@ enum Grant {
     /// `source`: None for every source.
     Push {
         source: Option<String>,
+    },
+    /// `ty`: None for every type.
+    Forget {
+        ty: Option<String>,
     },
 }
 
@@ -105,9 +112,14 @@ impl Grant {
                 source: any(source),
             });
         }
+        if let Some(ty) = s.strip_prefix("forget:")
+            && !ty.is_empty()
+        {
+            return Ok(Grant::Forget { ty: any(ty) });
+        }
         Err(format!(
             "{s:?} is not a permission: read:TYPE, read:TYPE.VIEW, read:TYPE.*, read:*, \
-             push:SOURCE, push:*, catalog or *"
+             push:SOURCE, push:*, forget:TYPE, forget:*, catalog or *"
         ))
     }
 
@@ -128,6 +140,9 @@ impl Grant {
             }
             (Grant::Push { source }, Action::Push { source: s }) => {
                 source.as_deref().is_none_or(|x| x == s)
+            }
+            (Grant::Forget { ty }, Action::Forget { ty: t }) => {
+                ty.as_deref().is_none_or(|x| x == t)
             }
             _ => false,
         }
@@ -167,6 +182,7 @@ pub fn check_permission(
         Grant::Push {
             source: Some(source),
         } if !sources(&source) => Err(format!("{s:?}: no grpc_push source named {source:?}")),
+        Grant::Forget { ty: Some(ty) } => known(&ty, None),
         _ => Ok(()),
     }
 }
@@ -253,6 +269,19 @@ impl Access {
             anonymous: grants(&cfg.anonymous).unwrap_or_default(),
             denied: metrics.grpc_denied.clone(),
         }
+    }
+
+    /// As [`Access::check`]; returns the principal's name (for the audit
+    /// line of a call that must be logged even when allowed).
+    pub fn check_named<T>(
+        &self,
+        request: &Request<T>,
+        method: &'static str,
+        action: Action<'_>,
+    ) -> Result<&str, Status> {
+        let who = self.caller(request, method)?;
+        self.permit(who, method, action, Peer::of(request))?;
+        Ok(self.name(who))
     }
 
     /// Allows `request` to do `action`, or refuses it with
@@ -436,6 +465,10 @@ mod tests {
         assert!(allows("push:*", Action::Push { source: "crm" }));
         assert!(!allows("push:*", whole));
         assert!(allows("catalog", Action::Catalog) && !allows("catalog", whole));
+        let forget = Action::Forget { ty: "customer" };
+        assert!(allows("forget:customer", forget) && allows("forget:*", forget));
+        assert!(!allows("forget:order", forget) && !allows("read:*", forget));
+        assert!(!allows("forget:customer", whole) && allows("*", forget));
         assert!(allows("*", Action::Catalog) && allows("*", other));
         for bad in [
             "read",
@@ -444,6 +477,7 @@ mod tests {
             "read:*.support",
             "write:x",
             "push:",
+            "forget:",
         ] {
             assert!(Grant::parse(bad).is_err(), "{bad}");
         }

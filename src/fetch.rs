@@ -198,6 +198,15 @@ impl Fetcher {
                 cfg.name
             )));
         }
+        // Forgotten on request: its sources may still hold it, and reading
+        // it from them would bring it back.
+        if fabric.store.is_blocked(key) {
+            return Err(Status::not_found(format!(
+                "{} {} was forgotten on request (ForgetEntity); it is not read from its sources \
+                 until UnblockEntity",
+                key.entity_type, key.id
+            )));
+        }
         if let Some(h) = self.held.get(key) {
             h.read_ms.store(self.now_ms(), Ordering::Relaxed);
         }
@@ -369,6 +378,13 @@ impl Fetcher {
                 }
             }
         }
+    }
+
+    /// `key` was forgotten: what this process remembers of fetching it goes
+    /// too, so a read after a forget that allows a rebuild reads its sources
+    /// again instead of taking it for absent from them.
+    pub fn forgotten(&self, key: &EntityKey) {
+        self.held.remove(key);
     }
 
     /// Drops sync-on-access entities not read for their type's

@@ -86,18 +86,34 @@ pub fn debezium_event(data: &[u8]) {
 /// Snapshot files. The first byte picks the layer: odd, the rest is a
 /// whole file (magic, checksum, lz4 frame: all checked before decoding);
 /// even, the rest is an uncompressed body sealed into a file with a good
-/// checksum, so the fuzzer reaches the records and entities behind it.
+/// checksum, so the fuzzer reaches the records and entities behind it, in
+/// format version 1 (bit 1 clear) or 2 (set). Bit 2 reads with a keystore,
+/// so sealed records are opened (or refused) too.
 pub fn snapshot_file(data: &[u8]) {
     use crate::store::snapshot;
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let path = Path::new("fuzz.snap");
+    let keys = if mode & 4 == 4 { fuzz_keystore() } else { None };
     if mode & 1 == 1 {
-        let _ = snapshot::decode(path, rest);
+        let _ = snapshot::decode(path, rest, keys);
     } else {
-        let _ = snapshot::decode(path, &snapshot::seal(0, 1, 1, rest));
+        let version = if mode & 2 == 2 { 2 } else { 1 };
+        let _ = snapshot::decode(path, &snapshot::seal_version(version, 0, 1, 1, rest), keys);
     }
+}
+
+/// One keystore for every snapshot input, in a directory of this process.
+fn fuzz_keystore() -> Option<&'static crate::store::keystore::KeyStore> {
+    static KEYS: std::sync::OnceLock<Option<crate::store::keystore::KeyStore>> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("fabric-fuzz-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::store::keystore::KeyStore::open(&dir, b"fuzzing master key", 1).ok()
+    })
+    .as_ref()
 }
 
 /// A config file: TOML parsing, `${VAR}` expansion and every validation

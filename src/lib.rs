@@ -8,13 +8,14 @@
 //! - [`sources`] — connectors (`sqlite`, `jsonl`, `grpc_push`) behind one trait.
 //! - [`router`] — maps row changes to entity keys (`id_column`, `id_via`).
 //! - [`bus`] — the partitioned log between router and appliers (embedded).
-//! - [`store`] — the micro-DBs (`DashMap` per partition) and snapshot files.
+//! - [`store`] — the micro-DBs (`DashMap` per partition), snapshot files and their keys.
 //! - [`app`] — wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
 //! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
 //! - [`admin`] — `/healthz` and `/metrics`.
 //! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
 //! - [`freshness`] — reads that wait for source positions (read-your-writes).
 //! - [`fuzzing`] — the fuzz targets' entry points (`fuzz/`, `scripts/fuzz.sh`).
+//! - [`erase`] — forgetting entities on request (right to erasure).
 //! - [`fetch`] — entities read straight from their sources (staleness bounds, sync on access).
 //! - [`view`] — projections and masks applied on the way out.
 //! - [`demo`] — the demo SQLite sources and their mutator.
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod demo;
+pub mod erase;
 pub mod event;
 pub mod fetch;
 pub mod freshness;

@@ -10,7 +10,8 @@
 //! value), so the topic is fit for log compaction and is created compacted
 //! (unless `entities_compacted = false`).
 //! Headers on every message: `fabric.type`, `fabric.id`, `fabric.version`,
-//! `fabric.operation` (`upsert` or `delete`), `fabric.changed_tables`
+//! `fabric.operation` (`upsert`, `delete`, or `forget` for an entity erased
+//! on request: erase every copy of it), `fabric.changed_tables`
 //! (comma-separated). The JSON document is described in docs/kafka.md.
 //!
 //! Delivery is at least once: the applier waits for the broker to take a
@@ -156,10 +157,10 @@ impl EntityPublisher {
             .map(|t| &**t)
             .collect::<Vec<_>>()
             .join(",");
-        let operation = if c.entity.is_some() {
-            "upsert"
-        } else {
-            "delete"
+        let operation = match (&c.entity, c.forgotten) {
+            (Some(_), _) => "upsert",
+            (None, false) => "delete",
+            (None, true) => "forget",
         };
         let headers = OwnedHeaders::new()
             .insert(Header {

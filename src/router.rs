@@ -762,6 +762,7 @@ name = "customer"
                 BusRecord::Changes(s) => format!("set:{}", s.changes[0].pk[0]),
                 BusRecord::Truncate(_) => "truncate".into(),
                 BusRecord::Fetched(_) => "fetched".into(),
+                BusRecord::Erase(_) => "erase".into(),
                 BusRecord::Unreadable => "unreadable".into(),
             })
             .collect();

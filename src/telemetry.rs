@@ -102,6 +102,12 @@ pub struct Metrics {
     pub grpc_watchers: Gauge,
     /// gRPC calls refused by access control, per method.
     pub grpc_denied: Family<MethodLabel, Counter>,
+    /// Entities forgotten on request (ForgetEntity records applied), per type.
+    pub forgotten: Family<TypeLabel, Counter>,
+    /// Change sets and fetches of forgotten, blocked entities dropped, per type.
+    pub blocked_changes: Family<TypeLabel, Counter>,
+    /// Forgotten ids whose changes are blocked, per type (this process's partitions).
+    pub blocked: Family<TypeLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -213,8 +219,29 @@ impl Metrics {
             "gRPC calls refused by access control (UNAUTHENTICATED or PERMISSION_DENIED)",
             grpc_denied.clone(),
         );
+        let forgotten = Family::<TypeLabel, Counter>::default();
+        r.register(
+            "entities_forgotten",
+            "Entities forgotten on request (ForgetEntity)",
+            forgotten.clone(),
+        );
+        let blocked_changes = Family::<TypeLabel, Counter>::default();
+        r.register(
+            "blocked_changes",
+            "Changes and fetches of forgotten entities dropped because the entity is blocked",
+            blocked_changes.clone(),
+        );
+        let blocked = Family::<TypeLabel, Gauge>::default();
+        r.register(
+            "entities_blocked",
+            "Forgotten ids whose later changes are dropped",
+            blocked.clone(),
+        );
         Metrics {
             registry: Mutex::new(r),
+            forgotten,
+            blocked_changes,
+            blocked,
             grpc_denied,
             grpc_panics,
             grpc_watchers,

@@ -11,7 +11,6 @@ use crate::config::{Config, EntityConfig, Mask};
 use crate::event::Value;
 use crate::proto;
 use crate::store::{Entity, ValueRef};
-use anyhow::Context;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::borrow::Cow;
@@ -52,58 +51,18 @@ impl MaskKey {
             return Ok(None);
         }
         let m = &config.masking;
-        let secret = if let Some(var) = &m.key_env {
-            std::env::var_os(var)
-                .with_context(|| {
-                    format!("masking.key_env: the environment variable {var} is not set")
-                })?
-                .into_encoded_bytes()
-        } else if let Some(file) = &m.key_file {
-            config.read_file("masking.key_file", file)?
-        } else {
-            let path = config.resolve(&config.snapshot.dir).join("mask.key");
-            read_or_create_key(&path).with_context(|| {
-                format!("cannot read or create the masking key {}", path.display())
-            })?
-        };
+        let secret = config.secret(
+            "masking",
+            m.key_env.as_deref(),
+            m.key_file.as_deref(),
+            &config.resolve(&config.snapshot.dir).join("mask.key"),
+        )?;
         anyhow::ensure!(
             secret.len() >= MIN_KEY_BYTES,
             "the masking key has {} bytes; it needs at least {MIN_KEY_BYTES}",
             secret.len()
         );
         Ok(Some(MaskKey::new(&secret)))
-    }
-}
-
-/// The key in `path`, or a new random one written there (mode 0600).
-fn read_or_create_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read(path) {
-        Ok(k) => return Ok(k),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut key = vec![0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(&key)?;
-            f.sync_all()?;
-            tracing::info!(path = %path.display(), "masking key created");
-            Ok(key)
-        }
-        // Another process made it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read(path)?),
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -449,6 +408,7 @@ name = "customer"
 
     #[test]
     fn the_default_key_is_made_once_and_kept_private() {
+        use crate::config::read_or_create_key;
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap").join("mask.key");

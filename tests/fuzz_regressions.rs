@@ -92,9 +92,9 @@ fn seeds_decode_to_what_they_hold() {
         let file = if bytes[0] & 1 == 1 {
             body.to_vec()
         } else {
-            entity_fabric::store::snapshot::seal(0, 1, 1, body)
+            entity_fabric::store::snapshot::seal_version(1, 0, 1, 1, body)
         };
-        let back = entity_fabric::store::snapshot::decode(Path::new(name), &file).unwrap();
+        let back = entity_fabric::store::snapshot::decode(Path::new(name), &file, None).unwrap();
         assert_eq!(back.entities.len(), 4, "{name}");
     }
     let name = "kafka-masking-access.toml";

@@ -6,8 +6,10 @@
 //! entities (cheap `Arc` clones) and the offset they reflect.
 
 use crate::bus::{Bus, BusError, Offset};
-use crate::event::BusRecord;
+use crate::erase::{Done, Erasures};
+use crate::event::{BusRecord, EntityKey, EraseAction};
 use crate::publish::EntityPublisher;
+use crate::store::keystore::KeyStore;
 use crate::store::{Entity, EntityChange, Outcome, Store};
 use crate::telemetry::Metrics;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +24,8 @@ pub struct Capture {
     /// The offset of the next record not reflected.
     pub offset: Offset,
     pub entities: Vec<Arc<Entity>>,
+    /// Forgotten ids whose changes are blocked, with when.
+    pub blocked: Vec<(crate::event::EntityKey, i64)>,
 }
 
 /// "Capture the shard once you have applied everything below `until`."
@@ -78,6 +82,24 @@ pub struct Applier {
     pub state_from: Offset,
     /// Stops the applier between batches (its partition is handed over).
     pub stop: CancellationToken,
+    /// With `[snapshot.encryption]`: forgotten entities' keys are deleted here.
+    pub keystore: Option<Arc<KeyStore>>,
+    /// Where applied erasures are reported to the calls waiting for them.
+    pub erasures: Arc<Erasures>,
+}
+
+/// A blocked id set (`Some(when)`) or lifted (`None`), for the state topic.
+pub type Mark = (EntityKey, Option<i64>);
+
+/// Erasures of one batch, done after its records are applied.
+#[derive(Default)]
+struct Erasing {
+    /// Forgotten entities whose snapshot keys go, at their record's offset,
+    /// with the index of their result in `done`.
+    keys: Vec<(EntityKey, u64, usize)>,
+    /// The batch's erasure results, by offset, reported once done.
+    done: Vec<(u64, Done)>,
+    marks: Vec<Mark>,
 }
 
 /// Applies the partition until the bus closes or `stop` fires; returns the
@@ -99,6 +121,8 @@ pub async fn run(
         publish_from,
         state_from,
         stop,
+        keystore,
+        erasures,
     } = a;
     let mut consumer = bus.consume(partition, from).await?;
     let result: Result<Offset, BusError> = async {
@@ -116,10 +140,12 @@ pub async fn run(
             waiting = still;
             if !ready.is_empty() {
                 let entities = store.shard_entities(partition);
+                let blocked = store.blocked_in(partition);
                 for r in ready {
                     let _ = r.reply.send(Capture {
                         offset: next,
                         entities: entities.clone(),
+                        blocked: blocked.clone(),
                     });
                 }
             }
@@ -139,17 +165,42 @@ pub async fn run(
                     // The changes of records below `publish_from` (`state_from`)
                     // are a prefix of the batch's: a previous holder of the
                     // partition published them (wrote them to the state topic).
-                    let (mut published, mut stated) = (0, 0);
+                    let (mut published, mut stated, mut stated_marks) = (0, 0, 0);
+                    let mut erasing = Erasing::default();
                     for d in batch {
                         debug_assert_eq!(d.offset, next, "bus offsets must be dense");
-                        apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
+                        if let BusRecord::Erase(e) = &*d.record {
+                            erase(&store, e, d.offset.0, &metrics, &mut changes, &mut erasing);
+                        } else {
+                            apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
+                        }
                         if d.offset < publish_from {
                             published = changes.len();
                         }
                         if d.offset < state_from {
                             stated = changes.len();
+                            stated_marks = erasing.marks.len();
                         }
                         next = Offset(d.offset.0 + 1);
+                    }
+                    // Keys go before the batch counts applied: a caller that
+                    // sees its forget applied sees its key gone.
+                    if let Some(ks) = &keystore
+                        && !erasing.keys.is_empty()
+                    {
+                        let ks = ks.clone();
+                        let keys = std::mem::take(&mut erasing.keys);
+                        let deleted = tokio::task::spawn_blocking(move || {
+                            keys.iter()
+                                .map(|(k, at, i)| ks.erase(k, *at).map(|gone| (*i, gone)))
+                                .collect::<Result<Vec<(usize, bool)>, _>>()
+                        })
+                        .await
+                        .map_err(|e| BusError::Keystore(e.to_string()))?
+                        .map_err(|e| BusError::Keystore(e.to_string()))?;
+                        for (i, gone) in deleted {
+                            erasing.done[i].1.key_deleted = gone;
+                        }
                     }
                     // Published before counted applied: a snapshot (taken between
                     // batches) never reflects a version the topic has not got.
@@ -161,7 +212,11 @@ pub async fn run(
                     if let Some(st) = &state_topic
                         && next > state_from
                     {
-                        st.write(partition, &changes[stated..], next.0).await?;
+                        st.write(partition, &changes[stated..], &erasing.marks[stated_marks..], next.0)
+                            .await?;
+                    }
+                    for (offset, done) in erasing.done {
+                        erasures.record(partition, offset, done);
                     }
                     changes.clear();
                     state.applied.store(next.0, Ordering::Release);
@@ -174,6 +229,54 @@ pub async fn run(
     // librdkafka's destructor may wait for the broker: not on a runtime thread.
     tokio::task::spawn_blocking(move || drop(consumer));
     result
+}
+
+/// Applies one erasure record; its snapshot key is deleted after the batch.
+fn erase(
+    store: &Store,
+    e: &crate::event::Erasure,
+    offset: u64,
+    metrics: &Metrics,
+    changes: &mut Vec<Arc<EntityChange>>,
+    erasing: &mut Erasing,
+) {
+    let was_blocked = store.is_blocked(&e.key);
+    let label = crate::telemetry::TypeLabel {
+        entity_type: e.key.entity_type.to_string(),
+    };
+    let done = match e.action {
+        EraseAction::Forget { block } => {
+            let forgot = store.forget_into(&e.key, block, e.at_micros, changes);
+            if block {
+                erasing.marks.push((e.key.clone(), Some(e.at_micros)));
+            } else if was_blocked {
+                store.unblock(&e.key);
+                erasing.marks.push((e.key.clone(), None));
+            }
+            erasing
+                .keys
+                .push((e.key.clone(), offset, erasing.done.len()));
+            metrics.forgotten.get_or_create(&label).inc();
+            tracing::info!(key = %e.key, held = forgot.was_held, block, offset, "entity forgotten");
+            Done {
+                was_held: forgot.was_held,
+                blocked: block,
+                was_blocked,
+                key_deleted: false,
+            }
+        }
+        EraseAction::Unblock => {
+            if store.unblock(&e.key) {
+                erasing.marks.push((e.key.clone(), None));
+            }
+            tracing::info!(key = %e.key, was_blocked, offset, "entity unblocked");
+            Done {
+                was_blocked,
+                ..Done::default()
+            }
+        }
+    };
+    erasing.done.push((offset, done));
 }
 
 /// Each source's `changes_applied` counter, looked up once per source
@@ -191,7 +294,9 @@ fn apply(
     match record {
         BusRecord::Changes(set) => {
             let applied = store.apply_into(set, changes);
-            if applied != Outcome::Stale {
+            if applied == Outcome::Blocked {
+                blocked(metrics, &set.key);
+            } else if applied != Outcome::Stale {
                 counters
                     .entry(set.source.clone())
                     .or_insert_with(|| {
@@ -205,13 +310,27 @@ fn apply(
             tracing::trace!(key = %set.key, position = %set.position, "applied");
         }
         BusRecord::Fetched(set) => {
-            store.apply_fetched_into(set, changes);
+            if store.apply_fetched_into(set, changes) == Outcome::Blocked {
+                blocked(metrics, &set.key);
+            }
             tracing::trace!(key = %set.key, "applied a fetch");
         }
         BusRecord::Truncate(t) => {
             let n = store.truncate_into(partition, t, changes);
             tracing::debug!(table = %t.table, entities = n, "truncated");
         }
-        BusRecord::Unreadable => {}
+        // Applied by the caller (`erase`): it needs the record's offset.
+        BusRecord::Erase(_) | BusRecord::Unreadable => {}
     }
+}
+
+/// A change of a forgotten, blocked entity was dropped.
+fn blocked(metrics: &Metrics, key: &EntityKey) {
+    metrics
+        .blocked_changes
+        .get_or_create(&crate::telemetry::TypeLabel {
+            entity_type: key.entity_type.to_string(),
+        })
+        .inc();
+    tracing::trace!(%key, "change of a forgotten entity dropped");
 }

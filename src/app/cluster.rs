@@ -103,6 +103,8 @@ impl Partitions {
             publish_from,
             state_from,
             stop: stop.clone(),
+            keystore: f.keystore.clone(),
+            erasures: f.erasures.clone(),
         };
         let failed = self.failed.clone();
         let handle = tokio::spawn(async move {
@@ -190,16 +192,18 @@ impl Partitions {
         let dir = f.snapshot_dir.clone();
         let store = f.store.clone();
         let partitions = f.bus.partitions();
+        let keys = f.keystore.clone();
         let restored = tokio::task::spawn_blocking(move || {
-            snapshots::restore_partition(&dir, &store, p, partitions)
+            snapshots::restore_partition(&dir, &store, p, partitions, keys.as_deref())
         })
         .await??;
         let local = restored.map(|(offset, _)| offset);
         // The state topic, when newer than what this process has on disk.
         let mut from_state = None;
         let mut state_offset = None;
-        // Entities on the state topic, when it is not used (older).
+        // Entities and blocked ids on the state topic, when it is not used (older).
         let mut stale_keys: Vec<crate::event::EntityKey> = Vec::new();
+        let mut stale_marks: Vec<crate::event::EntityKey> = Vec::new();
         if let Some(st) = self.state_topic.clone() {
             let state = retrying("read the state topic", || st.read(p)).await;
             state_offset = state.as_ref().map(|s| s.offset);
@@ -207,6 +211,7 @@ impl Partitions {
                 && local.is_some_and(|l| s.offset <= l)
             {
                 stale_keys = s.entities.iter().map(|e| e.key.clone()).collect();
+                stale_marks = s.blocked.iter().map(|(k, _)| k.clone()).collect();
             }
             if let Some(s) = state
                 && local.is_none_or(|l| s.offset > l)
@@ -215,6 +220,9 @@ impl Partitions {
                 let n = s.entities.len();
                 for e in s.entities {
                     f.store.restore(e);
+                }
+                for (key, at) in s.blocked {
+                    f.store.restore_blocked(key, at);
                 }
                 tracing::info!(
                     partition = p,
@@ -266,29 +274,32 @@ impl Partitions {
                 .store
                 .shard_entities(p)
                 .into_iter()
-                .map(|e| {
-                    Arc::new(crate::store::EntityChange {
-                        key: e.key.clone(),
-                        version: e.version,
-                        entity: Some(e),
-                        changed_tables: Vec::new(),
-                    })
-                })
+                .map(|e| Arc::new(crate::store::EntityChange::upsert(e, Vec::new())))
                 .collect();
             // What the topic holds and the partition no longer does: deleted.
             for key in stale_keys {
                 if f.store.get(&key).is_none() {
-                    all.push(Arc::new(crate::store::EntityChange {
+                    all.push(Arc::new(crate::store::EntityChange::deleted(
                         key,
-                        version: 0,
-                        entity: None,
-                        changed_tables: Vec::new(),
-                    }));
+                        0,
+                        Vec::new(),
+                    )));
+                }
+            }
+            let mut marks: Vec<super::applier::Mark> = f
+                .store
+                .blocked_in(p)
+                .into_iter()
+                .map(|(k, at)| (k, Some(at)))
+                .collect();
+            for key in stale_marks {
+                if !f.store.is_blocked(&key) {
+                    marks.push((key, None));
                 }
             }
             let n = all.len();
             retrying("write the partition to the state topic", || {
-                st.write(p, &all, from.0)
+                st.write(p, &all, &marks, from.0)
             })
             .await;
             tracing::info!(

@@ -88,6 +88,11 @@ pub struct Fabric {
     pub streams_stop: CancellationToken,
     /// Who may call what (`[access]`); None: everyone, everything.
     pub access: Option<crate::access::Access>,
+    /// With `[snapshot.encryption]`: the per-entity keys of snapshot files.
+    pub keystore: Option<Arc<crate::store::keystore::KeyStore>>,
+    /// Erasures applied (for the calls that asked) and snapshot rounds
+    /// they ask for (see [`crate::erase`]).
+    pub erasures: Arc<crate::erase::Erasures>,
 }
 
 impl Fabric {
@@ -108,15 +113,33 @@ impl Fabric {
 }
 
 impl Fabric {
+    /// As [`Fabric::allow`], for calls that are audited even when allowed:
+    /// returns who the caller is (`anonymous` without an `[access]` section).
+    pub fn allow_named<T>(
+        &self,
+        request: &tonic::Request<T>,
+        method: &'static str,
+        action: crate::access::Action<'_>,
+    ) -> Result<String, tonic::Status> {
+        match &self.access {
+            None => Ok("anonymous".into()),
+            Some(a) => a.check_named(request, method, action).map(str::to_string),
+        }
+    }
+
     /// Refreshes the gauges computed from live state, then renders `/metrics`.
     pub fn render_metrics(&self) -> String {
         let m = &self.metrics;
         for e in &self.config.entities {
+            let label = crate::telemetry::TypeLabel {
+                entity_type: e.name.clone(),
+            };
             m.entities
-                .get_or_create(&crate::telemetry::TypeLabel {
-                    entity_type: e.name.clone(),
-                })
+                .get_or_create(&label)
                 .set(self.store.entity_count(&e.name) as i64);
+            m.blocked
+                .get_or_create(&label)
+                .set(self.store.blocked_count(&e.name) as i64);
         }
         for s in &self.sources {
             m.source_lag
@@ -193,14 +216,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .join(k.topic("changes")),
         _ => config.resolve(&config.snapshot.dir),
     };
+    let keystore = match &config.snapshot.encryption {
+        Some(enc) => Some(Arc::new(
+            open_keystore(&config, enc, &snap_dir, partitions).await?,
+        )),
+        None => None,
+    };
     let restored = {
         let store = store.clone();
         let dir = snap_dir.clone();
+        let keys = keystore.clone();
         if kafka_mode {
             tokio::task::spawn_blocking(move || snapshots::next_round(&dir, partitions)).await??
         } else {
-            tokio::task::spawn_blocking(move || snapshots::restore(&dir, &store, partitions))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                snapshots::restore(&dir, &store, partitions, keys.as_deref())
+            })
+            .await??
         }
     };
     let mut router = Router::new(&config, partitions, &restored.checkpoints);
@@ -299,7 +331,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // the partitions resume from.
     let frontiers = crate::freshness::Frontiers::default();
     frontiers.reached(routed.iter(), &restored.offsets);
+    let (erasures, mut round_requests) = crate::erase::Erasures::new();
     let fabric = Arc::new(Fabric {
+        keystore,
+        erasures: Arc::new(erasures),
         access: config
             .access
             .as_ref()
@@ -535,6 +570,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     _ = shutdown.cancelled() => break,
                 }
             }
+            Some(first) = round_requests.recv() => {
+                // Forgets asking for a round (see crate::erase): every one
+                // waiting now is answered by one round.
+                let mut waiting = vec![first];
+                while let Ok(more) = round_requests.try_recv() {
+                    waiting.push(more);
+                }
+                let written = tokio::select! {
+                    r = snapshotter.round() => match r {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "snapshot round asked for by a forget failed");
+                            false
+                        }
+                    },
+                    _ = shutdown.cancelled() => break,
+                };
+                for w in waiting {
+                    let _ = w.send(written);
+                }
+            }
             res = &mut router_task, if !router_done => {
                 router_done = true;
                 match res {
@@ -596,6 +652,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     while side.join_next().await.is_some() {}
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens (or creates) the keystore of `[snapshot.encryption]`: keys in
+/// `keys_dir` (on Kafka, per changes topic, as snapshots are), sealed under
+/// the master key.
+async fn open_keystore(
+    config: &Config,
+    enc: &crate::config::SnapshotEncryption,
+    snap_dir: &std::path::Path,
+    partitions: u32,
+) -> anyhow::Result<crate::store::keystore::KeyStore> {
+    let dir = match (&enc.keys_dir, &config.bus.kafka) {
+        (Some(d), Some(k)) if config.bus.kind == BusKind::Kafka => {
+            config.resolve(d).join(k.topic("changes"))
+        }
+        (Some(d), _) => config.resolve(d),
+        (None, _) => snap_dir.join("keys"),
+    };
+    let master = config.secret(
+        "snapshot.encryption",
+        enc.key_env.as_deref(),
+        enc.key_file.as_deref(),
+        &dir.join("master.key"),
+    )?;
+    let ks = tokio::task::spawn_blocking(move || {
+        crate::store::keystore::KeyStore::open(&dir, &master, partitions).map(|ks| (ks, dir))
+    })
+    .await??;
+    tracing::info!(dir = %ks.1.display(), keys = ks.0.len(), "snapshot keystore open");
+    Ok(ks.0)
 }
 
 /// The next ownership change, or never when there is no membership.

@@ -21,7 +21,8 @@ use super::applier::{Capture, CaptureRequest, PartitionState};
 use crate::bus::Offset;
 use crate::event::{Checkpoints, Position};
 use crate::store::Store;
-use crate::store::snapshot::{self, SnapshotMeta};
+use crate::store::keystore::KeyStore;
+use crate::store::snapshot::{self, SnapshotError, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +65,12 @@ pub fn next_round(dir: &Path, partitions: u32) -> anyhow::Result<Restored> {
 /// otherwise nothing is loaded and every source starts over from its
 /// beginning into an empty store (never a mix of old entities and a partial
 /// replay).
-pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Restored> {
+pub fn restore(
+    dir: &Path,
+    store: &Store,
+    partitions: u32,
+    keys: Option<&KeyStore>,
+) -> anyhow::Result<Restored> {
     let files = snapshot::list(dir)?;
     let next_round = files.iter().map(|f| f.round).max().map_or(1, |r| r + 1);
     let mut out = Restored {
@@ -84,7 +90,7 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
     // is unreadable: they are read (checked, decompressed, decoded) on
     // parallel threads first; the walk below takes those results in its
     // order and reads any older file it falls back to itself.
-    let mut newest_read = read_newest_in_parallel(&files);
+    let mut newest_read = read_newest_in_parallel(&files, keys);
     // Newest first: the first readable file fixes the partition count.
     for f in &files {
         if count.is_some_and(|n| f.partition >= n) || loaded.contains_key(&f.partition) {
@@ -92,12 +98,14 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
         }
         let read = newest_read
             .remove(&f.path)
-            .unwrap_or_else(|| snapshot::read(&f.path));
+            .unwrap_or_else(|| snapshot::read(&f.path, keys));
         match read {
             Ok(s) if count.is_none_or(|n| n == s.meta.partitions) => {
                 tracing::info!(
                     path = %f.path.display(),
                     entities = s.entities.len(),
+                    erased = s.erased,
+                    blocked = s.blocked.len(),
                     bytes = s.bytes,
                     "snapshot read"
                 );
@@ -109,9 +117,7 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
                 partitions = s.meta.partitions,
                 "snapshot of an older partition count skipped"
             ),
-            Err(e) => {
-                tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
-            }
+            Err(e) => skip_unreadable(e)?,
         }
     }
     let n = count.unwrap_or(partitions);
@@ -141,6 +147,9 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
         for e in s.entities {
             store.restore(e);
         }
+        for (key, at) in s.blocked {
+            store.restore_blocked(key, at);
+        }
     });
     tracing::info!(
         entities = out.entities,
@@ -148,6 +157,18 @@ pub fn restore(dir: &Path, store: &Store, partitions: u32) -> anyhow::Result<Res
         "restored"
     );
     Ok(out)
+}
+
+/// Logs an unreadable snapshot file that restore skips (a previous one, or
+/// the sources, make up for it), or refuses to go on when the file is fine
+/// but the keystore does not fit it: skipping every file for that would
+/// throw the snapshots away and re-read every source.
+fn skip_unreadable(e: SnapshotError) -> anyhow::Result<()> {
+    if let SnapshotError::Keystore { .. } | SnapshotError::Keys(_) = e {
+        anyhow::bail!("{e}");
+    }
+    tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one");
+    Ok(())
 }
 
 /// Runs `f` on every item, spread over the machine's cores.
@@ -177,6 +198,7 @@ fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
 /// parallel; by path.
 fn read_newest_in_parallel(
     files: &[snapshot::SnapshotFile],
+    keys: Option<&KeyStore>,
 ) -> std::collections::HashMap<
     std::path::PathBuf,
     Result<snapshot::LoadedSnapshot, snapshot::SnapshotError>,
@@ -184,7 +206,7 @@ fn read_newest_in_parallel(
     let mut seen = std::collections::HashSet::new();
     let newest: Vec<&snapshot::SnapshotFile> =
         files.iter().filter(|f| seen.insert(f.partition)).collect();
-    on_threads(newest, |f| (f.path.clone(), snapshot::read(&f.path)))
+    on_threads(newest, |f| (f.path.clone(), snapshot::read(&f.path, keys)))
         .into_iter()
         .collect()
 }
@@ -198,18 +220,21 @@ pub fn restore_partition(
     store: &Store,
     partition: u32,
     partitions: u32,
+    keys: Option<&KeyStore>,
 ) -> anyhow::Result<Option<(u64, usize)>> {
     for f in snapshot::list(dir)?
         .iter()
         .filter(|f| f.partition == partition)
     {
         let started = Instant::now();
-        match snapshot::read(&f.path) {
+        match snapshot::read(&f.path, keys) {
             Ok(s) if s.meta.partitions == partitions => {
                 let n = s.entities.len();
                 tracing::info!(
                     path = %f.path.display(),
                     entities = n,
+                    erased = s.erased,
+                    blocked = s.blocked.len(),
                     bytes = s.bytes,
                     offset = s.meta.bus_offset,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -218,12 +243,13 @@ pub fn restore_partition(
                 for e in s.entities {
                     store.restore(e);
                 }
+                for (key, at) in s.blocked {
+                    store.restore_blocked(key, at);
+                }
                 return Ok(Some((s.meta.bus_offset, n)));
             }
             Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "corrupt snapshot skipped; trying the previous one")
-            }
+            Err(e) => skip_unreadable(e)?,
         }
     }
     Ok(None)
@@ -343,11 +369,20 @@ impl Snapshotter {
             bus_offset: capture.offset.0,
             checkpoints: checkpoints.clone(),
             created_micros: crate::sources::now_micros(),
+            keystore: None,
         };
         let dir = f.snapshot_dir.clone();
-        let (_, n) =
-            tokio::task::spawn_blocking(move || snapshot::write(&dir, &meta, &capture.entities))
-                .await??;
+        let keys = f.keystore.clone();
+        let (_, n) = tokio::task::spawn_blocking(move || {
+            snapshot::write(
+                &dir,
+                &meta,
+                &capture.entities,
+                &capture.blocked,
+                keys.as_deref(),
+            )
+        })
+        .await??;
         let state: &PartitionState = &f.partitions[partition as usize];
         state.snapshot.store(capture.offset.0, Ordering::Release);
         // For monitoring tools only: a failure does not fail the round.
@@ -365,6 +400,7 @@ impl Snapshotter {
         let capture = Capture {
             offset,
             entities: self.fabric.store.shard_entities(partition),
+            blocked: self.fabric.store.blocked_in(partition),
         };
         let n = self
             .write(round, partition, &Checkpoints::default(), capture)

@@ -14,6 +14,12 @@
 //! record says `o`, every entity message of the records below `o` is on the
 //! topic before it.
 //!
+//! A forgotten entity is a tombstone like a deleted one; when its later
+//! changes are blocked, the key `!blocked/<type>/<id>` holds when it was
+//! forgotten (decimal microseconds), written with the batch that forgot it
+//! and removed (tombstone) when it is unblocked: a process restoring the
+//! partition from the topic keeps it blocked.
+//!
 //! Restore of partition `p`: read the partition from its start to its end
 //! now; the entities are the state at the last offset record's `o`; the
 //! changes topic is replayed from `o` (a record applied twice is applied
@@ -32,6 +38,8 @@ use std::sync::Arc;
 
 /// The key of the per-partition offset record.
 pub const OFFSET_KEY: &str = "!offset";
+/// The prefix of a blocked id's key.
+pub const BLOCKED_PREFIX: &str = "!blocked/";
 const FORMAT_POSTCARD: u8 = 1;
 
 pub struct StateTopic {
@@ -45,6 +53,8 @@ pub struct Restored {
     /// The bus offset the entities reflect.
     pub offset: u64,
     pub entities: Vec<Entity>,
+    /// Forgotten ids whose changes are blocked, and when each was forgotten.
+    pub blocked: Vec<(crate::event::EntityKey, i64)>,
 }
 
 impl StateTopic {
@@ -75,6 +85,7 @@ impl StateTopic {
         &self,
         partition: u32,
         changes: &[Arc<EntityChange>],
+        marks: &[super::applier::Mark],
         offset: u64,
     ) -> Result<(), BusError> {
         // The newest change of each entity in the batch.
@@ -110,6 +121,21 @@ impl StateTopic {
                 send_in_order(&self.producer, record)
                     .await
                     .map_err(kafka::kafka("write an entity's state"))?,
+            );
+        }
+        for (key, at) in marks {
+            let k = format!("{BLOCKED_PREFIX}{key}");
+            let v = at.map(|t| t.to_string());
+            let mut record = FutureRecord::to(&self.topic)
+                .partition(partition as i32)
+                .key(k.as_str());
+            if let Some(v) = &v {
+                record = record.payload(v.as_bytes());
+            }
+            deliveries.push(
+                send_in_order(&self.producer, record)
+                    .await
+                    .map_err(kafka::kafka("write a blocked id"))?,
             );
         }
         for d in deliveries {
@@ -152,6 +178,7 @@ fn read_partition(
     partition: u32,
 ) -> Result<Option<Restored>, BusError> {
     let mut entities: HashMap<Vec<u8>, Entity> = HashMap::new();
+    let mut blocked: HashMap<Vec<u8>, i64> = HashMap::new();
     let mut offset = None;
     kafka::read_whole_partition(client, topic, partition, |m| {
         let key = m.key().unwrap_or_default();
@@ -167,6 +194,21 @@ fn read_partition(
                 .or(offset);
             return Ok(());
         }
+        if key.starts_with(BLOCKED_PREFIX.as_bytes()) {
+            match m.payload() {
+                None => {
+                    blocked.remove(key);
+                }
+                Some(p) => {
+                    let at = std::str::from_utf8(p)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .ok_or_else(|| bad("a blocked id's time is not a number".into()))?;
+                    blocked.insert(key.to_vec(), at);
+                }
+            }
+            return Ok(());
+        }
         match m.payload() {
             None => {
                 entities.remove(key);
@@ -180,8 +222,17 @@ fn read_partition(
         }
         Ok(())
     })?;
+    let blocked = blocked
+        .into_iter()
+        .filter_map(|(k, at)| {
+            let k = std::str::from_utf8(&k[BLOCKED_PREFIX.len()..]).ok()?;
+            let (ty, id) = k.split_once('/')?;
+            Some((crate::event::EntityKey::new(ty, id), at))
+        })
+        .collect();
     Ok(offset.map(|offset| Restored {
         offset,
         entities: entities.into_values().collect(),
+        blocked,
     }))
 }

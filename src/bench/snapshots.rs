@@ -5,6 +5,7 @@
 
 use super::{Bench, Table};
 use crate::event::{EntityKey, Position, Row, Value};
+use crate::store::keystore::KeyStore;
 use crate::store::snapshot::{self, SnapshotMeta};
 use crate::store::{Entity, Store, StoredRow, TableRows};
 use std::time::Instant;
@@ -58,70 +59,102 @@ pub fn entity(id: u64) -> Entity {
     e
 }
 
+/// Writes `n` entities as one snapshot round and restores them, sealed
+/// per entity when `sealed` (a keystore made in the directory); returns
+/// file bytes, write seconds and restore seconds.
+fn measure(dir: &std::path::Path, n: u64, sealed: bool) -> anyhow::Result<[f64; 3]> {
+    let _ = std::fs::remove_dir_all(dir);
+    let keys = if sealed {
+        Some(KeyStore::open(
+            &dir.join("keys"),
+            b"benchmark master key",
+            PARTITIONS,
+        )?)
+    } else {
+        None
+    };
+    let store = Store::new(PARTITIONS, &["customer"], 16);
+    for id in 1..=n {
+        store.restore(entity(id));
+    }
+    let t0 = Instant::now();
+    let mut bytes = 0;
+    for p in 0..PARTITIONS {
+        let meta = SnapshotMeta {
+            partition: p,
+            partitions: PARTITIONS,
+            round: 1,
+            bus_offset: 0,
+            checkpoints: Default::default(),
+            created_micros: 0,
+            keystore: None,
+        };
+        bytes += snapshot::write(dir, &meta, &store.shard_entities(p), &[], keys.as_ref())?.1;
+    }
+    let write = t0.elapsed().as_secs_f64();
+    drop(store);
+    let restored = Store::new(PARTITIONS, &["customer"], 16);
+    let t0 = Instant::now();
+    let r = crate::app::snapshots::restore(dir, &restored, PARTITIONS, keys.as_ref())?;
+    let read = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        r.entities as u64 == n && restored.entity_count("customer") == n,
+        "restored {} of {n} entities",
+        r.entities
+    );
+    anyhow::ensure!(
+        restored
+            .get(&EntityKey::new("customer", n.to_string()))
+            .as_deref()
+            == Some(&entity(n)),
+        "a restored entity differs from the one written"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok([bytes as f64, write, read])
+}
+
 pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
     let n = b.snapshot_entities;
     let dir = b.dir.join("snapshot-part");
-    let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("snapshots: building {n} entities");
-    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<[f64; 3]> {
-        let store = Store::new(PARTITIONS, &["customer"], 16);
-        for id in 1..=n {
-            store.restore(entity(id));
-        }
-        let t0 = Instant::now();
-        let mut bytes = 0;
-        for p in 0..PARTITIONS {
-            let meta = SnapshotMeta {
-                partition: p,
-                partitions: PARTITIONS,
-                round: 1,
-                bus_offset: 0,
-                checkpoints: Default::default(),
-                created_micros: 0,
-            };
-            bytes += snapshot::write(&dir, &meta, &store.shard_entities(p))?.1;
-        }
-        let write = t0.elapsed().as_secs_f64();
-        drop(store);
-        let restored = Store::new(PARTITIONS, &["customer"], 16);
-        let t0 = Instant::now();
-        let r = crate::app::snapshots::restore(&dir, &restored, PARTITIONS)?;
-        let read = t0.elapsed().as_secs_f64();
-        anyhow::ensure!(
-            r.entities as u64 == n && restored.entity_count("customer") == n,
-            "restored {} of {n} entities",
-            r.entities
-        );
-        anyhow::ensure!(
-            restored
-                .get(&EntityKey::new("customer", n.to_string()))
-                .as_deref()
-                == Some(&entity(n)),
-            "a restored entity differs from the one written"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok([bytes as f64, write, read])
+    eprintln!("snapshots: {n} entities, plain then sealed per entity");
+    let (plain, sealed) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        Ok((measure(&dir, n, false)?, measure(&dir, n, true)?))
     })
     .await??;
-    let [bytes, write, read] = result;
     let mut t = Table::new(
         &format!("Snapshots of {n} entities ({PARTITIONS} partition files, lz4, fsync)"),
-        &["step", "seconds", "entities/s", "MB/s (file bytes)"],
+        &[
+            "step",
+            "seconds",
+            "entities/s",
+            "MB/s (file bytes)",
+            "sealed / plain",
+        ],
     );
-    for (step, secs) in [("write", write), ("restore (read, verify, load)", read)] {
+    for (name, [bytes, write, read], base) in [
+        ("", plain, None),
+        (" [snapshot.encryption]", sealed, Some(plain)),
+    ] {
+        for (step, secs, i) in [
+            ("write", write, 1),
+            ("restore (read, verify, load)", read, 2),
+        ] {
+            t.row(vec![
+                format!("{step}{name}"),
+                format!("{secs:.2}"),
+                format!("{:.0}", n as f64 / secs),
+                format!("{:.0}", bytes / 1e6 / secs),
+                base.map_or(String::new(), |b| format!("{:.2}x time", secs / b[i])),
+            ]);
+        }
         t.row(vec![
-            step.into(),
-            format!("{secs:.2}"),
-            format!("{:.0}", n as f64 / secs),
-            format!("{:.0}", bytes / 1e6 / secs),
+            format!("file bytes{name}"),
+            super::reads::mb(bytes as u64),
+            String::new(),
+            String::new(),
+            base.map_or(String::new(), |b| format!("{:.2}x bytes", bytes / b[0])),
         ]);
     }
-    t.row(vec![
-        "file bytes".into(),
-        super::reads::mb(bytes as u64),
-        String::new(),
-        String::new(),
-    ]);
     tables.push(t);
     Ok(())
 }

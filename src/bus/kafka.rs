@@ -463,6 +463,7 @@ impl Bus for KafkaBus {
             let key = match r {
                 BusRecord::Changes(s) => s.key.bus_key(),
                 BusRecord::Fetched(f) => f.key.bus_key(),
+                BusRecord::Erase(e) => e.key.bus_key(),
                 BusRecord::Truncate(t) => format!("{}/*", t.entity_type),
                 BusRecord::Unreadable => {
                     return Err(BusError::Kafka {

@@ -322,6 +322,28 @@ pub struct SnapshotConfig {
     /// a predecessor to fall back to).
     #[serde(default = "default_snapshot_keep")]
     pub keep: usize,
+    /// Seal every entity in snapshot files under a key of its own
+    /// (AES-256-GCM): forgetting an entity deletes its key, so snapshot files
+    /// written before, and their copies, cannot be read for it any more.
+    /// Absent: snapshot files are not encrypted.
+    pub encryption: Option<SnapshotEncryption>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotEncryption {
+    /// The name of an environment variable holding the master key (at
+    /// least 16 bytes), which seals the per-entity keys. Wins over `key_file`.
+    pub key_env: Option<String>,
+    /// A file holding the master key (at least 16 bytes; must exist).
+    /// Default, when neither is set: `master.key` in `keys_dir`, created
+    /// with 32 random bytes (mode 0600) on first start.
+    pub key_file: Option<PathBuf>,
+    /// Directory of the per-entity keys (default: `keys` in the snapshot
+    /// directory; on Kafka, in a directory per changes topic, as snapshots
+    /// are). Back it up apart from the snapshot files, and never keep a
+    /// backup of it longer than erasure allows: a copy of a deleted key
+    /// reopens the old snapshots it sealed.
+    pub keys_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -684,6 +706,38 @@ pub struct ViewConfig {
     pub mask: BTreeMap<String, Mask>,
 }
 
+/// The key in `path`, or a new random one written there (mode 0600).
+pub(crate) fn read_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(k) => return Ok(k),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut key = vec![0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(&key)?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "key created");
+            Ok(key)
+        }
+        // Another process made it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read(path)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The largest key or certificate file a config may name.
 pub const MAX_CONFIG_FILE: u64 = 1 << 20;
 
@@ -758,6 +812,32 @@ impl Config {
         self.entities
             .iter()
             .any(|e| e.tables.iter().any(|t| t.id_via.is_some()))
+    }
+
+    /// A secret named by a config section: the environment variable
+    /// `key_env`, else the file `key_file`, else the file `default`, created
+    /// with 32 random bytes (mode 0600) when missing. `section` names the
+    /// section in errors; the secret itself is never printed.
+    pub fn secret(
+        &self,
+        section: &str,
+        key_env: Option<&str>,
+        key_file: Option<&Path>,
+        default: &Path,
+    ) -> anyhow::Result<Vec<u8>> {
+        use anyhow::Context;
+        if let Some(var) = key_env {
+            return Ok(std::env::var_os(var)
+                .with_context(|| {
+                    format!("{section}.key_env: the environment variable {var} is not set")
+                })?
+                .into_encoded_bytes());
+        }
+        if let Some(file) = key_file {
+            return self.read_file(&format!("{section}.key_file"), file);
+        }
+        read_or_create_key(default)
+            .with_context(|| format!("cannot read or create the key {}", default.display()))
     }
 
     /// The bytes of the file at `p` (relative to the config's directory),
@@ -864,6 +944,7 @@ impl Default for SnapshotConfig {
             dir: default_snapshot_dir(),
             interval: default_snapshot_interval(),
             keep: default_snapshot_keep(),
+            encryption: None,
         }
     }
 }

@@ -275,6 +275,26 @@ pub struct FetchedEntity {
     pub fetched_micros: i64,
 }
 
+/// An erasure request for one entity (`ForgetEntity`, `UnblockEntity`),
+/// keyed by it: it travels through the entity's partition like its
+/// changes, so everything before it is applied and then erased, and
+/// whatever comes after it finds the entity forgotten, on every replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub key: EntityKey,
+    pub action: EraseAction,
+    /// When it was asked, microseconds since the Unix epoch.
+    pub at_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EraseAction {
+    /// Remove the entity; with `block`, drop every later change of it.
+    Forget { block: bool },
+    /// Let later changes build a forgotten entity again.
+    Unblock,
+}
+
 /// What the bus carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BusRecord {
@@ -284,6 +304,8 @@ pub enum BusRecord {
     Truncate(TruncateTable),
     /// An entity read straight from its sources, keyed by it.
     Fetched(FetchedEntity),
+    /// An entity forgotten or unblocked on request, keyed by it.
+    Erase(Erasure),
     /// A record on the bus this fabric could not read (written by something
     /// else, or by an incompatible version). Never written: made by the Kafka
     /// consumer in its place after it went to the dead-letter output, so the

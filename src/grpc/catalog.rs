@@ -29,6 +29,7 @@ impl CatalogService for CatalogApi {
                 root_table: e.root_table().into(),
                 description: e.description.clone().unwrap_or_default(),
                 entity_count: f.store.entity_count(&e.name),
+                blocked_count: f.store.blocked_count(&e.name),
                 tables: e
                     .tables
                     .iter()

@@ -10,8 +10,9 @@ use crate::grpc::wire::{BatchWire, EntityWire};
 use crate::proto::entity_change::Operation;
 use crate::proto::entity_server::entity_service_server::EntityService;
 use crate::proto::{
-    BatchGetEntitiesRequest, Entity, EntityChange, GetEntityRequest, ListEntitiesRequest,
-    ListEntitiesResponse, WatchEntitiesRequest,
+    BatchGetEntitiesRequest, Entity, EntityChange, ForgetEntityRequest, ForgetEntityResponse,
+    GetEntityRequest, ListEntitiesRequest, ListEntitiesResponse, UnblockEntityRequest,
+    UnblockEntityResponse, WatchEntitiesRequest,
 };
 use crate::view::{self, View};
 use std::pin::Pin;
@@ -71,13 +72,15 @@ impl EntityApi {
         version: u64,
     ) -> Result<Arc<crate::store::Entity>, Status> {
         if version == 0 {
-            return self.fabric.store.get(key).ok_or_else(|| {
-                Status::not_found(format!("{} {} not found", key.entity_type, key.id))
-            });
+            return self
+                .fabric
+                .store
+                .get(key)
+                .ok_or_else(|| not_found(&self.fabric, key));
         }
         self.fabric.store.get_version(key, version).map_err(|kept| {
             if kept.is_empty() {
-                return Status::not_found(format!("{} {} not found", key.entity_type, key.id));
+                return not_found(&self.fabric, key);
             }
             let kept: Vec<String> = kept.iter().map(u64::to_string).collect();
             Status::not_found(format!(
@@ -101,10 +104,22 @@ impl EntityApi {
     }
 }
 
+/// NOT_FOUND for `key`, saying so when it was forgotten on request.
+pub(super) fn not_found(fabric: &Fabric, key: &EntityKey) -> Status {
+    if fabric.store.is_blocked(key) {
+        return Status::not_found(format!(
+            "{} {} was forgotten on request (ForgetEntity); its changes are dropped until \
+             UnblockEntity",
+            key.entity_type, key.id
+        ));
+    }
+    Status::not_found(format!("{} {} not found", key.entity_type, key.id))
+}
+
 /// A forwarded read's failure that may pass once a partition has moved:
 /// the holder refused (it stopped holding it), or could not be reached (it
 /// died and its lease has not run out: a transport error, `Unknown`).
-fn retryable(s: &Status) -> bool {
+pub(super) fn retryable(s: &Status) -> bool {
     use tonic::Code::*;
     matches!(
         s.code(),
@@ -250,10 +265,7 @@ impl EntityService for EntityApi {
                         .await?
                     {
                         Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
-                        None => Err(Status::not_found(format!(
-                            "{} {} not found",
-                            key.entity_type, key.id
-                        ))),
+                        None => Err(not_found(&self.fabric, &key)),
                     };
                 }
                 Route::Remote(addr) if !hop => {
@@ -608,7 +620,8 @@ impl EntityService for EntityApi {
                 let Some(item) = item else { return };
                 if let (Some(_), Ok(change)) = (&key, &item) {
                     let version = change.entity.as_ref().map_or(0, |e| e.version);
-                    let deleted = change.operation == Operation::Delete as i32;
+                    let deleted = change.operation == Operation::Delete as i32
+                        || change.operation == Operation::Forget as i32;
                     if version <= last_sent && !deleted {
                         continue;
                     }
@@ -625,6 +638,20 @@ impl EntityService for EntityApi {
             inner: Box::pin(stream),
             slot,
         })))
+    }
+
+    async fn forget_entity(
+        &self,
+        request: Request<ForgetEntityRequest>,
+    ) -> Result<Response<ForgetEntityResponse>, Status> {
+        super::forget::forget(&self.fabric, &self.peers, request).await
+    }
+
+    async fn unblock_entity(
+        &self,
+        request: Request<UnblockEntityRequest>,
+    ) -> Result<Response<UnblockEntityResponse>, Status> {
+        super::forget::unblock(&self.fabric, &self.peers, request).await
     }
 }
 
@@ -749,7 +776,11 @@ async fn local_changes(
         let msg = match &change.entity {
             Some(e) => upsert(e, view, tables),
             None => EntityChange {
-                operation: Operation::Delete as i32,
+                operation: if change.forgotten {
+                    Operation::Forget
+                } else {
+                    Operation::Delete
+                } as i32,
                 entity: Some(Entity {
                     r#type: change.key.entity_type.to_string(),
                     id: change.key.id.to_string(),

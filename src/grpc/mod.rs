@@ -5,6 +5,7 @@
 mod catalog;
 pub mod encode;
 mod entity;
+mod forget;
 pub mod forward;
 pub mod guard;
 mod ingest;

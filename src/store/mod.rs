@@ -8,8 +8,15 @@
 //! entity keeps its type's `history` earlier versions (in memory only; not
 //! in snapshots), for reads of a given version and watches that resume.
 //!
+//! An entity forgotten on request ([`Store::forget_into`]) leaves memory
+//! with its history; when its later changes are blocked, the shard keeps a
+//! mark (its key and when it was forgotten) that makes every later change
+//! set and fetch of it a no-op ([`Outcome::Blocked`]) until it is
+//! unblocked. Marks go into snapshots and the state topic with the shard.
+//!
 //! The store knows nothing of sources or of the bus: it applies change sets.
 
+pub mod keystore;
 pub mod microdb;
 pub mod row;
 pub mod snapshot;
@@ -32,6 +39,78 @@ pub struct EntityChange {
     /// The entity after the change; `None` when it was deleted.
     pub entity: Option<Arc<Entity>>,
     pub changed_tables: Vec<Arc<str>>,
+    /// The entity was forgotten on request (`entity` is `None`): readers
+    /// downstream should erase their copies, not only drop the entity.
+    pub forgotten: bool,
+}
+
+impl EntityChange {
+    /// A change with the entity after it.
+    pub fn upsert(entity: Arc<Entity>, changed_tables: Vec<Arc<str>>) -> Self {
+        EntityChange {
+            key: entity.key.clone(),
+            version: entity.version,
+            entity: Some(entity),
+            changed_tables,
+            forgotten: false,
+        }
+    }
+
+    /// The entity is gone (deleted at its sources) as of `version`.
+    pub fn deleted(key: EntityKey, version: u64, changed_tables: Vec<Arc<str>>) -> Self {
+        EntityChange {
+            key,
+            version,
+            entity: None,
+            changed_tables,
+            forgotten: false,
+        }
+    }
+}
+
+/// Blocked ids of one shard: forgotten entities whose later changes are
+/// dropped, with when they were forgotten (microseconds since the epoch).
+#[derive(Debug, Default)]
+struct Blocked {
+    keys: parking_lot::RwLock<HashMap<EntityKey, i64>>,
+    /// `keys` is not empty: every apply asks, and almost always there is
+    /// nothing blocked, so it pays one atomic load instead of a lock.
+    any: std::sync::atomic::AtomicBool,
+}
+
+impl Blocked {
+    fn contains(&self, key: &EntityKey) -> bool {
+        self.any.load(Ordering::Acquire) && self.keys.read().contains_key(key)
+    }
+
+    fn insert(&self, key: EntityKey, at_micros: i64) -> bool {
+        let mut keys = self.keys.write();
+        let new = keys.insert(key, at_micros).is_none();
+        self.any.store(true, Ordering::Release);
+        new
+    }
+
+    fn remove(&self, key: &EntityKey) -> bool {
+        let mut keys = self.keys.write();
+        let was = keys.remove(key).is_some();
+        self.any.store(!keys.is_empty(), Ordering::Release);
+        was
+    }
+
+    fn clear(&self) {
+        let mut keys = self.keys.write();
+        keys.clear();
+        self.any.store(false, Ordering::Release);
+    }
+}
+
+/// What [`Store::forget_into`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgot {
+    /// The entity was held and is gone now.
+    pub was_held: bool,
+    /// Its later changes are dropped.
+    pub blocked: bool,
 }
 
 /// One entity in its shard: the current version and, when its type keeps
@@ -78,6 +157,8 @@ pub enum Outcome {
     Stale,
     /// Nothing changed; the source's position moved.
     Unchanged,
+    /// The entity was forgotten and its changes are blocked: nothing done.
+    Blocked,
     /// A new version.
     Changed,
     /// The entity is gone.
@@ -93,6 +174,8 @@ pub struct Store {
     /// handful of types, looked up on every apply: a scan, no hashing.
     history: Vec<(Arc<str>, usize)>,
     changes: broadcast::Sender<Arc<EntityChange>>,
+    /// Per shard, the forgotten ids whose changes are blocked.
+    blocked: Vec<Blocked>,
 }
 
 impl Store {
@@ -108,6 +191,7 @@ impl Store {
                 .collect(),
             history: Vec::new(),
             changes,
+            blocked: (0..shards.max(1)).map(|_| Blocked::default()).collect(),
         }
     }
 
@@ -216,6 +300,9 @@ impl Store {
 
     /// As [`Store::apply`], also pushing the entity change (if any) to `out`.
     pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Outcome {
+        if self.is_blocked(&set.key) {
+            return Outcome::Blocked;
+        }
         let shard = self.shard(&set.key);
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
         let applied = Entity::apply(current.as_deref(), set);
@@ -229,6 +316,9 @@ impl Store {
         set: &crate::event::FetchedEntity,
         out: &mut Vec<Arc<EntityChange>>,
     ) -> Outcome {
+        if self.is_blocked(&set.key) {
+            return Outcome::Blocked;
+        }
         let shard = self.shard(&set.key);
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
         let applied = Entity::apply_fetched(current.as_deref(), set);
@@ -244,6 +334,82 @@ impl Store {
         } else {
             false
         }
+    }
+
+    fn blocked_of(&self, key: &EntityKey) -> &Blocked {
+        &self.blocked[key.partition(self.shard_count()) as usize]
+    }
+
+    /// The entity was forgotten and its later changes are dropped.
+    pub fn is_blocked(&self, key: &EntityKey) -> bool {
+        self.blocked_of(key).contains(key)
+    }
+
+    /// Forgets an entity: drops it (current version and history) and,
+    /// with `block`, marks it so that its later changes are dropped. The
+    /// watchers and `out` get a change with `forgotten` set when it was
+    /// held. Call only from the shard's single writer.
+    pub fn forget_into(
+        &self,
+        key: &EntityKey,
+        block: bool,
+        at_micros: i64,
+        out: &mut Vec<Arc<EntityChange>>,
+    ) -> Forgot {
+        let removed = self.shard(key).remove(key);
+        if block {
+            self.blocked_of(key).insert(key.clone(), at_micros);
+        }
+        if let Some((_, slot)) = &removed {
+            self.count(&key.entity_type, -1);
+            let mut change = EntityChange::deleted(
+                key.clone(),
+                slot.current.version + 1,
+                slot.current.tables.keys().cloned().collect(),
+            );
+            change.forgotten = true;
+            self.publish(change, out);
+        }
+        Forgot {
+            was_held: removed.is_some(),
+            blocked: block,
+        }
+    }
+
+    /// Lets later changes build a forgotten entity again; true when it was
+    /// blocked.
+    pub fn unblock(&self, key: &EntityKey) -> bool {
+        self.blocked_of(key).remove(key)
+    }
+
+    /// The blocked ids of one shard and when each was forgotten, sorted.
+    pub fn blocked_in(&self, shard: u32) -> Vec<(EntityKey, i64)> {
+        let Some(b) = self.blocked.get(shard as usize) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(EntityKey, i64)> =
+            b.keys.read().iter().map(|(k, t)| (k.clone(), *t)).collect();
+        out.sort();
+        out
+    }
+
+    /// Blocks a restored mark (start-up, or a partition assigned).
+    pub fn restore_blocked(&self, key: EntityKey, at_micros: i64) {
+        self.blocked_of(&key).insert(key, at_micros);
+    }
+
+    /// Blocked ids of one entity type.
+    pub fn blocked_count(&self, entity_type: &str) -> u64 {
+        self.blocked
+            .iter()
+            .map(|b| {
+                b.keys
+                    .read()
+                    .keys()
+                    .filter(|k| &*k.entity_type == entity_type)
+                    .count() as u64
+            })
+            .sum()
     }
 
     /// Puts the result of an apply in place and tells the watchers.
@@ -268,15 +434,7 @@ impl Store {
                 if self.put(shard, key, entity.clone()) {
                     self.count(&key.entity_type, 1);
                 }
-                self.publish(
-                    EntityChange {
-                        key: key.clone(),
-                        version: entity.version,
-                        entity: Some(entity),
-                        changed_tables,
-                    },
-                    out,
-                );
+                self.publish(EntityChange::upsert(entity, changed_tables), out);
                 Outcome::Changed
             }
             Applied::Deleted {
@@ -287,12 +445,7 @@ impl Store {
                     self.count(&key.entity_type, -1);
                 }
                 self.publish(
-                    EntityChange {
-                        key: key.clone(),
-                        version,
-                        entity: None,
-                        changed_tables,
-                    },
+                    EntityChange::deleted(key.clone(), version, changed_tables),
                     out,
                 );
                 Outcome::Deleted
@@ -337,26 +490,13 @@ impl Store {
                 s.remove(&key);
                 self.count(&key.entity_type, -1);
                 self.publish(
-                    EntityChange {
-                        key,
-                        version: next.version,
-                        entity: None,
-                        changed_tables: vec![t.table.clone()],
-                    },
+                    EntityChange::deleted(key, next.version, vec![t.table.clone()]),
                     out,
                 );
             } else {
                 let next = Arc::new(next);
                 self.put(s, &key, next.clone());
-                self.publish(
-                    EntityChange {
-                        key,
-                        version: next.version,
-                        entity: Some(next),
-                        changed_tables: vec![t.table.clone()],
-                    },
-                    out,
-                );
+                self.publish(EntityChange::upsert(next, vec![t.table.clone()]), out);
             }
         }
         n
@@ -377,13 +517,15 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Removes every entity of one shard (its partition moved to another
-    /// process); returns how many. Watchers are not told: the entities
-    /// did not change, this process stopped holding them.
+    /// Removes every entity (and blocked id) of one shard (its partition
+    /// moved to another process); returns how many entities. Watchers are
+    /// not told: the entities did not change, this process stopped holding
+    /// them.
     pub fn drop_shard(&self, shard: u32) -> usize {
         let Some(s) = self.shards.get(shard as usize) else {
             return 0;
         };
+        self.blocked[shard as usize].clear();
         let mut n = 0;
         s.retain(|k, _| {
             self.count(&k.entity_type, -1);
@@ -489,6 +631,52 @@ mod tests {
             }],
             delete_entity: false,
         });
+    }
+
+    #[test]
+    fn a_forgotten_entity_is_gone_and_stays_gone_until_unblocked() {
+        let store = Store::new(4, &["t"], 16).with_history([("t", 3)]);
+        let mut watch = store.subscribe();
+        add(&store, "1");
+        add(&store, "2");
+        let key = EntityKey::new("t", "1");
+        let mut out = Vec::new();
+        let f = store.forget_into(&key, true, 77, &mut out);
+        assert_eq!(
+            f,
+            Forgot {
+                was_held: true,
+                blocked: true
+            }
+        );
+        assert!(store.get(&key).is_none() && store.versions(&key).is_empty());
+        assert_eq!(store.entity_count("t"), 1);
+        assert!(out[0].forgotten && out[0].entity.is_none());
+        let mut seen = Vec::new();
+        while let Ok(c) = watch.try_recv() {
+            seen.push((c.key.id.to_string(), c.forgotten));
+        }
+        assert_eq!(seen.last(), Some(&("1".to_string(), true)));
+        // Later changes are dropped; other entities are not affected.
+        let p = key.partition(4);
+        assert_eq!(store.blocked_in(p), vec![(key.clone(), 77)]);
+        add(&store, "1");
+        assert!(store.get(&key).is_none());
+        assert!(store.get(&EntityKey::new("t", "2")).is_some());
+        assert_eq!(store.blocked_count("t"), 1);
+        // Unblocked: the next change builds it again.
+        assert!(store.unblock(&key));
+        add(&store, "1");
+        assert_eq!(store.get(&key).map(|e| e.version), Some(1));
+        // Forgetting without a block lets the next change rebuild it.
+        let f = store.forget_into(&key, false, 78, &mut Vec::new());
+        assert!(f.was_held && !f.blocked && !store.is_blocked(&key));
+        add(&store, "1");
+        assert!(store.get(&key).is_some());
+        // A shard dropped (partition moved away) drops its blocked ids too.
+        store.forget_into(&key, true, 79, &mut Vec::new());
+        store.drop_shard(p);
+        assert!(!store.is_blocked(&key));
     }
 
     #[test]

@@ -1,20 +1,34 @@
 //! Snapshot files: every micro-DB of one bus partition, durable and checked.
 //!
-//! File name: `r<round>-p<partition>.snap`. Layout:
+//! File name: `r<round>-p<partition>.snap`. Layout (format version 2):
 //!
 //! ```text
 //! magic "EFSNAP01" | format version u32 | partition u32 | partitions u32 | round u64
-//! lz4 frame { meta (postcard, length-prefixed) | entity count u64 | entities (postcard, each length-prefixed) }
+//! lz4 frame { meta (postcard, length-prefixed) | entity count u64 | entities (each length-prefixed)
+//!             | blocked count u64 | blocked ids (postcard (key, forgotten at), each length-prefixed) }
 //! trailer: crc32 of every byte before it u32 | length of every byte before it u64 | "EFSNAPOK"
 //! ```
+//!
+//! An entity record is the entity in postcard encoding, or, when the meta
+//! names a keystore (`[snapshot.encryption]`), the entity sealed under its
+//! own key (see [`super::keystore`]): its key in postcard, its key id (u64),
+//! then nonce, ciphertext and tag; the key and key id are the associated
+//! data, so a record cannot pass for another entity's. A record whose key
+//! was deleted (the entity was forgotten) is skipped on reading and
+//! counted; a sealed file read without its keystore is refused whole.
+//! Blocked ids (forgotten entities whose later changes are dropped) are
+//! kept in clear: they are ids, which are not secret (docs/security.md).
+//!
+//! Version 1 files (no blocked ids, never sealed) are still read.
 //!
 //! Written to a `.tmp` file, fsynced, renamed, and the directory fsynced
 //! (DESIGN.md invariant 4). A reader checks magic, version, length and
 //! checksum before decoding a byte, so a torn or corrupt file is refused
 //! whole, never half-loaded.
 
+use super::keystore::{KeyError, KeyStore, KeystoreId, Unsealed};
 use super::microdb::Entity;
-use crate::event::Checkpoints;
+use crate::event::{Checkpoints, EntityKey};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -23,8 +37,10 @@ use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"EFSNAP01";
 const TRAILER_MAGIC: &[u8; 8] = b"EFSNAPOK";
-/// Bumped when the encoding changes; older versions are refused by name.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped when the encoding changes; older versions this build still
+/// reads are listed in [`READS`].
+pub const FORMAT_VERSION: u32 = 2;
+const READS: [u32; 2] = [1, 2];
 const HEADER_LEN: usize = 8 + 4 + 4 + 4 + 8;
 const TRAILER_LEN: usize = 4 + 8 + 8;
 
@@ -38,8 +54,15 @@ pub enum SnapshotError {
     },
     #[error("snapshot {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("snapshot {path} has format version {found}, this build reads {FORMAT_VERSION}")]
+    #[error("snapshot {path} has format version {found}, this build reads 1 and 2")]
     Version { path: PathBuf, found: u32 },
+    /// The file is sealed and cannot be opened with the keystore at hand:
+    /// a setup error, not a damaged file (restore refuses to start rather
+    /// than throw the file away).
+    #[error("snapshot {path}: {reason}")]
+    Keystore { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Keys(#[from] KeyError),
 }
 
 /// What a snapshot file says besides its entities.
@@ -55,6 +78,20 @@ pub struct SnapshotMeta {
     /// partition lacks.
     pub checkpoints: Checkpoints,
     pub created_micros: i64,
+    /// Set when the entity records are sealed: the keystore that holds
+    /// their keys.
+    pub keystore: Option<KeystoreId>,
+}
+
+/// The meta of a format version 1 file.
+#[derive(Deserialize)]
+struct MetaV1 {
+    partition: u32,
+    partitions: u32,
+    round: u64,
+    bus_offset: u64,
+    checkpoints: Checkpoints,
+    created_micros: i64,
 }
 
 /// A snapshot file read back.
@@ -62,6 +99,11 @@ pub struct SnapshotMeta {
 pub struct LoadedSnapshot {
     pub meta: SnapshotMeta,
     pub entities: Vec<Entity>,
+    /// Forgotten ids whose later changes are dropped, and when each was
+    /// forgotten.
+    pub blocked: Vec<(EntityKey, i64)>,
+    /// Sealed records skipped because their key is gone (forgotten).
+    pub erased: usize,
     pub path: PathBuf,
     pub bytes: u64,
 }
@@ -115,15 +157,34 @@ fn write_prefixed(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     w.write_all(bytes)
 }
 
-/// Writes one partition's snapshot durably; returns its path and size.
-/// Blocking: call from `spawn_blocking`.
+/// Writes one partition's snapshot durably: its entities, sealed with
+/// `keys` when given (its keystore id goes into `meta`), and its blocked
+/// ids; returns its path and size. Blocking: call from `spawn_blocking`.
 pub fn write(
     dir: &Path,
     meta: &SnapshotMeta,
     entities: &[Arc<Entity>],
+    blocked: &[(EntityKey, i64)],
+    keys: Option<&KeyStore>,
 ) -> Result<(PathBuf, u64), SnapshotError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let path = dir.join(file_name(meta.round, meta.partition));
+    let encode = |e: postcard::Error| SnapshotError::Corrupt {
+        path: path.clone(),
+        reason: format!("cannot encode: {e}"),
+    };
+    // Keys first: the key file is durable before a file sealed with it is.
+    let prepared = match keys {
+        Some(ks) => Some(ks.prepare(
+            meta.partition,
+            entities.iter().map(|e| &e.key),
+            meta.bus_offset,
+            meta.round,
+        )?),
+        None => None,
+    };
+    let mut meta = meta.clone();
+    meta.keystore = keys.map(KeyStore::id);
     let tmp = path.with_extension("snap.tmp");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = Summing {
@@ -131,21 +192,37 @@ pub fn write(
         crc: crc32fast::Hasher::new(),
         len: 0,
     };
-    let encode = |e: postcard::Error| SnapshotError::Corrupt {
-        path: path.clone(),
-        reason: format!("cannot encode: {e}"),
-    };
     out.write_all(&header(meta.partition, meta.partitions, meta.round))
         .map_err(io_err(&tmp))?;
     let mut lz = lz4_flex::frame::FrameEncoder::new(&mut out);
-    let m = postcard::to_stdvec(meta).map_err(encode)?;
+    let m = postcard::to_stdvec(&meta).map_err(encode)?;
     write_prefixed(&mut lz, &m).map_err(io_err(&tmp))?;
-    lz.write_all(&(entities.len() as u64).to_le_bytes())
+    let count = prepared.as_ref().map_or(entities.len(), |p| p.count());
+    lz.write_all(&(count as u64).to_le_bytes())
         .map_err(io_err(&tmp))?;
     let mut buf = Vec::with_capacity(4096);
-    for e in entities {
+    for (i, e) in entities.iter().enumerate() {
         buf.clear();
         buf = postcard::to_extend(&**e, buf).map_err(encode)?;
+        match &prepared {
+            None => write_prefixed(&mut lz, &buf).map_err(io_err(&tmp))?,
+            Some(p) => {
+                let Some(key_id) = p.key_id(i) else {
+                    continue; // Forgotten after the capture.
+                };
+                let mut record = postcard::to_stdvec(&e.key).map_err(encode)?;
+                record.extend_from_slice(&key_id.to_le_bytes());
+                let sealed = p.seal(i, &record, &buf)?;
+                record.extend_from_slice(&sealed);
+                write_prefixed(&mut lz, &record).map_err(io_err(&tmp))?;
+            }
+        }
+    }
+    lz.write_all(&(blocked.len() as u64).to_le_bytes())
+        .map_err(io_err(&tmp))?;
+    for b in blocked {
+        buf.clear();
+        buf = postcard::to_extend(b, buf).map_err(encode)?;
         write_prefixed(&mut lz, &buf).map_err(io_err(&tmp))?;
     }
     lz.finish().map_err(|e| SnapshotError::Io {
@@ -168,16 +245,21 @@ pub fn write(
     Ok((path, len + TRAILER_LEN as u64))
 }
 
-/// Reads and checks one snapshot file. Blocking.
-pub fn read(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+/// Reads and checks one snapshot file, opening sealed records with `keys`.
+/// Blocking.
+pub fn read(path: &Path, keys: Option<&KeyStore>) -> Result<LoadedSnapshot, SnapshotError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    decode(path, &bytes)
+    decode(path, &bytes, keys)
 }
 
 /// Checks and decodes the bytes of a snapshot file read from `path` (named
 /// in errors only). Hostile bytes get an error, never a panic, and nothing
 /// is allocated for a record before its bytes have been decompressed.
-pub fn decode(path: &Path, bytes: &[u8]) -> Result<LoadedSnapshot, SnapshotError> {
+pub fn decode(
+    path: &Path,
+    bytes: &[u8],
+    keys: Option<&KeyStore>,
+) -> Result<LoadedSnapshot, SnapshotError> {
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -189,7 +271,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<LoadedSnapshot, SnapshotError
         return Err(corrupt("not a snapshot file (bad magic)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !READS.contains(&version) {
         return Err(SnapshotError::Version {
             path: path.to_path_buf(),
             found: version,
@@ -237,21 +319,90 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<LoadedSnapshot, SnapshotError
             Ok(buf)
         };
     let n = read_u64(&mut lz)?;
-    let meta: SnapshotMeta = postcard::from_bytes(&read_prefixed(&mut lz, n)?)
-        .map_err(|e| corrupt(format!("bad metadata: {e}")))?;
+    let meta_bytes = read_prefixed(&mut lz, n)?;
+    let meta: SnapshotMeta = if version == 1 {
+        let m: MetaV1 =
+            postcard::from_bytes(&meta_bytes).map_err(|e| corrupt(format!("bad metadata: {e}")))?;
+        SnapshotMeta {
+            partition: m.partition,
+            partitions: m.partitions,
+            round: m.round,
+            bus_offset: m.bus_offset,
+            checkpoints: m.checkpoints,
+            created_micros: m.created_micros,
+            keystore: None,
+        }
+    } else {
+        postcard::from_bytes(&meta_bytes).map_err(|e| corrupt(format!("bad metadata: {e}")))?
+    };
+    let keys = match (meta.keystore, keys) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(SnapshotError::Keystore {
+                path: path.to_path_buf(),
+                reason: "its entities are encrypted and [snapshot.encryption] is not configured"
+                    .into(),
+            });
+        }
+        (Some(id), Some(ks)) if id != ks.id() => {
+            return Err(SnapshotError::Keystore {
+                path: path.to_path_buf(),
+                reason: "it was sealed with another keystore than the one in \
+                         snapshot.encryption.keys_dir (moved or replaced keys directory?)"
+                    .into(),
+            });
+        }
+        (Some(_), Some(ks)) => Some(ks),
+    };
     let count = read_u64(&mut lz)?;
     // Every entity takes at least its 8-byte length: no more can be there.
     let mut entities = Vec::with_capacity(count.min(body_len as u64 / 8).min(1 << 20) as usize);
+    let mut erased = 0;
     for i in 0..count {
         let n = read_u64(&mut lz)?;
         let buf = read_prefixed(&mut lz, n)?;
+        let plain = match keys {
+            None => buf,
+            Some(ks) => {
+                let (key, rest): (EntityKey, &[u8]) = postcard::take_from_bytes(&buf)
+                    .map_err(|e| corrupt(format!("bad sealed entity #{i}: {e}")))?;
+                if rest.len() < 8 {
+                    return Err(corrupt(format!("sealed entity #{i} is cut short")));
+                }
+                let aad_len = buf.len() - rest.len() + 8;
+                match ks.unseal(&key, &buf[..aad_len], &buf[aad_len..]) {
+                    Unsealed::Open(plain) => plain,
+                    Unsealed::KeyGone => {
+                        erased += 1;
+                        continue;
+                    }
+                    Unsealed::Altered => {
+                        return Err(corrupt(format!(
+                            "sealed entity #{i} ({key}) does not open: altered bytes"
+                        )));
+                    }
+                }
+            }
+        };
         let e: Entity =
-            postcard::from_bytes(&buf).map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
+            postcard::from_bytes(&plain).map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
         entities.push(e);
+    }
+    let mut blocked = Vec::new();
+    if version >= 2 {
+        let count = read_u64(&mut lz)?;
+        for i in 0..count {
+            let n = read_u64(&mut lz)?;
+            let b: (EntityKey, i64) = postcard::from_bytes(&read_prefixed(&mut lz, n)?)
+                .map_err(|e| corrupt(format!("bad blocked id #{i}: {e}")))?;
+            blocked.push(b);
+        }
     }
     Ok(LoadedSnapshot {
         meta,
         entities,
+        blocked,
+        erased,
         path: path.to_path_buf(),
         bytes: bytes.len() as u64,
     })
@@ -262,8 +413,21 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<LoadedSnapshot, SnapshotError
 /// would hold if it were written with that body. For tools and the
 /// snapshot fuzz target, which reach past the checksum this way.
 pub fn seal(partition: u32, partitions: u32, round: u64, body: &[u8]) -> Vec<u8> {
+    seal_version(FORMAT_VERSION, partition, partitions, round, body)
+}
+
+/// As [`seal`], stamped with format `version` (older files' bodies).
+pub fn seal_version(
+    version: u32,
+    partition: u32,
+    partitions: u32,
+    round: u64,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() / 2 + TRAILER_LEN);
-    out.extend_from_slice(&header(partition, partitions, round));
+    let mut h = header(partition, partitions, round);
+    h[8..12].copy_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&h);
     let mut lz = lz4_flex::frame::FrameEncoder::new(out);
     lz.write_all(body).expect("writing to memory");
     let mut out = lz.finish().expect("writing to memory");
@@ -371,6 +535,7 @@ mod tests {
             bus_offset: 77,
             checkpoints,
             created_micros: 1,
+            keystore: None,
         }
     }
 
@@ -378,8 +543,8 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let ents: Vec<_> = (0..100).map(entity).collect();
-        let (path, _) = write(dir.path(), &meta(5), &ents).unwrap();
-        let back = read(&path).unwrap();
+        let (path, _) = write(dir.path(), &meta(5), &ents, &[], None).unwrap();
+        let back = read(&path, None).unwrap();
         assert_eq!(back.meta, meta(5));
         assert_eq!(back.entities.len(), 100);
         assert_eq!(back.entities[7], *ents[7]);
@@ -389,17 +554,20 @@ mod tests {
     fn any_flipped_byte_or_truncation_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let ents: Vec<_> = (0..10).map(entity).collect();
-        let (path, _) = write(dir.path(), &meta(1), &ents).unwrap();
+        let (path, _) = write(dir.path(), &meta(1), &ents, &[], None).unwrap();
         let good = fs::read(&path).unwrap();
         for i in (0..good.len()).step_by(7) {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
             fs::write(&path, &bad).unwrap();
-            assert!(read(&path).is_err(), "flip at {i} not detected");
+            assert!(read(&path, None).is_err(), "flip at {i} not detected");
         }
         for cut in [1, 10, good.len() / 2] {
             fs::write(&path, &good[..good.len() - cut]).unwrap();
-            assert!(read(&path).is_err(), "truncation by {cut} not detected");
+            assert!(
+                read(&path, None).is_err(),
+                "truncation by {cut} not detected"
+            );
         }
     }
 
@@ -417,25 +585,87 @@ mod tests {
         body.extend_from_slice(&u64::MAX.to_le_bytes());
         body.extend_from_slice(&u64::MAX.to_le_bytes());
         body.extend_from_slice(b"short");
-        let err = decode(p, &seal(1, 4, 1, &body)).unwrap_err().to_string();
+        let err = decode(p, &seal(1, 4, 1, &body), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ends after 5"), "{err}");
         // A meta length of 2^64-1.
         let mut huge = u64::MAX.to_le_bytes().to_vec();
         huge.extend_from_slice(&m);
-        assert!(decode(p, &seal(1, 4, 1, &huge)).is_err());
+        assert!(decode(p, &seal(1, 4, 1, &huge), None).is_err());
         // The good meta and no entities: a sealed body reads back.
         let mut empty = good_meta;
         empty.extend_from_slice(&0u64.to_le_bytes());
-        let back = decode(p, &seal(1, 4, 1, &empty)).unwrap();
+        empty.extend_from_slice(&0u64.to_le_bytes());
+        let back = decode(p, &seal(1, 4, 1, &empty), None).unwrap();
         assert_eq!(back.meta, meta(1));
         assert!(back.entities.is_empty());
+    }
+
+    fn entity_with(id: i64, secret: &str) -> Arc<Entity> {
+        let mut e = (*entity(id)).clone();
+        let mut row = crate::event::Row::new();
+        row.insert("id".into(), Value::Int(id));
+        row.insert("email".into(), Value::Text(secret.into()));
+        e.tables.insert(
+            "customer".into(),
+            Arc::new(crate::store::TableRows::from_iter([(
+                vec![Value::Int(id)].into(),
+                crate::store::StoredRow::pack(&row),
+            )])),
+        );
+        Arc::new(e)
+    }
+
+    #[test]
+    fn sealed_files_read_back_keep_no_clear_value_and_lose_an_erased_entity() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = KeyStore::open(&dir.path().join("keys"), b"a master key of 16+", 1).unwrap();
+        let secret = |i: i64| format!("person-{i}-private@example.com");
+        let ents: Vec<_> = (0..20).map(|i| entity_with(i, &secret(i))).collect();
+        let mut m = meta(1);
+        m.partition = 0;
+        let blocked = vec![(EntityKey::new("customer", "99"), 1234)];
+        let (path, _) = write(dir.path(), &m, &ents, &blocked, Some(&keys)).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert!(!bytes.windows(14).any(|w| w == &secret(7).as_bytes()[..14]));
+        let back = read(&path, Some(&keys)).unwrap();
+        assert_eq!(back.meta.keystore, Some(keys.id()));
+        assert_eq!(back.entities.len(), 20);
+        assert_eq!(back.entities[7], *ents[7]);
+        assert_eq!(back.blocked, blocked);
+        // Forgotten: its key goes, and this older file no longer yields it.
+        assert!(keys.erase(&ents[7].key, 10).unwrap());
+        let back = read(&path, Some(&keys)).unwrap();
+        assert_eq!((back.entities.len(), back.erased), (19, 1));
+        assert!(back.entities.iter().all(|e| e.key != ents[7].key));
+        // Without the keystore, or with another one: refused whole.
+        let err = read(&path, None).unwrap_err();
+        assert!(matches!(err, SnapshotError::Keystore { .. }), "{err}");
+        let other = KeyStore::open(&dir.path().join("other"), b"a master key of 16+", 4).unwrap();
+        let err = read(&path, Some(&other)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Keystore { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_plain_file_keeps_blocked_ids_and_reads_without_a_keystore() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = vec![
+            (EntityKey::new("customer", "5"), 1),
+            (EntityKey::new("customer", "a/b"), 2),
+        ];
+        let (path, _) = write(dir.path(), &meta(3), &[entity(1)], &blocked, None).unwrap();
+        let back = read(&path, None).unwrap();
+        assert_eq!(back.blocked, blocked);
+        assert_eq!(back.meta.keystore, None);
+        assert_eq!(back.entities.len(), 1);
     }
 
     #[test]
     fn prune_keeps_newest_rounds() {
         let dir = tempfile::tempdir().unwrap();
         for r in 1..=5 {
-            write(dir.path(), &meta(r), &[entity(1)]).unwrap();
+            write(dir.path(), &meta(r), &[entity(1)], &[], None).unwrap();
         }
         assert_eq!(prune(dir.path(), 2).unwrap(), vec![5, 4]);
         let left: Vec<u64> = list(dir.path()).unwrap().iter().map(|f| f.round).collect();
@@ -447,12 +677,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 in rounds 1..=4, partition 2 (owned earlier) in 1..=2 only.
         for r in 1..=4 {
-            write(dir.path(), &meta(r), &[entity(1)]).unwrap();
+            write(dir.path(), &meta(r), &[entity(1)], &[], None).unwrap();
         }
         for r in 1..=2 {
             let mut m = meta(r);
             m.partition = 2;
-            write(dir.path(), &m, &[entity(2)]).unwrap();
+            write(dir.path(), &m, &[entity(2)], &[], None).unwrap();
         }
         prune(dir.path(), 2).unwrap();
         let mut left: Vec<(u32, u64)> = list(dir.path())
