@@ -58,6 +58,31 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Forgets one entity (right to erasure): gone from memory, from
+    /// snapshots from now on (with snapshot encryption, from older ones
+    /// too), tombstoned on the entities topic; its later changes are
+    /// dropped unless --allow-rebuild. Needs the permission forget:TYPE.
+    Forget {
+        entity_type: String,
+        id: String,
+        /// Let later changes from the sources build the entity again.
+        #[arg(long)]
+        allow_rebuild: bool,
+        /// Why (e.g. a ticket number), for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lets later changes build a forgotten entity again.
+    Unblock {
+        entity_type: String,
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
     Health {
         #[command(flatten)]
@@ -238,6 +263,88 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                             return Ok(ExitCode::FAILURE);
                         }
                     }
+                }
+            }
+        }
+        Command::Forget {
+            entity_type,
+            id,
+            allow_rebuild,
+            reason,
+            client: args,
+        } => {
+            let mut client = EntityServiceClient::new(args.channel().await?);
+            let resp = client
+                .forget_entity(args.request(proto::ForgetEntityRequest {
+                    r#type: entity_type.clone(),
+                    id: id.clone(),
+                    allow_rebuild,
+                    reason,
+                })?)
+                .await;
+            match resp {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    println!(
+                        "forgotten: {entity_type} {id} ({}; {}; {}{})",
+                        if r.was_held {
+                            "was held, now removed"
+                        } else {
+                            "was not held"
+                        },
+                        if r.blocked {
+                            "later changes are dropped until `fabric unblock`"
+                        } else {
+                            "later changes build it again"
+                        },
+                        if r.snapshot_written {
+                            "snapshot written without it"
+                        } else {
+                            "left out of the next snapshot"
+                        },
+                        if r.key_deleted {
+                            "; its snapshot key is deleted"
+                        } else {
+                            ""
+                        },
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Unblock {
+            entity_type,
+            id,
+            reason,
+            client: args,
+        } => {
+            let mut client = EntityServiceClient::new(args.channel().await?);
+            let resp = client
+                .unblock_entity(args.request(proto::UnblockEntityRequest {
+                    r#type: entity_type.clone(),
+                    id: id.clone(),
+                    reason,
+                })?)
+                .await;
+            match resp {
+                Ok(r) => {
+                    println!(
+                        "unblocked: {entity_type} {id}{}",
+                        if r.into_inner().was_blocked {
+                            ""
+                        } else {
+                            " (it was not blocked)"
+                        }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    Ok(ExitCode::FAILURE)
                 }
             }
         }

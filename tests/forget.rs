@@ -1,0 +1,487 @@
+//! Forgetting an entity on request (right to erasure), through the real
+//! binary against a real PostgreSQL, on the embedded bus with snapshot
+//! encryption and access control:
+//!
+//! - only a principal with `forget:customer` may forget (others get
+//!   PERMISSION_DENIED / UNAUTHENTICATED and an audit line); the forget is
+//!   audited with who, which entity and why;
+//! - the entity leaves memory at once, a watcher is told FORGET, and its
+//!   later changes at the source are dropped (read-your-writes proves they
+//!   were processed) and counted, across a SIGKILL and restart;
+//! - no snapshot file, current or backed up before the forget, yields it
+//!   (its key is gone), while every other entity still reads back;
+//! - a sync-on-access entity forgotten is not read from its source;
+//! - `fabric unblock` lets later changes build it again; a forget with
+//!   `--allow-rebuild` lets the next change do so at once.
+
+mod common;
+
+use common::*;
+use entity_fabric::proto::entity_change::Operation;
+use entity_fabric::proto::{
+    ForgetEntityRequest, GetEntityRequest, SourcePosition, WatchEntitiesRequest,
+};
+use entity_fabric::store::keystore::KeyStore;
+use entity_fabric::store::snapshot;
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, PgConnection, Row};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::Code;
+
+const WITHIN: Duration = Duration::from_secs(60);
+const DPO_TOKEN: &str = "dpo-token-5e1f0a9b77c24d13";
+const READER_TOKEN: &str = "reader-token-0b8d6e2f41a97c35";
+const MASTER: &str = "the snapshot master key of this test";
+const PARTITIONS: u32 = 4;
+
+fn sha(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// A fresh database on the test server; returns its URL.
+async fn fresh_db(name: &str) -> String {
+    let base = pg_url();
+    let mut c = PgConnection::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+async fn drop_db(name: &str) {
+    let mut c = PgConnection::connect(&pg_url()).await.unwrap();
+    let _ = sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(name)
+    .execute(&mut c)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut c)
+    .await;
+}
+
+fn secret_email(id: i64) -> String {
+    format!("private.person.{id}@erase-me.example")
+}
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text);
+CREATE TABLE addresses (id bigint PRIMARY KEY, customer_id bigint NOT NULL, city text);
+ALTER TABLE customers REPLICA IDENTITY FULL;
+ALTER TABLE addresses REPLICA IDENTITY FULL;
+INSERT INTO customers
+  SELECT i, 'customer ' || i, 'private.person.' || i || '@erase-me.example'
+  FROM generate_series(1, 40) i;
+INSERT INTO addresses SELECT i, 1 + i % 40, 'city ' || i FROM generate_series(1, 80) i;
+";
+
+fn config(dir: &Path, url: &str, db: &str) -> PathBuf {
+    std::fs::write(dir.join("master.key"), MASTER).unwrap();
+    let text = format!(
+        r#"
+{server}
+[bus]
+partitions = {PARTITIONS}
+
+[snapshot]
+dir = "{d}/snapshots"
+interval = "500ms"
+keep = 2
+
+[snapshot.encryption]
+key_file = "{d}/master.key"
+keys_dir = "{d}/keys"
+
+[dlq]
+file = "{d}/dlq.jsonl"
+
+[access]
+anonymous = []
+
+[[access.principals]]
+name = "reader"
+token_sha256 = ["{reader}"]
+allow = ["read:customer", "read:profile"]
+
+[[access.principals]]
+name = "dpo"
+token_sha256 = ["{dpo}"]
+allow = ["read:*", "forget:customer", "forget:profile"]
+
+[[sources]]
+name = "crm"
+kind = "postgres_cdc"
+url = "{url}"
+tables = ["public.customers", "public.addresses"]
+slot = "{db}"
+publication = "{db}"
+
+# Read by query only, for the sync-on-access type.
+[[sources]]
+name = "profiles_db"
+kind = "postgres_cdc"
+url = "{url}"
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "customer"
+  source = "crm"
+  from = "public.customers"
+  id_column = "id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "addresses"
+  source = "crm"
+  from = "public.addresses"
+  id_column = "customer_id"
+  primary_key = ["id"]
+
+[[entities]]
+name = "profile"
+sync = "on_access"
+max_age = "1h"
+  [[entities.tables]]
+  name = "profile"
+  source = "profiles_db"
+  from = "public.customers"
+  id_column = "id"
+  primary_key = ["id"]
+"#,
+        server = loopback_server(),
+        d = dir.display(),
+        reader = sha(READER_TOKEN),
+        dpo = sha(DPO_TOKEN),
+    );
+    write_config(dir, &text)
+}
+
+fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+fn get(ty: &str, id: &str, lsn: Option<&str>) -> GetEntityRequest {
+    GetEntityRequest {
+        r#type: ty.into(),
+        id: id.into(),
+        min_positions: lsn
+            .map(|l| SourcePosition {
+                source: "crm".into(),
+                position: l.into(),
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The entity as the reader sees it: `Ok(tables)` or the gRPC error.
+async fn read(
+    fabric: &FabricProcess,
+    ty: &str,
+    id: &str,
+    lsn: Option<&str>,
+) -> Result<entity_fabric::proto::Entity, tonic::Status> {
+    fabric
+        .client()
+        .await
+        .get_entity(with_token(get(ty, id, lsn), Some(READER_TOKEN)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Runs SQL at the source and returns the LSN after it. The test server
+/// runs with `synchronous_commit = off`, where `pg_current_wal_lsn()` may
+/// fall short of a commit: this session commits synchronously.
+async fn at_source(url: &str, sql: &str) -> String {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `fabric <args…>` as the data protection officer: exit success, stdout.
+fn cli(fabric: &FabricProcess, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(args)
+        .args(["--addr", &fabric.grpc])
+        .env("FABRIC_TOKEN", DPO_TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+async fn metric(fabric: &FabricProcess, line_start: &str) -> f64 {
+    let (_, body) = http_get(&fabric.admin, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Every snapshot file under `dir` read with the keystore in `keys` (as
+/// it is now: a copy is opened, the fabric's own files are left alone):
+/// (files read, customer ids found, records whose key is gone).
+fn snapshot_contents(dir: &Path, keys: &Path) -> (usize, Vec<String>, usize) {
+    let scratch = tempfile::tempdir().unwrap();
+    copy_dir(keys, scratch.path());
+    let ks = KeyStore::open(scratch.path(), MASTER.as_bytes(), PARTITIONS).unwrap();
+    let mut ids = Vec::new();
+    let (mut files, mut erased) = (0, 0);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, ids, 0);
+    };
+    for f in entries {
+        let path = f.unwrap().path();
+        if path.extension().is_none_or(|x| x != "snap") {
+            continue;
+        }
+        // The fabric may have pruned it since it was listed.
+        let Ok(s) = snapshot::read(&path, Some(&ks)) else {
+            continue;
+        };
+        files += 1;
+        erased += s.erased;
+        ids.extend(s.entities.iter().map(|e| e.key.id.to_string()));
+    }
+    (files, ids, erased)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        // Renamed or pruned meanwhile: skipped.
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() {
+    let db = unique("forget");
+    let url = fresh_db(&db).await;
+    at_source(&url, SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url, &db);
+    let log = dir.path().join("fabric.log");
+    let snaps = dir.path().join("snapshots");
+    let keys = dir.path().join("keys");
+    let mut fabric = FabricProcess::start(&cfg, &log);
+    fabric.wait_serving(WITHIN).await;
+
+    // Customer 7 with its two addresses, in memory and in a sealed snapshot.
+    eventually(WITHIN, "customer 7 with its addresses", || async {
+        let e = read(&fabric, "customer", "7", None).await.ok()?;
+        (e.tables.iter().map(|t| t.rows.len()).sum::<usize>() == 3).then_some(())
+    })
+    .await;
+    eventually(WITHIN, "a snapshot holding customer 7", || async {
+        let (_, ids, _) = snapshot_contents(&snaps, &keys);
+        ids.iter().any(|i| i == "7").then_some(())
+    })
+    .await;
+    // A backup taken before the forget: snapshot files (keys kept apart).
+    let backup = dir.path().join("backup");
+    copy_dir(&snaps, &backup);
+    let (backed_up, ids, _) = snapshot_contents(&backup, &keys);
+    assert!(backed_up > 0 && ids.iter().any(|i| i == "7"));
+    // Sealed: no clear value on disk, before or after.
+    for f in std::fs::read_dir(&backup).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        let e = secret_email(7);
+        assert!(!bytes.windows(e.len()).any(|w| w == e.as_bytes()));
+    }
+
+    // A watcher of customer 7.
+    let mut watch = fabric
+        .client()
+        .await
+        .watch_entities(with_token(
+            WatchEntitiesRequest {
+                r#type: "customer".into(),
+                id: "7".into(),
+                ..Default::default()
+            },
+            Some(READER_TOKEN),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.operation, Operation::Upsert as i32);
+
+    // Who may forget: not a reader, not an anonymous caller.
+    let ask = ForgetEntityRequest {
+        r#type: "customer".into(),
+        id: "7".into(),
+        ..Default::default()
+    };
+    let mut client = fabric.client().await;
+    let denied = client
+        .forget_entity(with_token(ask.clone(), Some(READER_TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let anon = client
+        .forget_entity(with_token(ask.clone(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(anon.code(), Code::Unauthenticated, "{anon:?}");
+    assert!(read(&fabric, "customer", "7", None).await.is_ok());
+
+    // The data protection officer forgets customer 7.
+    let (ok, out) = cli(
+        &fabric,
+        &[
+            "forget",
+            "customer",
+            "7",
+            "--reason",
+            "erasure request 4711",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("forgotten: customer 7 (was held"), "{out}");
+    assert!(out.contains("snapshot written without it"), "{out}");
+    assert!(out.contains("its snapshot key is deleted"), "{out}");
+    let gone = read(&fabric, "customer", "7", None).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(gone.message().contains("forgotten"), "{}", gone.message());
+    assert!(read(&fabric, "customer", "8", None).await.is_ok());
+    let change = tokio::time::timeout(WITHIN, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.operation, Operation::Forget as i32);
+    assert_eq!(change.entity.unwrap().id, "7");
+
+    // Its later changes at the source are processed and dropped.
+    let lsn = at_source(
+        &url,
+        "UPDATE customers SET name = 'changed after' WHERE id IN (7, 8);
+         INSERT INTO addresses VALUES (1000, 7, 'new city');",
+    )
+    .await;
+    let after = read(&fabric, "customer", "7", Some(&lsn))
+        .await
+        .unwrap_err();
+    assert_eq!(after.code(), Code::NotFound, "{after:?}");
+    let eight = read(&fabric, "customer", "8", Some(&lsn)).await.unwrap();
+    assert!(format!("{eight:?}").contains("changed after"), "{eight:?}");
+    let dropped = metric(
+        &fabric,
+        "fabric_blocked_changes_total{entity_type=\"customer\"}",
+    )
+    .await;
+    assert!(dropped >= 1.0, "blocked changes counted: {dropped}");
+
+    // No snapshot file, current or from the backup, yields it any more;
+    // every other entity still reads back from the backup.
+    let (_, now, _) = snapshot_contents(&snaps, &keys);
+    assert!(!now.is_empty() && !now.iter().any(|i| i == "7"), "{now:?}");
+    let (_, old, erased) = snapshot_contents(&backup, &keys);
+    assert!(!old.iter().any(|i| i == "7"), "backup still yields 7");
+    assert!(erased >= 1, "the backup's record of 7 reads as erased");
+    assert!(old.iter().any(|i| i == "8"));
+
+    // A sync-on-access entity forgotten before it was ever read is not
+    // read from its source.
+    let (ok, out) = cli(&fabric, &["forget", "profile", "5"]);
+    assert!(ok && out.contains("was not held"), "{out}");
+    let fetches = "fabric_source_fetches_total{source=\"profiles_db\",table=\"public.customers\"}";
+    let before = metric(&fabric, fetches).await;
+    let p = read(&fabric, "profile", "5", None).await.unwrap_err();
+    assert_eq!(p.code(), Code::NotFound, "{p:?}");
+    assert_eq!(metric(&fabric, fetches).await, before);
+    assert!(read(&fabric, "profile", "6", None).await.is_ok());
+    assert_eq!(metric(&fabric, fetches).await, before + 1.0);
+
+    // SIGKILL and restart: still forgotten, its changes still dropped.
+    fabric.kill9();
+    let mut fabric = FabricProcess::start(&cfg, &log);
+    fabric.wait_serving(WITHIN).await;
+    let lsn = at_source(
+        &url,
+        "UPDATE customers SET name = 'after restart' WHERE id = 7",
+    )
+    .await;
+    let gone = read(&fabric, "customer", "7", Some(&lsn))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(read(&fabric, "customer", "9", Some(&lsn)).await.is_ok());
+
+    // Unblocked: the next change builds it again, from what it carries.
+    let (ok, out) = cli(&fabric, &["unblock", "customer", "7"]);
+    assert!(ok && out.contains("unblocked: customer 7"), "{out}");
+    let lsn = at_source(&url, "UPDATE customers SET name = 'returned' WHERE id = 7").await;
+    let back = read(&fabric, "customer", "7", Some(&lsn)).await.unwrap();
+    assert!(format!("{back:?}").contains("returned"));
+
+    // Forgotten with a rebuild allowed: gone now, back with its next change.
+    let (ok, out) = cli(&fabric, &["forget", "customer", "8", "--allow-rebuild"]);
+    assert!(ok && out.contains("later changes build it again"), "{out}");
+    assert_eq!(
+        read(&fabric, "customer", "8", None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let lsn = at_source(
+        &url,
+        "UPDATE customers SET name = 'eight again' WHERE id = 8",
+    )
+    .await;
+    let eight = read(&fabric, "customer", "8", Some(&lsn)).await.unwrap();
+    assert!(format!("{eight:?}").contains("eight again"));
+
+    // The audit trail: the refusals, and who forgot what and why; no token.
+    let text = fabric.log_text();
+    assert!(
+        text.lines().any(|l| l.contains("call denied")
+            && l.contains("reader")
+            && l.contains("ForgetEntity")),
+        "no audit line for the reader's refusal"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("entity forgotten")
+            && l.contains("dpo")
+            && l.contains("customer/7")
+            && l.contains("erasure request 4711")),
+        "no audit line for the forget:\n{text}"
+    );
+    for secret in [DPO_TOKEN, READER_TOKEN, MASTER] {
+        assert!(!text.contains(secret), "a secret in the log");
+    }
+    assert!(fabric.terminate());
+    drop_db(&db).await;
+}
