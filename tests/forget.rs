@@ -485,3 +485,163 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
     assert!(fabric.terminate());
     drop_db(&db).await;
 }
+
+/// Every message of `topic` with `key`, in order: (value, operation header).
+async fn messages_of(brokers: &str, topic: &str, key: &str) -> Vec<(Option<Vec<u8>>, String)> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::{Headers, Message};
+    let c = consumer_from_start(brokers, topic);
+    let parts = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap()
+        .topics()[0]
+        .partitions()
+        .len();
+    let mut ends = Vec::new();
+    for p in 0..parts as i32 {
+        let (_, high) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        ends.push(high);
+    }
+    let mut out = Vec::new();
+    let mut read = vec![0i64; ends.len()];
+    let deadline = std::time::Instant::now() + WITHIN;
+    while read.iter().zip(&ends).any(|(r, e)| r < e) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} not read to its end"
+        );
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await else {
+            continue;
+        };
+        read[m.partition() as usize] = m.offset() + 1;
+        if m.key() != Some(key.as_bytes()) {
+            continue;
+        }
+        let op = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "fabric.operation"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        out.push((m.payload().map(<[u8]>::to_vec), op));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_kafka_a_forget_tombstones_the_topics_and_holds_in_a_new_process() {
+    let brokers = std::env::var("FABRIC_TEST_KAFKA").expect(
+        "FABRIC_TEST_KAFKA is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("forget");
+    let settings = DemoSettings {
+        customers: 60,
+        snapshot_interval: "500ms",
+        ..Default::default()
+    };
+    let cfg = kafka_demo_config(dir.path(), &settings, &brokers, &prefix, false);
+    let data = dir.path().join("data");
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric-0.log"));
+    fabric.wait_serving(WITHIN).await;
+    converge_within(&fabric, &data, WITHIN).await;
+
+    let (ok, out) = cli(&fabric, &["forget", "customer", "42", "--reason", "gdpr"]);
+    assert!(ok && out.contains("was held"), "{out}");
+    let gone = fabric
+        .client()
+        .await
+        .get_entity(get("customer", "42", None))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+
+    // The entities topic: its versions, then a tombstone saying `forget`.
+    let msgs = messages_of(&brokers, &format!("{prefix}.entities"), "customer/42").await;
+    let (last, op) = msgs.last().expect("customer 42 on the entities topic");
+    assert!(last.is_none() && op == "forget", "{msgs:?}");
+    assert!(msgs[..msgs.len() - 1].iter().all(|(v, _)| v.is_some()));
+    // The state topic: a tombstone, and the blocked id.
+    let state = format!("{prefix}.state");
+    let msgs = messages_of(&brokers, &state, "customer/42").await;
+    assert!(msgs.last().is_some_and(|(v, _)| v.is_none()), "{msgs:?}");
+    let blocked = messages_of(&brokers, &state, "!blocked/customer/42").await;
+    assert!(
+        blocked.last().is_some_and(|(v, _)| v.is_some()),
+        "{blocked:?}"
+    );
+
+    // A change at the source is dropped.
+    let bump = |name: &'static str| {
+        let data = data.clone();
+        async move {
+            let mut c = demo_db(&data).await;
+            sqlx::query("UPDATE customers SET name = ?1 WHERE id = 42")
+                .bind(name)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    bump("changed after the forget").await;
+    let counter = "fabric_blocked_changes_total{entity_type=\"customer\"}";
+    eventually(WITHIN, "the change of 42 dropped", || async {
+        (metric(&fabric, counter).await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(fabric.terminate());
+
+    // A new process with no local state restores from the state topic and
+    // keeps 42 forgotten; its sources' changes of 42 are still dropped.
+    let second = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("{}/snapshots", data.display()),
+        &format!("{}/snapshots", second.path().display()),
+    );
+    assert!(
+        text.contains(&second.path().display().to_string()),
+        "snapshot dir not moved"
+    );
+    let cfg2 = second.path().join("fabric.toml");
+    std::fs::write(&cfg2, text).unwrap();
+    let mut fabric = FabricProcess::start(&cfg2, &second.path().join("fabric-1.log"));
+    fabric.wait_serving(WITHIN).await;
+    let forgotten = eventually(WITHIN, "42 served as forgotten", || async {
+        match fabric
+            .client()
+            .await
+            .get_entity(get("customer", "42", None))
+            .await
+        {
+            Err(s) if s.code() == Code::NotFound => Some(s.message().to_string()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(forgotten.contains("forgotten"), "{forgotten}");
+    assert!(
+        fabric
+            .log_text()
+            .contains("partition restored from the state topic")
+    );
+    bump("changed again").await;
+    eventually(
+        WITHIN,
+        "the change of 42 dropped by the new process",
+        || async { (metric(&fabric, counter).await >= 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        fabric
+            .client()
+            .await
+            .get_entity(get("customer", "42", None))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert!(fabric.terminate());
+}

@@ -24,29 +24,6 @@ fn brokers() -> String {
     )
 }
 
-/// The demo config on the Kafka bus at `brokers` with topics `<prefix>.*`;
-/// `compacted` is the entities topic's `entities_compacted` (a compacted
-/// topic loses old versions by design, so tests that count every version
-/// turn it off).
-fn kafka_demo_config(
-    dir: &Path,
-    s: &DemoSettings,
-    brokers: &str,
-    prefix: &str,
-    compacted: bool,
-) -> PathBuf {
-    let path = demo_config(dir, s);
-    let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.contains("kind = \"embedded\""));
-    let text = text.replace("kind = \"embedded\"", "kind = \"kafka\"")
-        + &format!(
-            "\n[bus.kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\nentities_compacted = {compacted}\n"
-        )
-        + &shared_mask_key(dir);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// A fabric on the demo config over the Kafka bus, serving and equal to
 /// its sources.
 struct KafkaDemo {
