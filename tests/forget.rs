@@ -645,3 +645,85 @@ async fn on_kafka_a_forget_tombstones_the_topics_and_holds_in_a_new_process() {
     );
     assert!(fabric.terminate());
 }
+
+/// Runs `fabric run --config cfg` expecting it to refuse to start: its
+/// exit status and what it said (within 60 s).
+fn refused_start(cfg: &Path) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["run", "--config"])
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WITHIN;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fabric did not refuse to start within {WITHIN:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sealed_snapshots_refuse_a_wrong_key_or_no_keystore_and_restore_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    std::fs::write(&key, "the right master key, 32 bytes..").unwrap();
+    let cfg = demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers: 200,
+            snapshot_interval: "500ms",
+            ..Default::default()
+        },
+    );
+    let plain = std::fs::read_to_string(&cfg).unwrap();
+    let sealed = format!(
+        "{plain}\n[snapshot.encryption]\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    std::fs::write(&cfg, &sealed).unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("fabric.log");
+    let mut fabric = FabricProcess::start(&cfg, &log);
+    fabric.wait_serving(WITHIN).await;
+    converge_within(&fabric, &data, WITHIN).await;
+    assert!(fabric.terminate(), "no clean stop");
+
+    // Another master key: refused, naming what is wrong; nothing changed.
+    std::fs::write(&key, "another master key, also 32 byte").unwrap();
+    let (status, err) = refused_start(&cfg);
+    assert!(!status.success());
+    assert!(err.contains("does not open with this master key"), "{err}");
+    assert!(!err.contains("another master key"), "the key was printed");
+    // No [snapshot.encryption]: refused rather than re-reading every source.
+    std::fs::write(&cfg, &plain).unwrap();
+    let (status, err) = refused_start(&cfg);
+    assert!(!status.success());
+    assert!(
+        err.contains("encrypted and [snapshot.encryption] is not configured"),
+        "{err}"
+    );
+    // The right key again: restored from the sealed snapshots.
+    std::fs::write(&key, "the right master key, 32 bytes..").unwrap();
+    std::fs::write(&cfg, &sealed).unwrap();
+    let mut fabric = FabricProcess::start(&cfg, &log);
+    fabric.wait_serving(WITHIN).await;
+    assert!(
+        fabric
+            .log_text()
+            .lines()
+            .any(|l| l.contains("restored") && l.contains("entities=200")),
+        "not restored from the snapshots"
+    );
+    converge_within(&fabric, &data, WITHIN).await;
+    assert!(fabric.terminate());
+}
