@@ -113,12 +113,40 @@ fn measure(dir: &std::path::Path, n: u64, sealed: bool) -> anyhow::Result<[f64; 
     Ok([bytes as f64, write, read])
 }
 
+/// Resident memory a keystore holding keys for `n` entities adds to this
+/// process (keys made as a snapshot round makes them), per entity.
+fn keystore_bytes_per_entity(dir: &std::path::Path, n: u64) -> anyhow::Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    let keys: Vec<Vec<EntityKey>> = {
+        let mut by_part: Vec<Vec<EntityKey>> = (0..PARTITIONS).map(|_| Vec::new()).collect();
+        for id in 1..=n {
+            let k = EntityKey::new("customer", id.to_string());
+            by_part[k.partition(PARTITIONS) as usize].push(k);
+        }
+        by_part
+    };
+    let before = super::harness::memory_of(std::process::id()).rss;
+    let ks = KeyStore::open(dir, b"benchmark master key", PARTITIONS)?;
+    for (p, part) in keys.iter().enumerate() {
+        ks.prepare(p as u32, part.iter(), 0, 1)?;
+    }
+    let after = super::harness::memory_of(std::process::id()).rss;
+    anyhow::ensure!(ks.len() as u64 == n, "{} keys for {n} entities", ks.len());
+    drop(ks);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
 pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
     let n = b.snapshot_entities;
     let dir = b.dir.join("snapshot-part");
     eprintln!("snapshots: {n} entities, plain then sealed per entity");
-    let (plain, sealed) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        Ok((measure(&dir, n, false)?, measure(&dir, n, true)?))
+    let (plain, sealed, key_bytes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        Ok((
+            measure(&dir, n, false)?,
+            measure(&dir, n, true)?,
+            keystore_bytes_per_entity(&dir, n)?,
+        ))
     })
     .await??;
     let mut t = Table::new(
@@ -155,6 +183,13 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
             base.map_or(String::new(), |b| format!("{:.2}x bytes", bytes / b[0])),
         ]);
     }
+    t.row(vec![
+        "keystore memory (resident growth), per entity".into(),
+        format!("{key_bytes:.0} B"),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
     tables.push(t);
     Ok(())
 }
