@@ -104,6 +104,10 @@ pub fn snapshot_file(data: &[u8]) {
     }
 }
 
+/// The id of the snapshot target's keystore: inputs that name it reach the
+/// sealed records.
+pub const FUZZ_KEYSTORE: crate::store::keystore::KeystoreId = *b"fabric-fuzz-keys";
+
 /// One keystore for every snapshot input, in a directory of this process.
 fn fuzz_keystore() -> Option<&'static crate::store::keystore::KeyStore> {
     static KEYS: std::sync::OnceLock<Option<crate::store::keystore::KeyStore>> =
@@ -111,9 +115,44 @@ fn fuzz_keystore() -> Option<&'static crate::store::keystore::KeyStore> {
     KEYS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("fabric-fuzz-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        crate::store::keystore::KeyStore::open(&dir, b"fuzzing master key", 1).ok()
+        crate::store::keystore::KeyStore::open_with_id(&dir, b"fuzzing master key", 1, FUZZ_KEYSTORE)
+            .ok()
     })
     .as_ref()
+}
+
+/// A snapshot target input that reaches the sealed records: mode 6 (a
+/// format 2 body, read with the target's keystore), a meta naming that
+/// keystore, one sealed record (of a key the keystore does not hold, so it
+/// reads as erased) and one blocked id. The seed `sealed-body.bin`.
+pub fn sealed_snapshot_seed() -> Vec<u8> {
+    use crate::event::EntityKey;
+    use crate::store::snapshot::SnapshotMeta;
+    let meta = SnapshotMeta {
+        partition: 0,
+        partitions: 1,
+        round: 1,
+        bus_offset: 9,
+        checkpoints: Default::default(),
+        created_micros: 1,
+        keystore: Some(FUZZ_KEYSTORE),
+        dictionary: b"\x08customer\x02id".to_vec(),
+    };
+    let prefixed = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    let mut out = vec![6u8];
+    prefixed(&mut out, &postcard::to_stdvec(&meta).expect("encodes"));
+    out.extend_from_slice(&1u64.to_le_bytes());
+    let key = EntityKey::new("customer", "42");
+    let mut record = postcard::to_stdvec(&key).expect("encodes");
+    record.extend_from_slice(&7u64.to_le_bytes());
+    record.extend_from_slice(&[0x5a; 12 + 40]);
+    prefixed(&mut out, &record);
+    out.extend_from_slice(&1u64.to_le_bytes());
+    prefixed(&mut out, &postcard::to_stdvec(&(key, 5i64)).expect("encodes"));
+    out
 }
 
 /// A config file: TOML parsing, `${VAR}` expansion and every validation

@@ -370,6 +370,7 @@ impl Snapshotter {
             checkpoints: checkpoints.clone(),
             created_micros: crate::sources::now_micros(),
             keystore: None,
+            dictionary: Vec::new(),
         };
         let dir = f.snapshot_dir.clone();
         let keys = f.keystore.clone();

@@ -88,6 +88,7 @@ fn measure(dir: &std::path::Path, n: u64, sealed: bool) -> anyhow::Result<[f64; 
             checkpoints: Default::default(),
             created_micros: 0,
             keystore: None,
+            dictionary: Vec::new(),
         };
         bytes += snapshot::write(dir, &meta, &store.shard_entities(p), &[], keys.as_ref())?.1;
     }

@@ -300,10 +300,12 @@ impl Store {
 
     /// As [`Store::apply`], also pushing the entity change (if any) to `out`.
     pub fn apply_into(&self, set: &EntityChangeSet, out: &mut Vec<Arc<EntityChange>>) -> Outcome {
-        if self.is_blocked(&set.key) {
+        // One hash of the key for both lookups (every change applied asks).
+        let i = set.key.partition(self.shard_count()) as usize;
+        if self.blocked[i].contains(&set.key) {
             return Outcome::Blocked;
         }
-        let shard = self.shard(&set.key);
+        let shard = &self.shards[i];
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
         let applied = Entity::apply(current.as_deref(), set);
         self.settle(&set.key, applied, out)

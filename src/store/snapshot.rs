@@ -12,8 +12,10 @@
 //! An entity record is the entity in postcard encoding, or, when the meta
 //! names a keystore (`[snapshot.encryption]`), the entity sealed under its
 //! own key (see [`super::keystore`]): its key in postcard, its key id (u64),
-//! then nonce, ciphertext and tag; the key and key id are the associated
-//! data, so a record cannot pass for another entity's. A record whose key
+//! then nonce, ciphertext and tag of the entity's postcard bytes compressed
+//! on their own (lz4 block, size first: sealed bytes do not compress, so
+//! the file's lz4 frame gains nothing on them); the key and key id are the
+//! associated data, so a record cannot pass for another entity's. A record whose key
 //! was deleted (the entity was forgotten) is skipped on reading and
 //! counted; a sealed file read without its keystore is refused whole.
 //! Blocked ids (forgotten entities whose later changes are dropped) are
@@ -81,6 +83,10 @@ pub struct SnapshotMeta {
     /// Set when the entity records are sealed: the keystore that holds
     /// their keys.
     pub keystore: Option<KeystoreId>,
+    /// Sealed files: the names (entity type, tables, columns, sources) the
+    /// records are compressed against, each as postcard writes a string.
+    /// Names only, never values.
+    pub dictionary: Vec<u8>,
 }
 
 /// The meta of a format version 1 file.
@@ -185,6 +191,10 @@ pub fn write(
     };
     let mut meta = meta.clone();
     meta.keystore = keys.map(KeyStore::id);
+    meta.dictionary = match keys {
+        Some(_) => names_dictionary(entities),
+        None => Vec::new(),
+    };
     let tmp = path.with_extension("snap.tmp");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = Summing {
@@ -201,19 +211,25 @@ pub fn write(
     lz.write_all(&(count as u64).to_le_bytes())
         .map_err(io_err(&tmp))?;
     let mut buf = Vec::with_capacity(4096);
+    let (mut record, mut aad) = (Vec::with_capacity(4096), Vec::with_capacity(64));
+    let mut prepared = prepared;
     for (i, e) in entities.iter().enumerate() {
         buf.clear();
         buf = postcard::to_extend(&**e, buf).map_err(encode)?;
-        match &prepared {
+        match &mut prepared {
             None => write_prefixed(&mut lz, &buf).map_err(io_err(&tmp))?,
             Some(p) => {
                 let Some(key_id) = p.key_id(i) else {
                     continue; // Forgotten after the capture.
                 };
-                let mut record = postcard::to_stdvec(&e.key).map_err(encode)?;
-                record.extend_from_slice(&key_id.to_le_bytes());
-                let sealed = p.seal(i, &record, &buf)?;
-                record.extend_from_slice(&sealed);
+                aad.clear();
+                aad = postcard::to_extend(&e.key, aad).map_err(encode)?;
+                aad.extend_from_slice(&key_id.to_le_bytes());
+                record.clear();
+                record.extend_from_slice(&aad);
+                let packed =
+                    lz4_flex::block::compress_prepend_size_with_dict(&buf, &meta.dictionary);
+                p.seal_into(i, &aad, &packed, &mut record)?;
                 write_prefixed(&mut lz, &record).map_err(io_err(&tmp))?;
             }
         }
@@ -331,6 +347,7 @@ pub fn decode(
             checkpoints: m.checkpoints,
             created_micros: m.created_micros,
             keystore: None,
+            dictionary: Vec::new(),
         }
     } else {
         postcard::from_bytes(&meta_bytes).map_err(|e| corrupt(format!("bad metadata: {e}")))?
@@ -371,7 +388,8 @@ pub fn decode(
                 }
                 let aad_len = buf.len() - rest.len() + 8;
                 match ks.unseal(&key, &buf[..aad_len], &buf[aad_len..]) {
-                    Unsealed::Open(plain) => plain,
+                    Unsealed::Open(packed) => unpack(&packed, &meta.dictionary)
+                        .map_err(|e| corrupt(format!("sealed entity #{i} ({key}): {e}")))?,
                     Unsealed::KeyGone => {
                         erased += 1;
                         continue;
@@ -406,6 +424,54 @@ pub fn decode(
         path: path.to_path_buf(),
         bytes: bytes.len() as u64,
     })
+}
+
+/// The entity bytes of an opened record: lz4 block with its size first.
+/// The size is checked against what lz4 can expand to before anything is
+/// allocated for it.
+fn unpack(packed: &[u8], dictionary: &[u8]) -> Result<Vec<u8>, String> {
+    let Some(size) = packed.get(..4) else {
+        return Err("cut short".into());
+    };
+    let size = u32::from_le_bytes(size.try_into().expect("4 bytes")) as usize;
+    // lz4 expands at most 255 times (plus a little).
+    if size > packed.len().saturating_mul(255) + 16 {
+        return Err(format!("claims {size} bytes from {}", packed.len()));
+    }
+    lz4_flex::block::decompress_size_prepended_with_dict(packed, dictionary)
+        .map_err(|e| e.to_string())
+}
+
+/// The names of the first entities of a capture (entity type, tables,
+/// columns, sources), each as postcard writes a string: sealed records
+/// are compressed one by one, and without what they share with each other
+/// (the names) they would compress to little (`fabric bench --only
+/// snapshots`). Names only: no value of any entity goes into the file in
+/// clear.
+fn names_dictionary(entities: &[Arc<Entity>]) -> Vec<u8> {
+    const MAX: usize = 16 << 10;
+    let mut seen = std::collections::HashSet::new();
+    let mut dict = Vec::new();
+    let mut add = |name: &str| {
+        if dict.len() < MAX && seen.insert(name.to_string()) {
+            dict = postcard::to_extend(name, std::mem::take(&mut dict)).expect("to memory");
+        }
+    };
+    for e in entities.iter().take(256) {
+        add(&e.key.entity_type);
+        for (table, rows) in e.tables.iter() {
+            add(table);
+            for (_, row) in rows.iter() {
+                for (column, _) in row.iter() {
+                    add(column);
+                }
+            }
+        }
+        for (source, _) in e.positions.iter() {
+            add(source);
+        }
+    }
+    dict
 }
 
 /// A whole, checked snapshot file around an uncompressed body (meta,
@@ -536,6 +602,7 @@ mod tests {
             checkpoints,
             created_micros: 1,
             keystore: None,
+            dictionary: Vec::new(),
         }
     }
 
