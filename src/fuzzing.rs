@@ -115,8 +115,13 @@ fn fuzz_keystore() -> Option<&'static crate::store::keystore::KeyStore> {
     KEYS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("fabric-fuzz-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        crate::store::keystore::KeyStore::open_with_id(&dir, b"fuzzing master key", 1, FUZZ_KEYSTORE)
-            .ok()
+        crate::store::keystore::KeyStore::open_with_id(
+            &dir,
+            b"fuzzing master key",
+            1,
+            FUZZ_KEYSTORE,
+        )
+        .ok()
     })
     .as_ref()
 }
@@ -151,7 +156,10 @@ pub fn sealed_snapshot_seed() -> Vec<u8> {
     record.extend_from_slice(&[0x5a; 12 + 40]);
     prefixed(&mut out, &record);
     out.extend_from_slice(&1u64.to_le_bytes());
-    prefixed(&mut out, &postcard::to_stdvec(&(key, 5i64)).expect("encodes"));
+    prefixed(
+        &mut out,
+        &postcard::to_stdvec(&(key, 5i64)).expect("encodes"),
+    );
     out
 }
 

@@ -101,7 +101,9 @@ fn seeds_decode_to_what_they_hold() {
     // id. FABRIC_UPDATE_SEEDS=1 writes it anew (after a format change).
     let name = "sealed-body.bin";
     if std::env::var("FABRIC_UPDATE_SEEDS").is_ok_and(|v| v == "1") {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/snapshot").join(name);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds/snapshot")
+            .join(name);
         std::fs::write(p, entity_fabric::fuzzing::sealed_snapshot_seed()).unwrap();
     }
     let bytes = seed("snapshot", name);
@@ -120,7 +122,10 @@ fn seeds_decode_to_what_they_hold() {
     .unwrap();
     let file = entity_fabric::store::snapshot::seal_version(2, 0, 1, 1, &bytes[1..]);
     let back = entity_fabric::store::snapshot::decode(Path::new(name), &file, Some(&keys)).unwrap();
-    assert_eq!((back.entities.len(), back.erased, back.blocked.len()), (0, 1, 1));
+    assert_eq!(
+        (back.entities.len(), back.erased, back.blocked.len()),
+        (0, 1, 1)
+    );
     let name = "kafka-masking-access.toml";
     let text = String::from_utf8(seed("config", name)).unwrap();
     if let Err(e) =
