@@ -108,13 +108,15 @@ pub fn snapshot_file(data: &[u8]) {
 /// sealed records.
 pub const FUZZ_KEYSTORE: crate::store::keystore::KeystoreId = *b"fabric-fuzz-keys";
 
-/// One keystore for every snapshot input, in a directory of this process.
+/// One keystore for every snapshot input (it holds no key: records read as
+/// erased, which is as far as a fuzzer that cannot know a key gets).
 fn fuzz_keystore() -> Option<&'static crate::store::keystore::KeyStore> {
     static KEYS: std::sync::OnceLock<Option<crate::store::keystore::KeyStore>> =
         std::sync::OnceLock::new();
     KEYS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("fabric-fuzz-keys-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        // One directory for every run: it only ever holds the keystore's
+        // meta file, the same for every process that makes it.
+        let dir = std::env::temp_dir().join("fabric-fuzz-keys");
         crate::store::keystore::KeyStore::open_with_id(
             &dir,
             b"fuzzing master key",

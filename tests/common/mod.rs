@@ -706,7 +706,7 @@ impl Broker {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
