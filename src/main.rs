@@ -231,7 +231,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let mut client = EntityServiceClient::new(args.channel().await?);
             let mut stream = client
-                .watch_entities(args.request(proto::WatchEntitiesRequest {
+                .watch_entities(args.stream_request(proto::WatchEntitiesRequest {
                     r#type: entity_type,
                     id: id.unwrap_or_default(),
                     from_version: 0,
@@ -433,6 +433,11 @@ struct ClientArgs {
     /// address's host).
     #[arg(long, env = "FABRIC_TLS_NAME")]
     tls_name: Option<String>,
+    /// How long a call may take (its gRPC deadline), e.g. `30s`: a call
+    /// for an entity whose partition is moving between processes waits for
+    /// it within this time. Streams (`watch`) have none.
+    #[arg(long, env = "FABRIC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 impl ClientArgs {
@@ -466,7 +471,15 @@ impl ClientArgs {
     }
 
     /// `msg` with the token, if any.
+    /// A unary call's request: credentials and the deadline.
     fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut r = self.stream_request(msg)?;
+        r.set_timeout(self.timeout);
+        Ok(r)
+    }
+
+    /// A stream's request: credentials, no deadline.
+    fn stream_request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
         let mut r = tonic::Request::new(msg);
         if let Some(t) = &self.token {
             let value = format!("Bearer {t}")

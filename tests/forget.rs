@@ -12,7 +12,13 @@
 //!   (its key is gone), while every other entity still reads back;
 //! - a sync-on-access entity forgotten is not read from its source;
 //! - `fabric unblock` lets later changes build it again; a forget with
-//!   `--allow-rebuild` lets the next change do so at once.
+//!   `--allow-rebuild` lets the next change do so at once;
+//! - on the Kafka bus: tombstones on the entities topic (operation
+//!   `forget`) and the state topic (with the blocked id), a new process
+//!   restoring from the state topic keeps it blocked, and a forget asked of
+//!   a process that does not hold the entity is done by the one that does;
+//! - sealed snapshots: a wrong master key or a missing
+//!   `[snapshot.encryption]` refuses the start, the right key restores.
 
 mod common;
 
@@ -643,7 +649,86 @@ async fn on_kafka_a_forget_tombstones_the_topics_and_holds_in_a_new_process() {
             .code(),
         Code::NotFound
     );
+
+    // Two processes: a forget asked of the one that does not hold the
+    // entity is done by the one that does; both then answer NOT_FOUND.
+    let third = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&cfg2).unwrap().replace(
+        &second.path().display().to_string(),
+        &third.path().display().to_string(),
+    );
+    let (grpc, admin) = (free_port(), free_port());
+    let text = {
+        let c = entity_fabric::config::Config::load(&cfg2).unwrap();
+        text.replace(&c.server.grpc_addr, &format!("127.0.0.1:{grpc}"))
+            .replace(&c.server.admin_addr, &format!("127.0.0.1:{admin}"))
+    };
+    let cfg3 = third.path().join("fabric.toml");
+    std::fs::write(&cfg3, text).unwrap();
+    let mut other = FabricProcess::start(&cfg3, &third.path().join("fabric-2.log"));
+    other.wait_serving(WITHIN).await;
+    let p = entity_fabric::event::EntityKey::new("customer", "17").partition(settings.partitions);
+    let elsewhere = eventually(WITHIN, "partition of 17 held by one of two", || async {
+        let (a, b) = (serves(&fabric, p).await, serves(&other, p).await);
+        match (a, b) {
+            (true, false) if holds_some(&other).await => Some(&other),
+            (false, true) if holds_some(&fabric).await => Some(&fabric),
+            _ => None,
+        }
+    })
+    .await;
+    let holder = if std::ptr::eq(elsewhere, &fabric) {
+        &other
+    } else {
+        &fabric
+    };
+    let (ok, out) = cli(elsewhere, &["forget", "customer", "17"]);
+    assert!(ok && out.contains("was held"), "{out}");
+    // Applied by the holder (its applier's line), not by the one asked.
+    let applied = "entity forgotten key=customer/17";
+    assert!(
+        holder.log_text().contains(applied),
+        "not applied by the holder"
+    );
+    assert!(!elsewhere.log_text().contains(applied));
+    for f in [&fabric, &other] {
+        let s = f
+            .client()
+            .await
+            .get_entity(get("customer", "17", None))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    }
+    assert!(other.terminate());
     assert!(fabric.terminate());
+}
+
+/// Partition `p` is served by this process.
+async fn serves(f: &FabricProcess, p: u32) -> bool {
+    partitions_served(f).await.contains(&p)
+}
+
+async fn holds_some(f: &FabricProcess) -> bool {
+    !partitions_served(f).await.is_empty()
+}
+
+async fn partitions_served(f: &FabricProcess) -> Vec<u32> {
+    use entity_fabric::proto::ListPartitionsRequest;
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    let Ok(mut c) = CatalogServiceClient::connect(f.grpc.clone()).await else {
+        return Vec::new();
+    };
+    match c.list_partitions(ListPartitionsRequest {}).await {
+        Ok(r) => r
+            .into_inner()
+            .partitions
+            .into_iter()
+            .filter(|p| p.serving)
+            .map(|p| p.partition)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Runs `fabric run --config cfg` expecting it to refuse to start: its
