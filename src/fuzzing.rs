@@ -144,6 +144,7 @@ pub fn sealed_snapshot_seed() -> Vec<u8> {
         created_micros: 1,
         keystore: Some(FUZZ_KEYSTORE),
         dictionary: b"\x08customer\x02id".to_vec(),
+        key_generation: 0,
     };
     let prefixed = |out: &mut Vec<u8>, bytes: &[u8]| {
         out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());

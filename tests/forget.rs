@@ -430,8 +430,16 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
     assert!(read(&fabric, "profile", "6", None).await.is_ok());
     assert_eq!(metric(&fabric, fetches).await, before + 1.0);
 
-    // SIGKILL and restart: still forgotten, its changes still dropped.
+    // SIGKILL, and every snapshot file lost: the fabric starts over from
+    // its sources, which still hold customer 7; it stays forgotten (the
+    // blocked ids outlive snapshot files), its changes still dropped.
     fabric.kill9();
+    for f in std::fs::read_dir(&snaps).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|x| x == "snap") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     let mut fabric = FabricProcess::start(&cfg, &log);
     fabric.wait_serving(WITHIN).await;
     let lsn = at_source(
@@ -443,7 +451,13 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(gone.message().contains("forgotten"), "{gone:?}");
     assert!(read(&fabric, "customer", "9", Some(&lsn)).await.is_ok());
+    assert!(
+        fabric
+            .log_text()
+            .contains("blocked ids of forgotten entities restored")
+    );
 
     // Unblocked: the next change builds it again, from what it carries.
     let (ok, out) = cli(&fabric, &["unblock", "customer", "7"]);

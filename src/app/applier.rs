@@ -86,6 +86,9 @@ pub struct Applier {
     pub keystore: Option<Arc<KeyStore>>,
     /// Where applied erasures are reported to the calls waiting for them.
     pub erasures: Arc<Erasures>,
+    /// Embedded bus: the file of blocked ids, rewritten after a batch that
+    /// forgot or unblocked (see [`crate::store::blocked`]).
+    pub blocked_file: Option<Arc<crate::store::blocked::BlockedFile>>,
 }
 
 /// A blocked id set (`Some(when)`) or lifted (`None`), for the state topic.
@@ -123,6 +126,7 @@ pub async fn run(
         stop,
         keystore,
         erasures,
+        blocked_file,
     } = a;
     let mut consumer = bus.consume(partition, from).await?;
     let result: Result<Offset, BusError> = async {
@@ -208,6 +212,15 @@ pub async fn run(
                         && changes.len() > published
                     {
                         p.publish(&changes[published..]).await?;
+                    }
+                    if let Some(file) = &blocked_file
+                        && !erasing.marks.is_empty()
+                    {
+                        let (file, store) = (file.clone(), store.clone());
+                        tokio::task::spawn_blocking(move || file.save(|| store.blocked_all()))
+                            .await
+                            .map_err(|e| BusError::Keystore(e.to_string()))?
+                            .map_err(|e| BusError::Keystore(e.to_string()))?;
                     }
                     if let Some(st) = &state_topic
                         && next > state_from

@@ -105,6 +105,7 @@ impl Partitions {
             stop: stop.clone(),
             keystore: f.keystore.clone(),
             erasures: f.erasures.clone(),
+            blocked_file: f.blocked_file.clone(),
         };
         let failed = self.failed.clone();
         let handle = tokio::spawn(async move {
@@ -218,11 +219,11 @@ impl Partitions {
             {
                 f.store.drop_shard(p);
                 let n = s.entities.len();
-                for e in s.entities {
-                    f.store.restore(e);
-                }
                 for (key, at) in s.blocked {
                     f.store.restore_blocked(key, at);
+                }
+                for e in s.entities {
+                    f.store.restore(e);
                 }
                 tracing::info!(
                     partition = p,
@@ -309,6 +310,24 @@ impl Partitions {
                 "state topic brought up to date"
             );
             state_from = from;
+        }
+        // Keys of blocked ids held here (this process held the partition
+        // before another applied their forget) go now.
+        if let Some(ks) = f.keystore.clone() {
+            let blocked = f.store.blocked_in(p);
+            if !blocked.is_empty() {
+                let n = tokio::task::spawn_blocking(move || {
+                    ks.drop_keys(blocked.iter().map(|(k, _)| k))
+                })
+                .await??;
+                if n > 0 {
+                    tracing::info!(
+                        partition = p,
+                        keys = n,
+                        "snapshot keys of forgotten entities deleted"
+                    );
+                }
+            }
         }
         let _ = self
             .router

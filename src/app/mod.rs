@@ -93,6 +93,8 @@ pub struct Fabric {
     /// Erasures applied (for the calls that asked) and snapshot rounds
     /// they ask for (see [`crate::erase`]).
     pub erasures: Arc<crate::erase::Erasures>,
+    /// Embedded bus: the blocked ids' own file (see [`crate::store::blocked`]).
+    pub blocked_file: Option<Arc<crate::store::blocked::BlockedFile>>,
 }
 
 impl Fabric {
@@ -125,6 +127,21 @@ impl Fabric {
             None => Ok("anonymous".into()),
             Some(a) => a.check_named(request, method, action).map(str::to_string),
         }
+    }
+
+    /// A partition being rebuilt here starts from the state topic, which
+    /// holds its blocked ids as of every forget answered: reads may then be
+    /// answered from the sources meanwhile (a staleness bound, on-access
+    /// types) without serving an entity whose forget the replay has not
+    /// reached yet. Without the state topic, they wait for the rebuild.
+    pub fn rebuilt_from_state(&self) -> bool {
+        self.config.bus.kind == BusKind::Kafka
+            && self
+                .config
+                .bus
+                .kafka
+                .as_ref()
+                .is_some_and(|k| k.state_topic)
     }
 
     /// Refreshes the gauges computed from live state, then renders `/metrics`.
@@ -217,9 +234,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         _ => config.resolve(&config.snapshot.dir),
     };
     let keystore = match &config.snapshot.encryption {
-        Some(enc) => Some(Arc::new(
-            open_keystore(&config, enc, &snap_dir, partitions).await?,
-        )),
+        Some(enc) => Some(Arc::new(open_keystore(&config, enc, partitions).await?)),
         None => None,
     };
     let restored = {
@@ -235,6 +250,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .await??
         }
     };
+    // Embedded bus: the blocked ids' own file wins over what the snapshots
+    // restored said (they may be older than a forget, or unreadable).
+    let blocked_file =
+        (!kafka_mode).then(|| Arc::new(crate::store::blocked::BlockedFile::new(&snap_dir)));
+    if let Some(file) = &blocked_file {
+        let (file, store, keys) = (file.clone(), store.clone(), keystore.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let Some(ids) = file.load().map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}: the ids of forgotten entities cannot be read; restore the file, or \
+                     remove it to rely on the blocked ids in the snapshot files"
+                )
+            })?
+            else {
+                return Ok(());
+            };
+            let n = ids.len();
+            if let Some(ks) = &keys {
+                ks.drop_keys(ids.iter().map(|(k, _)| k))?;
+            }
+            let evicted = store.set_blocked(ids);
+            tracing::info!(
+                blocked = n,
+                evicted,
+                "blocked ids of forgotten entities restored"
+            );
+            Ok(())
+        })
+        .await??;
+    }
     let mut router = Router::new(&config, partitions, &restored.checkpoints);
     router.learn_links_from(&store);
 
@@ -333,6 +378,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     frontiers.reached(routed.iter(), &restored.offsets);
     let (erasures, mut round_requests) = crate::erase::Erasures::new();
     let fabric = Arc::new(Fabric {
+        blocked_file,
         keystore,
         erasures: Arc::new(erasures),
         access: config
@@ -660,15 +706,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 async fn open_keystore(
     config: &Config,
     enc: &crate::config::SnapshotEncryption,
-    snap_dir: &std::path::Path,
     partitions: u32,
 ) -> anyhow::Result<crate::store::keystore::KeyStore> {
-    let dir = match (&enc.keys_dir, &config.bus.kafka) {
-        (Some(d), Some(k)) if config.bus.kind == BusKind::Kafka => {
-            config.resolve(d).join(k.topic("changes"))
+    // Default: `keys` beside the snapshot directory, not in it, so that a
+    // copy of the snapshot directory does not carry the keys.
+    let base = match &enc.keys_dir {
+        Some(d) => config.resolve(d),
+        None => {
+            let snaps = config.resolve(&config.snapshot.dir);
+            snaps
+                .parent()
+                .map_or_else(|| std::path::PathBuf::from("keys"), |p| p.join("keys"))
         }
-        (Some(d), _) => config.resolve(d),
-        (None, _) => snap_dir.join("keys"),
+    };
+    let dir = match &config.bus.kafka {
+        Some(k) if config.bus.kind == BusKind::Kafka => base.join(k.topic("changes")),
+        _ => base,
     };
     let master = config.secret(
         "snapshot.encryption",

@@ -144,11 +144,12 @@ pub fn restore(
     // a file's entities go to one shard (or, re-sharded, to several).
     let loaded: Vec<snapshot::LoadedSnapshot> = loaded.into_values().collect();
     on_threads(loaded, |s| {
-        for e in s.entities {
-            store.restore(e);
-        }
+        // Blocked ids first: a copy of a blocked entity is left out.
         for (key, at) in s.blocked {
             store.restore_blocked(key, at);
+        }
+        for e in s.entities {
+            store.restore(e);
         }
     });
     tracing::info!(
@@ -240,11 +241,11 @@ pub fn restore_partition(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "partition restored from its snapshot"
                 );
-                for e in s.entities {
-                    store.restore(e);
-                }
                 for (key, at) in s.blocked {
                     store.restore_blocked(key, at);
+                }
+                for e in s.entities {
+                    store.restore(e);
                 }
                 return Ok(Some((s.meta.bus_offset, n)));
             }
@@ -371,6 +372,7 @@ impl Snapshotter {
             created_micros: crate::sources::now_micros(),
             keystore: None,
             dictionary: Vec::new(),
+            key_generation: 0,
         };
         let dir = f.snapshot_dir.clone();
         let keys = f.keystore.clone();

@@ -89,6 +89,7 @@ fn measure(dir: &std::path::Path, n: u64, sealed: bool) -> anyhow::Result<[f64; 
             created_micros: 0,
             keystore: None,
             dictionary: Vec::new(),
+            key_generation: 0,
         };
         bytes += snapshot::write(dir, &meta, &store.shard_entities(p), &[], keys.as_ref())?.1;
     }

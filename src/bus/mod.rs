@@ -55,9 +55,10 @@ pub enum BusError {
     /// The topics do not fit the config; retrying cannot help.
     #[error("kafka: {0}")]
     Mismatch(String),
-    /// An applier could not delete a forgotten entity's snapshot key (the
-    /// keystore's disk): it stops rather than report the forget done.
-    #[error("cannot delete a forgotten entity's snapshot key: {0}")]
+    /// An applier could not make a forget durable (delete the entity's
+    /// snapshot key, write the blocked ids): it stops rather than report
+    /// the forget done.
+    #[error("cannot make a forget durable: {0}")]
     Keystore(String),
 }
 

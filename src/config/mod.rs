@@ -338,11 +338,11 @@ pub struct SnapshotEncryption {
     /// Default, when neither is set: `master.key` in `keys_dir`, created
     /// with 32 random bytes (mode 0600) on first start.
     pub key_file: Option<PathBuf>,
-    /// Directory of the per-entity keys (default: `keys` in the snapshot
-    /// directory; on Kafka, in a directory per changes topic, as snapshots
-    /// are). Back it up apart from the snapshot files, and never keep a
-    /// backup of it longer than erasure allows: a copy of a deleted key
-    /// reopens the old snapshots it sealed.
+    /// Directory of the per-entity keys (default: `keys` beside the
+    /// snapshot directory; on Kafka, in a directory per changes topic, as
+    /// snapshots are). Back it up apart from the snapshot files, and never
+    /// keep a backup of it longer than erasure allows: a copy of a deleted
+    /// key reopens the old snapshots it sealed.
     pub keys_dir: Option<PathBuf>,
 }
 

@@ -254,6 +254,7 @@ impl EntityService for EntityApi {
                 // than waiting, when the request allows reading them.
                 Route::Moving
                     if through
+                        && self.fabric.rebuilt_from_state()
                         && self.fabric.partitions[p as usize]
                             .owned
                             .load(std::sync::atomic::Ordering::Acquire) =>

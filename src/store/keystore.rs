@@ -39,6 +39,10 @@ use std::path::{Path, PathBuf};
 const META_MAGIC: &[u8; 8] = b"EFKEYS01";
 const PART_MAGIC: &[u8; 8] = b"EFKEYP01";
 const META_FILE: &str = "keystore.meta";
+/// Every key, while a new partition count is being written.
+const RESHARD_FILE: &str = "reshard.keys";
+/// The partition number `reshard.keys` carries.
+const RESHARD_PARTITION: u32 = u32::MAX;
 /// What `keystore.meta` seals, to prove the master key.
 const CHECK: &[u8] = b"entity-fabric keystore";
 /// A master key shorter than this is refused.
@@ -91,11 +95,23 @@ struct Material {
 
 #[derive(Default)]
 struct PartKeys {
+    /// Grows by one each time the partition's key file is written: a
+    /// sealed snapshot records the generation it was sealed at, so a key
+    /// file older than it (restored from an old backup, or lost) is told
+    /// apart from keys deleted by forgets.
+    generation: u64,
     keys: HashMap<EntityKey, Material>,
     /// Entities forgotten here, with the bus offset of the forget: a
     /// capture taken below that offset (written after the forget) leaves
     /// them out instead of sealing them under a new key.
     erased: HashMap<EntityKey, u64>,
+}
+
+/// What a key file holds.
+struct KeyFile {
+    partitions: u32,
+    generation: u64,
+    keys: Vec<(EntityKey, u64, [u8; 32])>,
 }
 
 /// The per-entity keys of one snapshot directory.
@@ -277,12 +293,22 @@ impl KeyStore {
                 .map(|_| Mutex::new(PartKeys::default()))
                 .collect(),
         };
+        // A new partition count: the keys are written again under it. The
+        // whole set goes to `reshard.keys` first, so a crash while the
+        // partition files are rewritten (each losing keys another gains)
+        // loses none: the next open reads it too and finishes the job.
+        let reshard_path = dir.join(RESHARD_FILE);
         let mut resharded = false;
-        for (p, path) in &files {
+        let mut newest = 0;
+        let mut read = |path: &Path, partition: u32| -> Result<(), KeyError> {
             let bytes = fs::read(path).map_err(io_err(path))?;
-            let (count, entries) = ks.read_part(path, *p, &bytes)?;
-            resharded |= count != ks.partitions;
-            for (key, id, k) in entries {
+            let f = ks.read_part(path, partition, &bytes)?;
+            resharded |= f.partitions != ks.partitions || partition == RESHARD_PARTITION;
+            newest = newest.max(f.generation);
+            if f.partitions == ks.partitions && partition != RESHARD_PARTITION {
+                ks.parts[partition as usize].lock().generation = f.generation;
+            }
+            for (key, id, k) in f.keys {
                 let m = Material {
                     id,
                     key: k,
@@ -293,20 +319,52 @@ impl KeyStore {
                     .keys
                     .insert(key, m);
             }
+            Ok(())
+        };
+        for (p, path) in &files {
+            read(path, *p)?;
+        }
+        if reshard_path.exists() {
+            read(&reshard_path, RESHARD_PARTITION)?;
         }
         if resharded {
-            // Written again under the current partition count, then the
-            // files of partitions that no longer exist go.
+            let mut all = PartKeys {
+                generation: newest,
+                ..PartKeys::default()
+            };
+            for part in &ks.parts {
+                all.keys
+                    .extend(part.lock().keys.iter().map(|(k, m)| (k.clone(), *m)));
+            }
+            ks.save_as(&reshard_path, RESHARD_PARTITION, &mut all)?;
             for p in 0..ks.partitions {
-                ks.save(p, &ks.parts[p as usize].lock())?;
+                let mut part = ks.parts[p as usize].lock();
+                part.generation = newest;
+                ks.save(p, &mut part)?;
             }
             for (p, path) in files {
                 if p >= ks.partitions {
                     fs::remove_file(&path).map_err(io_err(&path))?;
                 }
             }
+            fs::remove_file(&reshard_path).map_err(io_err(&reshard_path))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
         }
         Ok(ks)
+    }
+
+    /// The generation of partition `p`'s key file (0: never written).
+    pub fn generation(&self, p: u32) -> u64 {
+        self.parts
+            .get(p as usize)
+            .map_or(0, |part| part.lock().generation)
+    }
+
+    /// The partition count the keys are kept under.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
     }
 
     /// The id sealed snapshot files of this keystore record.
@@ -361,19 +419,13 @@ impl KeyStore {
         }
     }
 
-    /// A partition file: its partition count and its keys.
-    #[allow(clippy::type_complexity)]
-    fn read_part(
-        &self,
-        path: &Path,
-        partition: u32,
-        bytes: &[u8],
-    ) -> Result<(u32, Vec<(EntityKey, u64, [u8; 32])>), KeyError> {
+    /// A key file: its partition count, generation and keys.
+    fn read_part(&self, path: &Path, partition: u32, bytes: &[u8]) -> Result<KeyFile, KeyError> {
         let bad = |reason: String| KeyError::Bad {
             path: path.to_path_buf(),
             reason,
         };
-        const HEADER: usize = 8 + 16 + 4 + 4;
+        const HEADER: usize = 8 + 16 + 4 + 4 + 8;
         if bytes.len() < HEADER || &bytes[..8] != PART_MAGIC {
             return Err(bad("is not a key file".into()));
         }
@@ -381,34 +433,44 @@ impl KeyStore {
             return Err(bad("belongs to another keystore".into()));
         }
         let p = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
-        let count = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
+        let partitions = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
+        let generation = u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes"));
         if p != partition {
             return Err(bad(format!("holds partition {p}, not {partition}")));
         }
         let plain = open(&self.kek, &bytes[..HEADER], &bytes[HEADER..]).ok_or_else(|| {
             bad("does not open: altered, or written under another master key".into())
         })?;
-        let entries: Vec<(EntityKey, u64, [u8; 32])> =
+        let keys: Vec<(EntityKey, u64, [u8; 32])> =
             postcard::from_bytes(&plain).map_err(|e| bad(format!("keys do not decode: {e}")))?;
-        Ok((count, entries))
+        Ok(KeyFile {
+            partitions,
+            generation,
+            keys,
+        })
     }
 
-    /// Writes partition `p`'s keys durably.
-    fn save(&self, p: u32, part: &PartKeys) -> Result<(), KeyError> {
-        let path = self.dir.join(part_file(p));
+    /// Writes partition `p`'s keys durably, as its next generation.
+    fn save(&self, p: u32, part: &mut PartKeys) -> Result<(), KeyError> {
+        self.save_as(&self.dir.join(part_file(p)), p, part)
+    }
+
+    fn save_as(&self, path: &Path, p: u32, part: &mut PartKeys) -> Result<(), KeyError> {
+        part.generation += 1;
         let entries: Vec<(&EntityKey, u64, &[u8; 32])> =
             part.keys.iter().map(|(k, m)| (k, m.id, &m.key)).collect();
         let plain = postcard::to_stdvec(&entries).map_err(|e| KeyError::Bad {
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason: format!("cannot encode: {e}"),
         })?;
         let mut bytes = PART_MAGIC.to_vec();
         bytes.extend_from_slice(&self.id);
         bytes.extend_from_slice(&p.to_le_bytes());
         bytes.extend_from_slice(&self.partitions.to_le_bytes());
+        bytes.extend_from_slice(&part.generation.to_le_bytes());
         let aad = bytes.clone();
         bytes.extend_from_slice(&seal(&self.kek, &aad, &plain)?);
-        write_durably(&self.dir, &path, &bytes)
+        write_durably(&self.dir, path, &bytes)
     }
 
     fn part(&self, key: &EntityKey) -> (u32, &Mutex<PartKeys>) {
@@ -424,9 +486,38 @@ impl KeyStore {
         part.erased.insert(key.clone(), offset);
         let had = part.keys.remove(key).is_some();
         if had {
-            self.save(p, &part)?;
+            self.save(p, &mut part)?;
         }
         Ok(had)
+    }
+
+    /// Deletes the keys of `keys` that are held (blocked ids met at a
+    /// restore: their forget may have been applied by another process, or
+    /// before a crash that came before its key went). Blocking.
+    pub fn drop_keys<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a EntityKey>,
+    ) -> Result<usize, KeyError> {
+        let mut by_part: HashMap<u32, Vec<&EntityKey>> = HashMap::new();
+        for k in keys {
+            by_part
+                .entry(k.partition(self.partitions))
+                .or_default()
+                .push(k);
+        }
+        let mut n = 0;
+        for (p, keys) in by_part {
+            let mut part = self.parts[p as usize].lock();
+            let before = part.keys.len();
+            for k in keys {
+                part.keys.remove(k);
+            }
+            if part.keys.len() != before {
+                n += before - part.keys.len();
+                self.save(p, &mut part)?;
+            }
+        }
+        Ok(n)
     }
 
     /// Makes ready to seal the entities `keys` of one partition's capture
@@ -476,11 +567,12 @@ impl KeyStore {
         // Captures from here on are at or past these forgets.
         part.erased.retain(|_, at| *at >= offset);
         if dirty {
-            self.save(partition % self.partitions, &part)?;
+            self.save(partition % self.partitions, &mut part)?;
         }
         Ok(Prepared {
             keys: out,
             nonces: Vec::new(),
+            generation: part.generation,
         })
     }
 
@@ -524,6 +616,8 @@ pub struct Prepared {
     /// Random nonces not used yet, drawn from the OS 1024 at a time (one
     /// system call per record cost a tenth of a sealed round).
     nonces: Vec<u8>,
+    /// The generation of the partition's key file these keys are in.
+    pub generation: u64,
 }
 
 impl Prepared {
@@ -662,6 +756,34 @@ mod tests {
         }
         let files = KeyStore::part_files(dir.path()).unwrap();
         assert_eq!(files.len(), 4);
+    }
+
+    #[test]
+    fn a_crash_while_resharding_loses_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = b"0123456789abcdef";
+        let ks = KeyStore::open(dir.path(), master, 1).unwrap();
+        let keys: Vec<EntityKey> = (0..50).map(|i| k(&i.to_string())).collect();
+        ks.prepare(0, keys.iter(), 1, 1).unwrap();
+        let generation = ks.generation(0);
+        assert!(generation >= 1);
+        // As a reshard leaves things when it stops after `reshard.keys` and
+        // a partition file that lost keys to partitions not yet written.
+        let mut all = PartKeys {
+            keys: ks.parts[0].lock().keys.clone(),
+            ..PartKeys::default()
+        };
+        ks.save_as(&dir.path().join(RESHARD_FILE), RESHARD_PARTITION, &mut all)
+            .unwrap();
+        ks.parts[0].lock().keys.retain(|k, _| k.id.len() > 1);
+        ks.save(0, &mut ks.parts[0].lock()).unwrap();
+        drop(ks);
+        let ks = KeyStore::open(dir.path(), master, 4).unwrap();
+        assert_eq!(ks.len(), 50);
+        assert!(!dir.path().join(RESHARD_FILE).exists());
+        assert!((0..4).all(|p| ks.generation(p) > generation));
+        let again = KeyStore::open(dir.path(), master, 4).unwrap();
+        assert_eq!(again.len(), 50);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!
 //! The store knows nothing of sources or of the bus: it applies change sets.
 
+pub mod blocked;
 pub mod keystore;
 pub mod microdb;
 pub mod row;
@@ -362,16 +363,21 @@ impl Store {
         if block {
             self.blocked_of(key).insert(key.clone(), at_micros);
         }
-        if let Some((_, slot)) = &removed {
+        if removed.is_some() {
             self.count(&key.entity_type, -1);
-            let mut change = EntityChange::deleted(
-                key.clone(),
+        }
+        // Told even when not held (evicted, never fetched here, or held
+        // by no one): the topics may hold it all the same, and downstream
+        // copies are erased by this change, not by the entity's absence.
+        let (version, tables) = removed.as_ref().map_or((0, Vec::new()), |(_, slot)| {
+            (
                 slot.current.version + 1,
                 slot.current.tables.keys().cloned().collect(),
-            );
-            change.forgotten = true;
-            self.publish(change, out);
-        }
+            )
+        });
+        let mut change = EntityChange::deleted(key.clone(), version, tables);
+        change.forgotten = true;
+        self.publish(change, out);
         Forgot {
             was_held: removed.is_some(),
             blocked: block,
@@ -393,6 +399,29 @@ impl Store {
             b.keys.read().iter().map(|(k, t)| (k.clone(), *t)).collect();
         out.sort();
         out
+    }
+
+    /// Every blocked id, all shards.
+    pub fn blocked_all(&self) -> Vec<(EntityKey, i64)> {
+        (0..self.shard_count())
+            .flat_map(|s| self.blocked_in(s))
+            .collect()
+    }
+
+    /// Makes `ids` the blocked ids, all shards (start-up, from the file that
+    /// outlives snapshot rounds): marks not in it go, and entities it
+    /// blocks leave memory (restored from a snapshot written before their
+    /// forget). Returns how many entities left.
+    pub fn set_blocked(&self, ids: Vec<(EntityKey, i64)>) -> usize {
+        for b in &self.blocked {
+            b.clear();
+        }
+        let mut evicted = 0;
+        for (key, at) in ids {
+            evicted += usize::from(self.evict(&key));
+            self.restore_blocked(key, at);
+        }
+        evicted
     }
 
     /// Blocks a restored mark (start-up, or a partition assigned).
@@ -537,8 +566,13 @@ impl Store {
         n
     }
 
-    /// Puts a restored entity in place (start-up, or a partition assigned).
-    pub fn restore(&self, entity: Entity) {
+    /// Puts a restored entity in place (start-up, or a partition assigned);
+    /// false when it is blocked (forgotten: restore its shard's blocked ids
+    /// first) and was left out.
+    pub fn restore(&self, entity: Entity) -> bool {
+        if self.is_blocked(&entity.key) {
+            return false;
+        }
         let key = entity.key.clone();
         if self
             .shard(&key)
@@ -547,6 +581,7 @@ impl Store {
         {
             self.count(&key.entity_type, 1);
         }
+        true
     }
 
     /// The ids of one entity type, sorted (ints numerically), after `after`,
@@ -675,6 +710,16 @@ mod tests {
         assert!(f.was_held && !f.blocked && !store.is_blocked(&key));
         add(&store, "1");
         assert!(store.get(&key).is_some());
+        // Forgetting what is not held still says so (the topics may hold
+        // it), and a restored copy of a blocked entity is left out.
+        let three = EntityKey::new("t", "3");
+        let mut out = Vec::new();
+        store.forget_into(&three, true, 80, &mut out);
+        assert!(out[0].forgotten && out[0].key == three);
+        let mut copy = (*store.get(&EntityKey::new("t", "2")).unwrap()).clone();
+        copy.key = three.clone();
+        assert!(!store.restore(copy));
+        assert!(store.get(&three).is_none());
         // A shard dropped (partition moved away) drops its blocked ids too.
         store.forget_into(&key, true, 79, &mut Vec::new());
         store.drop_shard(p);

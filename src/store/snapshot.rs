@@ -87,6 +87,11 @@ pub struct SnapshotMeta {
     /// records are compressed against, each as postcard writes a string.
     /// Names only, never values.
     pub dictionary: Vec<u8>,
+    /// Sealed files: the generation of the partition's key file when the
+    /// file was sealed; a key file older than that is refused (a backup of
+    /// it restored, or one lost), rather than its missing keys taken for
+    /// forgotten entities.
+    pub key_generation: u64,
 }
 
 /// The meta of a format version 1 file.
@@ -195,6 +200,7 @@ pub fn write(
         Some(_) => names_dictionary(entities),
         None => Vec::new(),
     };
+    meta.key_generation = prepared.as_ref().map_or(0, |p| p.generation);
     let tmp = path.with_extension("snap.tmp");
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = Summing {
@@ -348,6 +354,7 @@ pub fn decode(
             created_micros: m.created_micros,
             keystore: None,
             dictionary: Vec::new(),
+            key_generation: 0,
         }
     } else {
         postcard::from_bytes(&meta_bytes).map_err(|e| corrupt(format!("bad metadata: {e}")))?
@@ -367,6 +374,22 @@ pub fn decode(
                 reason: "it was sealed with another keystore than the one in \
                          snapshot.encryption.keys_dir (moved or replaced keys directory?)"
                     .into(),
+            });
+        }
+        (Some(_), Some(ks))
+            if meta.partitions == ks.partitions()
+                && ks.generation(meta.partition) < meta.key_generation =>
+        {
+            return Err(SnapshotError::Keystore {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it was sealed with generation {} of the key file of partition {}, and \
+                     snapshot.encryption.keys_dir holds generation {}: an older copy of the \
+                     keys (restored from a backup?) or a lost key file",
+                    meta.key_generation,
+                    meta.partition,
+                    ks.generation(meta.partition)
+                ),
             });
         }
         (Some(_), Some(ks)) => Some(ks),
@@ -434,8 +457,9 @@ fn unpack(packed: &[u8], dictionary: &[u8]) -> Result<Vec<u8>, String> {
         return Err("cut short".into());
     };
     let size = u32::from_le_bytes(size.try_into().expect("4 bytes")) as usize;
-    // lz4 expands at most 255 times (plus a little).
-    if size > packed.len().saturating_mul(255) + 16 {
+    // lz4 expands at most 255 times (plus a little); no entity is near
+    // 256 MiB.
+    if size > packed.len().saturating_mul(255) + 16 || size > 256 << 20 {
         return Err(format!("claims {size} bytes from {}", packed.len()));
     }
     lz4_flex::block::decompress_size_prepended_with_dict(packed, dictionary)
@@ -603,6 +627,7 @@ mod tests {
             created_micros: 1,
             keystore: None,
             dictionary: Vec::new(),
+            key_generation: 0,
         }
     }
 
@@ -706,6 +731,21 @@ mod tests {
         let back = read(&path, Some(&keys)).unwrap();
         assert_eq!((back.entities.len(), back.erased), (19, 1));
         assert!(back.entities.iter().all(|e| e.key != ents[7].key));
+        // A key file older than the snapshot (a backup of it put back):
+        // refused, not read as if every newer key were forgotten.
+        let keys_dir = dir.path().join("keys");
+        let back_then = tempfile::tempdir().unwrap();
+        for f in fs::read_dir(&keys_dir).unwrap() {
+            let f = f.unwrap();
+            fs::copy(f.path(), back_then.path().join(f.file_name())).unwrap();
+        }
+        let mut m2 = meta(2);
+        (m2.partition, m2.partitions) = (0, 1);
+        let (newer, _) = write(dir.path(), &m2, &ents[..3], &[], Some(&keys)).unwrap();
+        assert_eq!(read(&newer, Some(&keys)).unwrap().entities.len(), 3);
+        let old_keys = KeyStore::open(back_then.path(), b"a master key of 16+", 1).unwrap();
+        let err = read(&newer, Some(&old_keys)).unwrap_err();
+        assert!(err.to_string().contains("older copy of the keys"), "{err}");
         // Without the keystore, or with another one: refused whole.
         let err = read(&path, None).unwrap_err();
         assert!(matches!(err, SnapshotError::Keystore { .. }), "{err}");
