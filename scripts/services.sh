@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test services for the integration tests and the benchmark: a PostgreSQL
 # with wal_level=logical, a MariaDB with a ROW/FULL binlog, a Redis (the
-# benchmark's peer), each private (own port and data directory), and a
+# benchmark's peer), each private (own port and data directory), Debian's
+# Chromium (the status page's browser test), and a
 # Kafka-protocol broker (tansu, built once into a cache outside the
 # repository), started only when not already up. Idempotent.
 #
@@ -45,6 +46,8 @@ install_packages() {
   [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ] || missing+=(postgresql)
   command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server mariadb-client)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # The status page's test loads it in a real headless browser.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -191,6 +194,7 @@ print_env() {
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
   echo "export FABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
+  echo "export FABRIC_TEST_CHROMIUM=$(command -v chromium || true)"
   # Tests that restart a database mid-stream use these.
   echo "export FABRIC_TEST_PG_RESTART='${PG_RESTART:-}'"
   echo "export FABRIC_TEST_PG_CRASH='${PG_CRASH:-}'"

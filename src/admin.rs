@@ -1,10 +1,13 @@
-//! The admin HTTP endpoint: `/healthz` and `/metrics` (Prometheus text).
+//! The admin HTTP endpoint: `/healthz`, `/metrics` (Prometheus text), and
+//! the status page `/status` with its data `/status.json` (see
+//! [`crate::status`]).
 
 use crate::app::Fabric;
+use crate::status::{Rates, StatusState};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,18 +23,52 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for admin HTTP on {addr}: {e}"))?;
+    let rates = Arc::new(Rates::default());
+    let state = Arc::new(StatusState {
+        fabric: fabric.clone(),
+        rates: rates.clone(),
+    });
     let app = Router::new()
+        .route("/", get(|| async { Redirect::temporary("/status") }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(fabric);
+        .route("/status", get(status_page))
+        .route("/status.json", get(status_json))
+        .with_state(state);
     Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+        let sampler = rates.sample(&fabric, stop.clone());
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        let (served, ()) = tokio::join!(server.into_future(), sampler);
+        served
     })
 }
 
-async fn healthz(State(f): State<Arc<Fabric>>) -> impl IntoResponse {
+type AdminState = State<Arc<StatusState>>;
+
+async fn status_page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::status::PAGE,
+    )
+}
+
+async fn status_json(State(s): AdminState) -> impl IntoResponse {
+    let body = crate::status::document(&s.fabric, &s.rates).to_string();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+}
+
+async fn healthz(State(s): AdminState) -> impl IntoResponse {
+    let f = &s.fabric;
     if f.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n")
     } else {
@@ -39,12 +76,12 @@ async fn healthz(State(f): State<Arc<Fabric>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(f): State<Arc<Fabric>>) -> impl IntoResponse {
+async fn metrics(State(s): AdminState) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        f.render_metrics(),
+        s.fabric.render_metrics(),
     )
 }

@@ -11,7 +11,7 @@
 //! - [`store`] — the micro-DBs (`DashMap` per partition), snapshot files and their keys.
 //! - [`app`] — wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
 //! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
-//! - [`admin`] — `/healthz` and `/metrics`.
+//! - [`admin`] — `/healthz`, `/metrics`, and the status page ([`status`]).
 //! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
 //! - [`freshness`] — reads that wait for source positions (read-your-writes).
 //! - [`fuzzing`] — the fuzz targets' entry points (`fuzz/`, `scripts/fuzz.sh`).
@@ -20,6 +20,7 @@
 //! - [`view`] — projections and masks applied on the way out.
 //! - [`demo`] — the demo SQLite sources and their mutator.
 //! - [`telemetry`] — logging, metric names, dead letters.
+//! - [`progress`] — where long work stands (initial snapshots, restores).
 
 pub mod access;
 pub mod admin;
@@ -35,9 +36,11 @@ pub mod freshness;
 pub mod fuzzing;
 pub mod grpc;
 pub mod memory;
+pub mod progress;
 pub mod publish;
 pub mod router;
 pub mod sources;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod view;

@@ -108,6 +108,11 @@ pub struct Metrics {
     pub blocked_changes: Family<TypeLabel, Counter>,
     /// Forgotten ids whose changes are blocked, per type (this process's partitions).
     pub blocked: Family<TypeLabel, Gauge>,
+    /// Row changes applied, all sources: the status page's ingest rate.
+    pub applied_all: std::sync::atomic::AtomicU64,
+    /// Entity read calls answered (GetEntity, BatchGetEntities,
+    /// ListEntities): the status page's read rate.
+    pub reads_all: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -239,6 +244,8 @@ impl Metrics {
         );
         Metrics {
             registry: Mutex::new(r),
+            applied_all: Default::default(),
+            reads_all: Default::default(),
             forgotten,
             blocked_changes,
             blocked,

@@ -1,6 +1,7 @@
 //! The initial snapshot of a 1,000,000-row PostgreSQL table while writes
-//! continue: afterwards every entity equals the table. A test binary of its
-//! own: it is the heaviest test (about a million entities in memory).
+//! continue: its progress is reported while it runs (catalog API, status
+//! JSON, log), and afterwards every entity equals the table. A test binary
+//! of its own: it is the heaviest test (about a million entities in memory).
 
 mod common;
 
@@ -75,6 +76,30 @@ name = "device"
     let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
     fabric.wait_serving(Duration::from_secs(60)).await;
 
+    // Progress while the snapshot is read, as the catalog and the status
+    // page report it.
+    let progress = {
+        let (grpc, admin) = (fabric.grpc.clone(), fabric.admin.clone());
+        tokio::spawn(async move {
+            use entity_fabric::proto::ListSourcesRequest;
+            use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+            let mut c = CatalogServiceClient::connect(grpc).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < deadline {
+                let r = c.list_sources(ListSourcesRequest {}).await;
+                let p = r
+                    .ok()
+                    .and_then(|r| r.into_inner().sources.into_iter().next()?.progress);
+                if let Some(p) = p.filter(|p| p.done > 0) {
+                    let (_, body) = http_get(&admin, "/status.json").await;
+                    return Some((p, body));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        })
+    };
+
     // Writes while the snapshot is read: updates, inserts and deletes.
     let writer = {
         let url = url.clone();
@@ -107,6 +132,23 @@ name = "device"
         })
     };
     writer.await.unwrap();
+    let (p, status) = progress
+        .await
+        .unwrap()
+        .expect("no progress reported while the snapshot was read");
+    assert_eq!(p.what, "initial snapshot of public.devices");
+    assert_eq!(p.unit, "rows");
+    // Counted (the table was never analysed) or the planner's estimate.
+    let total = p.total.expect("a total");
+    assert!((900_000..=1_100_000).contains(&total), "{p:?}");
+    assert!(p.done <= total && p.per_second > 0.0, "{p:?}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let shown = &status["sources"][0]["progress"];
+    assert_eq!(
+        shown["what"], "initial snapshot of public.devices",
+        "{status}"
+    );
+    assert!(shown["done"].as_u64().unwrap() >= p.done, "{status}");
 
     // Expected: every row of the table.
     let want: HashMap<i64, (String, String)> =
@@ -172,6 +214,11 @@ name = "device"
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    let log = fabric.log_text();
+    assert!(
+        log.contains("done: initial snapshot of public.devices"),
+        "no line saying the snapshot is done"
+    );
     println!(
         "{} rows snapshotted under 600 concurrent writes; all equal after {:?}",
         want.len(),

@@ -50,6 +50,8 @@ pub struct PartitionState {
     pub ready_at: AtomicU64,
     /// Told after each batch applied (reads waiting for positions).
     pub advanced: tokio::sync::Notify,
+    /// Its rebuild here (Kafka: replaying up to `ready_at`), while it runs.
+    pub rebuild: crate::progress::Progress,
 }
 
 impl PartitionState {
@@ -232,8 +234,14 @@ pub async fn run(
                         erasures.record(partition, offset, done);
                     }
                     changes.clear();
-                    state.applied.store(next.0, Ordering::Release);
+                    let before = state.applied.swap(next.0, Ordering::AcqRel);
                     state.advanced.notify_waiters();
+                    if state.rebuild.active() {
+                        state.rebuild.advance(next.0.saturating_sub(before));
+                        if next.0 >= state.ready_at.load(Ordering::Acquire) {
+                            state.rebuild.finish();
+                        }
+                    }
                 }
             }
         }
@@ -319,6 +327,10 @@ fn apply(
                             .clone()
                     })
                     .inc_by(set.changes.len() as u64);
+                metrics.applied_all.fetch_add(
+                    set.changes.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             tracing::trace!(key = %set.key, position = %set.position, "applied");
         }

@@ -311,6 +311,13 @@ impl Partitions {
             );
             state_from = from;
         }
+        if ready_at.0 > from.0 {
+            state.rebuild.start(
+                format!("rebuild of partition {p}"),
+                "records",
+                Some(ready_at.0 - from.0),
+            );
+        }
         // Keys of blocked ids held here (this process held the partition
         // before another applied their forget) go now.
         if let Some(ks) = f.keystore.clone() {

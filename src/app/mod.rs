@@ -407,6 +407,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     owned: false.into(),
                     ready_at: 0.into(),
                     advanced: tokio::sync::Notify::new(),
+                    rebuild: Default::default(),
                 })
             })
             .collect(),
@@ -1025,6 +1026,8 @@ async fn supervise(
         );
         ctx.store_may_hold_rows = fabric.store_may_hold_rows;
         let result = source.run(ctx).await;
+        // An initial snapshot cut short starts over on the next run.
+        status.progress.abandon();
         if stop.is_cancelled() {
             status.set_state("stopped");
             return;

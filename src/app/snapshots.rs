@@ -90,7 +90,8 @@ pub fn restore(
     // is unreadable: they are read (checked, decompressed, decoded) on
     // parallel threads first; the walk below takes those results in its
     // order and reads any older file it falls back to itself.
-    let mut newest_read = read_newest_in_parallel(&files, keys);
+    let progress = crate::progress::Progress::default();
+    let mut newest_read = read_newest_in_parallel(&files, keys, &progress);
     // Newest first: the first readable file fixes the partition count.
     for f in &files {
         if count.is_some_and(|n| f.partition >= n) || loaded.contains_key(&f.partition) {
@@ -197,9 +198,11 @@ fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec
 
 /// Reads the newest file of each partition in `files` (newest first), in
 /// parallel; by path.
+/// The bytes read go to `progress`, logged as they go for a long restore.
 fn read_newest_in_parallel(
     files: &[snapshot::SnapshotFile],
     keys: Option<&KeyStore>,
+    progress: &crate::progress::Progress,
 ) -> std::collections::HashMap<
     std::path::PathBuf,
     Result<snapshot::LoadedSnapshot, snapshot::SnapshotError>,
@@ -207,9 +210,21 @@ fn read_newest_in_parallel(
     let mut seen = std::collections::HashSet::new();
     let newest: Vec<&snapshot::SnapshotFile> =
         files.iter().filter(|f| seen.insert(f.partition)).collect();
-    on_threads(newest, |f| (f.path.clone(), snapshot::read(&f.path, keys)))
-        .into_iter()
-        .collect()
+    let total = newest
+        .iter()
+        .filter_map(|f| std::fs::metadata(&f.path).ok())
+        .map(|m| m.len())
+        .sum();
+    progress.start("restore from snapshot files", "bytes", Some(total));
+    let out = on_threads(newest, |f| {
+        let read = snapshot::read(&f.path, keys);
+        progress.advance(read.as_ref().map_or(0, |s| s.bytes));
+        (f.path.clone(), read)
+    })
+    .into_iter()
+    .collect();
+    progress.finish();
+    out
 }
 
 /// Loads the newest readable snapshot of `partition` (of a bus of

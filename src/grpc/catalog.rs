@@ -96,6 +96,7 @@ impl CatalogService for CatalogApi {
                 lag_millis: s.status.lag_millis(),
                 last_error: s.status.last_error.lock().clone(),
                 dead_lettered: f.dead_letters.count(&s.name),
+                progress: s.status.progress.report().map(progress),
             })
             .collect();
         Ok(Response::new(ListSourcesResponse { sources }))
@@ -119,8 +120,22 @@ impl CatalogService for CatalogApi {
                 snapshot_offset: st.snapshot.load(Ordering::Acquire),
                 owned: st.owned.load(Ordering::Acquire),
                 serving: st.serving(),
+                progress: st.rebuild.report().map(progress),
             })
             .collect();
         Ok(Response::new(ListPartitionsResponse { partitions }))
+    }
+}
+
+/// A progress report as the catalog answers it.
+pub fn progress(r: crate::progress::Report) -> crate::proto::Progress {
+    crate::proto::Progress {
+        what: r.what,
+        unit: r.unit.into(),
+        done: r.done,
+        total: r.total,
+        per_second: r.per_second,
+        seconds_left: r.left.map(|l| l.as_secs()),
+        elapsed_ms: r.elapsed.as_millis() as u64,
     }
 }

@@ -173,6 +173,15 @@ impl Drop for Timer<'_> {
                 method: self.method,
             })
             .observe(self.started.elapsed().as_secs_f64());
+        if matches!(
+            self.method,
+            "GetEntity" | "BatchGetEntities" | "ListEntities"
+        ) {
+            self.fabric
+                .metrics
+                .reads_all
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -88,9 +88,20 @@ pub struct SourceStatus {
     pub last_commit_micros: AtomicI64,
     /// True while the source has nothing more to read right now.
     pub caught_up: std::sync::atomic::AtomicBool,
+    /// Its initial snapshot, while one is read.
+    pub progress: crate::progress::Progress,
 }
 
 impl SourceStatus {
+    /// One more row of an initial snapshot read: counted, and a yield to
+    /// the runtime now and then (tokio's budget), so a snapshot decoding
+    /// rows that arrive faster than it takes them does not hold a runtime
+    /// thread for seconds while reads and the catalog wait.
+    pub async fn snapshot_row(&self) {
+        self.progress.advance(1);
+        tokio::task::consume_budget().await;
+    }
+
     pub fn set_state(&self, s: &str) {
         *self.state.lock() = s.to_string();
     }

@@ -637,6 +637,29 @@ impl MysqlBinlogSource {
         }
         let mut rows = 0u64;
         let mut chunks = 0u64;
+        // How many rows: InnoDB's estimate (information_schema).
+        let mut estimate = Some(0u64);
+        for t in &catalog.tables {
+            let n: Option<Option<u64>> = conn
+                .exec_first(
+                    "SELECT TABLE_ROWS FROM information_schema.TABLES \
+                     WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                    (t.db.as_str(), t.table.as_str()),
+                )
+                .await
+                .map_err(&ext)?;
+            estimate = estimate.zip(n.flatten()).map(|(a, b)| a + b);
+        }
+        let names: Vec<String> = catalog
+            .tables
+            .iter()
+            .map(|t| format!("{}.{}", t.db, t.table))
+            .collect();
+        ctx.status.progress.start(
+            format!("initial snapshot of {}", names.join(", ")),
+            "rows",
+            estimate,
+        );
         for t in &catalog.tables {
             let cols: Vec<String> = t.columns.iter().map(|c| ident(&c.name)).collect();
             let from = format!("{}.{}", ident(&t.db), ident(&t.table));
@@ -660,6 +683,7 @@ impl MysqlBinlogSource {
                         }
                     }
                     rows += 1;
+                    ctx.status.snapshot_row().await;
                     // Chunks before the last carry a snapshot position: a crash
                     // before the last one is durable restarts the snapshot.
                     if chunk.len() >= self.batch_size {
@@ -683,6 +707,7 @@ impl MysqlBinlogSource {
         if !ctx.deliver(start.position(), now_micros(), chunk).await? {
             return Ok(None);
         }
+        ctx.status.progress.finish();
         tracing::info!(rows, file = %start.file, pos = start.pos, "initial snapshot read");
         Ok(Some(start))
     }

@@ -425,6 +425,33 @@ impl PostgresCdcSource {
         }
         let mut chunks = 0u64;
         let mut total = 0u64;
+        // How many rows: the planner's estimate, or a count where the table
+        // was never analysed (a new table; counted in the same snapshot).
+        let mut estimate = 0u64;
+        for t in tables {
+            let planned: Option<f32> =
+                sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = $1::regclass")
+                    .bind(quote_qualified(&t.qualified))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(&ext)?;
+            estimate += match planned {
+                Some(n) if n >= 0.0 => n as u64,
+                _ => sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {}",
+                    quote_qualified(&t.qualified)
+                )))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(&ext)? as u64,
+            };
+        }
+        let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
+        ctx.status.progress.start(
+            format!("initial snapshot of {}", names.join(", ")),
+            "rows",
+            Some(estimate),
+        );
         for t in tables {
             let cols = t
                 .columns
@@ -457,6 +484,7 @@ impl PostgresCdcSource {
                 }
                 chunk.push(RowChange::read(&t.configured, row));
                 total += 1;
+                ctx.status.snapshot_row().await;
                 if chunk.len() >= self.batch_size {
                     chunks += 1;
                     if !ctx
@@ -480,6 +508,7 @@ impl PostgresCdcSource {
         {
             return Ok(None);
         }
+        ctx.status.progress.finish();
         tracing::info!(rows = total, lsn = %crate::event::position::format_lsn(consistent), "initial snapshot read");
         Ok(Some(consistent))
     }

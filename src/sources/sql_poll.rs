@@ -1366,12 +1366,20 @@ impl SqlPollSource {
             false => None,
         };
         conn.begin_read().await.map_err(&ext)?;
+        // The rows a query returns are not known before it is read.
+        let names: Vec<&str> = tables.iter().map(|t| t.configured.as_str()).collect();
+        ctx.status.progress.start(
+            format!("initial snapshot of {}", names.join(", ")),
+            "rows",
+            None,
+        );
         for (t, st) in tables.iter().zip(states.iter_mut()) {
             let clock = now.filter(|_| t.kind == CursorKind::Timestamp);
             let (sql, binds) = t.query(Filter::All, None).expect("an unbounded query");
             let mut stream = conn.fetch(sql, binds);
             while let Some(raw) = stream.try_next().await.map_err(&ext)? {
                 rows += 1;
+                ctx.status.snapshot_row().await;
                 let (cursor, news) = self.observe(t, st, &raw, ctx);
                 let Some((row, deleted)) = news else { continue };
                 let (op, before, after) = match deleted {
@@ -1416,6 +1424,7 @@ impl SqlPollSource {
         {
             return Ok(None);
         }
+        ctx.status.progress.finish();
         tracing::info!(rows, position = pos, "initial snapshot read");
         Ok(Some(()))
     }

@@ -320,6 +320,23 @@ impl SqliteSource {
         }
         let mut rows = 0u64;
         let mut chunks = 0u64;
+        let mut count = 0u64;
+        for t in &catalog.tables {
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM main.{}",
+                ident(&t.name)
+            )))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(&ext)?;
+            count += n.max(0) as u64;
+        }
+        let names: Vec<&str> = catalog.tables.iter().map(|t| t.name.as_str()).collect();
+        ctx.status.progress.start(
+            format!("initial snapshot of {}", names.join(", ")),
+            "rows",
+            Some(count),
+        );
         for t in &catalog.tables {
             let sql = format!(
                 "SELECT {} FROM main.{}",
@@ -333,6 +350,7 @@ impl SqliteSource {
                     Err(reason) => ctx.dead_letter(&t.configured, &reason, &text),
                 }
                 rows += 1;
+                ctx.status.snapshot_row().await;
                 // Chunks before the last carry a snapshot position: a crash
                 // before the last one is durable restarts the snapshot.
                 if chunk.len() >= self.batch_size {
@@ -353,6 +371,7 @@ impl SqliteSource {
         {
             return Ok(None);
         }
+        ctx.status.progress.finish();
         tracing::info!(rows, position = pos, "initial snapshot read");
         Ok(Some(pos))
     }

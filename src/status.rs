@@ -1,0 +1,192 @@
+//! The status page of the admin endpoint: `GET /status` (one self-contained
+//! HTML page, no outside resources, that reads `/status.json` every second)
+//! and `GET /status.json` (everything it shows, for scripts too): sources
+//! with their state, positions, lag and the progress of an initial
+//! snapshot; ingest and read rates over the last five minutes; entities
+//! and blocked ids per type; partitions with their offsets and rebuilds;
+//! the age of the last snapshot; dead letters per source with the last
+//! reasons (never their raw input, which may hold what views mask).
+
+use crate::app::Fabric;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Rate samples kept: one a second for five minutes.
+const SAMPLES: usize = 300;
+/// Dead letters listed with their reasons.
+const RECENT_DEAD_LETTERS: usize = 10;
+
+/// Totals sampled once a second, for the page's rate charts.
+#[derive(Default)]
+pub struct Rates {
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    unix_ms: i64,
+    applied: u64,
+    reads: u64,
+}
+
+impl Rates {
+    /// Samples `fabric`'s totals every second until `stop`.
+    pub async fn sample(&self, fabric: &Fabric, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let m = &fabric.metrics;
+            let s = Sample {
+                unix_ms: crate::sources::now_micros() / 1000,
+                applied: m.applied_all.load(Ordering::Relaxed),
+                reads: m.reads_all.load(Ordering::Relaxed),
+            };
+            let mut q = self.samples.lock();
+            q.push_back(s);
+            while q.len() > SAMPLES {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Per second between consecutive samples: `[unix ms, ingest, reads]`.
+    fn series(&self) -> Vec<[f64; 3]> {
+        let q = self.samples.lock();
+        q.iter()
+            .zip(q.iter().skip(1))
+            .map(|(a, b)| {
+                let secs = ((b.unix_ms - a.unix_ms) as f64 / 1000.0).max(0.001);
+                [
+                    b.unix_ms as f64,
+                    b.applied.saturating_sub(a.applied) as f64 / secs,
+                    b.reads.saturating_sub(a.reads) as f64 / secs,
+                ]
+            })
+            .collect()
+    }
+}
+
+fn progress(r: Option<crate::progress::Report>) -> Value {
+    match r {
+        None => Value::Null,
+        Some(r) => json!({
+            "what": r.what,
+            "unit": r.unit,
+            "done": r.done,
+            "total": r.total,
+            "per_second": r.per_second.round(),
+            "seconds_left": r.left.map(|l| l.as_secs()),
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+        }),
+    }
+}
+
+/// Everything the page shows.
+pub fn document(f: &Fabric, rates: &Rates) -> Value {
+    let routed = f.routed.lock().clone();
+    let sources: Vec<Value> = f
+        .sources
+        .iter()
+        .map(|s| {
+            json!({
+                "name": &*s.name,
+                "kind": s.kind.as_str(),
+                "state": s.status.state.lock().clone(),
+                "routed": routed.get(&s.name).cloned().flatten().map(|p| p.to_string()),
+                "durable": s.durable.borrow().as_ref().map(|p| p.to_string()),
+                "lag_ms": s.status.lag_millis(),
+                "transactions": s.status.transactions.load(Ordering::Relaxed),
+                "changes": s.status.changes.load(Ordering::Relaxed),
+                "dead_lettered": f.dead_letters.count(&s.name),
+                "last_error": s.status.last_error.lock().clone(),
+                "progress": progress(s.status.progress.report()),
+            })
+        })
+        .collect();
+    let types: Vec<Value> = f
+        .config
+        .entities
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "description": e.description,
+                "entities": f.store.entity_count(&e.name),
+                "blocked": f.store.blocked_count(&e.name),
+            })
+        })
+        .collect();
+    let partitions: Vec<Value> = f
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(p, st)| {
+            json!({
+                "partition": p,
+                "owned": st.owned.load(Ordering::Acquire),
+                "serving": st.serving(),
+                "entities": f.store.shard_len(p as u32),
+                "applied": st.applied.load(Ordering::Acquire),
+                "end": f.bus.end_offset(p as u32).0,
+                "snapshot": st.snapshot.load(Ordering::Acquire),
+                "progress": progress(st.rebuild.report()),
+            })
+        })
+        .collect();
+    let now_ms = crate::sources::now_micros() / 1000;
+    let last = f.metrics.snapshot_last_unix.get();
+    let by_source: BTreeMap<&str, u64> = f
+        .sources
+        .iter()
+        .map(|s| (&*s.name, f.dead_letters.count(&s.name)))
+        .collect();
+    let recent: Vec<Value> = f
+        .dead_letters
+        .recent()
+        .into_iter()
+        .rev()
+        .take(RECENT_DEAD_LETTERS)
+        .map(|d| {
+            json!({
+                "time": d.time,
+                "source": d.source,
+                "table": d.table,
+                "reason": d.reason,
+            })
+        })
+        .collect();
+    json!({
+        "now_ms": now_ms,
+        "ready": f.ready.load(Ordering::Acquire),
+        "version": env!("CARGO_PKG_VERSION"),
+        "bus": if f.config.bus.kind == crate::config::BusKind::Kafka { "kafka" } else { "embedded" },
+        "member": f.member_id,
+        "sources": sources,
+        "entity_types": types,
+        "partitions": partitions,
+        "snapshot": {
+            "last_unix": (last > 0).then_some(last),
+            "age_s": (last > 0).then(|| (now_ms / 1000 - last).max(0)),
+            "bytes": f.metrics.snapshot_bytes.get(),
+        },
+        "dead_letters": { "by_source": by_source, "recent": recent },
+        "rates": rates.series(),
+    })
+}
+
+/// The page itself.
+pub const PAGE: &str = include_str!("status.html");
+
+/// Shared by the admin server's handlers.
+pub struct StatusState {
+    pub fabric: Arc<Fabric>,
+    pub rates: Arc<Rates>,
+}
