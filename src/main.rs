@@ -143,7 +143,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            entity_fabric::telemetry::init_logging(&cfg.log);
+            let logging = entity_fabric::telemetry::init_logging(&cfg.log)?;
             let shutdown = CancellationToken::new();
             let s = shutdown.clone();
             tokio::spawn(async move {
@@ -151,7 +151,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 tracing::info!("signal received");
                 s.cancel();
             });
-            entity_fabric::app::run(cfg, shutdown).await?;
+            let result = entity_fabric::app::run(cfg, shutdown).await;
+            tokio::task::spawn_blocking(move || logging.shutdown()).await?;
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => match Config::load(&config) {
@@ -385,7 +387,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             customers,
             rate,
         } => {
-            entity_fabric::telemetry::init_logging(&Default::default());
+            entity_fabric::telemetry::init_logging(&Default::default())?;
             if entity_fabric::demo::ensure(&dir, customers).await? {
                 println!(
                     "created demo databases in {} ({customers} customers)",

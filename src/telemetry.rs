@@ -20,21 +20,89 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tracing_subscriber::EnvFilter;
 
-/// Starts logging to stderr. `RUST_LOG` overrides the configured level.
-pub fn init_logging(cfg: &LogConfig) {
+/// What logging started that must be flushed before the process ends.
+#[derive(Default)]
+pub struct Logging {
+    otel: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Logging {
+    /// Exports the spans still buffered (within the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(p) = self.otel
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("warning: cannot flush the last spans to the OTLP collector: {e}");
+        }
+    }
+}
+
+/// Starts logging to stderr, and with `[log.otlp]` span export to an
+/// OpenTelemetry collector. `RUST_LOG` overrides the configured level (for
+/// both). Call inside the runtime: the exporter's gRPC client needs it.
+pub fn init_logging(cfg: &LogConfig) -> anyhow::Result<Logging> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    // A second init (tests) is harmless.
-    let _ = if cfg.format == "json" {
-        builder.json().try_init()
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (text, json) = if cfg.format == "json" {
+        (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        )
     } else {
-        builder.try_init()
+        (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            ),
+            None,
+        )
     };
+    let mut logging = Logging::default();
+    let otel = match &cfg.otlp {
+        None => None,
+        Some(o) => {
+            use opentelemetry::trace::TracerProvider;
+            use opentelemetry_otlp::WithExportConfig;
+            use opentelemetry_sdk::trace::Sampler;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(&o.endpoint)
+                .with_timeout(std::time::Duration::from_secs(10))
+                .build()
+                .map_err(|e| anyhow::anyhow!("log.otlp: cannot make the span exporter: {e}"))?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    o.sample_ratio,
+                ))))
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(o.service_name.clone())
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("entity-fabric");
+            logging.otel = Some(provider);
+            Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        }
+    };
+    // A second init (tests) is harmless.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init();
+    Ok(logging)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -215,5 +215,50 @@ async fn the_status_page_shows_live_numbers_in_a_browser_and_updates() {
     assert_ne!(text_of(&second, "updated"), updated);
     let after = crm_changes(&second);
     assert!(after > before, "crm changes {before} then {after}");
+
+    // The sample dashboard (deploy/grafana) and the README's metrics table
+    // name only metrics the fabric exports.
+    let (_, metrics) = http_get(&fabric.admin, "/metrics").await;
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["deploy/grafana/entity-fabric.json", "README.md"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let named = metric_names(&text);
+        assert!(named.len() >= 10, "{file} names {} metrics", named.len());
+        for name in named {
+            assert!(
+                exported.contains(name.as_str()),
+                "{file} names {name}, which /metrics does not export ({exported:?})"
+            );
+        }
+    }
     assert!(fabric.terminate());
+}
+
+/// The metric families `fabric_…` a text names (sample suffixes removed).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("fabric_") {
+        let start = i + at;
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(text.len() - start);
+        // A whole word: not the tail of another name.
+        if start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+            let mut name = &text[start..end];
+            for suffix in ["_total", "_bucket", "_count", "_sum"] {
+                name = name.strip_suffix(suffix).unwrap_or(name);
+            }
+            out.insert(name.to_string());
+        }
+        i = end.max(start + 1);
+    }
+    out
 }

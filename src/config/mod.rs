@@ -375,6 +375,23 @@ pub struct LogConfig {
     /// A `tracing` filter, e.g. `"info,entity_fabric=debug"`; `RUST_LOG` wins.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// Export spans (gRPC calls, snapshot rounds, forgets, source and
+    /// applier tasks) to an OpenTelemetry collector over OTLP/gRPC. Absent:
+    /// nothing is exported and no span is made per call.
+    pub otlp: Option<OtlpConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/gRPC address, e.g. `"http://127.0.0.1:4317"`.
+    pub endpoint: String,
+    /// The `service.name` the spans carry.
+    #[serde(default = "default_otlp_service")]
+    pub service_name: String,
+    /// The share of traces kept, 0 to 1 (a trace begun by a caller that
+    /// sampled it is kept whatever this says).
+    #[serde(default = "default_otlp_ratio")]
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -972,6 +989,7 @@ impl Default for LogConfig {
         LogConfig {
             format: default_log_format(),
             level: default_log_level(),
+            otlp: None,
         }
     }
 }
@@ -1062,6 +1080,12 @@ fn default_log_format() -> String {
 }
 fn default_log_level() -> String {
     "info".into()
+}
+fn default_otlp_service() -> String {
+    "entity-fabric".into()
+}
+fn default_otlp_ratio() -> f64 {
+    1.0
 }
 fn default_demo_dir() -> PathBuf {
     "data/demo".into()

@@ -232,6 +232,25 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     if cfg.bus.embedded.max_buffered == 0 {
         c.err("bus.embedded.max_buffered", "must be at least 1");
     }
+    if let Some(o) = &cfg.log.otlp {
+        if !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://"))
+            || url::Url::parse(&o.endpoint).is_err()
+        {
+            c.err(
+                "log.otlp.endpoint",
+                format!(
+                    "{:?} is not an http:// or https:// address (e.g. http://127.0.0.1:4317)",
+                    o.endpoint
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&o.sample_ratio) {
+            c.err("log.otlp.sample_ratio", "must be between 0 and 1");
+        }
+        if o.service_name.is_empty() {
+            c.err("log.otlp.service_name", "must not be empty");
+        }
+    }
     check_duration(c, "snapshot.interval", &cfg.snapshot.interval);
     if cfg.snapshot.keep < 2 {
         c.err(

@@ -79,6 +79,12 @@ pub async fn serve(
             .tls_config(server_tls(&fabric.config, tls)?)
             .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
     }
+    // With span export on, a span per call (named by its method, with the
+    // OpenTelemetry RPC attributes), continuing the caller's trace when the
+    // call carries a W3C `traceparent`; without, none is made.
+    if fabric.config.log.otlp.is_some() {
+        builder = builder.trace_fn(call_span);
+    }
     let router = builder
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
@@ -111,6 +117,43 @@ pub async fn serve(
                 .max_encoding_message_size(max_out),
         );
     Ok(router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }))
+}
+
+/// The span of one gRPC call (see [`serve`]).
+fn call_span(request: &axum::http::Request<()>) -> tracing::Span {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&Headers(request.headers()));
+    // No parent in the call: the span starts a trace of its own.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// A call's headers, as OpenTelemetry's propagators read them.
+struct Headers<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 /// The server's TLS settings from `[server.tls]`, its files read now.
