@@ -119,6 +119,7 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
             json!({
                 "name": e.name,
                 "description": e.description,
+                "owner": e.owner,
                 "entities": f.store.entity_count(&e.name),
                 "blocked": f.store.blocked_count(&e.name),
             })

@@ -273,10 +273,17 @@ async fn only_who_may_reads_what_it_may() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     denials += 1;
-    CatalogServiceClient::new(anon.clone())
+    let types = CatalogServiceClient::new(anon.clone())
         .list_entity_types(with_token(ListEntityTypesRequest::default(), billing))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // The catalog carries the types' metadata from the config.
+    assert_eq!(
+        types.entity_types[0].owner,
+        "customer-data team <customer-data@example.com>"
+    );
+    assert!(types.entity_types[0].description.starts_with("A customer"));
     // An unknown type is refused, not described: the caller may not learn
     // which types exist.
     let e = client

@@ -145,6 +145,10 @@ async fn the_status_page_shows_live_numbers_in_a_browser_and_updates() {
         ]
     );
     assert_eq!(doc["entity_types"][0]["name"], "customer");
+    assert_eq!(
+        doc["entity_types"][0]["owner"],
+        "customer-data team <customer-data@example.com>"
+    );
     let held = doc["entity_types"][0]["entities"].as_u64().unwrap();
     assert!(held >= 300, "{held} customers held");
     assert_eq!(doc["partitions"].as_array().unwrap().len(), 4);

@@ -536,6 +536,9 @@ pub struct EntityConfig {
     pub id_type: IdType,
     /// Free text for the catalog.
     pub description: Option<String>,
+    /// Who answers for this entity type (a team, a person, an address):
+    /// shown by the catalog and the status page.
+    pub owner: Option<String>,
     /// The table whose row is the entity itself (default: the first table).
     pub root_table: Option<String>,
     /// Deleting the root row deletes the whole entity (default true).

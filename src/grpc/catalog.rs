@@ -28,6 +28,7 @@ impl CatalogService for CatalogApi {
                 id_type: e.id_type.as_str().into(),
                 root_table: e.root_table().into(),
                 description: e.description.clone().unwrap_or_default(),
+                owner: e.owner.clone().unwrap_or_default(),
                 entity_count: f.store.entity_count(&e.name),
                 blocked_count: f.store.blocked_count(&e.name),
                 tables: e
