@@ -58,6 +58,18 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Prints where every row of one entity came from: source, table,
+    /// position of the change that last wrote it, and when it was applied
+    /// (its type must keep lineage).
+    Lineage {
+        entity_type: String,
+        id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Forgets one entity (right to erasure): gone from memory, from
     /// snapshots from now on (with snapshot encryption, from older ones
     /// too), tombstoned on the entities topic; its later changes are
@@ -267,6 +279,86 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+        }
+        Command::Lineage {
+            entity_type,
+            id,
+            json,
+            client: args,
+        } => {
+            let mut client =
+                proto::catalog_service_client::CatalogServiceClient::new(args.channel().await?);
+            let resp = client
+                .get_lineage(args.request(proto::GetLineageRequest {
+                    r#type: entity_type,
+                    id,
+                })?)
+                .await;
+            let l = match resp {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let micros = |m: i64| {
+                chrono::DateTime::from_timestamp_micros(m)
+                    .filter(|_| m != 0)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+                    .unwrap_or_default()
+            };
+            let key = |r: &proto::RowLineage| {
+                r.primary_key
+                    .iter()
+                    .map(|v| {
+                        entity_fabric::view::value_from_proto(v)
+                            .map(|v| v.to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let text = if json {
+                let rows: Vec<serde_json::Value> = l
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "table": r.table, "primary_key": key(r),
+                            "source": r.source, "source_table": r.source_table,
+                            "position": r.position, "fetched": r.fetched, "recorded": r.recorded,
+                            "committed_at": micros(r.commit_time_micros),
+                            "applied_at": micros(r.applied_time_micros),
+                        })
+                    })
+                    .collect();
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "type": l.r#type, "id": l.id, "version": l.version, "rows": rows,
+                }))?
+            } else {
+                let mut out = format!("{} {} (version {})\n", l.r#type, l.id, l.version);
+                for r in &l.rows {
+                    let from = if !r.recorded {
+                        "(not recorded: written before the type kept lineage)".to_string()
+                    } else if r.fetched {
+                        format!("fetched at {}", micros(r.commit_time_micros))
+                    } else {
+                        format!("{} committed {}", r.position, micros(r.commit_time_micros))
+                    };
+                    out.push_str(&format!(
+                        "  {}[{}] <- {}.{} {} applied {}\n",
+                        r.table,
+                        key(r),
+                        r.source,
+                        r.source_table,
+                        from,
+                        micros(r.applied_time_micros)
+                    ));
+                }
+                out
+            };
+            let _ = print_line(text.trim_end());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Forget {
             entity_type,

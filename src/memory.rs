@@ -39,6 +39,12 @@ pub fn release_after_burst() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Gives this thread's freed pages back now (for measurements on a thread
+/// that is no runtime thread).
+pub fn collect_now() {
+    collect();
+}
+
 fn collect() {
     // SAFETY: mi_collect takes no arguments to get wrong; it walks the
     // calling thread's own heap (and pages abandoned by finished threads)

@@ -201,7 +201,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let entity_types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
     let store = Arc::new(
         Store::new(partitions, &entity_types, config.server.watch_buffer)
-            .with_history(config.entities.iter().map(|e| (e.name.as_str(), e.history))),
+            .with_history(config.entities.iter().map(|e| (e.name.as_str(), e.history)))
+            .with_lineage(
+                config
+                    .entities
+                    .iter()
+                    .filter(|e| e.lineage)
+                    .map(|e| e.name.as_str()),
+            ),
     );
     let dead_letters = Arc::new(DeadLetters::new(
         &config.resolve(&config.dlq.file),

@@ -4,8 +4,9 @@
 //! changes topic.
 //!
 //! Partition `p` of the topic mirrors bus partition `p`: one message per
-//! entity (key `<type>/<id>`, value a format byte and the entity in postcard
-//! encoding, the same encoding as snapshot files; a tombstone when the
+//! entity (key `<type>/<id>`, value a format byte (2; 1, without row
+//! lineage, is still read) and the entity in postcard encoding, the same
+//! encoding as snapshot files; a tombstone when the
 //! entity is deleted), compacted, so the topic holds the newest state of
 //! every entity. After each applied batch the applier also writes the key
 //! [`OFFSET_KEY`] with the bus offset the partition's state now reflects.
@@ -40,7 +41,11 @@ use std::sync::Arc;
 pub const OFFSET_KEY: &str = "!offset";
 /// The prefix of a blocked id's key.
 pub const BLOCKED_PREFIX: &str = "!blocked/";
-const FORMAT_POSTCARD: u8 = 1;
+/// The entity in postcard encoding, as snapshot files of format 1 hold it
+/// (no row lineage): still read.
+const FORMAT_POSTCARD_V1: u8 = 1;
+/// The entity in postcard encoding, with row lineage.
+const FORMAT_POSTCARD: u8 = 2;
 
 pub struct StateTopic {
     topic: String,
@@ -217,6 +222,11 @@ fn read_partition(
                 let e = postcard::from_bytes::<Entity>(rest)
                     .map_err(|e| bad(format!("an entity's state does not decode: {e}")))?;
                 entities.insert(key.to_vec(), e);
+            }
+            Some([FORMAT_POSTCARD_V1, rest @ ..]) => {
+                let e = postcard::from_bytes::<crate::store::EntityV1>(rest)
+                    .map_err(|e| bad(format!("an entity's state does not decode: {e}")))?;
+                entities.insert(key.to_vec(), e.into());
             }
             Some(_) => return Err(bad("unknown state format".into())),
         }

@@ -139,6 +139,47 @@ fn keystore_bytes_per_entity(dir: &std::path::Path, n: u64) -> anyhow::Result<f6
     Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
+/// Resident memory per entity of `n` entities applied as change sets (a
+/// customer row and two order rows each), with the row lineage of
+/// `lineage = true` kept or not.
+fn applied_bytes_per_entity(n: u64, lineage: bool) -> f64 {
+    use crate::event::{EntityChangeSet, Op, TableChange};
+    let store = Store::new(PARTITIONS, &["customer"], 16);
+    let store = if lineage {
+        store.with_lineage(["customer"])
+    } else {
+        store
+    };
+    let before = super::harness::memory_of(std::process::id()).rss;
+    for id in 1..=n {
+        let e = entity(id);
+        let changes = e
+            .tables
+            .iter()
+            .flat_map(|(t, rows)| {
+                rows.iter().map(move |(pk, row)| TableChange {
+                    table: t.clone(),
+                    op: Op::Insert,
+                    pk: pk.to_vec(),
+                    row: Some(row.to_row()),
+                })
+            })
+            .collect();
+        store.apply(&EntityChangeSet {
+            key: e.key.clone(),
+            source: "crm".into(),
+            position: Position::Lsn(0x16B_3748 + id),
+            commit_micros: 1_700_000_000_000_000,
+            changes,
+            delete_entity: false,
+        });
+    }
+    crate::memory::collect_now();
+    let after = super::harness::memory_of(std::process::id()).rss;
+    drop(store);
+    after.saturating_sub(before) as f64 / n as f64
+}
+
 pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
     let n = b.snapshot_entities;
     let dir = b.dir.join("snapshot-part");
@@ -191,6 +232,30 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         String::new(),
         String::new(),
         String::new(),
+    ]);
+    tables.push(t);
+    // Row lineage: the memory it adds, same entities applied both ways.
+    let m = n.min(200_000);
+    let (plain, kept) = tokio::task::spawn_blocking(move || {
+        (
+            applied_bytes_per_entity(m, false),
+            applied_bytes_per_entity(m, true),
+        )
+    })
+    .await?;
+    let mut t = Table::new(
+        &format!("Row lineage: resident memory of {m} entities of 3 rows, applied as changes"),
+        &["lineage", "bytes per entity", "with / without"],
+    );
+    t.row(vec![
+        "not kept".into(),
+        format!("{plain:.0}"),
+        String::new(),
+    ]);
+    t.row(vec![
+        "kept (`lineage = true`)".into(),
+        format!("{kept:.0}"),
+        format!("{:.2}x", kept / plain.max(1.0)),
     ]);
     tables.push(t);
     Ok(())

@@ -539,6 +539,11 @@ pub struct EntityConfig {
     /// Who answers for this entity type (a team, a person, an address):
     /// shown by the catalog and the status page.
     pub owner: Option<String>,
+    /// Keep, for every row, the position of the change that last wrote it
+    /// and when it was applied (the catalog's `GetLineage`). Costs memory
+    /// per row; kept in snapshots.
+    #[serde(default)]
+    pub lineage: bool,
     /// The table whose row is the entity itself (default: the first table).
     pub root_table: Option<String>,
     /// Deleting the root row deletes the whole entity (default true).

@@ -9,6 +9,9 @@ use tonic::{Request, Response, Status};
 
 pub struct CatalogApi {
     pub fabric: Arc<Fabric>,
+    /// The other processes (Kafka bus): lineage of an entity held elsewhere
+    /// is asked of its holder.
+    pub peers: Arc<super::forward::Peers>,
 }
 
 #[tonic::async_trait]
@@ -103,6 +106,49 @@ impl CatalogService for CatalogApi {
         Ok(Response::new(ListSourcesResponse { sources }))
     }
 
+    async fn get_lineage(
+        &self,
+        request: Request<GetLineageRequest>,
+    ) -> Result<Response<GetLineageResponse>, Status> {
+        const METHOD: &str = "GetLineage";
+        let f = &self.fabric;
+        let _t = super::Timer::start(f, METHOD);
+        let r = request.get_ref();
+        let read = crate::access::Action::Read {
+            ty: &r.r#type,
+            view: "",
+        };
+        f.allow(&request, METHOD, read)?;
+        let (key, _) = super::entity::resolve(f, &r.r#type, &r.id, "")?;
+        if !f.store.keeps_lineage(&key.entity_type) {
+            return Err(Status::failed_precondition(format!(
+                "entity type {:?} does not keep lineage; set `lineage = true` on it",
+                &*key.entity_type
+            )));
+        }
+        let out = super::forward::on_holder(
+            f,
+            &self.peers,
+            &request,
+            &key,
+            || async {
+                let e = f
+                    .store
+                    .get(&key)
+                    .ok_or_else(|| super::entity::not_found(f, &key))?;
+                Ok(lineage(f, &e))
+            },
+            |c, ask| async move {
+                crate::proto::catalog_service_client::CatalogServiceClient::new(c)
+                    .get_lineage(ask)
+                    .await
+                    .map(Response::into_inner)
+            },
+        )
+        .await?;
+        Ok(Response::new(out))
+    }
+
     async fn list_partitions(
         &self,
         request: Request<ListPartitionsRequest>,
@@ -138,5 +184,41 @@ pub fn progress(r: crate::progress::Report) -> crate::proto::Progress {
         per_second: r.per_second,
         seconds_left: r.left.map(|l| l.as_secs()),
         elapsed_ms: r.elapsed.as_millis() as u64,
+    }
+}
+
+/// The lineage of every row of `e`, table by table, in key order.
+fn lineage(f: &crate::app::Fabric, e: &crate::store::Entity) -> GetLineageResponse {
+    let cfg = f.config.entity(&e.key.entity_type);
+    let mut rows = Vec::new();
+    for (table, kept) in e.tables.iter() {
+        let t = cfg.and_then(|c| c.tables.iter().find(|t| *t.name == **table));
+        let known = e.lineage.as_ref().and_then(|l| l.get(table));
+        for (pk, _) in kept.iter() {
+            let l = known.and_then(|k| k.get(pk));
+            rows.push(RowLineage {
+                table: table.to_string(),
+                source: t.map(|t| t.source.clone()).unwrap_or_default(),
+                source_table: t.map(|t| t.from.clone()).unwrap_or_default(),
+                primary_key: pk
+                    .iter()
+                    .map(|v| crate::view::value_to_proto(v.as_value_ref()))
+                    .collect(),
+                position: l
+                    .and_then(|l| l.position.as_ref())
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                commit_time_micros: l.map_or(0, |l| l.commit_micros),
+                applied_time_micros: l.map_or(0, |l| l.applied_micros),
+                fetched: l.is_some_and(|l| l.position.is_none()),
+                recorded: l.is_some(),
+            });
+        }
+    }
+    GetLineageResponse {
+        r#type: e.key.entity_type.to_string(),
+        id: e.key.id.to_string(),
+        version: e.version,
+        rows,
     }
 }

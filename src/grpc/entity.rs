@@ -31,11 +31,8 @@ pub struct EntityApi {
 }
 
 impl EntityApi {
-    pub fn new(fabric: Arc<Fabric>) -> anyhow::Result<Self> {
-        Ok(EntityApi {
-            peers: Arc::new(forward::Peers::new(&fabric.config)?),
-            fabric,
-        })
+    pub fn new(fabric: Arc<Fabric>, peers: Arc<forward::Peers>) -> Self {
+        EntityApi { peers, fabric }
     }
 
     /// How long a read waits for its minimum positions.

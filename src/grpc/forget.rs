@@ -2,8 +2,8 @@
 //! at the façade (access, audit, routing to the entity's holder); what a
 //! forget does is [`crate::erase`].
 
-use super::entity::{resolve, serving};
-use super::forward::{self, Route};
+use super::entity::resolve;
+use super::forward::{self, on_holder};
 use super::{Timer, guard};
 use crate::access::Action;
 use crate::app::Fabric;
@@ -13,9 +13,6 @@ use crate::proto::entity_service_client::EntityServiceClient;
 use crate::proto::{
     ForgetEntityRequest, ForgetEntityResponse, UnblockEntityRequest, UnblockEntityResponse,
 };
-use std::future::Future;
-use std::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The longest `reason` kept in an audit line.
@@ -61,7 +58,12 @@ pub(super) async fn forget(
             let e = erase::erase(fabric, &key, action, forward::deadline(&request)).await?;
             Ok(response(&e))
         },
-        |mut c, ask| async move { c.forget_entity(ask).await.map(Response::into_inner) },
+        |c, ask| async move {
+            EntityServiceClient::new(c)
+                .forget_entity(ask)
+                .await
+                .map(Response::into_inner)
+        },
     )
     .await?;
     tracing::info!(
@@ -107,7 +109,12 @@ pub(super) async fn unblock(
                 was_blocked: e.done.was_blocked,
             })
         },
-        |mut c, ask| async move { c.unblock_entity(ask).await.map(Response::into_inner) },
+        |c, ask| async move {
+            EntityServiceClient::new(c)
+                .unblock_entity(ask)
+                .await
+                .map(Response::into_inner)
+        },
     )
     .await?;
     tracing::info!(
@@ -131,51 +138,5 @@ fn response(e: &Erased) -> ForgetEntityResponse {
         offset: e.offset,
         snapshot_written: e.snapshot_written,
         key_deleted: e.done.key_deleted,
-    }
-}
-
-/// Runs `local` where `key`'s partition is served: here, or (Kafka, several
-/// processes) on its holder through `remote`, waiting while it moves, as
-/// reads do (see [`forward`]).
-async fn on_holder<M, R, L, LF, F, FF>(
-    fabric: &Fabric,
-    peers: &forward::Peers,
-    request: &Request<M>,
-    key: &EntityKey,
-    local: L,
-    remote: F,
-) -> Result<R, Status>
-where
-    M: Clone,
-    L: Fn() -> LF,
-    LF: Future<Output = Result<R, Status>>,
-    F: Fn(EntityServiceClient<Channel>, Request<M>) -> FF,
-    FF: Future<Output = Result<R, Status>>,
-{
-    let auth = forward::credentials(request);
-    let until: Option<Instant> = forward::deadline(request);
-    let hop = forward::forwarded(request);
-    let p = key.partition(fabric.bus.partitions());
-    loop {
-        let refused = match forward::route(fabric, p) {
-            Route::Local => return local().await,
-            Route::Remote(addr) if !hop => {
-                let c = peers.client(&addr)?;
-                let ask = forward::outgoing(request.get_ref().clone(), until, &auth);
-                match remote(c, ask).await {
-                    Ok(out) => return Ok(out),
-                    // An erasure applied twice comes to the same: retried.
-                    Err(s) if super::entity::retryable(&s) => s,
-                    Err(s) => return Err(s),
-                }
-            }
-            Route::Remote(_) | Route::Moving => match serving(fabric, key) {
-                Ok(()) => continue,
-                Err(s) => s,
-            },
-        };
-        if !forward::pause(until).await {
-            return Err(refused);
-        }
     }
 }

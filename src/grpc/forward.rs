@@ -48,10 +48,10 @@ pub fn route(f: &Fabric, p: u32) -> Route {
     }
 }
 
-/// Clients of the other processes, by address.
+/// Connections to the other processes, by address.
 #[derive(Default)]
 pub struct Peers {
-    clients: DashMap<String, EntityServiceClient<Channel>>,
+    clients: DashMap<String, Channel>,
     /// With `[server.tls]`: how this process connects to the others (they
     /// serve TLS too), presenting its own certificate.
     tls: Option<tonic::transport::ClientTlsConfig>,
@@ -83,7 +83,13 @@ impl Peers {
         })
     }
 
+    /// An `EntityService` client of the process at `addr`.
     pub fn client(&self, addr: &str) -> Result<EntityServiceClient<Channel>, Status> {
+        self.channel(addr).map(EntityServiceClient::new)
+    }
+
+    /// The connection to the process at `addr` (made on first use).
+    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
         if let Some(c) = self.clients.get(addr) {
             return Ok(c.clone());
         }
@@ -103,9 +109,54 @@ impl Peers {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
             .connect_lazy();
-        let c = EntityServiceClient::new(channel);
-        self.clients.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.clients.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Runs `local` where `key`'s partition is served: here, or (Kafka, several
+/// processes) on its holder through `remote` (given the connection to it
+/// and the request to send), waiting while it moves, as reads do.
+pub async fn on_holder<M, R, L, LF, F, FF>(
+    fabric: &Fabric,
+    peers: &Peers,
+    request: &Request<M>,
+    key: &crate::event::EntityKey,
+    local: L,
+    remote: F,
+) -> Result<R, Status>
+where
+    M: Clone,
+    L: Fn() -> LF,
+    LF: std::future::Future<Output = Result<R, Status>>,
+    F: Fn(Channel, Request<M>) -> FF,
+    FF: std::future::Future<Output = Result<R, Status>>,
+{
+    let auth = credentials(request);
+    let until = deadline(request);
+    let hop = forwarded(request);
+    let p = key.partition(fabric.bus.partitions());
+    loop {
+        let refused = match route(fabric, p) {
+            Route::Local => return local().await,
+            Route::Remote(addr) if !hop => {
+                let c = peers.channel(&addr)?;
+                let ask = outgoing(request.get_ref().clone(), until, &auth);
+                match remote(c, ask).await {
+                    Ok(out) => return Ok(out),
+                    // Asking again comes to the same: retried.
+                    Err(s) if super::entity::retryable(&s) => s,
+                    Err(s) => return Err(s),
+                }
+            }
+            Route::Remote(_) | Route::Moving => match super::entity::serving(fabric, key) {
+                Ok(()) => continue,
+                Err(s) => s,
+            },
+        };
+        if !pause(until).await {
+            return Err(refused);
+        }
     }
 }
 

@@ -73,6 +73,7 @@ pub async fn serve(
         }
     }
     let (max_in, max_out) = (server.max_request_bytes, server.max_response_bytes);
+    let peers = Arc::new(forward::Peers::new(&fabric.config)?);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &server.tls {
         builder = builder
@@ -100,13 +101,14 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            EntityServiceServer::new(entity::EntityApi::new(fabric.clone())?)
+            EntityServiceServer::new(entity::EntityApi::new(fabric.clone(), peers.clone()))
                 .max_decoding_message_size(max_in)
                 .max_encoding_message_size(max_out),
         )
         .add_service(
             CatalogServiceServer::new(catalog::CatalogApi {
                 fabric: fabric.clone(),
+                peers,
             })
             .max_decoding_message_size(max_in)
             .max_encoding_message_size(max_out),

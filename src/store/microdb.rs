@@ -36,11 +36,61 @@ pub struct Entity {
     pub positions: LiteMap<Arc<str>, Position>,
     /// Source commit time of the last applied change, microseconds since epoch.
     pub updated_micros: i64,
+    /// Where each row came from, when its type keeps lineage (`lineage =
+    /// true`): table to primary key to the change that last wrote the row.
+    /// Shared between versions like the tables are.
+    #[serde(deserialize_with = "cautious::lineage")]
+    pub lineage: Option<Box<Lineage>>,
     /// Encoded forms of this version (one per view), made on first read. A
     /// version never changes, so they never go stale; a new version starts
     /// with none.
     #[serde(skip)]
     pub encoded: Encoded,
+}
+
+/// Where one row came from: the change that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowLineage {
+    /// That change's position in its source (`None`: the row was read
+    /// straight from its source by a fetch, which is no position in its log).
+    pub position: Option<Position>,
+    /// Its commit time at the source (a fetch: when it read), microseconds
+    /// since the epoch.
+    pub commit_micros: i64,
+    /// When this process applied it, microseconds since the epoch.
+    pub applied_micros: i64,
+}
+
+/// One table's row lineage, by primary key.
+pub type LineageRows = LiteMap<Pk, RowLineage>;
+/// An entity's row lineage, by micro-DB table.
+pub type Lineage = LiteMap<Arc<str>, Arc<LineageRows>>;
+
+/// An entity as snapshot files of format 1 and the first state-topic
+/// format hold it: without lineage.
+#[derive(Deserialize)]
+pub struct EntityV1 {
+    key: EntityKey,
+    version: u64,
+    #[serde(deserialize_with = "cautious::tables")]
+    tables: LiteMap<Arc<str>, Arc<TableRows>>,
+    #[serde(deserialize_with = "cautious::map")]
+    positions: LiteMap<Arc<str>, Position>,
+    updated_micros: i64,
+}
+
+impl From<EntityV1> for Entity {
+    fn from(e: EntityV1) -> Entity {
+        Entity {
+            key: e.key,
+            version: e.version,
+            tables: e.tables,
+            positions: e.positions,
+            updated_micros: e.updated_micros,
+            lineage: None,
+            encoded: Encoded::default(),
+        }
+    }
 }
 
 /// Lazily filled encodings of one entity version, one slot per view.
@@ -141,7 +191,38 @@ impl Entity {
             tables: LiteMap::new(),
             positions: LiteMap::new(),
             updated_micros: 0,
+            lineage: None,
             encoded: Encoded::default(),
+        }
+    }
+
+    /// `table`'s row lineage to change (made when missing).
+    fn lineage_of(&mut self, table: &Arc<str>) -> &mut LineageRows {
+        let rows = self
+            .lineage
+            .get_or_insert_with(Default::default)
+            .entry(table.clone())
+            .or_default();
+        if Arc::get_mut(rows).is_none() {
+            *rows = Arc::new((**rows).clone());
+        }
+        Arc::get_mut(rows).expect("a table's lineage no other version holds")
+    }
+
+    /// Forgets the lineage of one row, or of a whole table.
+    fn drop_lineage(&mut self, table: &Arc<str>, pk: Option<&[crate::event::Value]>) {
+        let Some(l) = self.lineage.as_mut() else {
+            return;
+        };
+        match pk {
+            None => {
+                l.remove(table);
+            }
+            Some(pk) => {
+                if l.get(table).is_some_and(|r| r.contains_key(pk)) {
+                    self.lineage_of(table).remove(pk);
+                }
+            }
         }
     }
 
@@ -169,6 +250,17 @@ impl Entity {
     /// changed is [`Applied::Stale`] (no new version). Positions stay: a
     /// fetch is no position in any source's log.
     pub fn apply_fetched(current: Option<&Entity>, set: &crate::event::FetchedEntity) -> Applied {
+        Self::apply_fetched_with(current, set, None)
+    }
+
+    /// As [`Entity::apply_fetched`]; with `lineage` (the time of applying,
+    /// when the type keeps lineage), each row read records that it was
+    /// fetched.
+    pub fn apply_fetched_with(
+        current: Option<&Entity>,
+        set: &crate::event::FetchedEntity,
+        lineage: Option<i64>,
+    ) -> Applied {
         let mut next = current
             .cloned()
             .unwrap_or_else(|| Entity::new(set.key.clone()));
@@ -187,6 +279,22 @@ impl Entity {
             };
             if same {
                 continue;
+            }
+            if let Some(applied_micros) = lineage {
+                next.drop_lineage(table, None);
+                if !fresh.is_empty() {
+                    let rows = next.lineage_of(table);
+                    for (pk, _) in fresh.iter() {
+                        rows.insert(
+                            pk.clone(),
+                            RowLineage {
+                                position: None,
+                                commit_micros: set.fetched_micros,
+                                applied_micros,
+                            },
+                        );
+                    }
+                }
             }
             if fresh.is_empty() {
                 next.tables.remove(table);
@@ -225,6 +333,17 @@ impl Entity {
     /// over, and a poll reads current rows, so they are never older than
     /// what the entity holds from that source.
     pub fn apply(current: Option<&Entity>, set: &EntityChangeSet) -> Applied {
+        Self::apply_with(current, set, None)
+    }
+
+    /// As [`Entity::apply`]; with `lineage` (the time of applying, when the
+    /// type keeps lineage), each row written records the change that wrote
+    /// it.
+    pub fn apply_with(
+        current: Option<&Entity>,
+        set: &EntityChangeSet,
+        lineage: Option<i64>,
+    ) -> Applied {
         if let Some(cur) = current
             && let Some(seen) = cur.positions.get(&set.source)
             && !set.position.reads_current_state()
@@ -242,14 +361,27 @@ impl Entity {
                     let Some(row) = &ch.row else { continue };
                     let row = StoredRow::pack(row);
                     let rows = next.tables.entry(ch.table.clone()).or_default();
-                    match rows.get(&ch.pk[..]) {
+                    let wrote = match rows.get(&ch.pk[..]) {
                         Some(old) if *old == row => false,
                         old => {
                             let grows = old.is_none();
                             own(rows, grows).insert(Pk::from(&ch.pk[..]), row);
                             true
                         }
+                    };
+                    if let Some(applied_micros) = lineage
+                        && wrote
+                    {
+                        next.lineage_of(&ch.table).insert(
+                            Pk::from(&ch.pk[..]),
+                            RowLineage {
+                                position: Some(set.position.clone()),
+                                commit_micros: set.commit_micros,
+                                applied_micros,
+                            },
+                        );
                     }
+                    wrote
                 }
                 Op::Delete => {
                     let did = next.tables.get_mut(&ch.table).is_some_and(|rows| {
@@ -259,9 +391,15 @@ impl Entity {
                     if next.tables.get(&ch.table).is_some_and(|r| r.is_empty()) {
                         next.tables.remove(&ch.table);
                     }
+                    if did {
+                        next.drop_lineage(&ch.table, Some(&ch.pk[..]));
+                    }
                     did
                 }
-                Op::Truncate => next.tables.remove(&ch.table).is_some(),
+                Op::Truncate => {
+                    next.drop_lineage(&ch.table, None);
+                    next.tables.remove(&ch.table).is_some()
+                }
             };
             if did && !changed.contains(&ch.table) {
                 changed.push(ch.table.clone());
@@ -291,6 +429,8 @@ impl Entity {
         }
         let mut next = self.clone();
         next.tables.remove(table);
+        let table: Arc<str> = table.into();
+        next.drop_lineage(&table, None);
         next.version += 1;
         let position = position.merged_with(next.positions.get(source));
         next.positions.insert(source.clone(), position);
@@ -354,6 +494,34 @@ mod cautious {
             .map(|(k, v)| (k, Arc::new(v.0)))
             .collect())
     }
+
+    /// A table's row lineage, behind its `Arc`.
+    struct LineageRows(super::LineageRows);
+
+    impl<'de> Deserialize<'de> for LineageRows {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            map(d).map(LineageRows)
+        }
+    }
+
+    /// Every table's row lineage, when there is any.
+    struct Tables(super::Lineage);
+
+    impl<'de> Deserialize<'de> for Tables {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let t: LiteMap<Arc<str>, LineageRows> = map(d)?;
+            Ok(Tables(
+                t.into_iter().map(|(k, v)| (k, Arc::new(v.0))).collect(),
+            ))
+        }
+    }
+
+    pub fn lineage<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Box<super::Lineage>>, D::Error> {
+        let l: Option<Tables> = Deserialize::deserialize(d)?;
+        Ok(l.map(|t| Box::new(t.0)))
+    }
 }
 
 #[cfg(test)]
@@ -393,6 +561,63 @@ mod tests {
             Applied::Changed { entity, .. } => entity,
             other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    fn lineage_of(e: &Entity, table: &str, id: i64) -> Option<RowLineage> {
+        e.lineage
+            .as_ref()?
+            .get(table)?
+            .get(&[Value::Int(id)][..])
+            .cloned()
+    }
+
+    #[test]
+    fn lineage_records_the_change_that_last_wrote_each_row() {
+        let e1 = changed(Entity::apply_with(
+            None,
+            &set(1, vec![upsert("orders", 1, "a"), upsert("orders", 2, "b")]),
+            Some(100),
+        ));
+        let l = lineage_of(&e1, "orders", 1).unwrap();
+        assert_eq!(l.position, Some(Position::Seq(1)));
+        assert_eq!((l.commit_micros, l.applied_micros), (1, 100));
+        // Row 2 rewritten, row 1 sent again unchanged: only 2 moves on.
+        let e2 = changed(Entity::apply_with(
+            Some(&e1),
+            &set(2, vec![upsert("orders", 1, "a"), upsert("orders", 2, "c")]),
+            Some(200),
+        ));
+        assert_eq!(
+            lineage_of(&e2, "orders", 1).unwrap().position,
+            Some(Position::Seq(1))
+        );
+        assert_eq!(lineage_of(&e2, "orders", 2).unwrap().applied_micros, 200);
+        // The earlier version is as it was (lineage is copied on write).
+        assert_eq!(lineage_of(&e1, "orders", 2).unwrap().applied_micros, 100);
+        // A deleted row's lineage goes with it.
+        let del = TableChange {
+            table: "orders".into(),
+            op: Op::Delete,
+            pk: vec![Value::Int(2)],
+            row: None,
+        };
+        let e3 = changed(Entity::apply_with(Some(&e2), &set(3, vec![del]), Some(300)));
+        assert!(lineage_of(&e3, "orders", 2).is_none());
+        // Kept through serialization; an entity of format 1 reads without.
+        let bytes = postcard::to_stdvec(&e3).unwrap();
+        let back: Entity = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, e3);
+        let mut plain = e3.clone();
+        plain.lineage = None;
+        let v1 = postcard::to_stdvec(&plain).unwrap();
+        // Format 1 had no lineage field: the bytes without its `None` tag.
+        let back: Entity = postcard::from_bytes::<EntityV1>(&v1[..v1.len() - 1])
+            .unwrap()
+            .into();
+        assert_eq!(back, plain);
+        // Without lineage kept, none is made.
+        let e = changed(Entity::apply(None, &set(1, vec![upsert("orders", 1, "a")])));
+        assert!(e.lineage.is_none());
     }
 
     #[test]

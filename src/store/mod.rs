@@ -22,7 +22,7 @@ pub mod microdb;
 pub mod row;
 pub mod snapshot;
 
-pub use microdb::{Applied, Entity, TableRows};
+pub use microdb::{Applied, Entity, EntityV1, Lineage, LineageRows, RowLineage, TableRows};
 pub use row::{Pk, StoredRow, ValueRef};
 
 use crate::event::{EntityChangeSet, EntityKey, TruncateTable};
@@ -177,6 +177,8 @@ pub struct Store {
     changes: broadcast::Sender<Arc<EntityChange>>,
     /// Per shard, the forgotten ids whose changes are blocked.
     blocked: Vec<Blocked>,
+    /// Entity types that keep the lineage of their rows (a handful).
+    lineage: Vec<Arc<str>>,
 }
 
 impl Store {
@@ -193,6 +195,7 @@ impl Store {
             history: Vec::new(),
             changes,
             blocked: (0..shards.max(1)).map(|_| Blocked::default()).collect(),
+            lineage: Vec::new(),
         }
     }
 
@@ -204,6 +207,25 @@ impl Store {
             .map(|(t, n)| (Arc::<str>::from(t), n))
             .collect();
         self
+    }
+
+    /// Keeps the lineage of every row of the given types.
+    pub fn with_lineage<'a>(mut self, types: impl IntoIterator<Item = &'a str>) -> Self {
+        self.lineage = types.into_iter().map(Arc::<str>::from).collect();
+        self
+    }
+
+    /// Whether `entity_type` keeps row lineage.
+    pub fn keeps_lineage(&self, entity_type: &str) -> bool {
+        self.lineage.iter().any(|t| **t == *entity_type)
+    }
+
+    /// The time of applying, when `key`'s type keeps lineage.
+    fn lineage_now(&self, key: &EntityKey) -> Option<i64> {
+        if self.lineage.is_empty() || !self.keeps_lineage(&key.entity_type) {
+            return None;
+        }
+        Some(crate::sources::now_micros())
     }
 
     fn keep(&self, entity_type: &Arc<str>) -> usize {
@@ -308,7 +330,7 @@ impl Store {
         }
         let shard = &self.shards[i];
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
-        let applied = Entity::apply(current.as_deref(), set);
+        let applied = Entity::apply_with(current.as_deref(), set, self.lineage_now(&set.key));
         self.settle(&set.key, applied, out)
     }
 
@@ -324,7 +346,8 @@ impl Store {
         }
         let shard = self.shard(&set.key);
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
-        let applied = Entity::apply_fetched(current.as_deref(), set);
+        let applied =
+            Entity::apply_fetched_with(current.as_deref(), set, self.lineage_now(&set.key));
         self.settle(&set.key, applied, out)
     }
 

@@ -21,7 +21,8 @@
 //! Blocked ids (forgotten entities whose later changes are dropped) are
 //! kept in clear: they are ids, which are not secret (docs/security.md).
 //!
-//! Version 1 files (no blocked ids, never sealed) are still read.
+//! Version 1 files (no blocked ids, never sealed, entities without row
+//! lineage) are still read.
 //!
 //! Written to a `.tmp` file, fsynced, renamed, and the directory fsynced
 //! (DESIGN.md invariant 4). A reader checks magic, version, length and
@@ -425,8 +426,12 @@ pub fn decode(
                 }
             }
         };
-        let e: Entity =
-            postcard::from_bytes(&plain).map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
+        let e: Result<Entity, _> = if version == 1 {
+            postcard::from_bytes::<super::EntityV1>(&plain).map(Entity::from)
+        } else {
+            postcard::from_bytes(&plain)
+        };
+        let e = e.map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
         entities.push(e);
     }
     let mut blocked = Vec::new();
