@@ -256,6 +256,10 @@ fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
 
 /// Runs the parts asked for and prints their tables; returns the Markdown.
 pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
+    // A measurement that needs a process of its own (see snapshots.rs).
+    if let Ok(probe) = std::env::var(snapshots::LINEAGE_PROBE) {
+        return snapshots::lineage_probe(&probe);
+    }
     let smoke = args.smoke;
     let duration: Duration = if smoke {
         Duration::from_millis(300)

@@ -139,6 +139,22 @@ fn keystore_bytes_per_entity(dir: &std::path::Path, n: u64) -> anyhow::Result<f6
     Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
+/// The environment variable that makes `fabric bench` measure one lineage
+/// case (`plain:N` or `kept:N`) in its own process and print it.
+pub const LINEAGE_PROBE: &str = "FABRIC_BENCH_LINEAGE_PROBE";
+
+/// Runs the measurement [`LINEAGE_PROBE`] names; its output is the number.
+pub fn lineage_probe(probe: &str) -> anyhow::Result<String> {
+    let (kind, n) = probe
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("{LINEAGE_PROBE}={probe:?}: plain:N or kept:N"))?;
+    let n: u64 = n.parse()?;
+    Ok(format!(
+        "{:.1}",
+        applied_bytes_per_entity(n, kind == "kept")
+    ))
+}
+
 /// Resident memory per entity of `n` entities applied as change sets (a
 /// customer row and two order rows each), with the row lineage of
 /// `lineage = true` kept or not.
@@ -234,15 +250,23 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         String::new(),
     ]);
     tables.push(t);
-    // Row lineage: the memory it adds, same entities applied both ways.
+    // Row lineage: the memory it adds, the same entities applied both ways,
+    // each in a process of its own (in this one, what the parts before freed
+    // would be reused and hide the growth).
     let m = n.min(200_000);
-    let (plain, kept) = tokio::task::spawn_blocking(move || {
-        (
-            applied_bytes_per_entity(m, false),
-            applied_bytes_per_entity(m, true),
-        )
-    })
-    .await?;
+    let probe = |kept: &'static str| {
+        let exe = std::env::current_exe();
+        async move {
+            let out = tokio::process::Command::new(exe?)
+                .arg("bench")
+                .env(LINEAGE_PROBE, format!("{kept}:{m}"))
+                .output()
+                .await?;
+            anyhow::ensure!(out.status.success(), "the lineage probe failed");
+            Ok::<f64, anyhow::Error>(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        }
+    };
+    let (plain, kept) = (probe("plain").await?, probe("kept").await?);
     let mut t = Table::new(
         &format!("Row lineage: resident memory of {m} entities of 3 rows, applied as changes"),
         &["lineage", "bytes per entity", "with / without"],

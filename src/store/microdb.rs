@@ -53,7 +53,8 @@ pub struct Entity {
 pub struct RowLineage {
     /// That change's position in its source (`None`: the row was read
     /// straight from its source by a fetch, which is no position in its log).
-    pub position: Option<Position>,
+    /// Shared by the rows one change wrote.
+    pub position: Option<Arc<Position>>,
     /// Its commit time at the source (a fetch: when it read), microseconds
     /// since the epoch.
     pub commit_micros: i64,
@@ -355,6 +356,8 @@ impl Entity {
             .cloned()
             .unwrap_or_else(|| Entity::new(set.key.clone()));
         let mut changed: Vec<Arc<str>> = Vec::new();
+        // One position for every row this set writes (its lineage).
+        let position = lineage.map(|_| Arc::new(set.position.clone()));
         for ch in &set.changes {
             let did = match ch.op {
                 Op::Read | Op::Insert | Op::Update => {
@@ -375,7 +378,7 @@ impl Entity {
                         next.lineage_of(&ch.table).insert(
                             Pk::from(&ch.pk[..]),
                             RowLineage {
-                                position: Some(set.position.clone()),
+                                position: position.clone(),
                                 commit_micros: set.commit_micros,
                                 applied_micros,
                             },
@@ -579,7 +582,7 @@ mod tests {
             Some(100),
         ));
         let l = lineage_of(&e1, "orders", 1).unwrap();
-        assert_eq!(l.position, Some(Position::Seq(1)));
+        assert_eq!(l.position.as_deref(), Some(&Position::Seq(1)));
         assert_eq!((l.commit_micros, l.applied_micros), (1, 100));
         // Row 2 rewritten, row 1 sent again unchanged: only 2 moves on.
         let e2 = changed(Entity::apply_with(
@@ -588,8 +591,8 @@ mod tests {
             Some(200),
         ));
         assert_eq!(
-            lineage_of(&e2, "orders", 1).unwrap().position,
-            Some(Position::Seq(1))
+            lineage_of(&e2, "orders", 1).unwrap().position.as_deref(),
+            Some(&Position::Seq(1))
         );
         assert_eq!(lineage_of(&e2, "orders", 2).unwrap().applied_micros, 200);
         // The earlier version is as it was (lineage is copied on write).
