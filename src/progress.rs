@@ -158,6 +158,8 @@ impl Progress {
             Some(t) if t > done && per_second > 0.0 => {
                 Some(Duration::from_secs_f64((t - done) as f64 / per_second))
             }
+            // Nothing done yet: no pace to tell the time left by.
+            Some(t) if t > done => None,
             Some(_) => Some(Duration::ZERO),
             None => None,
         };
@@ -182,6 +184,7 @@ mod tests {
         let p = Progress::default();
         assert_eq!(p.report(), None);
         p.start("initial snapshot of t", "rows", Some(1000));
+        assert_eq!(p.report().unwrap().left, None, "no pace yet");
         std::thread::sleep(Duration::from_millis(20));
         for _ in 0..250 {
             p.advance(1);

@@ -515,6 +515,25 @@ impl DeadLetters {
         self.recent.lock().iter().cloned().collect()
     }
 
+    /// The newest `n` dead letters, newest first, without their raw input:
+    /// (time, source, table, reason).
+    pub fn recent_reasons(&self, n: usize) -> Vec<(String, String, String, String)> {
+        self.recent
+            .lock()
+            .iter()
+            .rev()
+            .take(n)
+            .map(|d| {
+                (
+                    d.time.clone(),
+                    d.source.clone(),
+                    d.table.clone(),
+                    d.reason.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Dead letters recorded for one source since start.
     pub fn count(&self, source: &str) -> u64 {
         self.metrics

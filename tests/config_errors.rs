@@ -201,6 +201,25 @@ fn bad_duration() {
 }
 
 #[test]
+fn span_export_settings_are_checked() {
+    refused(
+        &format!("{GOOD}\n[log.otlp]\nendpoint = \"https://collector:4317\"\n"),
+        "log.otlp.endpoint",
+        "TLS to the collector is not built in",
+    );
+    refused(
+        &format!("{GOOD}\n[log.otlp]\nendpoint = \"collector:4317\"\n"),
+        "log.otlp.endpoint",
+        "is not an http:// address",
+    );
+    refused(
+        &format!("{GOOD}\n[log.otlp]\nendpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 2.0\n"),
+        "log.otlp.sample_ratio",
+        "between 0 and 1",
+    );
+}
+
+#[test]
 fn bad_address() {
     refused(
         &GOOD.replace("127.0.0.1:50051", "localhost-50051"),

@@ -134,6 +134,7 @@ impl Partitions {
         self.fabric.partitions[p]
             .owned
             .store(false, Ordering::Release);
+        self.fabric.partitions[p].rebuild.abandon();
         snap.requests[p] = None;
         let r = self.running[p].take()?;
         r.stop.cancel();

@@ -105,15 +105,7 @@ impl StateTopic {
             }
             let key = c.key.bus_key();
             let value = match &c.entity {
-                Some(e) => {
-                    let v = postcard::to_extend(&**e, vec![FORMAT_POSTCARD]).map_err(|e| {
-                        BusError::Kafka {
-                            operation: "encode an entity's state".into(),
-                            reason: e.to_string(),
-                        }
-                    })?;
-                    Some(v)
-                }
+                Some(e) => Some(encode_entity(e)?),
                 None => None,
             };
             let mut record = FutureRecord::to(&self.topic)
@@ -175,6 +167,24 @@ impl StateTopic {
                 reason: e.to_string(),
             })?
     }
+}
+
+/// An entity's value on the topic. Without row lineage, in the format
+/// builds before lineage read (1: the same bytes without the trailing
+/// `None` of the lineage), so a process of an older build that takes a
+/// partition over during a rolling upgrade can still restore it.
+fn encode_entity(e: &Entity) -> Result<Vec<u8>, BusError> {
+    let bad = |e: postcard::Error| BusError::Kafka {
+        operation: "encode an entity's state".into(),
+        reason: e.to_string(),
+    };
+    let mut v = postcard::to_extend(e, vec![FORMAT_POSTCARD]).map_err(bad)?;
+    if e.lineage.is_none() {
+        debug_assert_eq!(v.last(), Some(&0), "lineage is the last field");
+        v.pop();
+        v[0] = FORMAT_POSTCARD_V1;
+    }
+    Ok(v)
 }
 
 fn read_partition(

@@ -233,13 +233,17 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
         c.err("bus.embedded.max_buffered", "must be at least 1");
     }
     if let Some(o) = &cfg.log.otlp {
-        if !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://"))
-            || url::Url::parse(&o.endpoint).is_err()
-        {
+        if o.endpoint.starts_with("https://") {
+            c.err(
+                "log.otlp.endpoint",
+                "TLS to the collector is not built in: send to a collector or agent on \
+                 loopback or a private network (http://…)",
+            );
+        } else if !o.endpoint.starts_with("http://") || url::Url::parse(&o.endpoint).is_err() {
             c.err(
                 "log.otlp.endpoint",
                 format!(
-                    "{:?} is not an http:// or https:// address (e.g. http://127.0.0.1:4317)",
+                    "{:?} is not an http:// address (e.g. http://127.0.0.1:4317)",
                     o.endpoint
                 ),
             );

@@ -199,6 +199,32 @@ fn mark<T>(r: &mut Request<T>, auth: &Credentials) {
     if let Some(a) = auth {
         r.metadata_mut().insert("authorization", a.clone());
     }
+    carry_trace(r);
+}
+
+/// With span export on (`[log.otlp]`), the call's trace goes with it (W3C
+/// `traceparent`), so the holder's span joins the caller's trace; without,
+/// there is no span and nothing is added.
+fn carry_trace<T>(r: &mut Request<T>) {
+    use opentelemetry::propagation::{Injector, TextMapPropagator};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    struct Metadata<'a>(&'a mut tonic::metadata::MetadataMap);
+    impl Injector for Metadata<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                self.0.insert(k, v);
+            }
+        }
+    }
+    let span = tracing::Span::current();
+    if span.is_none() {
+        return;
+    }
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&span.context(), &mut Metadata(r.metadata_mut()));
 }
 
 /// A request to forward for a caller with `auth`, marked and bounded by

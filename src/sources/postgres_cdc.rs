@@ -406,6 +406,28 @@ impl PostgresCdcSource {
         let snapshot_name =
             field(2).ok_or_else(|| self.config_err("the server did not export a snapshot"))?;
 
+        // How many rows, estimated without reading them: the statistics'
+        // live rows, else the planner's (unknown for a table never analysed
+        // or counted: then no total is shown). Never fatal; asked before the
+        // snapshot's transaction, which an error would abort.
+        let mut estimate = Some(0u64);
+        for t in tables {
+            let n: Option<i64> = sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT COALESCE(NULLIF(s.n_live_tup, 0), \
+                 CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END, s.n_live_tup) \
+                 FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid \
+                 WHERE c.oid = $1::regclass",
+            )
+            .bind(quote_qualified(&t.qualified))
+            .fetch_optional(&mut *conn)
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+            estimate = estimate
+                .zip(n.filter(|n| *n >= 0))
+                .map(|(a, b)| a + b as u64);
+        }
         let ext = self.ext("read the initial snapshot");
         let mut tx = conn.begin().await.map_err(&ext)?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -425,32 +447,11 @@ impl PostgresCdcSource {
         }
         let mut chunks = 0u64;
         let mut total = 0u64;
-        // How many rows: the planner's estimate, or a count where the table
-        // was never analysed (a new table; counted in the same snapshot).
-        let mut estimate = 0u64;
-        for t in tables {
-            let planned: Option<f32> =
-                sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = $1::regclass")
-                    .bind(quote_qualified(&t.qualified))
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(&ext)?;
-            estimate += match planned {
-                Some(n) if n >= 0.0 => n as u64,
-                _ => sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
-                    "SELECT count(*) FROM {}",
-                    quote_qualified(&t.qualified)
-                )))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(&ext)? as u64,
-            };
-        }
         let names: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
         ctx.status.progress.start(
             format!("initial snapshot of {}", names.join(", ")),
             "rows",
-            Some(estimate),
+            estimate,
         );
         for t in tables {
             let cols = t

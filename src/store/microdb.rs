@@ -236,10 +236,20 @@ impl Entity {
             .flat_map(|t| t.iter())
             .map(|(k, r)| std::mem::size_of_val(k) + r.own_bytes())
             .sum();
+        let lineage: usize = self.lineage.as_ref().map_or(0, |l| {
+            l.values()
+                .map(|t| {
+                    56 + t.len()
+                        * (std::mem::size_of::<(Pk, RowLineage)>()
+                            + t.first().map_or(0, |(k, _)| std::mem::size_of_val(k)))
+                })
+                .sum()
+        });
         std::mem::size_of::<Self>()
             + self.tables.len() * (std::mem::size_of::<(Arc<str>, Arc<TableRows>)>() + 40)
             + self.positions.len() * std::mem::size_of::<(Arc<str>, Position)>()
             + rows
+            + lineage
     }
 
     pub fn row_count(&self) -> usize {
@@ -266,6 +276,9 @@ impl Entity {
             .cloned()
             .unwrap_or_else(|| Entity::new(set.key.clone()));
         let mut changed: Vec<Arc<str>> = Vec::new();
+        if lineage.is_none() {
+            next.lineage = None;
+        }
         for (table, rows) in &set.tables {
             let mut fresh: Vec<(Pk, StoredRow)> = rows
                 .iter()
@@ -356,8 +369,12 @@ impl Entity {
             .cloned()
             .unwrap_or_else(|| Entity::new(set.key.clone()));
         let mut changed: Vec<Arc<str>> = Vec::new();
-        // One position for every row this set writes (its lineage).
+        // One position for every row this set writes (its lineage). A type
+        // that no longer keeps lineage drops what it had: it would go stale.
         let position = lineage.map(|_| Arc::new(set.position.clone()));
+        if lineage.is_none() {
+            next.lineage = None;
+        }
         for ch in &set.changes {
             let did = match ch.op {
                 Op::Read | Op::Insert | Op::Update => {
@@ -519,11 +536,26 @@ mod cautious {
         }
     }
 
+    /// Read back, the rows one change wrote share its position again (it
+    /// is written once per row).
     pub fn lineage<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Box<super::Lineage>>, D::Error> {
         let l: Option<Tables> = Deserialize::deserialize(d)?;
-        Ok(l.map(|t| Box::new(t.0)))
+        Ok(l.map(|mut t| {
+            let mut seen: Vec<Arc<super::Position>> = Vec::new();
+            for (_, rows) in t.0.iter_mut() {
+                let rows = Arc::make_mut(rows);
+                for (_, r) in rows.iter_mut() {
+                    let Some(p) = &r.position else { continue };
+                    match seen.iter().find(|s| ***s == **p) {
+                        Some(s) => r.position = Some(s.clone()),
+                        None => seen.push(p.clone()),
+                    }
+                }
+            }
+            Box::new(t.0)
+        }))
     }
 }
 
@@ -610,6 +642,22 @@ mod tests {
         let bytes = postcard::to_stdvec(&e3).unwrap();
         let back: Entity = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, e3);
+        // Rows one change wrote share its position again once read back.
+        let both = changed(Entity::apply_with(
+            None,
+            &set(4, vec![upsert("orders", 1, "a"), upsert("orders", 2, "b")]),
+            Some(400),
+        ));
+        let back: Entity = postcard::from_bytes(&postcard::to_stdvec(&both).unwrap()).unwrap();
+        let rows = back.lineage.as_ref().unwrap().get("orders").unwrap();
+        let ps: Vec<_> = rows.values().map(|r| r.position.clone().unwrap()).collect();
+        assert!(Arc::ptr_eq(&ps[0], &ps[1]));
+        // Lineage turned off for the type: what it had goes.
+        let off = changed(Entity::apply(
+            Some(&both),
+            &set(5, vec![upsert("orders", 1, "z")]),
+        ));
+        assert!(off.lineage.is_none());
         let mut plain = e3.clone();
         plain.lineage = None;
         let v1 = postcard::to_stdvec(&plain).unwrap();
