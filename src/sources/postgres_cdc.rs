@@ -414,7 +414,7 @@ impl PostgresCdcSource {
         for t in tables {
             let n: Option<i64> = sqlx::query_scalar::<_, Option<i64>>(
                 "SELECT COALESCE(NULLIF(s.n_live_tup, 0), \
-                 CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END, s.n_live_tup) \
+                 CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END) \
                  FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid \
                  WHERE c.oid = $1::regclass",
             )
