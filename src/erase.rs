@@ -151,7 +151,7 @@ pub async fn erase(
     });
     fabric.fetcher.forgotten(key);
     let snapshot_written = fabric.erasures.round().await;
-    let embedded = fabric.config.bus.kind != crate::config::BusKind::Kafka;
+    let embedded = fabric.config().bus.kind != crate::config::BusKind::Kafka;
     if embedded && !snapshot_written {
         return Err(Status::unavailable(format!(
             "{key}: the erasure is applied in memory, but the snapshot round that makes it \

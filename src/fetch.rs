@@ -155,7 +155,7 @@ impl Fetcher {
         }
         let mut worst = Duration::ZERO;
         for name in &plan.sources {
-            let s = fabric.sources.iter().find(|s| s.name == *name)?;
+            let s = fabric.source(name)?;
             let st = &s.status;
             let current = st.caught_up.load(Ordering::Relaxed)
                 && matches!(st.state.lock().as_str(), "streaming");
@@ -496,11 +496,11 @@ fn plan(e: &EntityConfig, readers: &HashMap<String, Arc<EntityReader>>) -> TypeP
 
 /// Evicts now and then, until `stop`.
 pub async fn evict_loop(fabric: Arc<Fabric>, stop: tokio_util::sync::CancellationToken) {
-    if !fabric.config.entities.iter().any(|e| e.on_access()) {
+    if !fabric.config().entities.iter().any(|e| e.on_access()) {
         return;
     }
     let every = fabric
-        .config
+        .config()
         .entities
         .iter()
         .filter(|e| e.on_access())

@@ -95,6 +95,26 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Shows what a config file would change against the running fabric's
+    /// config, and what each change costs; applies nothing. Exits 1 when the
+    /// file is invalid, 2 when some change needs a restart.
+    Plan {
+        /// The new config file.
+        #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Makes the running fabric read its config file again and apply it
+    /// while it serves (as SIGHUP does), printing what changed; exits 1 when
+    /// it refused (the running config stays).
+    Reload {
+        /// The config file the fabric runs with (for its admin address).
+        #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
     Health {
         #[command(flatten)]
@@ -442,6 +462,34 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Plan { config, admin } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            let file = std::path::absolute(&config).unwrap_or(config.clone());
+            let path = format!(
+                "/config/plan?file={}",
+                percent_encoding::utf8_percent_encode(
+                    &file.display().to_string(),
+                    percent_encoding::NON_ALPHANUMERIC
+                )
+            );
+            let (status, body) = admin.post(&config, &path, &text).await?;
+            print!("{}", with_newline(&body));
+            Ok(match status {
+                200 if body.contains("[restart]") => ExitCode::from(2),
+                200 => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            })
+        }
+        Command::Reload { config, admin } => {
+            let (status, body) = admin.post(&config, "/config/reload", "").await?;
+            print!("{}", with_newline(&body));
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Health { client } => {
             use tonic_health::pb::health_check_response::ServingStatus;
             let channel = client.channel().await?;
@@ -683,5 +731,69 @@ fn compact(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+/// How to reach a running fabric's admin HTTP endpoint.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin address (default: the config file's `server.admin_addr`).
+    #[arg(long)]
+    admin: Option<String>,
+    /// How long to wait for the answer, e.g. `"30s"`.
+    #[arg(long, default_value = "120s")]
+    timeout: humantime::Duration,
+}
+
+impl AdminArgs {
+    /// POSTs `body` to `path`; the status code and the answer's body.
+    async fn post(
+        &self,
+        config: &std::path::Path,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = match &self.admin {
+            Some(a) => a.clone(),
+            None => Config::load(config)
+                .map(|c| c.server.admin_addr)
+                .unwrap_or_else(|_| "127.0.0.1:9464".into()),
+        };
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(&addr)
+                .await
+                .with_context(|| format!("cannot reach the admin endpoint at {addr} (is the fabric running?)"))?;
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            anyhow::Ok(answer)
+        };
+        let answer = tokio::time::timeout(*self.timeout, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer from {addr} within {}", self.timeout))??;
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
+        Ok((status, body.to_string()))
+    }
+}
+
+fn with_newline(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_string()
+    } else {
+        format!("{s}\n")
     }
 }

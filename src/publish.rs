@@ -38,7 +38,7 @@ pub struct EntityPublisher {
     topic: String,
     format: EntitiesFormat,
     /// Per entity type, the view published (None: the whole entity).
-    views: HashMap<String, Option<View>>,
+    views: HashMap<String, Option<Arc<View>>>,
     partitions: u32,
     dead_letters: Arc<DeadLetters>,
 }
@@ -48,7 +48,7 @@ impl EntityPublisher {
     pub async fn connect(
         k: &KafkaConfig,
         config: &Config,
-        views: &HashMap<String, HashMap<String, View>>,
+        views: &crate::view::Views,
         dead_letters: Arc<DeadLetters>,
     ) -> Result<Self, BusError> {
         let client = client_config(&k.brokers, &k.properties);
@@ -68,7 +68,7 @@ impl EntityPublisher {
                 let v = e
                     .publish_view
                     .as_ref()
-                    .and_then(|name| views.get(&e.name).and_then(|vs| vs.get(name)).cloned());
+                    .and_then(|name| views.get(&e.name, name));
                 (e.name.clone(), v)
             })
             .collect();
@@ -149,7 +149,10 @@ impl EntityPublisher {
     }
 
     fn encode(&self, c: &EntityChange) -> Encoded {
-        let view = self.views.get(&*c.key.entity_type).and_then(|v| v.as_ref());
+        let view = self
+            .views
+            .get(&*c.key.entity_type)
+            .and_then(|v| v.as_deref());
         let version = c.version.to_string();
         let tables = c
             .changed_tables

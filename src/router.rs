@@ -99,10 +99,8 @@ fn norm(table: &str) -> &str {
     table.strip_prefix("main.").unwrap_or(table)
 }
 
-impl Router {
-    /// A router for `config`; `restored` are the sources' checkpoints at
-    /// start, which stand until each source routes something newer.
-    pub fn new(config: &Config, partitions: u32, restored: &Checkpoints) -> Self {
+/// Per source and source table, where its rows go.
+fn routes_of(config: &Config) -> HashMap<String, HashMap<String, Arc<[Route]>>> {
         let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
         // Sync-on-access types are read from their sources, not captured.
         for e in config.entities.iter().filter(|e| !e.on_access()) {
@@ -139,8 +137,15 @@ impl Router {
         for ((source, table), r) in routes {
             by_source.entry(source).or_default().insert(table, r.into());
         }
+        by_source
+}
+
+impl Router {
+    /// A router for `config`; `restored` are the sources' checkpoints at
+    /// start, which stand until each source routes something newer.
+    pub fn new(config: &Config, partitions: u32, restored: &Checkpoints) -> Self {
         Router {
-            routes: by_source,
+            routes: routes_of(config),
             partitions,
             links: HashMap::new(),
             pending: VecDeque::new(),
@@ -164,6 +169,16 @@ impl Router {
         let mut all = Vec::new();
         store.for_each(|e| all.push(e.clone()));
         self.learn_links(&all);
+    }
+
+    /// Routes by `config` from now on (a live reload): the links learned
+    /// stay, and so do changes waiting for one; the checkpoints of
+    /// `forget` (sources removed or starting over) go.
+    pub fn reconfigure(&mut self, config: &Config, forget: &[Arc<str>]) {
+        self.routes = routes_of(config);
+        for s in forget {
+            self.routed.remove(s);
+        }
     }
 
     /// A source starts (again) from `position`: its checkpoint starts there.

@@ -95,7 +95,7 @@ fn progress(r: Option<crate::progress::Report>) -> Value {
 pub fn document(f: &Fabric, rates: &Rates) -> Value {
     let routed = f.routed.lock().clone();
     let sources: Vec<Value> = f
-        .sources
+        .sources()
         .iter()
         .map(|s| {
             json!({
@@ -114,7 +114,7 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
         })
         .collect();
     let types: Vec<Value> = f
-        .config
+        .config()
         .entities
         .iter()
         .map(|e| {
@@ -146,8 +146,8 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
         .collect();
     let now_ms = crate::sources::now_micros() / 1000;
     let last = f.metrics.snapshot_last_unix.get();
-    let by_source: BTreeMap<&str, u64> = f
-        .sources
+    let all_sources = f.sources();
+    let by_source: BTreeMap<&str, u64> = all_sources
         .iter()
         .map(|s| (&*s.name, f.dead_letters.count(&s.name)))
         .collect();
@@ -168,7 +168,7 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
         "now_ms": now_ms,
         "ready": f.ready.load(Ordering::Acquire),
         "version": env!("CARGO_PKG_VERSION"),
-        "bus": if f.config.bus.kind == crate::config::BusKind::Kafka { "kafka" } else { "embedded" },
+        "bus": if f.config().bus.kind == crate::config::BusKind::Kafka { "kafka" } else { "embedded" },
         "member": f.member_id,
         "sources": sources,
         "entity_types": types,

@@ -150,6 +150,9 @@ pub struct Metrics {
     pub router_pending: Gauge,
     /// Waiting events given up on (sent to the dead-letter output).
     pub router_pending_expired: Counter,
+    /// Config reloads applied, and refused (invalid, or needing a restart).
+    pub reloads_applied: Counter,
+    pub reloads_refused: Counter,
     /// Bus records not yet applied, per partition.
     pub bus_lag: Family<PartitionLabel, Gauge>,
     /// Duration of a whole snapshot round.
@@ -229,6 +232,18 @@ impl Metrics {
             "router_pending_expired",
             "Waiting change events given up on and dead-lettered",
             router_pending_expired.clone(),
+        );
+        let reloads_applied = Counter::default();
+        r.register(
+            "config_reloads_applied",
+            "Config reloads applied while serving",
+            reloads_applied.clone(),
+        );
+        let reloads_refused = Counter::default();
+        r.register(
+            "config_reloads_refused",
+            "Config reloads refused (invalid, or needing a restart); the running config stayed",
+            reloads_refused.clone(),
         );
         let bus_lag = Family::<PartitionLabel, Gauge>::default();
         r.register(
@@ -329,6 +344,8 @@ impl Metrics {
             entities,
             router_pending,
             router_pending_expired,
+            reloads_applied,
+            reloads_refused,
             bus_lag,
             snapshot_duration,
             snapshot_bytes,

@@ -178,14 +178,65 @@ fn text_of(v: ValueRef<'_>) -> Cow<'_, str> {
 }
 
 /// The encoded `fabric.v1.Entity` through `view`, made once per entity
-/// version and view when `cache` is on. `views` is how many views the type has.
-pub fn encoded(e: &Entity, view: Option<&View>, views: usize, cache: bool) -> bytes::Bytes {
+/// version and view when `cache` is on. `views` is how many views the type
+/// has, `epoch` the [`Views`] they belong to.
+pub fn encoded(
+    e: &Entity,
+    view: Option<&View>,
+    views: usize,
+    epoch: u64,
+    cache: bool,
+) -> bytes::Bytes {
     let encode = || bytes::Bytes::from(crate::grpc::encode::entity(e, view));
     if !cache {
         return encode();
     }
     e.encoded
-        .get_or_init(view.map_or(0, |v| v.slot), views + 1, encode)
+        .get_or_init(epoch, view.map_or(0, |v| v.slot), views + 1, encode)
+}
+
+/// Every entity type's compiled views, as one config made them. A reload
+/// that changes views swaps in a new `Views` with the next `epoch`, so that
+/// encodings cached under the old views are never served again.
+#[derive(Debug, Default)]
+pub struct Views {
+    pub epoch: u64,
+    types: HashMap<String, HashMap<String, Arc<View>>>,
+}
+
+impl Views {
+    /// The views of every entity type of `config`.
+    pub fn compile(config: &crate::config::Config, key: Option<&MaskKey>, epoch: u64) -> Views {
+        Views {
+            epoch,
+            types: config
+                .entities
+                .iter()
+                .map(|e| {
+                    let views = View::compile_all(e, key)
+                        .into_iter()
+                        .map(|(n, v)| (n, Arc::new(v)))
+                        .collect();
+                    (e.name.clone(), views)
+                })
+                .collect(),
+        }
+    }
+
+    /// The views of `entity_type`.
+    pub fn of(&self, entity_type: &str) -> Option<&HashMap<String, Arc<View>>> {
+        self.types.get(entity_type)
+    }
+
+    /// View `name` of `entity_type`.
+    pub fn get(&self, entity_type: &str, name: &str) -> Option<Arc<View>> {
+        self.types.get(entity_type)?.get(name).cloned()
+    }
+
+    /// How many views `entity_type` has.
+    pub fn count(&self, entity_type: &str) -> usize {
+        self.types.get(entity_type).map_or(0, |v| v.len())
+    }
 }
 
 /// The entity as protobuf, through `view` (None: everything).

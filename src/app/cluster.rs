@@ -421,11 +421,16 @@ impl Sources {
         }
     }
 
-    /// Starts source number `i` of the config from `resume`.
-    pub fn start(&mut self, i: usize, resume: Option<Position>) {
+    /// Starts source `name` of the running config from `resume`.
+    /// `replaces`: the store may hold its rows although the source starts
+    /// from nothing (a reload made it start over), so its initial snapshot
+    /// replaces them.
+    pub fn start(&mut self, name: &str, resume: Option<Position>, replaces: bool) {
         let f = &self.fabric;
-        let cfg = f.config.sources[i].clone();
-        let src = &f.sources[i];
+        let config = f.config();
+        let (Some(cfg), Some(src)) = (config.source(name).cloned(), f.source(name)) else {
+            return;
+        };
         if cfg.tables.is_empty() && crate::config::can_fetch(cfg.kind) {
             // Only read by query (sync-on-access types): nothing to capture.
             src.status.set_state("fetch only");
@@ -438,7 +443,7 @@ impl Sources {
         let stop = self.stop.child_token();
         let handle = tokio::spawn(super::supervise(
             cfg,
-            f.config.clone(),
+            config,
             self.push.clone(),
             resume,
             out,
@@ -447,6 +452,7 @@ impl Sources {
             f.dead_letters.clone(),
             stop.clone(),
             f.clone(),
+            replaces,
         ));
         self.owned.lock().insert(src.name.clone());
         self.running.insert(src.name.clone(), (stop, handle));
@@ -465,9 +471,12 @@ impl Sources {
             .cloned()
             .collect();
         self.stop_sources(&gone).await;
-        let new: Vec<usize> = (0..self.fabric.sources.len())
-            .filter(|i| {
-                let name = &self.fabric.sources[*i].name;
+        let new: Vec<Arc<str>> = self
+            .fabric
+            .sources()
+            .iter()
+            .map(|s| s.name.clone())
+            .filter(|name| {
                 owned.iter().any(|o| o.as_str() == &**name) && !self.running.contains_key(name)
             })
             .collect();
@@ -490,15 +499,17 @@ impl Sources {
         if !new.is_empty() {
             self.learn_links().await;
             let checkpoints = retrying("read the checkpoints topic", || topic.read()).await;
-            for i in new {
-                let src = &self.fabric.sources[i];
+            for name in new {
+                let Some(src) = self.fabric.source(&name) else {
+                    continue;
+                };
                 let resume = checkpoints.get(&*src.name).cloned();
                 tracing::info!(source = %src.name, checkpoint = ?resume, "source assigned here; starting");
                 src.durable.send_replace(resume.clone());
-                self.start(i, resume);
+                self.start(&name, resume, false);
             }
         }
-        for s in &self.fabric.sources {
+        for s in self.fabric.sources().iter() {
             if !self.running.contains_key(&s.name) {
                 s.status.set_state("elsewhere");
             }
@@ -514,7 +525,7 @@ impl Sources {
         let Some(view) = f.members.get() else {
             return true;
         };
-        if !f.config.links_rows() {
+        if !f.config().links_rows() {
             return true;
         }
         let view = view.borrow();
@@ -550,7 +561,7 @@ impl Sources {
             return;
         };
         let f = &self.fabric;
-        if !f.config.links_rows() {
+        if !f.config().links_rows() {
             return;
         }
         let mut n = 0;
@@ -582,7 +593,7 @@ impl Sources {
         if let Some(d) = &mut self.deferred {
             d.retain(|n| !names.contains(n));
         }
-        for s in &self.fabric.sources {
+        for s in self.fabric.sources().iter() {
             if !self.running.contains_key(&s.name) {
                 s.status.set_state("elsewhere");
             }
@@ -590,7 +601,7 @@ impl Sources {
     }
 
     /// Stops `names`, then writes their last checkpoints.
-    async fn stop_sources(&mut self, names: &[Arc<str>]) {
+    pub async fn stop_sources(&mut self, names: &[Arc<str>]) {
         if names.is_empty() {
             return;
         }
@@ -666,12 +677,6 @@ impl Sources {
             let _ = h.await;
         }
     }
-
-    /// Lets the router end once the running sources end: no source starts
-    /// after this (the embedded bus starts them all at once).
-    pub fn no_more_starts(&mut self) {
-        self.out = None;
-    }
 }
 
 /// How long a hand-over waits for the broker before giving up on a step.
@@ -718,7 +723,7 @@ pub async fn checkpoint_writer(
             };
             match result {
                 Ok(()) => {
-                    if let Some(s) = f.sources.iter().find(|s| s.name == name) {
+                    if let Some(s) = f.sources().iter().find(|s| s.name == name) {
                         s.durable.send_if_modified(|cur| {
                             if cur.as_ref().is_none_or(|c| pos > *c) {
                                 *cur = Some(pos.clone());
@@ -740,3 +745,4 @@ pub async fn checkpoint_writer(
         }
     }
 }
+

@@ -17,6 +17,7 @@
 pub mod applier;
 pub mod checkpoints;
 pub mod cluster;
+pub mod reload;
 pub mod snapshots;
 pub mod state;
 
@@ -32,11 +33,11 @@ use crate::sources::grpc_push::PushRegistry;
 use crate::sources::{SourceContext, SourceStatus, TxnEnvelope};
 use crate::store::Store;
 use crate::telemetry::{DeadLetters, Metrics};
-use crate::view::View;
+use crate::view::Views;
 use anyhow::Context;
 use applier::PartitionState;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -52,9 +53,23 @@ pub struct SourceRuntime {
     pub durable: watch::Sender<Option<Position>>,
 }
 
+impl SourceRuntime {
+    pub fn new(s: &crate::config::SourceConfig) -> SourceRuntime {
+        SourceRuntime {
+            name: s.name.as_str().into(),
+            kind: s.kind,
+            status: Arc::new(SourceStatus::default()),
+            // Nothing is acknowledged until this process wrote `keep` rounds:
+            // the restored checkpoint may sit in the newest file only.
+            durable: watch::channel(None).0,
+        }
+    }
+}
+
 /// What the servers see of the running fabric.
 pub struct Fabric {
-    pub config: Arc<Config>,
+    /// The running config; a live reload swaps it (see [`reload`]).
+    config: arc_swap::ArcSwap<Config>,
     pub store: Arc<Store>,
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
@@ -65,10 +80,13 @@ pub struct Fabric {
     /// once it has joined).
     pub member_id: String,
     pub members: std::sync::OnceLock<watch::Receiver<members::MemberView>>,
-    pub sources: Vec<SourceRuntime>,
+    /// The configured sources; a live reload swaps the list.
+    sources: arc_swap::ArcSwap<Vec<Arc<SourceRuntime>>>,
     pub partitions: Vec<Arc<PartitionState>>,
-    /// Per entity type, its compiled views.
-    pub views: HashMap<String, HashMap<String, View>>,
+    /// Every entity type's compiled views; a live reload swaps them.
+    views: arc_swap::ArcSwap<Views>,
+    /// The key of `hash` masks, for views compiled by a reload.
+    pub mask_key: Option<crate::view::MaskKey>,
     pub push: PushRegistry,
     /// Per source, the routed checkpoint (see [`Router::checkpoints`]).
     pub routed: Mutex<BTreeMap<Arc<str>, Option<Position>>>,
@@ -95,9 +113,31 @@ pub struct Fabric {
     pub erasures: Arc<crate::erase::Erasures>,
     /// Embedded bus: the blocked ids' own file (see [`crate::store::blocked`]).
     pub blocked_file: Option<Arc<crate::store::blocked::BlockedFile>>,
+    /// Asks the main task to reload the config file (see [`reload`]).
+    pub reloads: mpsc::UnboundedSender<reload::Request>,
 }
 
 impl Fabric {
+    /// The running config.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The running config's views.
+    pub fn views(&self) -> Arc<Views> {
+        self.views.load_full()
+    }
+
+    /// The running config's sources.
+    pub fn sources(&self) -> Arc<Vec<Arc<SourceRuntime>>> {
+        self.sources.load_full()
+    }
+
+    /// The source named `name`.
+    pub fn source(&self, name: &str) -> Option<Arc<SourceRuntime>> {
+        self.sources.load().iter().find(|s| *s.name == *name).cloned()
+    }
+
     /// Allows a gRPC call to do `action`, or refuses it (see
     /// [`crate::access`]). Calls forwarded by another process of the fabric
     /// carry their caller's credentials and are checked the same way.
@@ -135,9 +175,9 @@ impl Fabric {
     /// types) without serving an entity whose forget the replay has not
     /// reached yet. Without the state topic, they wait for the rebuild.
     pub fn rebuilt_from_state(&self) -> bool {
-        self.config.bus.kind == BusKind::Kafka
-            && self
-                .config
+        let config = self.config();
+        config.bus.kind == BusKind::Kafka
+            && config
                 .bus
                 .kafka
                 .as_ref()
@@ -147,7 +187,7 @@ impl Fabric {
     /// Refreshes the gauges computed from live state, then renders `/metrics`.
     pub fn render_metrics(&self) -> String {
         let m = &self.metrics;
-        for e in &self.config.entities {
+        for e in &self.config().entities {
             let label = crate::telemetry::TypeLabel {
                 entity_type: e.name.clone(),
             };
@@ -158,7 +198,7 @@ impl Fabric {
                 .get_or_create(&label)
                 .set(self.store.blocked_count(&e.name) as i64);
         }
-        for s in &self.sources {
+        for s in self.sources().iter() {
             m.source_lag
                 .get_or_create(&Metrics::source(&s.name))
                 .set(s.status.lag_millis() as f64 / 1000.0);
@@ -287,14 +327,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })
         .await??;
     }
+    // Embedded bus: a source whose reading changed while the fabric was
+    // stopped (a table added, another database) cannot resume a checkpoint
+    // that never covered it: it starts over.
+    let mut restored = restored;
+    if !kafka_mode {
+        let dir = snap_dir.clone();
+        let readings = tokio::task::spawn_blocking(move || snapshots::read_readings(&dir)).await?;
+        for (name, was) in &readings {
+            let Some(now) = crate::config::plan::Reading::of(&config, name) else {
+                continue;
+            };
+            if !was.covers(&now) && restored.checkpoints.0.remove(name).is_some() {
+                tracing::warn!(
+                    source = %name,
+                    "the source reads other tables, or from another place, than when its checkpoint \
+                     was taken: it starts over (an initial snapshot replacing its rows)"
+                );
+            }
+        }
+    }
     let mut router = Router::new(&config, partitions, &restored.checkpoints);
     router.learn_links_from(&store);
 
-    let views: HashMap<String, HashMap<String, View>> = config
-        .entities
-        .iter()
-        .map(|e| (e.name.clone(), View::compile_all(e, mask_key.as_ref())))
-        .collect();
+    let views = Views::compile(&config, mask_key.as_ref(), 0);
     let (bus, kafka): (Arc<dyn Bus>, Option<KafkaParts>) =
         match (config.bus.kind, &config.bus.kafka) {
             (BusKind::Kafka, Some(k)) => {
@@ -359,17 +415,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ]);
 
     let push = PushRegistry::default();
-    let sources: Vec<SourceRuntime> = config
+    let sources: Vec<Arc<SourceRuntime>> = config
         .sources
         .iter()
-        .map(|s| SourceRuntime {
-            name: s.name.as_str().into(),
-            kind: s.kind,
-            status: Arc::new(SourceStatus::default()),
-            // Nothing is acknowledged until this process wrote `keep` rounds:
-            // the restored checkpoint may sit in the newest file only.
-            durable: watch::channel(None).0,
-        })
+        .map(|s| Arc::new(SourceRuntime::new(s)))
         .collect();
     let routed: BTreeMap<Arc<str>, Option<Position>> = sources
         .iter()
@@ -384,7 +433,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let frontiers = crate::freshness::Frontiers::default();
     frontiers.reached(routed.iter(), &restored.offsets);
     let (erasures, mut round_requests) = crate::erase::Erasures::new();
+    let (reloads, mut reload_requests) = mpsc::unbounded_channel::<reload::Request>();
     let fabric = Arc::new(Fabric {
+        reloads,
         blocked_file,
         keystore,
         erasures: Arc::new(erasures),
@@ -392,7 +443,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .access
             .as_ref()
             .map(|a| crate::access::Access::new(a, &metrics)),
-        config: config.clone(),
+        config: arc_swap::ArcSwap::new(config.clone()),
         store: store.clone(),
         bus: bus.clone(),
         metrics: metrics.clone(),
@@ -405,7 +456,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .map(|k| k.instance_id(&snap_dir))
             .unwrap_or_default(),
         members: std::sync::OnceLock::new(),
-        sources,
+        sources: arc_swap::ArcSwap::from_pointee(sources),
         partitions: (0..partitions)
             .map(|p| {
                 Arc::new(PartitionState {
@@ -418,7 +469,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 })
             })
             .collect(),
-        views,
+        views: arc_swap::ArcSwap::from_pointee(views),
+        mask_key,
         push: push.clone(),
         routed: Mutex::new(routed),
         frontiers,
@@ -455,6 +507,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let (mut owned_partitions, mut applier_failures) =
         cluster::Partitions::new(fabric.clone(), publisher.clone(), router_ctl.clone());
+    let router_ctl_for_reload = router_ctl.clone();
     let mut owned_sources = cluster::Sources::new(fabric.clone(), push.clone(), txn_tx, router_ctl);
     let mut side = JoinSet::new();
     let mut membership: Option<Membership> = None;
@@ -464,11 +517,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let from = Offset(restored.offsets[p as usize]);
                 owned_partitions.start(&mut snapshotter, p, from, Offset(0), Offset(0));
             }
-            for i in 0..config.sources.len() {
-                let resume = restored.checkpoints.get(&config.sources[i].name).cloned();
-                owned_sources.start(i, resume);
+            for s in &config.sources {
+                let resume = restored.checkpoints.get(&s.name).cloned();
+                owned_sources.start(&s.name, resume, false);
             }
-            owned_sources.no_more_starts();
             (None, None)
         }
         Some(k) => {
@@ -485,7 +537,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 flush_rx,
                 fabric.streams_stop.clone(),
             ));
-            for s in &fabric.sources {
+            for s in fabric.sources().iter() {
                 s.status.set_state("elsewhere"); // Until this process is given it.
             }
             let member = fabric.member_id.clone();
@@ -564,6 +616,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "fabric running"
     );
 
+    // SIGHUP reloads the config file.
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let tx = fabric.reloads.clone();
+                let stop = fabric.streams_stop.clone();
+                side.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            s = hup.recv() => {
+                                if s.is_none() || tx.send(None).is_err() {
+                                    return;
+                                }
+                                tracing::info!("SIGHUP: reloading the config file");
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /config/reload"),
+        }
+    }
+
     // Snapshot timer and ownership changes.
     let mut tick = tokio::time::interval(config.snapshot_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -622,6 +700,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         tracing::error!(error = %e, "snapshot round failed; the next one retries");
                     },
                     _ = shutdown.cancelled() => break,
+                }
+            }
+            Some(reply) = reload_requests.recv() => {
+                let answer = tokio::select! {
+                    a = reload::apply(&fabric, &mut owned_sources, &router_ctl_for_reload, &mut snapshotter) => a,
+                    _ = shutdown.cancelled() => break,
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
                 }
             }
             Some(first) = round_requests.recv() => {
@@ -770,7 +857,7 @@ struct KafkaParts {
 async fn connect_kafka(
     k: &crate::config::KafkaConfig,
     config: &Config,
-    views: &HashMap<String, HashMap<String, View>>,
+    views: &Views,
     dead_letters: &Arc<DeadLetters>,
 ) -> Result<KafkaParts, crate::bus::BusError> {
     let bus = KafkaBus::connect(
@@ -820,6 +907,15 @@ pub enum RouterControl {
     /// Answer once everything routed so far is on the bus and the
     /// checkpoints after it are published.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// A live reload: route by `config` from now on, forget the
+    /// checkpoints of `forget`, put truncates of `drop` on the bus, and
+    /// answer once they are there.
+    Reconfigure {
+        config: Arc<Config>,
+        forget: Vec<Arc<str>>,
+        drop: Vec<crate::config::plan::DroppedTable>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 /// Transactions the router may have on their way to the bus at once.
@@ -893,6 +989,41 @@ async fn route_loop(
                     RouterControl::Resume(source, position) => {
                         router.resume(&source, position.clone());
                         f.routed.lock().insert(source, position);
+                    }
+                    RouterControl::Reconfigure { config, forget, drop, done } => {
+                        let mut records = Vec::new();
+                        let now = crate::sources::now_micros();
+                        for d in &drop {
+                            let source: Arc<str> = d.source.as_str().into();
+                            // The rows go at the position the source is at:
+                            // no change of it is older than that.
+                            let position = router
+                                .checkpoints()
+                                .get(&source)
+                                .cloned()
+                                .flatten()
+                                .unwrap_or(Position::Snapshot(0));
+                            for p in 0..f.bus.partitions() {
+                                records.push((p, crate::event::BusRecord::Truncate(crate::event::TruncateTable {
+                                    entity_type: d.entity_type.as_str().into(),
+                                    table: d.table.as_str().into(),
+                                    source: source.clone(),
+                                    position: position.clone(),
+                                    commit_micros: now,
+                                })));
+                            }
+                        }
+                        router.reconfigure(&config, &forget);
+                        let checkpoints = router.checkpoints();
+                        let parts: Vec<u32> = records.iter().map(|(p, _)| *p).collect();
+                        let acked = if records.is_empty() { None } else { Some(f.bus.enqueue(records).await?) };
+                        in_flight.push_back(Box::pin(async move {
+                            let result = match acked {
+                                Some(a) => a.await,
+                                None => Ok(Vec::new()),
+                            };
+                            (result, parts, checkpoints, Some(done))
+                        }));
                     }
                     RouterControl::Flush(done) => {
                         let checkpoints = router.checkpoints();
@@ -1008,6 +1139,7 @@ async fn supervise(
     dead_letters: Arc<DeadLetters>,
     stop: CancellationToken,
     fabric: Arc<Fabric>,
+    replaces: bool,
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
     let mut backoff = Duration::from_millis(200);
@@ -1031,7 +1163,7 @@ async fn supervise(
             dead_letters.clone(),
             stop.clone(),
         );
-        ctx.store_may_hold_rows = fabric.store_may_hold_rows;
+        ctx.store_may_hold_rows = fabric.store_may_hold_rows || replaces;
         let result = source.run(ctx).await;
         // An initial snapshot cut short starts over on the next run.
         status.progress.abandon();

@@ -328,9 +328,23 @@ impl Snapshotter {
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} stopped"))?;
             bytes += self.write(round, p, &checkpoints, capture).await?;
         }
-        let keep = f.config.snapshot.keep;
+        let config = f.config();
+        let keep = config.snapshot.keep;
         let dir = f.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
+        let readings = self.acknowledges.then(|| {
+            let all = crate::config::plan::readings(&config);
+            all.into_iter()
+                .filter(|(name, _)| checkpoints.0.contains_key(name))
+                .collect::<BTreeMap<_, _>>()
+        });
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            snapshot::prune(&dir, keep)?;
+            if let Some(r) = readings {
+                write_readings(&dir, &r)?;
+            }
+            Ok(())
+        })
+        .await??;
         self.written.push_back((round, checkpoints));
         while self.written.len() > keep {
             self.written.pop_front();
@@ -340,7 +354,7 @@ impl Snapshotter {
             && self.written.len() == keep
             && let Some((_, oldest)) = self.written.front()
         {
-            for s in &f.sources {
+            for s in f.sources().iter() {
                 if let Some(p) = oldest.get(&s.name) {
                     s.durable.send_if_modified(|cur| {
                         if cur.as_ref().is_none_or(|c| p > c) {
@@ -423,7 +437,7 @@ impl Snapshotter {
         let n = self
             .write(round, partition, &Checkpoints::default(), capture)
             .await?;
-        let keep = self.fabric.config.snapshot.keep;
+        let keep = self.fabric.config().snapshot.keep;
         let dir = self.fabric.snapshot_dir.clone();
         tokio::task::spawn_blocking(move || snapshot::prune(&dir, keep)).await??;
         Ok(n)
@@ -432,8 +446,37 @@ impl Snapshotter {
 
 /// The durable position of each source, for status output.
 pub fn durable_positions(f: &Fabric) -> BTreeMap<String, Option<Position>> {
-    f.sources
+    f.sources()
         .iter()
         .map(|s| (s.name.to_string(), s.durable.borrow().clone()))
         .collect()
+}
+
+/// The file beside the snapshots that says what each source read when its
+/// checkpoint in the newest round was taken (embedded bus).
+const READINGS_FILE: &str = "source-readings.json";
+
+/// Writes what the sources of the newest round's checkpoints read
+/// (atomically: a temporary file renamed over the old one).
+fn write_readings(
+    dir: &Path,
+    readings: &BTreeMap<String, crate::config::plan::Reading>,
+) -> anyhow::Result<()> {
+    let tmp = dir.join(format!("{READINGS_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(readings)?)?;
+    std::fs::rename(&tmp, dir.join(READINGS_FILE))?;
+    Ok(())
+}
+
+/// What each source read when its restored checkpoint was taken (empty
+/// when no round wrote the file yet, or it cannot be read: then every
+/// checkpoint is trusted, as before the file existed).
+pub fn read_readings(dir: &Path) -> BTreeMap<String, crate::config::plan::Reading> {
+    match std::fs::read(dir.join(READINGS_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(file = READINGS_FILE, error = %e, "unreadable; every restored checkpoint is trusted");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
 }

@@ -9,19 +9,20 @@
 //!
 //! Defaults live in the `default_*` functions of this module and nowhere else.
 
+pub mod plan;
 mod validate;
 pub use validate::can_fetch;
 
 pub use validate::{ConfigError, ConfigErrors};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
     /// Network endpoints.
     #[serde(default)]
@@ -61,7 +62,7 @@ pub struct Config {
     pub file: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ServerConfig {
     /// Address of the gRPC façade.
     #[serde(default = "default_grpc_addr")]
@@ -119,7 +120,7 @@ pub struct ServerConfig {
 
 /// `[server.tls]`: the server's certificate and, for mutual TLS, the CA
 /// its clients' certificates are signed by.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TlsConfig {
     /// PEM certificate chain of the server.
     pub cert_file: PathBuf,
@@ -139,7 +140,7 @@ pub struct TlsConfig {
     pub peer_ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientCertMode {
     #[default]
@@ -149,7 +150,7 @@ pub enum ClientCertMode {
 
 /// `[access]`: who may call what. Absent: every client may call
 /// everything (fine on loopback, not on a network).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct AccessConfig {
     /// What a call without credentials may do (default: nothing, it is
     /// UNAUTHENTICATED).
@@ -161,7 +162,7 @@ pub struct AccessConfig {
 }
 
 /// One client of the fabric and what it may do.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PrincipalConfig {
     /// Its name in audit log lines.
     pub name: String,
@@ -180,14 +181,14 @@ pub struct PrincipalConfig {
     pub allow: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BusKind {
     Embedded,
     Kafka,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BusConfig {
     /// `embedded` (in-process log) or `kafka`.
     #[serde(default = "default_bus_kind")]
@@ -205,7 +206,7 @@ pub struct BusConfig {
 }
 
 /// The entities topic's value encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EntitiesFormat {
     /// A JSON document (see docs/kafka.md).
@@ -215,7 +216,7 @@ pub enum EntitiesFormat {
 }
 
 /// `[bus.kafka]`: the broker, the topics and the client settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port…]`.
     pub brokers: String,
@@ -302,7 +303,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct EmbeddedBusConfig {
     /// Records a partition may hold unapplied before producers wait
     /// (backpressure towards the sources).
@@ -310,7 +311,7 @@ pub struct EmbeddedBusConfig {
     pub max_buffered: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SnapshotConfig {
     /// Directory of snapshot files.
     #[serde(default = "default_snapshot_dir")]
@@ -329,7 +330,7 @@ pub struct SnapshotConfig {
     pub encryption: Option<SnapshotEncryption>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SnapshotEncryption {
     /// The name of an environment variable holding the master key (at
     /// least 16 bytes), which seals the per-entity keys. Wins over `key_file`.
@@ -346,7 +347,7 @@ pub struct SnapshotEncryption {
     pub keys_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RouterConfig {
     /// Change events whose `id_via` link is not known yet may wait, at most
     /// this many at once; beyond it the oldest goes to the dead-letter output.
@@ -357,7 +358,7 @@ pub struct RouterConfig {
     pub pending_timeout: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DlqConfig {
     /// In embedded mode, dead letters are appended to this JSON-lines file.
     #[serde(default = "default_dlq_file")]
@@ -367,7 +368,7 @@ pub struct DlqConfig {
     pub keep_last: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogConfig {
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
@@ -381,7 +382,7 @@ pub struct LogConfig {
     pub otlp: Option<OtlpConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct OtlpConfig {
     /// The collector's OTLP/gRPC address, e.g. `"http://127.0.0.1:4317"`.
     pub endpoint: String,
@@ -394,7 +395,7 @@ pub struct OtlpConfig {
     pub sample_ratio: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DemoConfig {
     /// Directory of the three demo SQLite databases.
     #[serde(default = "default_demo_dir")]
@@ -407,7 +408,7 @@ pub struct DemoConfig {
     pub mutations_per_second: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Sqlite,
@@ -434,7 +435,7 @@ impl SourceKind {
 }
 
 /// One source. Fields that do not apply to its `kind` are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SourceConfig {
     /// Unique name; entity tables refer to it.
     pub name: String,
@@ -497,7 +498,7 @@ impl SourceConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdType {
     Int,
@@ -527,7 +528,7 @@ impl IdType {
 }
 
 /// One entity type.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct EntityConfig {
     /// Unique name, e.g. `customer`.
     pub name: String,
@@ -582,7 +583,7 @@ pub struct EntityConfig {
 }
 
 /// How an entity type's entities are kept current.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncMode {
     #[default]
@@ -626,7 +627,7 @@ impl EntityConfig {
 }
 
 /// One micro-DB table of an entity type, filled from one source table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TableConfig {
     /// The table's name inside the micro-DB.
     pub name: String,
@@ -650,7 +651,7 @@ pub struct TableConfig {
 }
 
 /// `payments.invoice_id -> invoices.<pk> -> invoices.<id_column>`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct IdVia {
     /// A table of the same entity type that has an `id_column` and a
     /// single-column primary key.
@@ -661,8 +662,8 @@ pub struct IdVia {
 
 /// How a view shows a masked column (`"hash"`, `"redact"`, `"null"`,
 /// `"keep_last:N"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Mask {
     /// HMAC-SHA256 of the text under the fabric's masking key, hex:
     /// joinable (the same value hashes alike everywhere under one key),
@@ -676,6 +677,17 @@ pub enum Mask {
     /// `"***"` followed by the text's last N characters (all `"***"` when
     /// the text has N characters or fewer), e.g. a card's last 4 digits.
     KeepLast(u8),
+}
+
+impl From<Mask> for String {
+    fn from(m: Mask) -> String {
+        match m {
+            Mask::Hash => "hash".into(),
+            Mask::Redact => "redact".into(),
+            Mask::Null => "null".into(),
+            Mask::KeepLast(n) => format!("keep_last:{n}"),
+        }
+    }
 }
 
 /// The most characters `keep_last:N` may keep.
@@ -706,7 +718,7 @@ impl TryFrom<String> for Mask {
 
 /// `[masking]`: the key of the `hash` mask. The key never appears in logs,
 /// in `fabric check` or in any answer.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct MaskingConfig {
     /// The name of an environment variable holding the key (at least 16
     /// bytes). Wins over `key_file`.
@@ -718,7 +730,7 @@ pub struct MaskingConfig {
     pub key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ViewConfig {
     /// The tables the view shows.
     #[serde(default)]

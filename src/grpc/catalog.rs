@@ -23,7 +23,7 @@ impl CatalogService for CatalogApi {
         let f = &self.fabric;
         f.allow(&request, "ListEntityTypes", crate::access::Action::Catalog)?;
         let entity_types = f
-            .config
+            .config()
             .entities
             .iter()
             .map(|e| EntityTypeInfo {
@@ -77,7 +77,7 @@ impl CatalogService for CatalogApi {
         f.allow(&request, "ListSources", crate::access::Action::Catalog)?;
         let routed = f.routed.lock().clone();
         let sources = f
-            .sources
+            .sources()
             .iter()
             .map(|s| SourceInfo {
                 name: s.name.to_string(),
@@ -189,7 +189,8 @@ pub fn progress(r: crate::progress::Report) -> crate::proto::Progress {
 
 /// The lineage of every row of `e`, table by table, in key order.
 fn lineage(f: &crate::app::Fabric, e: &crate::store::Entity) -> GetLineageResponse {
-    let cfg = f.config.entity(&e.key.entity_type);
+    let config = f.config();
+    let cfg = config.entity(&e.key.entity_type);
     let mut rows = Vec::new();
     for (table, kept) in e.tables.iter() {
         let t = cfg.and_then(|c| c.tables.iter().find(|t| *t.name == **table));

@@ -37,7 +37,7 @@ impl EntityApi {
 
     /// How long a read waits for its minimum positions.
     fn wait_until(&self, until: Option<std::time::Instant>) -> std::time::Instant {
-        until.unwrap_or_else(|| std::time::Instant::now() + self.fabric.config.min_position_wait())
+        until.unwrap_or_else(|| std::time::Instant::now() + self.fabric.config().min_position_wait())
     }
 
     /// The entity as a read with staleness bound `bound` (or of a
@@ -52,7 +52,7 @@ impl EntityApi {
         match self
             .fabric
             .fetcher
-            .read_through(&self.fabric, cfg, key, bound, true)
+            .read_through(&self.fabric, &cfg, key, bound, true)
             .await
         {
             Ok(Some(e)) => Ok(Some(e)),
@@ -92,12 +92,15 @@ impl EntityApi {
 
     /// The encoded entity through `view`, from the version's cache.
     fn encode(&self, e: &crate::store::Entity, view: Option<&View>) -> bytes::Bytes {
-        let views = self
-            .fabric
-            .views
-            .get(&*e.key.entity_type)
-            .map_or(0, |v| v.len());
-        view::encoded(e, view, views, self.fabric.config.server.cache_encoded)
+        let all = self.fabric.views();
+        let views = all.count(&e.key.entity_type);
+        view::encoded(
+            e,
+            view,
+            views,
+            all.epoch,
+            self.fabric.config().server.cache_encoded,
+        )
     }
 }
 
@@ -156,14 +159,14 @@ pub(super) fn serving(fabric: &Fabric, key: &EntityKey) -> Result<(), Status> {
 }
 
 /// Checks type, id and view of a request.
-pub(super) fn resolve<'a>(
-    fabric: &'a Fabric,
+pub(super) fn resolve(
+    fabric: &Fabric,
     ty: &str,
     id: &str,
     view: &str,
-) -> Result<(EntityKey, Option<&'a View>), Status> {
+) -> Result<(EntityKey, Option<Arc<View>>), Status> {
     let cfg = entity_type(fabric, ty)?;
-    let key = key_of(cfg, id)?;
+    let key = key_of(&cfg, id)?;
     let view = resolve_view(fabric, ty, view)?;
     Ok((key, view))
 }
@@ -182,12 +185,13 @@ fn key_of(cfg: &crate::config::EntityConfig, id: &str) -> Result<EntityKey, Stat
     Ok(EntityKey::new(cfg.name.as_str(), canonical))
 }
 
-fn resolve_view<'a>(fabric: &'a Fabric, ty: &str, view: &str) -> Result<Option<&'a View>, Status> {
+fn resolve_view(fabric: &Fabric, ty: &str, view: &str) -> Result<Option<Arc<View>>, Status> {
     if view.is_empty() {
         return Ok(None);
     }
-    let views = fabric.views.get(ty);
-    views.and_then(|v| v.get(view)).map(Some).ok_or_else(|| {
+    let all = fabric.views();
+    let views = all.of(ty);
+    views.and_then(|v| v.get(view)).cloned().map(Some).ok_or_else(|| {
         let mut known: Vec<&str> = views
             .map(|v| v.keys().map(|k| k.as_str()).collect())
             .unwrap_or_default();
@@ -225,7 +229,7 @@ impl EntityService for EntityApi {
         let r = request.get_ref();
         let (key, view) = resolve(&self.fabric, &r.r#type, &r.id, &r.view)?;
         let cfg = entity_type(&self.fabric, &r.r#type)?;
-        let wants = freshness::parse_request(&self.fabric.config, &r.min_positions)?;
+        let wants = freshness::parse_request(&self.fabric.config(), &r.min_positions)?;
         let bound = r.max_staleness_ms.map(std::time::Duration::from_millis);
         let through =
             r.version == 0 && (bound.is_some() || self.fabric.fetcher.on_access(&cfg.name));
@@ -238,14 +242,14 @@ impl EntityService for EntityApi {
                         && let Some(e) = self
                             .fabric
                             .fetcher
-                            .read_through(&self.fabric, cfg, &key, bound, true)
+                            .read_through(&self.fabric, &cfg, &key, bound, true)
                             .await?
                     {
-                        return Ok(Response::new(EntityWire(self.encode(&e, view))));
+                        return Ok(Response::new(EntityWire(self.encode(&e, view.as_deref()))));
                     }
                     return self
                         .read_local(&key, r.version)
-                        .map(|e| Response::new(EntityWire(self.encode(&e, view))));
+                        .map(|e| Response::new(EntityWire(self.encode(&e, view.as_deref()))));
                 }
                 // Being rebuilt here: what the sources hold now is fresher
                 // than waiting, when the request allows reading them.
@@ -259,10 +263,10 @@ impl EntityService for EntityApi {
                     return match self
                         .fabric
                         .fetcher
-                        .read_through(&self.fabric, cfg, &key, bound, false)
+                        .read_through(&self.fabric, &cfg, &key, bound, false)
                         .await?
                     {
-                        Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view)))),
+                        Some(e) => Ok(Response::new(EntityWire(self.encode(&e, view.as_deref())))),
                         None => Err(not_found(&self.fabric, &key)),
                     };
                 }
@@ -315,9 +319,9 @@ impl EntityService for EntityApi {
         let keys = r
             .ids
             .iter()
-            .map(|id| key_of(cfg, id))
+            .map(|id| key_of(&cfg, id))
             .collect::<Result<Vec<_>, _>>()?;
-        let wants = freshness::parse_request(&self.fabric.config, &r.min_positions)?;
+        let wants = freshness::parse_request(&self.fabric.config(), &r.min_positions)?;
         let bound = r.max_staleness_ms.map(std::time::Duration::from_millis);
         let through = bound.is_some() || self.fabric.fetcher.on_access(&cfg.name);
         let partitions = self.fabric.bus.partitions();
@@ -339,11 +343,11 @@ impl EntityService for EntityApi {
             }
             let mut out = BatchWire::default();
             if through {
-                let reads = keys.iter().map(|k| self.read_through(cfg, k, bound));
+                let reads = keys.iter().map(|k| self.read_through(&cfg, k, bound));
                 let found = futures::future::join_all(reads).await;
                 for (id, f) in r.ids.iter().zip(found) {
                     match f? {
-                        Some(e) => out.entities.push(self.encode(&e, view)),
+                        Some(e) => out.entities.push(self.encode(&e, view.as_deref())),
                         None => out.missing_ids.push(id.clone()),
                     }
                 }
@@ -351,7 +355,7 @@ impl EntityService for EntityApi {
             }
             for (id, key) in r.ids.iter().zip(&keys) {
                 match self.fabric.store.get(key) {
-                    Some(e) => out.entities.push(self.encode(&e, view)),
+                    Some(e) => out.entities.push(self.encode(&e, view.as_deref())),
                     None => out.missing_ids.push(id.clone()),
                 }
             }
@@ -376,11 +380,11 @@ impl EntityService for EntityApi {
                             waited[p as usize] = true;
                         }
                         let e = if through {
-                            self.read_through(cfg, key, bound).await?
+                            self.read_through(&cfg, key, bound).await?
                         } else {
                             self.fabric.store.get(key)
                         };
-                        found[i] = e.map(|e| self.encode(&e, view));
+                        found[i] = e.map(|e| self.encode(&e, view.as_deref()));
                     }
                     Route::Remote(addr) if !hop => remote.entry(addr).or_default().push(i),
                     Route::Remote(_) | Route::Moving => {
@@ -552,7 +556,7 @@ impl EntityService for EntityApi {
         resolve_view(&self.fabric, &r.r#type, &r.view)?;
         let slot = guard::WatchSlot::take(
             &self.fabric.metrics.grpc_watchers,
-            self.fabric.config.server.max_watchers,
+            self.fabric.config().server.max_watchers,
         )?;
         let fabric = self.fabric.clone();
         let peers = self.peers.clone();
@@ -664,10 +668,8 @@ async fn kept_versions(
     r: &WatchEntitiesRequest,
     auth: &forward::Credentials,
 ) -> Vec<EntityChange> {
-    let view = fabric
-        .views
-        .get(&*key.entity_type)
-        .and_then(|v| v.get(&r.view));
+    let view = fabric.views().get(&key.entity_type, &r.view);
+    let view = view.as_deref();
     match forward::route(fabric, key.partition(fabric.bus.partitions())) {
         Route::Local if r.from_version == 0 => fabric
             .store
@@ -739,7 +741,8 @@ async fn local_changes(
     mut rx: tokio::sync::broadcast::Receiver<Arc<crate::store::EntityChange>>,
     tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
 ) {
-    let view = fabric.views.get(&*ty).and_then(|v| v.get(&view_name));
+    let view = fabric.views().get(&ty, &view_name);
+    let view = view.as_deref();
     loop {
         let next = tokio::select! {
             _ = fabric.streams_stop.cancelled() => return,

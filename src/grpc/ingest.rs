@@ -179,7 +179,7 @@ async fn submit(fabric: &Fabric, req: PushRequest) -> Pending {
 }
 
 async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
-    if let Some(s) = fabric.sources.iter().find(|s| *s.name == *req.source)
+    if let Some(s) = fabric.sources().iter().find(|s| *s.name == *req.source)
         && *s.status.state.lock() == "elsewhere"
     {
         // Kafka mode: another process of the fabric runs it.
@@ -190,7 +190,7 @@ async fn hand_on(fabric: &Fabric, req: PushRequest) -> Result<Pending, Status> {
         )));
     }
     let Some(handle) = fabric.push.get(&req.source) else {
-        if let Some(s) = fabric.sources.iter().find(|s| *s.name == *req.source)
+        if let Some(s) = fabric.sources().iter().find(|s| *s.name == *req.source)
             && s.kind == crate::config::SourceKind::GrpcPush
         {
             return Err(Status::unavailable(format!(

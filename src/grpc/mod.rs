@@ -64,26 +64,26 @@ pub async fn serve(
     );
     // Pushed transactions stream towards the server: HTTP/2's default
     // 64 KiB window would make a pusher wait for window updates.
-    let server = &fabric.config.server;
+    let server = &fabric.config().server;
     if !addr.ip().is_loopback() {
-        if fabric.config.access.is_none() {
+        if fabric.config().access.is_none() {
             tracing::warn!(%addr, "gRPC listens beyond loopback with no [access] section: every client may read every entity");
         } else if server.tls.is_none() {
             tracing::warn!(%addr, "gRPC listens beyond loopback without TLS: bearer tokens travel in clear");
         }
     }
     let (max_in, max_out) = (server.max_request_bytes, server.max_response_bytes);
-    let peers = Arc::new(forward::Peers::new(&fabric.config)?);
+    let peers = Arc::new(forward::Peers::new(&fabric.config())?);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &server.tls {
         builder = builder
-            .tls_config(server_tls(&fabric.config, tls)?)
+            .tls_config(server_tls(&fabric.config(), tls)?)
             .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
     }
     // With span export on, a span per call (named by its method, with the
     // OpenTelemetry RPC attributes), continuing the caller's trace when the
     // call carries a W3C `traceparent`; without, none is made.
-    if fabric.config.log.otlp.is_some() {
+    if fabric.config().log.otlp.is_some() {
         builder = builder.trace_fn(call_span);
     }
     let router = builder
@@ -230,22 +230,32 @@ impl Drop for Timer<'_> {
     }
 }
 
+/// One entity type of the config that was running when a call began (a
+/// reload may swap the config while the call runs).
+pub struct TypeRef {
+    config: Arc<crate::config::Config>,
+    index: usize,
+}
+
+impl std::ops::Deref for TypeRef {
+    type Target = crate::config::EntityConfig;
+    fn deref(&self) -> &Self::Target {
+        &self.config.entities[self.index]
+    }
+}
+
 /// The entity type config of `name`, or INVALID_ARGUMENT naming the known ones.
-fn entity_type<'a>(
-    fabric: &'a Fabric,
-    name: &str,
-) -> Result<&'a crate::config::EntityConfig, Status> {
-    fabric.config.entity(name).ok_or_else(|| {
-        let known: Vec<&str> = fabric
-            .config
-            .entities
-            .iter()
-            .map(|e| e.name.as_str())
-            .collect();
-        Status::invalid_argument(format!(
-            "unknown entity type {} (known: {})",
-            guard::shown(name),
-            known.join(", ")
-        ))
-    })
+fn entity_type(fabric: &Fabric, name: &str) -> Result<TypeRef, Status> {
+    let config = fabric.config();
+    match config.entities.iter().position(|e| e.name == name) {
+        Some(index) => Ok(TypeRef { config, index }),
+        None => {
+            let known: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
+            Err(Status::invalid_argument(format!(
+                "unknown entity type {} (known: {})",
+                guard::shown(name),
+                known.join(", ")
+            )))
+        }
+    }
 }

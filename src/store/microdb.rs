@@ -94,22 +94,44 @@ impl From<EntityV1> for Entity {
     }
 }
 
-/// Lazily filled encodings of one entity version, one slot per view.
+/// Lazily filled encodings of one entity version, one slot per view, made
+/// under one set of views (`epoch`: a reload that changes views makes a new
+/// one, and encodings made under the old views are never served again).
 #[derive(Default)]
-pub struct Encoded(OnceLock<Box<[OnceLock<bytes::Bytes>]>>);
+pub struct Encoded(arc_swap::ArcSwapOption<EncodedCells>);
+
+pub struct EncodedCells {
+    epoch: u64,
+    cells: Box<[OnceLock<bytes::Bytes>]>,
+}
 
 impl Encoded {
-    /// The encoding in `slot` of `slots`, made by `encode` the first time.
+    /// The encoding in `slot` of `slots` under the views of `epoch`, made
+    /// by `encode` the first time.
     pub fn get_or_init(
         &self,
+        epoch: u64,
         slot: usize,
         slots: usize,
         encode: impl FnOnce() -> bytes::Bytes,
     ) -> bytes::Bytes {
-        let cells = self
-            .0
-            .get_or_init(|| (0..slots).map(|_| OnceLock::new()).collect());
-        match cells.get(slot) {
+        let current = self.0.load();
+        let cells = match &*current {
+            Some(c) if c.epoch == epoch => c.clone(),
+            _ => {
+                let fresh = Arc::new(EncodedCells {
+                    epoch,
+                    cells: (0..slots).map(|_| OnceLock::new()).collect(),
+                });
+                // Another reader may have made them first: use theirs.
+                let prev = self.0.compare_and_swap(&current, Some(fresh.clone()));
+                match &*prev {
+                    Some(p) if !std::ptr::eq(&**p, &*fresh) && p.epoch == epoch => p.clone(),
+                    _ => fresh,
+                }
+            }
+        };
+        match cells.cells.get(slot) {
             Some(cell) => cell.get_or_init(encode).clone(),
             None => encode(),
         }
@@ -757,14 +779,17 @@ mod tests {
             None,
             &set(1, vec![upsert("customer", 1, "a")]),
         ));
-        assert_eq!(&e1.encoded.get_or_init(0, 2, || "v1".into())[..], b"v1");
-        assert_eq!(&e1.encoded.get_or_init(0, 2, || "again".into())[..], b"v1");
+        assert_eq!(&e1.encoded.get_or_init(0, 0, 2, || "v1".into())[..], b"v1");
+        assert_eq!(&e1.encoded.get_or_init(0, 0, 2, || "again".into())[..], b"v1");
         let e2 = changed(Entity::apply(
             Some(&e1),
             &set(2, vec![upsert("customer", 1, "b")]),
         ));
-        assert_eq!(&e2.encoded.get_or_init(0, 2, || "v2".into())[..], b"v2");
-        assert_eq!(&e2.encoded.get_or_init(5, 2, || "out".into())[..], b"out");
+        assert_eq!(&e2.encoded.get_or_init(0, 0, 2, || "v2".into())[..], b"v2");
+        assert_eq!(&e2.encoded.get_or_init(0, 5, 2, || "out".into())[..], b"out");
+        // Views changed (a reload): what was made under the old ones is not served.
+        assert_eq!(&e2.encoded.get_or_init(1, 0, 2, || "new".into())[..], b"new");
+        assert_eq!(&e2.encoded.get_or_init(1, 0, 2, || "again".into())[..], b"new");
     }
 
     #[test]

@@ -169,8 +169,8 @@ pub enum Outcome {
 /// All micro-DBs.
 pub struct Store {
     shards: Vec<Shard>,
-    /// Entity count per entity type.
-    counts: HashMap<Arc<str>, AtomicI64>,
+    /// Entity count per entity type (a reload may add types).
+    counts: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<AtomicI64>>>,
     /// Earlier versions kept per entity, per entity type (absent: none); a
     /// handful of types, looked up on every apply: a scan, no hashing.
     history: Vec<(Arc<str>, usize)>,
@@ -188,10 +188,12 @@ impl Store {
         let (changes, _) = broadcast::channel(watch_buffer.max(1));
         Store {
             shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
-            counts: entity_types
-                .iter()
-                .map(|t| (Arc::<str>::from(*t), AtomicI64::new(0)))
-                .collect(),
+            counts: arc_swap::ArcSwap::from_pointee(
+                entity_types
+                    .iter()
+                    .map(|t| (Arc::<str>::from(*t), Arc::new(AtomicI64::new(0))))
+                    .collect(),
+            ),
             history: Vec::new(),
             changes,
             blocked: (0..shards.max(1)).map(|_| Blocked::default()).collect(),
@@ -299,7 +301,7 @@ impl Store {
     }
 
     fn count(&self, entity_type: &str, delta: i64) {
-        if let Some(c) = self.counts.get(entity_type) {
+        if let Some(c) = self.counts.load().get(entity_type) {
             c.fetch_add(delta, Ordering::Relaxed);
         }
     }
@@ -307,8 +309,20 @@ impl Store {
     /// Entities of one type.
     pub fn entity_count(&self, entity_type: &str) -> u64 {
         self.counts
+            .load()
             .get(entity_type)
             .map_or(0, |c| c.load(Ordering::Relaxed).max(0) as u64)
+    }
+
+    /// Counts entities of `entity_types` too (a reload added them).
+    pub fn add_entity_types<'a>(&self, entity_types: impl IntoIterator<Item = &'a str>) {
+        let mut counts = (**self.counts.load()).clone();
+        for t in entity_types {
+            counts
+                .entry(Arc::from(t))
+                .or_insert_with(|| Arc::new(AtomicI64::new(0)));
+        }
+        self.counts.store(Arc::new(counts));
     }
 
     /// Entities in one shard.
