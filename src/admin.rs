@@ -114,11 +114,17 @@ async fn config_plan(
 async fn config_reload(State(s): AdminState) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if s.fabric.reloads.send(Some(tx)).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the fabric is stopping\n".to_string());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fabric is stopping\n".to_string(),
+        );
     }
     match rx.await {
         Ok(a) if a.applied => (StatusCode::OK, a.text),
         Ok(a) => (StatusCode::CONFLICT, a.text),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the fabric is stopping\n".to_string()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the fabric is stopping\n".to_string(),
+        ),
     }
 }

@@ -756,14 +756,27 @@ impl AdminArgs {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = match &self.admin {
             Some(a) => a.clone(),
+            // The file may be invalid (a plan then shows why): its
+            // `server.admin_addr` is still taken when it can be read.
             None => Config::load(config)
                 .map(|c| c.server.admin_addr)
-                .unwrap_or_else(|_| "127.0.0.1:9464".into()),
+                .ok()
+                .or_else(|| {
+                    let text = std::fs::read_to_string(config).ok()?;
+                    let v: toml::Table = toml::from_str(&text).ok()?;
+                    v.get("server")?
+                        .get("admin_addr")?
+                        .as_str()
+                        .map(String::from)
+                })
+                .unwrap_or_else(|| "127.0.0.1:9464".into()),
         };
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(&addr)
                 .await
-                .with_context(|| format!("cannot reach the admin endpoint at {addr} (is the fabric running?)"))?;
+                .with_context(|| {
+                    format!("cannot reach the admin endpoint at {addr} (is the fabric running?)")
+                })?;
             let request = format!(
                 "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain; charset=utf-8\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",

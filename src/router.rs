@@ -101,43 +101,43 @@ fn norm(table: &str) -> &str {
 
 /// Per source and source table, where its rows go.
 fn routes_of(config: &Config) -> HashMap<String, HashMap<String, Arc<[Route]>>> {
-        let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
-        // Sync-on-access types are read from their sources, not captured.
-        for e in config.entities.iter().filter(|e| !e.on_access()) {
-            let root = e.root_table();
-            for t in &e.tables {
-                let rule = match (&t.id_column, &t.id_via) {
-                    (Some(c), _) => IdRule::Column(c.clone()),
-                    (None, Some(v)) => IdRule::Via {
-                        table: v.table.as_str().into(),
-                        column: v.column.clone(),
-                    },
-                    (None, None) => continue,
-                };
-                let is_link_target = e
-                    .tables
-                    .iter()
-                    .any(|o| o.id_via.as_ref().is_some_and(|v| v.table == t.name));
-                routes
-                    .entry((t.source.clone(), norm(&t.from).to_string()))
-                    .or_default()
-                    .push(Route {
-                        entity_type: e.name.as_str().into(),
-                        id_type: e.id_type,
-                        table: t.name.as_str().into(),
-                        primary_key: t.primary_key.clone(),
-                        rule,
-                        is_root: t.name == root,
-                        delete_with_root: e.delete_with_root,
-                        is_link_target,
-                    });
-            }
+    let mut routes: HashMap<(String, String), Vec<Route>> = HashMap::new();
+    // Sync-on-access types are read from their sources, not captured.
+    for e in config.entities.iter().filter(|e| !e.on_access()) {
+        let root = e.root_table();
+        for t in &e.tables {
+            let rule = match (&t.id_column, &t.id_via) {
+                (Some(c), _) => IdRule::Column(c.clone()),
+                (None, Some(v)) => IdRule::Via {
+                    table: v.table.as_str().into(),
+                    column: v.column.clone(),
+                },
+                (None, None) => continue,
+            };
+            let is_link_target = e
+                .tables
+                .iter()
+                .any(|o| o.id_via.as_ref().is_some_and(|v| v.table == t.name));
+            routes
+                .entry((t.source.clone(), norm(&t.from).to_string()))
+                .or_default()
+                .push(Route {
+                    entity_type: e.name.as_str().into(),
+                    id_type: e.id_type,
+                    table: t.name.as_str().into(),
+                    primary_key: t.primary_key.clone(),
+                    rule,
+                    is_root: t.name == root,
+                    delete_with_root: e.delete_with_root,
+                    is_link_target,
+                });
         }
-        let mut by_source: HashMap<String, HashMap<String, Arc<[Route]>>> = HashMap::new();
-        for ((source, table), r) in routes {
-            by_source.entry(source).or_default().insert(table, r.into());
-        }
-        by_source
+    }
+    let mut by_source: HashMap<String, HashMap<String, Arc<[Route]>>> = HashMap::new();
+    for ((source, table), r) in routes {
+        by_source.entry(source).or_default().insert(table, r.into());
+    }
+    by_source
 }
 
 impl Router {

@@ -46,33 +46,6 @@ fn sha(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-/// A fresh database on the test server; returns its URL.
-async fn fresh_db(name: &str) -> String {
-    let base = pg_url();
-    let mut c = PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
-
-async fn drop_db(name: &str) {
-    let mut c = PgConnection::connect(&pg_url()).await.unwrap();
-    let _ = sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(name)
-    .execute(&mut c)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut c)
-    .await;
-}
-
 fn secret_email(id: i64) -> String {
     format!("private.person.{id}@erase-me.example")
 }
@@ -292,7 +265,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() {
     let db = unique("forget");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     at_source(&url, SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &url, &db);
@@ -503,7 +476,7 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
         assert!(!text.contains(secret), "a secret in the log");
     }
     assert!(fabric.terminate());
-    drop_db(&db).await;
+    pg_drop_db(&db, &db).await;
 }
 
 /// Every message of `topic` with `key`, in order: (value, operation header).

@@ -18,32 +18,6 @@ use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(60);
 
-async fn fresh_db(name: &str) -> String {
-    let base = pg_url();
-    let mut c = PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
-
-async fn drop_db(name: &str) {
-    let mut c = PgConnection::connect(&pg_url()).await.unwrap();
-    let _ = sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(name)
-    .execute(&mut c)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut c)
-    .await;
-}
-
 /// Runs SQL and returns the LSN after it (committed synchronously: the
 /// test server runs with `synchronous_commit = off`).
 async fn at_source(url: &str, sql: &str) -> String {
@@ -140,7 +114,7 @@ async fn lineage(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_row_says_where_it_came_from_and_when() {
     let db = unique("lineage");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     at_source(
         &url,
         "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
@@ -251,5 +225,5 @@ async fn every_row_says_where_it_came_from_and_when() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("lineage = true"), "{e:?}");
     assert!(fabric.terminate());
-    drop_db(&db).await;
+    pg_drop_db(&db, &db).await;
 }

@@ -12,33 +12,6 @@ use std::time::Duration;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-/// A fresh database on the test server; returns its URL.
-async fn fresh_db(name: &str) -> String {
-    let base = pg_url();
-    let mut c = PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{name}")
-}
-
-async fn drop_db(name: &str, slot: &str) {
-    let mut c = PgConnection::connect(&pg_url()).await.unwrap();
-    let _ = sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(slot)
-    .execute(&mut c)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut c)
-    .await;
-}
-
 const SCHEMA: &str = "
 CREATE TABLE customers (
   id bigint PRIMARY KEY, name text NOT NULL, email text, balance numeric(14,2),
@@ -281,7 +254,7 @@ async fn workload(url: String, sessions: usize, txns_each: usize, seed: u64) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_stream_and_sigkill_converge_to_postgres() {
     let db = unique("fab_pg");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(SCHEMA).execute(&mut c).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -408,13 +381,13 @@ async fn snapshot_stream_and_sigkill_converge_to_postgres() {
     assert!(confirmed.is_some());
     assert!(fabric.terminate());
     drop(c);
-    drop_db(&db, &db).await;
+    pg_drop_db(&db, &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_without_full_replica_identity_is_refused_by_name() {
     let db = unique("fab_pgbad");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
@@ -462,7 +435,7 @@ async fn a_table_without_full_replica_identity_is_refused_by_name() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(fabric.terminate());
     drop(c);
-    drop_db(&db, &db).await;
+    pg_drop_db(&db, &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,7 +497,7 @@ async fn a_source_down_at_start_is_retried_while_the_fabric_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_is_refused_by_name() {
     let db = unique("fab_pgmissing");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
@@ -544,13 +517,13 @@ async fn a_missing_table_is_refused_by_name() {
     );
     assert!(fabric.terminate());
     drop(c);
-    drop_db(&db, &db).await;
+    pg_drop_db(&db, &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmapped_column_type_is_refused_unless_carried_as_text() {
     let db = unique("fab_pgtype");
-    let url = fresh_db(&db).await;
+    let url = pg_fresh_db(&db).await;
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE DOMAIN email AS text;
@@ -650,5 +623,5 @@ async fn an_unmapped_column_type_is_refused_unless_carried_as_text() {
     .await;
     assert!(fabric.terminate());
     drop(c);
-    drop_db(&db, &db).await;
+    pg_drop_db(&db, &db).await;
 }

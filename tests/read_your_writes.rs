@@ -111,18 +111,7 @@ async fn pg_db(name: &str, schema: &str) -> String {
 }
 
 async fn pg_drop(name: &str) {
-    let mut c = pg_admin().await;
-    let _ = sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(name)
-    .execute(&mut c)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut c)
-    .await;
+    pg_drop_db(name, name).await;
 }
 
 async fn my_conn(db: Option<&str>) -> mysql_async::Conn {

@@ -745,4 +745,3 @@ pub async fn checkpoint_writer(
         }
     }
 }
-

@@ -135,7 +135,11 @@ impl Fabric {
 
     /// The source named `name`.
     pub fn source(&self, name: &str) -> Option<Arc<SourceRuntime>> {
-        self.sources.load().iter().find(|s| *s.name == *name).cloned()
+        self.sources
+            .load()
+            .iter()
+            .find(|s| *s.name == *name)
+            .cloned()
     }
 
     /// Allows a gRPC call to do `action`, or refuses it (see
@@ -177,11 +181,7 @@ impl Fabric {
     pub fn rebuilt_from_state(&self) -> bool {
         let config = self.config();
         config.bus.kind == BusKind::Kafka
-            && config
-                .bus
-                .kafka
-                .as_ref()
-                .is_some_and(|k| k.state_topic)
+            && config.bus.kafka.as_ref().is_some_and(|k| k.state_topic)
     }
 
     /// Refreshes the gauges computed from live state, then renders `/metrics`.
@@ -638,7 +638,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 });
             }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /config/reload"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /config/reload")
+            }
         }
     }
 

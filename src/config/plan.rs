@@ -95,7 +95,9 @@ impl Plan {
         plan.sources(running, new, kafka);
         if kafka {
             for c in &mut plan.changes {
-                if c.live && !c.subject.starts_with("view ") && !c.subject.contains("description")
+                if c.live
+                    && !c.subject.starts_with("view ")
+                    && !c.subject.contains("description")
                     && !c.subject.contains("owner")
                 {
                     c.live = false;
@@ -157,9 +159,7 @@ impl Plan {
                 self.push(
                     '-',
                     format!("entity type {}", old.name),
-                    format!(
-                        "its {n} entities are dropped; reads of it fail with INVALID_ARGUMENT"
-                    ),
+                    format!("its {n} entities are dropped; reads of it fail with INVALID_ARGUMENT"),
                     !old.on_access(),
                 );
                 self.actions.removed_types.push(old.name.clone());
@@ -228,13 +228,7 @@ impl Plan {
         let strip = |e: &EntityConfig| {
             let mut v = to_value(e);
             if let Value::Object(m) = &mut v {
-                for k in [
-                    "tables",
-                    "views",
-                    "description",
-                    "owner",
-                    "publish_view",
-                ] {
+                for k in ["tables", "views", "description", "owner", "publish_view"] {
                     m.remove(k);
                 }
             }
@@ -390,11 +384,7 @@ impl fmt::Display for Plan {
         }
         let restart = self.changes.iter().filter(|c| !c.live).count();
         if restart == 0 {
-            writeln!(
-                f,
-                "{} change(s), all applied live:",
-                self.changes.len()
-            )?;
+            writeln!(f, "{} change(s), all applied live:", self.changes.len())?;
         } else {
             writeln!(
                 f,
@@ -465,7 +455,6 @@ impl Reading {
             "kind": s.kind.as_str(),
             "url": s.url,
             "path": s.path,
-            "tables": s.tables,
             "slot": s.slot,
             "publication": s.publication,
             "cursor_column": s.cursor_column,
@@ -474,9 +463,16 @@ impl Reading {
             "brokers": s.brokers,
             "group_id": s.group_id,
         });
+        // The tables it captures count as what it feeds: one more was
+        // never read; one fewer changes nothing read before.
+        let captured = s.tables.iter().map(|t| format!("captures {t}"));
         Some(Reading {
             from: digest(&from.to_string()),
-            feeds: feeds(config, source).iter().map(|f| digest(f)).collect(),
+            feeds: feeds(config, source)
+                .into_iter()
+                .chain(captured)
+                .map(|f| digest(&f))
+                .collect(),
         })
     }
 
@@ -520,7 +516,11 @@ fn differing_paths(a: &Value, b: &Value, prefix: &str) -> Vec<String> {
             let null = Value::Null;
             keys.into_iter()
                 .flat_map(|k| {
-                    differing_paths(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &join(k))
+                    differing_paths(
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        &join(k),
+                    )
                 })
                 .collect()
         }
@@ -576,7 +576,10 @@ mod tests {
     #[test]
     fn views_descriptions_and_owners_change_live_without_touching_sources() {
         let new = BASE
-            .replace("description = \"A customer\"", "description = \"Who buys\"\n owner = \"crm-team\"")
+            .replace(
+                "description = \"A customer\"",
+                "description = \"Who buys\"\n owner = \"crm-team\"",
+            )
             .replace(
                 "[entities.views.support]",
                 "[entities.views.billing]\n tables = [\"customer\"]\n [entities.views.support]",
@@ -586,7 +589,11 @@ mod tests {
         let subjects: Vec<&str> = p.changes.iter().map(|c| c.subject.as_str()).collect();
         assert_eq!(
             subjects,
-            ["description of customer", "owner of customer", "view customer.billing"]
+            [
+                "description of customer",
+                "owner of customer",
+                "view customer.billing"
+            ]
         );
         assert_eq!(p.actions, Actions::default());
     }
@@ -600,7 +607,11 @@ mod tests {
         let p = plan(BASE, &added);
         assert!(p.live(), "{p}");
         assert_eq!(p.actions.start_over, ["crm"]);
-        assert!(p.to_string().contains("+ table customer.orders: source crm reads all"), "{p}");
+        assert!(
+            p.to_string()
+                .contains("+ table customer.orders: source crm reads all"),
+            "{p}"
+        );
         let p = plan(&added, BASE);
         assert!(p.live(), "{p}");
         assert_eq!(
@@ -612,7 +623,11 @@ mod tests {
             }]
         );
         assert!(p.actions.start_over.is_empty(), "{:?}", p.actions);
-        assert!(p.to_string().contains("dropped from the 7 customer entities"), "{p}");
+        assert!(
+            p.to_string()
+                .contains("dropped from the 7 customer entities"),
+            "{p}"
+        );
         let (small, big) = (
             Reading::of(&cfg(BASE), "crm").unwrap(),
             Reading::of(&cfg(&added), "crm").unwrap(),
@@ -622,24 +637,36 @@ mod tests {
 
     #[test]
     fn a_poll_interval_restarts_from_the_checkpoint_and_a_new_file_starts_over() {
-        let slower = BASE.replace("path = \"crm.db\"", "path = \"crm.db\"\npoll_interval = \"1s\"");
+        let slower = BASE.replace(
+            "path = \"crm.db\"",
+            "path = \"crm.db\"\npoll_interval = \"1s\"",
+        );
         let p = plan(BASE, &slower);
         assert_eq!(p.actions.restart, ["crm"]);
         assert!(p.actions.start_over.is_empty());
         let moved = BASE.replace("crm.db", "crm2.db");
         let p = plan(BASE, &moved);
         assert_eq!(p.actions.start_over, ["crm"]);
-        assert!(p.to_string().contains("~ source crm: restarts and reads all"), "{p}");
+        assert!(
+            p.to_string()
+                .contains("~ source crm: restarts and reads all"),
+            "{p}"
+        );
     }
 
     #[test]
     fn addresses_and_the_id_type_need_a_restart() {
-        let new = format!("[server]\ngrpc_addr = \"127.0.0.1:7000\"\n{BASE}")
-            .replace("description = \"A customer\"", "id_type = \"string\"\ndescription = \"A customer\"");
+        let new = format!("[server]\ngrpc_addr = \"127.0.0.1:7000\"\n{BASE}").replace(
+            "description = \"A customer\"",
+            "id_type = \"string\"\ndescription = \"A customer\"",
+        );
         let p = plan(BASE, &new);
         assert!(!p.live(), "{p}");
         let text = p.to_string();
-        assert!(text.contains("~ server.grpc_addr: needs a restart [restart]"), "{text}");
+        assert!(
+            text.contains("~ server.grpc_addr: needs a restart [restart]"),
+            "{text}"
+        );
         assert!(text.contains("entities.customer.id_type"), "{text}");
     }
 

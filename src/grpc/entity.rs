@@ -37,7 +37,8 @@ impl EntityApi {
 
     /// How long a read waits for its minimum positions.
     fn wait_until(&self, until: Option<std::time::Instant>) -> std::time::Instant {
-        until.unwrap_or_else(|| std::time::Instant::now() + self.fabric.config().min_position_wait())
+        until
+            .unwrap_or_else(|| std::time::Instant::now() + self.fabric.config().min_position_wait())
     }
 
     /// The entity as a read with staleness bound `bound` (or of a
@@ -52,7 +53,7 @@ impl EntityApi {
         match self
             .fabric
             .fetcher
-            .read_through(&self.fabric, &cfg, key, bound, true)
+            .read_through(&self.fabric, cfg, key, bound, true)
             .await
         {
             Ok(Some(e)) => Ok(Some(e)),
@@ -191,21 +192,25 @@ fn resolve_view(fabric: &Fabric, ty: &str, view: &str) -> Result<Option<Arc<View
     }
     let all = fabric.views();
     let views = all.of(ty);
-    views.and_then(|v| v.get(view)).cloned().map(Some).ok_or_else(|| {
-        let mut known: Vec<&str> = views
-            .map(|v| v.keys().map(|k| k.as_str()).collect())
-            .unwrap_or_default();
-        known.sort();
-        Status::invalid_argument(format!(
-            "entity type {ty:?} has no view {} (views: {})",
-            super::guard::shown(view),
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
-    })
+    views
+        .and_then(|v| v.get(view))
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| {
+            let mut known: Vec<&str> = views
+                .map(|v| v.keys().map(|k| k.as_str()).collect())
+                .unwrap_or_default();
+            known.sort();
+            Status::invalid_argument(format!(
+                "entity type {ty:?} has no view {} (views: {})",
+                super::guard::shown(view),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<EntityChange, Status>> + Send>>;

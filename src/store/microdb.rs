@@ -780,16 +780,28 @@ mod tests {
             &set(1, vec![upsert("customer", 1, "a")]),
         ));
         assert_eq!(&e1.encoded.get_or_init(0, 0, 2, || "v1".into())[..], b"v1");
-        assert_eq!(&e1.encoded.get_or_init(0, 0, 2, || "again".into())[..], b"v1");
+        assert_eq!(
+            &e1.encoded.get_or_init(0, 0, 2, || "again".into())[..],
+            b"v1"
+        );
         let e2 = changed(Entity::apply(
             Some(&e1),
             &set(2, vec![upsert("customer", 1, "b")]),
         ));
         assert_eq!(&e2.encoded.get_or_init(0, 0, 2, || "v2".into())[..], b"v2");
-        assert_eq!(&e2.encoded.get_or_init(0, 5, 2, || "out".into())[..], b"out");
+        assert_eq!(
+            &e2.encoded.get_or_init(0, 5, 2, || "out".into())[..],
+            b"out"
+        );
         // Views changed (a reload): what was made under the old ones is not served.
-        assert_eq!(&e2.encoded.get_or_init(1, 0, 2, || "new".into())[..], b"new");
-        assert_eq!(&e2.encoded.get_or_init(1, 0, 2, || "again".into())[..], b"new");
+        assert_eq!(
+            &e2.encoded.get_or_init(1, 0, 2, || "new".into())[..],
+            b"new"
+        );
+        assert_eq!(
+            &e2.encoded.get_or_init(1, 0, 2, || "again".into())[..],
+            b"new"
+        );
     }
 
     #[test]

@@ -740,3 +740,33 @@ impl Drop for Broker {
         self.kill9();
     }
 }
+
+/// A fresh database on the test PostgreSQL; returns its URL.
+pub async fn pg_fresh_db(name: &str) -> String {
+    use sqlx::Connection;
+    let base = pg_url();
+    let mut c = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+/// Drops a database of [`pg_fresh_db`] and the replication slot `slot`.
+pub async fn pg_drop_db(name: &str, slot: &str) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&pg_url()).await.unwrap();
+    let _ = sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .execute(&mut c)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut c)
+    .await;
+}
