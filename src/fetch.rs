@@ -83,8 +83,8 @@ type Outcome = Result<Option<Arc<Entity>>, (Code, String)>;
 
 /// Fetches entities from their sources; see the module docs.
 pub struct Fetcher {
-    types: HashMap<String, TypePlan>,
-    readers: HashMap<String, Arc<EntityReader>>,
+    /// Swapped whole by a live reload ([`Fetcher::replan`]).
+    plans: arc_swap::ArcSwap<Plans>,
     flights: Mutex<HashMap<EntityKey, watch::Receiver<Option<Outcome>>>>,
     held: DashMap<EntityKey, Held>,
     started: Instant,
@@ -94,29 +94,8 @@ impl Fetcher {
     /// The fetch plans of every entity type, and a reader per source that
     /// can be read by query (connections open on first use).
     pub fn new(config: &Config) -> Result<Self, String> {
-        let mut readers = HashMap::new();
-        for s in config
-            .sources
-            .iter()
-            .filter(|s| crate::config::can_fetch(s.kind))
-        {
-            let url = match (&s.url, &s.path) {
-                (Some(u), _) => u.clone(),
-                (None, Some(p)) => format!("sqlite:{}", config.resolve(p).display()),
-                (None, None) => continue,
-            };
-            let reader = EntityReader::new(&s.name, &url, config, config.server.fetch_connections)
-                .map_err(|e| e.to_string())?;
-            readers.insert(s.name.clone(), Arc::new(reader));
-        }
-        let types = config
-            .entities
-            .iter()
-            .map(|e| (e.name.clone(), plan(e, &readers)))
-            .collect();
         Ok(Fetcher {
-            types,
-            readers,
+            plans: arc_swap::ArcSwap::from_pointee(Plans::of(config, None)?),
             flights: Mutex::new(HashMap::new()),
             held: DashMap::new(),
             started: Instant::now(),
@@ -127,9 +106,21 @@ impl Fetcher {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// The plans of a new config (a live reload): readers of sources whose
+    /// place did not change are kept, with their open connections.
+    pub fn replan(&self, config: &Config) -> Result<(), String> {
+        let next = Plans::of(config, Some(&self.plans.load()))?;
+        self.plans.store(Arc::new(next));
+        Ok(())
+    }
+
     /// True when entities of `entity_type` are fetched on access.
     pub fn on_access(&self, entity_type: &str) -> bool {
-        self.types.get(entity_type).is_some_and(|t| t.on_access)
+        self.plans
+            .load()
+            .types
+            .get(entity_type)
+            .is_some_and(|t| t.on_access)
     }
 
     /// Entities restored from snapshots: those of sync-on-access types are
@@ -185,7 +176,8 @@ impl Fetcher {
         bound: Option<Duration>,
         serving: bool,
     ) -> Result<Option<Arc<Entity>>, Status> {
-        let Some(plan) = self.types.get(&cfg.name) else {
+        let plans = self.plans.load_full();
+        let Some(plan) = plans.types.get(&cfg.name) else {
             return Ok(None);
         };
         if !plan.on_access && bound.is_none() {
@@ -276,13 +268,17 @@ impl Fetcher {
     /// Reads every fetchable table of `key`, puts the result on the bus and
     /// waits until it is applied.
     async fn fetch_and_apply(&self, fabric: &Fabric, key: &EntityKey) -> Outcome {
-        let plan = self
+        let plans = self.plans.load_full();
+        let plan = plans
             .types
             .get(&*key.entity_type)
             .ok_or((Code::Internal, format!("no fetch plan for {key}")))?;
         let mut tables = Vec::with_capacity(plan.tables.len());
         for t in &plan.tables {
-            let reader = &self.readers[&*t.source];
+            let reader = plans.readers.get(&*t.source).ok_or((
+                Code::Unavailable,
+                format!("source {} of {key} was removed by a reload", t.source),
+            ))?;
             let rows = reader
                 .rows(&t.from, &t.lookup, &key.id)
                 .await
@@ -393,7 +389,8 @@ impl Fetcher {
     pub fn evict(&self, fabric: &Fabric) -> usize {
         let now = self.now_ms();
         let mut dropped = 0;
-        for (name, plan) in self.types.iter().filter(|(_, p)| p.on_access) {
+        let plans = self.plans.load_full();
+        for (name, plan) in plans.types.iter().filter(|(_, p)| p.on_access) {
             let idle_ms = plan.evict_after.as_millis() as u64;
             let mut keep: Vec<(u64, u64, EntityKey)> = Vec::new();
             let mut old: Vec<EntityKey> = Vec::new();
@@ -436,6 +433,57 @@ impl Fetcher {
             }
         }
         dropped
+    }
+}
+
+/// Every entity type's fetch plan, and a reader per source that can be
+/// read by query (connections open on first use).
+struct Plans {
+    types: HashMap<String, TypePlan>,
+    readers: HashMap<String, Arc<EntityReader>>,
+    /// Where each reader reads, to keep a reader a reload did not move.
+    urls: HashMap<String, String>,
+}
+
+impl Plans {
+    fn of(config: &Config, previous: Option<&Plans>) -> Result<Plans, String> {
+        let mut readers = HashMap::new();
+        let mut urls = HashMap::new();
+        for s in config
+            .sources
+            .iter()
+            .filter(|s| crate::config::can_fetch(s.kind))
+        {
+            let url = match (&s.url, &s.path) {
+                (Some(u), _) => u.clone(),
+                (None, Some(p)) => format!("sqlite:{}", config.resolve(p).display()),
+                (None, None) => continue,
+            };
+            let kept = previous.and_then(|p| {
+                (p.urls.get(&s.name) == Some(&url))
+                    .then(|| p.readers.get(&s.name).cloned())
+                    .flatten()
+            });
+            let reader = match kept {
+                Some(r) => r,
+                None => Arc::new(
+                    EntityReader::new(&s.name, &url, config, config.server.fetch_connections)
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
+            readers.insert(s.name.clone(), reader);
+            urls.insert(s.name.clone(), url);
+        }
+        let types = config
+            .entities
+            .iter()
+            .map(|e| (e.name.clone(), plan(e, &readers)))
+            .collect();
+        Ok(Plans {
+            types,
+            readers,
+            urls,
+        })
     }
 }
 

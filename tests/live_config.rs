@@ -167,6 +167,26 @@ async fn get(
         .map(|r| r.into_inner())
 }
 
+/// Customer `id` read straight from its sources (a staleness bound of 0).
+async fn get_fresh(fabric: &FabricProcess, id: &str) -> entity_fabric::proto::Entity {
+    fabric
+        .client()
+        .await
+        .get_entity(GetEntityRequest {
+            r#type: "customer".into(),
+            id: id.into(),
+            max_staleness_ms: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn table_names(e: &entity_fabric::proto::Entity) -> Vec<String> {
+    e.tables.iter().map(|t| t.name.clone()).collect()
+}
+
 /// The ids of the rows of `table` in customer `id`.
 async fn row_ids(fabric: &FabricProcess, id: &str, table: &str) -> Option<Vec<i64>> {
     let e = get(fabric, "customer", id, "").await.ok()?;
@@ -383,6 +403,11 @@ async fn sources_tables_views_and_types_change_while_serving() {
             .as_deref(),
         Some("Ada L.")
     );
+    // Reads with a staleness bound read the new table from the source too.
+    assert_eq!(
+        table_names(&get_fresh(&fabric, "1").await),
+        ["customer", "orders"]
+    );
 
     // `fabric reload` drops the table and the view again.
     write(v1);
@@ -406,6 +431,9 @@ async fn sources_tables_views_and_types_change_while_serving() {
         (first_row_field(&fabric.grpc, "customer", "2", "name").await? == "Bob B.").then_some(())
     })
     .await;
+    assert_eq!(row_ids(&fabric, "2", "orders").await, Some(vec![]));
+    // A read straight from the source does not bring the dropped table back.
+    assert_eq!(table_names(&get_fresh(&fabric, "2").await), ["customer"]);
     assert_eq!(row_ids(&fabric, "2", "orders").await, Some(vec![]));
 
     // Tickets were read without a failure through all of it.

@@ -107,6 +107,10 @@ pub async fn apply(
         },
     };
     let views = crate::view::Views::compile(&new, key.as_ref(), fabric.views().epoch + 1);
+    // Reads with staleness bounds go to the sources of the new config.
+    if let Err(e) = fabric.fetcher.replan(&new) {
+        return refused(format!("cannot read the new sources by query: {e}"));
+    }
     let new = Arc::new(new);
     let a = &plan.actions;
 
