@@ -179,6 +179,20 @@ impl Router {
         for s in forget {
             self.routed.remove(s);
         }
+        // A change waiting for a link goes when its source starts over (it
+        // reads it again) or its table is no longer routed (it was dropped):
+        // released later, it would bring back what the reload removed, or
+        // hold its source's checkpoint at a position before the new start.
+        let routes = &self.routes;
+        self.pending.retain(|p| {
+            !forget.contains(&p.source)
+                && routes.get(&*p.source).is_some_and(|tables| {
+                    tables
+                        .values()
+                        .flat_map(|r| r.iter())
+                        .any(|r| r.entity_type == p.route.entity_type && r.table == p.route.table)
+                })
+        });
     }
 
     /// A source starts (again) from `position`: its checkpoint starts there.

@@ -87,6 +87,12 @@ pub struct View {
     pub name: String,
     /// This view's slot in an entity's encoding cache (0 is the full entity).
     pub slot: usize,
+    /// The slots of its entity type's cache (its views and the full entity),
+    /// and the epoch of the [`Views`] it was compiled in: an encoding made
+    /// through this view is cached under that epoch only, so a call that
+    /// began before a reload never fills the new views' cache.
+    pub slots: usize,
+    pub epoch: u64,
     /// Tables shown (None: all).
     tables: Option<HashSet<String>>,
     /// Per table, the columns shown (a table absent here shows all).
@@ -99,6 +105,11 @@ pub struct View {
 impl View {
     /// Every view of an entity type, by name.
     pub fn compile_all(e: &EntityConfig, key: Option<&MaskKey>) -> HashMap<String, View> {
+        Self::compile_epoch(e, key, 0)
+    }
+
+    fn compile_epoch(e: &EntityConfig, key: Option<&MaskKey>, epoch: u64) -> HashMap<String, View> {
+        let slots = e.views.len() + 1;
         e.views
             .iter()
             .enumerate()
@@ -122,6 +133,8 @@ impl View {
                     View {
                         name: name.clone(),
                         slot: i + 1,
+                        slots,
+                        epoch,
                         tables: Some(v.tables.iter().cloned().collect()),
                         columns,
                         masks,
@@ -191,8 +204,8 @@ pub fn encoded(
     if !cache {
         return encode();
     }
-    e.encoded
-        .get_or_init(epoch, view.map_or(0, |v| v.slot), views + 1, encode)
+    let (slot, slots, epoch) = view.map_or((0, views + 1, epoch), |v| (v.slot, v.slots, v.epoch));
+    e.encoded.get_or_init(epoch, slot, slots, encode)
 }
 
 /// Every entity type's compiled views, as one config made them. A reload
@@ -213,7 +226,7 @@ impl Views {
                 .entities
                 .iter()
                 .map(|e| {
-                    let views = View::compile_all(e, key)
+                    let views = View::compile_epoch(e, key, epoch)
                         .into_iter()
                         .map(|(n, v)| (n, Arc::new(v)))
                         .collect();

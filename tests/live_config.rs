@@ -498,5 +498,14 @@ async fn sources_tables_views_and_types_change_while_serving() {
         "the start says why the source starts over"
     );
     assert!(fabric.terminate());
+
+    // A table removed while the fabric is stopped is not served from the
+    // restored snapshot.
+    write(v3);
+    let mut fabric = FabricProcess::start(&config, &log);
+    fabric.wait_serving(WITHIN).await;
+    let e = get(&fabric, "customer", "2", "").await.unwrap();
+    assert_eq!(table_names(&e), ["customer"]);
+    assert!(fabric.terminate());
     pg_drop_db(&db, &db).await;
 }

@@ -327,6 +327,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })
         .await??;
     }
+    // Embedded bus: rows of tables and types the config no longer has
+    // (removed while stopped, or by a reload whose truncates no snapshot
+    // held yet) are not served.
+    if !kafka_mode && restored.entities > 0 {
+        let (store, cfg) = (store.clone(), config.clone());
+        let (changed, dropped) = tokio::task::spawn_blocking(move || {
+            store.drop_unconfigured(|ty, table| {
+                cfg.entity(ty).is_some_and(|e| e.table(table).is_some())
+            })
+        })
+        .await?;
+        if changed + dropped > 0 {
+            tracing::warn!(
+                changed,
+                dropped,
+                "restored entities held tables the config no longer has: those rows were dropped"
+            );
+        }
+    }
     // Embedded bus: a source whose reading changed while the fabric was
     // stopped (a table added, another database) cannot resume a checkpoint
     // that never covered it: it starts over.
@@ -338,7 +357,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let Some(now) = crate::config::plan::Reading::of(&config, name) else {
                 continue;
             };
-            if !was.covers(&now) && restored.checkpoints.0.remove(name).is_some() {
+            let snapshots = config
+                .source(name)
+                .is_none_or(|s| s.initial_snapshot != Some(false));
+            if !was.covers(&now) && !snapshots {
+                tracing::warn!(
+                    source = %name,
+                    "the source reads other tables, or from another place, than when its checkpoint \
+                     was taken, and initial_snapshot = false: it resumes, and the rows its new tables \
+                     held before are not read"
+                );
+            } else if !was.covers(&now) && restored.checkpoints.0.remove(name).is_some() {
                 tracing::warn!(
                     source = %name,
                     "the source reads other tables, or from another place, than when its checkpoint \

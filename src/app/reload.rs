@@ -148,6 +148,7 @@ pub async fn apply(
             routed.remove(s);
         }
     }
+    snapshotter.forget_sources(&forget);
 
     // 3. Swap config, views, sources.
     fabric

@@ -287,6 +287,16 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
+    /// Sources that start over (a reload): the rounds written before hold
+    /// their old checkpoints, which must not be acknowledged to the new run.
+    pub fn forget_sources(&mut self, names: &[Arc<str>]) {
+        for (_, checkpoints) in &mut self.written {
+            for n in names {
+                checkpoints.0.remove(&**n);
+            }
+        }
+    }
+
     /// One round; returns the bytes written.
     #[tracing::instrument(skip_all, fields(round = self.next_round))]
     pub async fn round(&mut self) -> anyhow::Result<u64> {

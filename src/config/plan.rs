@@ -77,6 +77,9 @@ pub struct Actions {
 pub struct Plan {
     pub changes: Vec<Change>,
     pub actions: Actions,
+    /// Sources that read all their tables again because a table they
+    /// feed was added or altered.
+    reread: BTreeSet<String>,
 }
 
 impl Plan {
@@ -175,19 +178,25 @@ impl Plan {
         for e in &new.entities {
             let Some(old) = running.entity(&e.name) else {
                 let sources: BTreeSet<&str> = e.tables.iter().map(|t| t.source.as_str()).collect();
-                self.push(
-                    '+',
-                    format!("entity type {}", e.name),
-                    if e.on_access() {
-                        "sync = \"on_access\" types are added with a restart".to_string()
-                    } else {
-                        format!(
-                            "filled by an initial snapshot of {}",
-                            sources.into_iter().collect::<Vec<_>>().join(", ")
-                        )
-                    },
-                    !e.on_access(),
-                );
+                let (effect, live) = if e.on_access() {
+                    (
+                        "sync = \"on_access\" types are added with a restart".to_string(),
+                        false,
+                    )
+                } else if e.history > 0 || e.lineage {
+                    (
+                        "a type keeping history or lineage is added with a restart".to_string(),
+                        false,
+                    )
+                } else {
+                    let effect = format!(
+                        "filled by an initial snapshot of {}",
+                        sources.iter().copied().collect::<Vec<_>>().join(", ")
+                    );
+                    (effect, true)
+                };
+                self.push('+', format!("entity type {}", e.name), effect, live);
+                self.reread.extend(sources.into_iter().map(String::from));
                 self.actions.added_types.push(e.name.clone());
                 continue;
             };
@@ -255,7 +264,16 @@ impl Plan {
                         source: t.source.clone(),
                     });
                 }
+                Some(n) if to_value(n) != to_value(t) && only_fetch_differs(n, t) => {
+                    self.push(
+                        '~',
+                        format!("fetch query of table {name}.{}", t.name),
+                        "reads straight from its source use it at once",
+                        true,
+                    );
+                }
                 Some(n) if to_value(n) != to_value(t) => {
+                    self.reread.insert(n.source.clone());
                     self.push(
                         '~',
                         format!("table {name}.{}", t.name),
@@ -277,6 +295,7 @@ impl Plan {
         }
         for t in &new.tables {
             if old.table(&t.name).is_none() {
+                self.reread.insert(t.source.clone());
                 self.push(
                     '+',
                     format!("table {name}.{}", t.name),
@@ -352,7 +371,15 @@ impl Plan {
                 _ => false,
             };
             let altered = to_value(&resolved(running, old)) != to_value(&resolved(new, s));
-            if !covered {
+            if (!covered || self.reread.contains(&s.name)) && s.initial_snapshot == Some(false) {
+                self.push(
+                    '~',
+                    format!("source {}", s.name),
+                    "would have to read its tables again, but initial_snapshot = false: \
+                     set it to true for this change",
+                    false,
+                );
+            } else if !covered || self.reread.contains(&s.name) {
                 let said = format!("source {} ", s.name);
                 if altered || !self.changes.iter().any(|c| c.effect.contains(&said)) {
                     self.push(
@@ -495,6 +522,18 @@ pub fn readings(config: &Config) -> BTreeMap<String, Reading> {
         .iter()
         .filter_map(|s| Reading::of(config, &s.name).map(|r| (s.name.clone(), r)))
         .collect()
+}
+
+/// Whether two versions of a table differ in their `fetch` query alone
+/// (what is captured and how it is routed stay the same).
+fn only_fetch_differs(a: &super::TableConfig, b: &super::TableConfig) -> bool {
+    let (mut x, mut y) = (to_value(a), to_value(b));
+    for v in [&mut x, &mut y] {
+        if let Value::Object(m) = v {
+            m.remove("fetch");
+        }
+    }
+    x == y
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
@@ -652,6 +691,29 @@ mod tests {
                 .contains("~ source crm: restarts and reads all"),
             "{p}"
         );
+    }
+
+    #[test]
+    fn a_fetch_query_changes_live_and_a_new_type_with_history_needs_a_restart() {
+        let fetch = BASE.replace(
+            "primary_key = [\"id\"]\n",
+            "primary_key = [\"id\"]\nfetch = \"SELECT * FROM customers WHERE id = ?\"\n",
+        );
+        let p = plan(BASE, &fetch);
+        assert!(p.live(), "{p}");
+        assert_eq!(
+            p.actions,
+            Actions::default(),
+            "nothing dropped or read again"
+        );
+        let typed = format!(
+            "{BASE}\n[[entities]]\nname = \"account\"\nhistory = 2\n[[entities.tables]]\n\
+             name = \"account\"\nsource = \"crm\"\nfrom = \"orders\"\nid_column = \"id\"\n\
+             primary_key = [\"id\"]\n"
+        );
+        let p = plan(BASE, &typed);
+        assert!(!p.live(), "{p}");
+        assert!(p.to_string().contains("history or lineage"), "{p}");
     }
 
     #[test]

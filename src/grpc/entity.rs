@@ -746,8 +746,8 @@ async fn local_changes(
     mut rx: tokio::sync::broadcast::Receiver<Arc<crate::store::EntityChange>>,
     tx: tokio::sync::mpsc::Sender<Result<EntityChange, Status>>,
 ) {
-    let view = fabric.views().get(&ty, &view_name);
-    let view = view.as_deref();
+    let mut all = fabric.views();
+    let mut view = all.get(&ty, &view_name);
     loop {
         let next = tokio::select! {
             _ = fabric.streams_stop.cancelled() => return,
@@ -774,13 +774,33 @@ async fn local_changes(
         if !fabric.partitions[p as usize].serving() {
             continue;
         }
+        // A reload changed the views: the next messages use the new one,
+        // and a watch of a view or type the reload removed ends.
+        let now = fabric.views();
+        if now.epoch != all.epoch {
+            all = now;
+            view = all.get(&ty, &view_name);
+            if (!view_name.is_empty() && view.is_none()) || fabric.config().entity(&ty).is_none() {
+                let _ = tx
+                    .send(Err(Status::aborted(format!(
+                        "a config reload removed {}; watch again",
+                        if view.is_none() && !view_name.is_empty() {
+                            format!("view {view_name:?} of {ty}")
+                        } else {
+                            format!("entity type {ty:?}")
+                        }
+                    ))))
+                    .await;
+                return;
+            }
+        }
         let tables: Vec<String> = change
             .changed_tables
             .iter()
             .map(|t| t.to_string())
             .collect();
         let msg = match &change.entity {
-            Some(e) => upsert(e, view, tables),
+            Some(e) => upsert(e, view.as_deref(), tables),
             None => EntityChange {
                 operation: if change.forgotten {
                     Operation::Forget

@@ -465,6 +465,22 @@ impl Entity {
     }
 
     /// Removes every row of `table` (a source TRUNCATE); true if any was there.
+    /// This entity without the tables `keep` refuses (its config no longer
+    /// has them), as a new version; `None` when it keeps every table.
+    pub fn without_tables(&self, keep: impl Fn(&str) -> bool) -> Option<Entity> {
+        let gone: Vec<Arc<str>> = self.tables.keys().filter(|t| !keep(t)).cloned().collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let mut next = self.clone();
+        for t in &gone {
+            next.tables.remove(t);
+            next.drop_lineage(t, None);
+        }
+        next.version += 1;
+        Some(next)
+    }
+
     pub fn truncated(&self, table: &str, source: &Arc<str>, position: &Position) -> Option<Entity> {
         if !self.tables.contains_key(table) {
             return None;

@@ -659,6 +659,35 @@ impl Store {
     }
 
     /// Every entity of every shard, for walks over the whole store.
+    /// At start, before anything applies: drops the restored rows of tables
+    /// `keep(entity_type, table)` refuses (the config no longer has them,
+    /// removed while the fabric was stopped, or by a reload whose truncates
+    /// no snapshot holds yet), and the entities left with none. Returns the
+    /// entities changed and dropped.
+    pub fn drop_unconfigured(&self, keep: impl Fn(&str, &str) -> bool) -> (usize, usize) {
+        let (mut changed, mut dropped) = (0, 0);
+        for s in &self.shards {
+            let keys: Vec<EntityKey> = s.iter().map(|e| e.key().clone()).collect();
+            for key in keys {
+                let Some(cur) = s.get(&key).map(|e| e.value().current.clone()) else {
+                    continue;
+                };
+                let Some(next) = cur.without_tables(|t| keep(&key.entity_type, t)) else {
+                    continue;
+                };
+                if next.tables.is_empty() {
+                    s.remove(&key);
+                    self.count(&key.entity_type, -1);
+                    dropped += 1;
+                } else {
+                    self.put(s, &key, Arc::new(next));
+                    changed += 1;
+                }
+            }
+        }
+        (changed, dropped)
+    }
+
     pub fn for_each(&self, mut f: impl FnMut(&Arc<Entity>)) {
         for s in &self.shards {
             for e in s.iter() {
