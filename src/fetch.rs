@@ -312,6 +312,17 @@ impl Fetcher {
             }
             tables.push((t.table.clone(), keyed));
         }
+        // A reload may have dropped one of these tables while the queries
+        // ran: its rows must not come back behind the reload's truncate
+        // (the plans are swapped before the truncates go on the bus).
+        let now = self.plans.load();
+        if !Arc::ptr_eq(&*now, &plans) {
+            let current = now.types.get(&*key.entity_type);
+            tables.retain(|(table, _)| {
+                current.is_some_and(|p| p.tables.iter().any(|t| t.table == *table))
+            });
+        }
+        drop(now);
         let set = FetchedEntity {
             key: key.clone(),
             tables,
