@@ -30,7 +30,6 @@ use entity_fabric::proto::{
 use entity_fabric::store::keystore::KeyStore;
 use entity_fabric::store::snapshot;
 use sha2::{Digest, Sha256};
-use sqlx::{Connection, PgConnection, Row};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -181,26 +180,6 @@ async fn read(
         .map(|r| r.into_inner())
 }
 
-/// Runs SQL at the source and returns the LSN after it. The test server
-/// runs with `synchronous_commit = off`, where `pg_current_wal_lsn()` may
-/// fall short of a commit: this session commits synchronously.
-async fn at_source(url: &str, sql: &str) -> String {
-    let mut c = PgConnection::connect(url).await.unwrap();
-    sqlx::query("SET synchronous_commit = on")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut c)
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// `fabric <args…>` as the data protection officer: exit success, stdout.
 fn cli(fabric: &FabricProcess, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
@@ -266,7 +245,7 @@ fn copy_dir(from: &Path, to: &Path) {
 async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() {
     let db = unique("forget");
     let url = pg_fresh_db(&db).await;
-    at_source(&url, SCHEMA).await;
+    pg_at_source(&url, SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &url, &db);
     let log = dir.path().join("fabric.log");
@@ -363,7 +342,7 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
     assert_eq!(change.entity.unwrap().id, "7");
 
     // Its later changes at the source are processed and dropped.
-    let lsn = at_source(
+    let lsn = pg_at_source(
         &url,
         "UPDATE customers SET name = 'changed after' WHERE id IN (7, 8);
          INSERT INTO addresses VALUES (1000, 7, 'new city');",
@@ -415,7 +394,7 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
     }
     let mut fabric = FabricProcess::start(&cfg, &log);
     fabric.wait_serving(WITHIN).await;
-    let lsn = at_source(
+    let lsn = pg_at_source(
         &url,
         "UPDATE customers SET name = 'after restart' WHERE id = 7",
     )
@@ -435,7 +414,7 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
     // Unblocked: the next change builds it again, from what it carries.
     let (ok, out) = cli(&fabric, &["unblock", "customer", "7"]);
     assert!(ok && out.contains("unblocked: customer 7"), "{out}");
-    let lsn = at_source(&url, "UPDATE customers SET name = 'returned' WHERE id = 7").await;
+    let lsn = pg_at_source(&url, "UPDATE customers SET name = 'returned' WHERE id = 7").await;
     let back = read(&fabric, "customer", "7", Some(&lsn)).await.unwrap();
     assert!(format!("{back:?}").contains("returned"));
 
@@ -449,7 +428,7 @@ async fn a_forgotten_entity_is_gone_everywhere_and_stays_gone_until_unblocked() 
             .code(),
         Code::NotFound
     );
-    let lsn = at_source(
+    let lsn = pg_at_source(
         &url,
         "UPDATE customers SET name = 'eight again' WHERE id = 8",
     )

@@ -12,30 +12,10 @@ use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
 use entity_fabric::proto::{
     GetEntityRequest, GetLineageRequest, GetLineageResponse, SourcePosition,
 };
-use sqlx::{Connection, PgConnection, Row};
 use std::path::Path;
 use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(60);
-
-/// Runs SQL and returns the LSN after it (committed synchronously: the
-/// test server runs with `synchronous_commit = off`).
-async fn at_source(url: &str, sql: &str) -> String {
-    let mut c = PgConnection::connect(url).await.unwrap();
-    sqlx::query("SET synchronous_commit = on")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&mut c)
-        .await
-        .unwrap()
-        .get(0)
-}
 
 fn lsn(text: &str) -> u64 {
     let text = text.strip_prefix("lsn:").unwrap_or(text);
@@ -115,7 +95,7 @@ async fn lineage(
 async fn every_row_says_where_it_came_from_and_when() {
     let db = unique("lineage");
     let url = pg_fresh_db(&db).await;
-    at_source(
+    pg_at_source(
         &url,
         "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
          CREATE TABLE addresses (id bigint PRIMARY KEY, customer_id bigint, city text);
@@ -133,7 +113,7 @@ async fn every_row_says_where_it_came_from_and_when() {
     fabric.wait_serving(WITHIN).await;
 
     // A change after the initial snapshot, read back once applied.
-    let after = at_source(&url, "UPDATE addresses SET city = 'Nice' WHERE id = 11").await;
+    let after = pg_at_source(&url, "UPDATE addresses SET city = 'Nice' WHERE id = 11").await;
     fabric
         .client()
         .await

@@ -13,21 +13,13 @@ mod common;
 
 use common::*;
 use entity_fabric::proto::GetEntityRequest;
-use sqlx::{Connection, PgConnection, SqliteConnection};
+use sqlx::{Connection, SqliteConnection};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(60);
-
-async fn exec_pg(url: &str, sql: &str) {
-    let mut c = PgConnection::connect(url).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
-        .execute(&mut c)
-        .await
-        .unwrap();
-}
 
 /// The parts of the config the steps add and remove.
 #[derive(Clone, Copy, Default)]
@@ -220,8 +212,7 @@ fn sighup(pid: u32) {
 async fn sources_tables_views_and_types_change_while_serving() {
     let db = unique("live");
     let url = pg_fresh_db(&db).await;
-    exec_pg(
-        &url,
+    pg_at_source(&url,
         "CREATE TABLE customers(id int PRIMARY KEY, name text, email text); \
          CREATE TABLE orders(id int PRIMARY KEY, customer_id int, total numeric(10,2)); \
          ALTER TABLE customers REPLICA IDENTITY FULL; ALTER TABLE orders REPLICA IDENTITY FULL; \
@@ -392,7 +383,7 @@ async fn sources_tables_views_and_types_change_while_serving() {
     assert_eq!(email.to_string(), "***", "the new view masks the email");
     assert!(public.tables.iter().all(|t| t.name == "customer"));
     // The source streams on after reading the new table.
-    exec_pg(&url, "INSERT INTO orders VALUES (13, 1, 2.25); UPDATE customers SET name = 'Ada L.' WHERE id = 1;").await;
+    pg_at_source(&url, "INSERT INTO orders VALUES (13, 1, 2.25); UPDATE customers SET name = 'Ada L.' WHERE id = 1;").await;
     eventually(WITHIN, "order 13 streamed", || async {
         (row_ids(&fabric, "1", "orders").await? == vec![10, 11, 13]).then_some(())
     })
@@ -426,7 +417,7 @@ async fn sources_tables_views_and_types_change_while_serving() {
     let err = get(&fabric, "customer", "1", "public").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     // Changes of the dropped table no longer arrive; the rest still does.
-    exec_pg(&url, "INSERT INTO orders VALUES (14, 2, 3.00); UPDATE customers SET name = 'Bob B.' WHERE id = 2;").await;
+    pg_at_source(&url, "INSERT INTO orders VALUES (14, 2, 3.00); UPDATE customers SET name = 'Bob B.' WHERE id = 2;").await;
     eventually(WITHIN, "customer 2 renamed", || async {
         (first_row_field(&fabric.grpc, "customer", "2", "name").await? == "Bob B.").then_some(())
     })
@@ -479,7 +470,7 @@ async fn sources_tables_views_and_types_change_while_serving() {
 
     // A table added while the fabric is stopped is read from the start,
     // not lost behind the checkpoint taken without it.
-    exec_pg(&url, "INSERT INTO orders VALUES (15, 2, 9.00);").await;
+    pg_at_source(&url, "INSERT INTO orders VALUES (15, 2, 9.00);").await;
     write(Parts { orders: true, ..v3 });
     let mut fabric = FabricProcess::start(&config, &log);
     fabric.wait_serving(WITHIN).await;

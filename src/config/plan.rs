@@ -137,13 +137,11 @@ impl Plan {
 
     /// The sections other than sources and entities: any change needs a restart.
     fn sections(&mut self, running: &Config, new: &Config) {
-        let (mut a, mut b) = (to_value(running), to_value(new));
-        for v in [&mut a, &mut b] {
-            if let Value::Object(m) = v {
-                m.remove("sources");
-                m.remove("entities");
-            }
-        }
+        let except = ["sources", "entities"];
+        let (a, b) = (
+            to_value_without(running, &except),
+            to_value_without(new, &except),
+        );
         for path in differing_paths(&a, &b, "") {
             self.push('~', path, "needs a restart", false);
         }
@@ -234,16 +232,12 @@ impl Plan {
             );
         }
         // The rest of the type (not its tables and views): restart.
-        let strip = |e: &EntityConfig| {
-            let mut v = to_value(e);
-            if let Value::Object(m) = &mut v {
-                for k in ["tables", "views", "description", "owner", "publish_view"] {
-                    m.remove(k);
-                }
-            }
-            v
-        };
-        let restart_fields = differing_paths(&strip(old), &strip(new), &format!("entities.{name}"));
+        let live_fields = ["tables", "views", "description", "owner", "publish_view"];
+        let restart_fields = differing_paths(
+            &to_value_without(old, &live_fields),
+            &to_value_without(new, &live_fields),
+            &format!("entities.{name}"),
+        );
         for path in &restart_fields {
             self.push('~', path.clone(), "needs a restart", false);
         }
@@ -527,17 +521,22 @@ pub fn readings(config: &Config) -> BTreeMap<String, Reading> {
 /// Whether two versions of a table differ in their `fetch` query alone
 /// (what is captured and how it is routed stay the same).
 fn only_fetch_differs(a: &super::TableConfig, b: &super::TableConfig) -> bool {
-    let (mut x, mut y) = (to_value(a), to_value(b));
-    for v in [&mut x, &mut y] {
-        if let Value::Object(m) = v {
-            m.remove("fetch");
-        }
-    }
-    x == y
+    to_value_without(a, &["fetch"]) == to_value_without(b, &["fetch"])
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// `v` as JSON without the fields `except`.
+fn to_value_without<T: serde::Serialize>(v: &T, except: &[&str]) -> Value {
+    let mut v = to_value(v);
+    if let Value::Object(m) = &mut v {
+        for k in except {
+            m.remove(*k);
+        }
+    }
+    v
 }
 
 /// The leaf paths where `a` and `b` differ (arrays compared whole).

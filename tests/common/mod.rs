@@ -770,3 +770,25 @@ pub async fn pg_drop_db(name: &str, slot: &str) {
     .execute(&mut c)
     .await;
 }
+
+/// Runs SQL on the test PostgreSQL at `url` and returns the LSN after it.
+/// The test server runs with `synchronous_commit = off`, where
+/// `pg_current_wal_lsn()` may fall short of a commit: this session commits
+/// synchronously.
+pub async fn pg_at_source(url: &str, sql: &str) -> String {
+    use sqlx::{Connection, Row};
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+        .get(0)
+}
