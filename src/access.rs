@@ -35,6 +35,8 @@ pub enum Action<'a> {
     Catalog,
     /// Forget (or unblock) entities of a type.
     Forget { ty: &'a str },
+    /// Plan or reload the config on the admin endpoint.
+    Admin,
 }
 
 impl std::fmt::Display for Action<'_> {
@@ -46,6 +48,7 @@ impl std::fmt::Display for Action<'_> {
             Action::Push { source } => write!(f, "push:{source}"),
             Action::Catalog => f.write_str("catalog"),
             Action::Forget { ty } => write!(f, "forget:{ty}"),
+            Action::Admin => f.write_str("admin"),
         }
     }
 }
@@ -66,6 +69,9 @@ enum Views {
 enum Grant {
     Everything,
     Catalog,
+    /// The admin endpoint's config routes, and what `catalog` allows (an
+    /// operator reads the status page).
+    Admin,
     /// `ty`: None for every type.
     Read {
         ty: Option<String>,
@@ -88,6 +94,7 @@ impl Grant {
         match s {
             "*" => return Ok(Grant::Everything),
             "catalog" => return Ok(Grant::Catalog),
+            "admin" => return Ok(Grant::Admin),
             _ => {}
         }
         if let Some(rest) = s.strip_prefix("read:") {
@@ -119,7 +126,7 @@ impl Grant {
         }
         Err(format!(
             "{s:?} is not a permission: read:TYPE, read:TYPE.VIEW, read:TYPE.*, read:*, \
-             push:SOURCE, push:*, forget:TYPE, forget:*, catalog or *"
+             push:SOURCE, push:*, forget:TYPE, forget:*, catalog, admin or *"
         ))
     }
 
@@ -127,6 +134,7 @@ impl Grant {
         match (self, a) {
             (Grant::Everything, _) => true,
             (Grant::Catalog, Action::Catalog) => true,
+            (Grant::Admin, Action::Admin | Action::Catalog) => true,
             (Grant::Read { ty, views }, Action::Read { ty: t, view }) => {
                 ty.as_deref().is_none_or(|ty| ty == t)
                     && match views {
@@ -225,6 +233,10 @@ pub struct Peer(Option<std::net::SocketAddr>);
 impl Peer {
     pub fn of<T>(request: &Request<T>) -> Peer {
         Peer(request.remote_addr())
+    }
+
+    pub fn addr(addr: Option<std::net::SocketAddr>) -> Peer {
+        Peer(addr)
     }
 }
 
@@ -364,10 +376,20 @@ impl Access {
     }
 
     fn identify<T>(&self, request: &Request<T>) -> Result<Who, (String, Status)> {
-        if let Some(v) = request.metadata().get("authorization") {
+        let certs = request.peer_certs();
+        self.identify_presented(Presented {
+            authorization: request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes()),
+            certs: certs.as_deref().map(Vec::as_slice),
+        })
+    }
+
+    fn identify_presented(&self, p: Presented<'_>) -> Result<Who, (String, Status)> {
+        if let Some(v) = p.authorization {
             let unauth = |why: &str| ("unknown".to_string(), Status::unauthenticated(why));
-            let text = v
-                .to_str()
+            let text = std::str::from_utf8(v)
                 .map_err(|_| unauth("the authorization header is not text"))?;
             let token = text
                 .strip_prefix("Bearer ")
@@ -382,7 +404,7 @@ impl Access {
                 .map(|i| Who::Principal(*i))
                 .ok_or_else(|| unauth("the bearer token is not known"));
         }
-        if let Some(certs) = request.peer_certs()
+        if let Some(certs) = p.certs
             && let Some(leaf) = certs.first()
         {
             let names = cert_names(leaf.as_ref());
@@ -401,6 +423,31 @@ impl Access {
         }
         Ok(Who::Anonymous)
     }
+
+    /// Allows a request of another protocol (the admin endpoint's HTTP) to
+    /// do `action`, with what it presents: the same principals, the same
+    /// refusals and audit lines as a gRPC call. Returns the principal's name.
+    pub fn check_presented(
+        &self,
+        presented: Presented<'_>,
+        peer: Peer,
+        method: &'static str,
+        action: Action<'_>,
+    ) -> Result<&str, Status> {
+        let who = self
+            .identify_presented(presented)
+            .map_err(|(who, status)| self.denied(&who, method, Some(action), peer, status))?;
+        self.permit(who, method, action, peer)?;
+        Ok(self.name(who))
+    }
+}
+
+/// What a caller presents: its `authorization` header, and the certificate
+/// chain TLS verified (leaf first).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presented<'a> {
+    pub authorization: Option<&'a [u8]>,
+    pub certs: Option<&'a [tonic::transport::CertificateDer<'static>]>,
 }
 
 /// A certificate's subject CNs and DNS subject alternative names.

@@ -11,7 +11,8 @@
 //! - [`store`] — the micro-DBs (`DashMap` per partition), snapshot files and their keys.
 //! - [`app`] — wiring: restore, tasks, snapshot rounds, acknowledgement, shutdown.
 //! - [`grpc`] — `EntityService`, `CatalogService`, `IngestService`, health, reflection.
-//! - [`admin`] — `/healthz`, `/metrics`, and the status page ([`status`]).
+//! - [`admin`] — `/healthz`, `/metrics`, the status page ([`status`]), config plan and reload; its guard and client.
+//! - [`secrets`] — `fabric init-secrets`: a deployment's CA, certificate and tokens, made once.
 //! - [`bench`] — `fabric bench`: the fabric against Redis, PostgreSQL, Kafka and Debezium.
 //! - [`freshness`] — reads that wait for source positions (read-your-writes).
 //! - [`fuzzing`] — the fuzz targets' entry points (`fuzz/`, `scripts/fuzz.sh`).
@@ -39,6 +40,7 @@ pub mod memory;
 pub mod progress;
 pub mod publish;
 pub mod router;
+pub mod secrets;
 pub mod sources;
 pub mod status;
 pub mod store;

@@ -27,6 +27,12 @@ enum Command {
         /// The config file.
         #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
         config: PathBuf,
+        /// Before reading the config, make what is missing in this
+        /// directory as `fabric init-secrets` does (a certificate for
+        /// localhost, 127.0.0.1 and this host's name): the container
+        /// image's first start.
+        #[arg(long, env = "FABRIC_INIT_SECRETS")]
+        init_secrets: Option<PathBuf>,
     },
     /// Validates a config file: prints OK or every problem, exits non-zero on problems.
     Check {
@@ -115,6 +121,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Makes what a deployment needs to start secure, once: a private CA,
+    /// a server certificate for the given names, and `admin` and `reader`
+    /// bearer tokens with their SHA-256 (for `token_sha256 =
+    /// ["${file:DIR/admin.token.sha256}"]`). Files that exist are kept.
+    InitSecrets {
+        /// Where the files go (created 0600 for keys and tokens).
+        dir: PathBuf,
+        /// DNS names and IP addresses the server certificate carries.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
     /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
     Health {
         #[command(flatten)]
@@ -167,7 +184,25 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            init_secrets,
+        } => {
+            if let Some(dir) = init_secrets {
+                let names = [
+                    "localhost".to_string(),
+                    "127.0.0.1".to_string(),
+                    gethostname::gethostname().to_string_lossy().into_owned(),
+                ];
+                let made = entity_fabric::secrets::init(&dir, &names)?;
+                if !made.created.is_empty() {
+                    eprintln!(
+                        "made {} files of secrets in {} (the tokens: admin.token, reader.token)",
+                        made.created.len(),
+                        dir.display()
+                    );
+                }
+            }
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -473,7 +508,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     percent_encoding::NON_ALPHANUMERIC
                 )
             );
-            let (status, body) = admin.post(&config, &path, &text).await?;
+            let (status, body) = admin
+                .post(&config, &path, "application/toml", &text)
+                .await?;
             print!("{}", with_newline(&body));
             Ok(match status {
                 200 if body.contains("[restart]") => ExitCode::from(2),
@@ -482,13 +519,29 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Reload { config, admin } => {
-            let (status, body) = admin.post(&config, "/config/reload", "").await?;
+            let (status, body) = admin
+                .post(&config, "/config/reload", "application/json", "{}")
+                .await?;
             print!("{}", with_newline(&body));
             Ok(if status == 200 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::InitSecrets { dir, names } => {
+            let made = entity_fabric::secrets::init(&dir, &names)?;
+            for p in &made.created {
+                println!("created {}", p.display());
+            }
+            if !made.kept.is_empty() {
+                println!(
+                    "kept {} existing files in {}",
+                    made.kept.len(),
+                    dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Health { client } => {
             use tonic_health::pb::health_check_response::ServingStatus;
@@ -558,10 +611,27 @@ struct ClientArgs {
     /// The fabric's gRPC address (`https://…` when it serves TLS).
     #[arg(long, env = "FABRIC_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
-    /// A bearer token (`[access]`); prefer the environment variable to the
-    /// command line, which other users of the machine can see.
+    #[command(flatten)]
+    creds: CredentialArgs,
+    /// How long a call may take (its gRPC deadline), e.g. `30s`: a call
+    /// for an entity whose partition is moving between processes waits for
+    /// it within this time. Streams (`watch`) have none.
+    #[arg(long, env = "FABRIC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+/// Who the CLI is to the fabric, and how it checks the fabric's
+/// certificate: shared by the gRPC and the admin commands.
+#[derive(clap::Args)]
+struct CredentialArgs {
+    /// A bearer token (`[access]`); prefer the environment variable or
+    /// --token-file to the command line, which other users of the machine
+    /// can see.
     #[arg(long, env = "FABRIC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the bearer token (e.g. one `fabric init-secrets` made).
+    #[arg(long, env = "FABRIC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// PEM CA certificate the server's certificate is verified against (TLS).
     #[arg(long, env = "FABRIC_CA")]
     ca: Option<PathBuf>,
@@ -575,11 +645,33 @@ struct ClientArgs {
     /// address's host).
     #[arg(long, env = "FABRIC_TLS_NAME")]
     tls_name: Option<String>,
-    /// How long a call may take (its gRPC deadline), e.g. `30s`: a call
-    /// for an entity whose partition is moving between processes waits for
-    /// it within this time. Streams (`watch`) have none.
-    #[arg(long, env = "FABRIC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    timeout: std::time::Duration,
+}
+
+impl CredentialArgs {
+    /// The bearer token, from --token or --token-file.
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            None => Ok(None),
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read the token file {}", p.display()))?;
+                Ok(Some(t.trim().to_string()))
+            }
+        }
+    }
+
+    fn credentials(&self) -> anyhow::Result<entity_fabric::admin::client::Credentials> {
+        Ok(entity_fabric::admin::client::Credentials {
+            token: self.token()?,
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls_name: self.tls_name.clone(),
+        })
+    }
 }
 
 impl ClientArgs {
@@ -590,20 +682,21 @@ impl ClientArgs {
         let mut endpoint = tonic::transport::Channel::from_shared(self.addr.clone())
             .with_context(|| format!("{:?} is not a gRPC address", self.addr))?;
         if self.addr.starts_with("https://") {
-            let ca = self.ca.as_ref().context(
+            let c = &self.creds;
+            let ca = c.ca.as_ref().context(
                 "--ca (FABRIC_CA) is needed to verify the server's certificate over https",
             )?;
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
-            match (&self.cert, &self.key) {
+            match (&c.cert, &c.key) {
                 (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
                 (None, None) => {}
                 _ => anyhow::bail!("--cert and --key (FABRIC_CERT, FABRIC_KEY) go together"),
             }
-            if let Some(n) = &self.tls_name {
+            if let Some(n) = &c.tls_name {
                 tls = tls.domain_name(n);
             }
             endpoint = endpoint.tls_config(tls)?;
-        } else if self.ca.is_some() || self.cert.is_some() {
+        } else if self.creds.ca.is_some() || self.creds.cert.is_some() {
             anyhow::bail!("TLS files given for {}: use an https:// address", self.addr);
         }
         endpoint
@@ -623,7 +716,7 @@ impl ClientArgs {
     /// A stream's request: credentials, no deadline.
     fn stream_request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
         let mut r = tonic::Request::new(msg);
-        if let Some(t) = &self.token {
+        if let Some(t) = self.creds.token()? {
             let value = format!("Bearer {t}")
                 .parse()
                 .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
@@ -737,12 +830,16 @@ fn compact(v: &serde_json::Value) -> String {
 /// How to reach a running fabric's admin HTTP endpoint.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// The admin address (default: the config file's `server.admin_addr`).
+    /// The admin address, `host:port` or `https://host:port` (default: the
+    /// config file's `server.admin_addr`, over TLS when the file has
+    /// `[server.tls]`).
     #[arg(long)]
     admin: Option<String>,
     /// How long to wait for the answer, e.g. `"30s"`.
     #[arg(long, default_value = "120s")]
     timeout: humantime::Duration,
+    #[command(flatten)]
+    creds: CredentialArgs,
 }
 
 impl AdminArgs {
@@ -751,55 +848,45 @@ impl AdminArgs {
         &self,
         config: &std::path::Path,
         path: &str,
+        content_type: &'static str,
         body: &str,
     ) -> anyhow::Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = match &self.admin {
-            Some(a) => a.clone(),
-            // The file may be invalid (a plan then shows why): its
-            // `server.admin_addr` is still taken when it can be read.
-            None => Config::load(config)
-                .map(|c| c.server.admin_addr)
-                .ok()
-                .or_else(|| {
-                    let text = std::fs::read_to_string(config).ok()?;
-                    let v: toml::Table = toml::from_str(&text).ok()?;
-                    v.get("server")?
-                        .get("admin_addr")?
-                        .as_str()
-                        .map(String::from)
-                })
-                .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        // The file may be invalid (a plan then shows why): its
+        // `server.admin_addr` and TLS are still taken when it can be read.
+        let table = || -> Option<toml::Table> {
+            toml::from_str(&std::fs::read_to_string(config).ok()?).ok()
         };
-        let exchange = async {
-            let mut stream = tokio::net::TcpStream::connect(&addr)
-                .await
-                .with_context(|| {
-                    format!("cannot reach the admin endpoint at {addr} (is the fabric running?)")
-                })?;
-            let request = format!(
-                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(request.as_bytes()).await?;
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer).await?;
-            anyhow::Ok(answer)
+        let (addr, tls) = match (&self.admin, Config::load(config)) {
+            (Some(a), loaded) => (a.clone(), loaded.map(|c| c.admin_tls()).unwrap_or(false)),
+            (None, Ok(c)) => (c.server.admin_addr.clone(), c.admin_tls()),
+            (None, Err(_)) => {
+                let t = table();
+                let server = t.as_ref().and_then(|t| t.get("server"));
+                let addr = server
+                    .and_then(|s| s.get("admin_addr"))
+                    .and_then(|a| a.as_str())
+                    .unwrap_or("127.0.0.1:9464")
+                    .to_string();
+                let tls = server.is_some_and(|s| {
+                    s.get("tls").is_some()
+                        && s.get("admin_tls").and_then(|v| v.as_bool()) != Some(false)
+                });
+                (addr, tls)
+            }
         };
-        let answer = tokio::time::timeout(*self.timeout, exchange)
+        // An unspecified address is reached on loopback.
+        let addr = addr
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:");
+        use entity_fabric::admin::client;
+        let call = client::Call {
+            tls,
+            ..client::Call::post(&addr, path, content_type, body.to_string())
+        };
+        let creds = self.creds.credentials()?;
+        tokio::time::timeout(*self.timeout, client::call(call, &creds))
             .await
-            .map_err(|_| anyhow::anyhow!("no answer from {addr} within {}", self.timeout))??;
-        let text = String::from_utf8_lossy(&answer);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
-        Ok((status, body.to_string()))
+            .map_err(|_| anyhow::anyhow!("no answer from {addr} within {}", self.timeout))?
     }
 }
 

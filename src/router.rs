@@ -368,7 +368,7 @@ impl Router {
                 source: p.source.to_string(),
                 table: p.change.table.clone(),
                 reason: format!(
-                    "no {}.{} row with key {} arrived within {:?} to link this row to a {}",
+                    "no {}.{} row with key {:?} arrived within {:?} to link this row to a {}",
                     p.route.entity_type,
                     p.link.1,
                     p.link.2,
@@ -397,7 +397,7 @@ impl Router {
                 source: old.source.to_string(),
                 table: old.change.table.clone(),
                 reason: format!(
-                    "more than {} changes wait for links (router.pending_max); the oldest, waiting for {}.{} key {}, is given up",
+                    "more than {} changes wait for links (router.pending_max); the oldest, waiting for {}.{} key {:?}, is given up",
                     self.pending_max, old.route.entity_type, old.link.1, old.link.2
                 ),
                 raw: raw_of(&old.change),
@@ -764,7 +764,7 @@ name = "customer"
         ));
         let dead = r.expire(Instant::now() + Duration::from_secs(3600));
         assert_eq!(dead.len(), 1);
-        assert!(dead[0].reason.contains("key 99"), "{}", dead[0].reason);
+        assert!(dead[0].reason.contains("key \"99\""), "{}", dead[0].reason);
         assert_eq!(r.pending_len(), 0);
     }
 

@@ -5,9 +5,9 @@
 //! snapshot; ingest and read rates over the last five minutes; entities
 //! and blocked ids per type; partitions with their offsets and rebuilds;
 //! the age of the last snapshot; dead letters per source with the last
-//! reasons — never their raw input, and with the values a reason quotes
-//! (`bad date "1985-03-02"`) cut out: the admin endpoint has no access
-//! control, and either may hold what views mask.
+//! reasons — never their raw input, and with the values a reason or a
+//! source's last error may hold cut out ([`without_values`]): whoever may
+//! read the catalog may read the page, and values may be what views mask.
 
 use crate::app::Fabric;
 use parking_lot::Mutex;
@@ -108,7 +108,7 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
                 "transactions": s.status.transactions.load(Ordering::Relaxed),
                 "changes": s.status.changes.load(Ordering::Relaxed),
                 "dead_lettered": f.dead_letters.count(&s.name),
-                "last_error": s.status.last_error.lock().clone(),
+                "last_error": without_quoted(&s.status.last_error.lock()),
                 "progress": progress(s.status.progress.report()),
             })
         })
@@ -183,29 +183,82 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
     })
 }
 
-/// `reason` with what it quotes (`"…"`: the values of the input) left out.
+/// `reason` with the values it may hold cut out, whatever their quoting:
+/// spans in double, single or back quotes, in parentheses after `=` (as
+/// PostgreSQL's `Key (id)=(42)`), and every word with a digit in it (ids,
+/// keys, positions, amounts). Words of letters stay: field and table
+/// names, what went wrong.
 pub fn without_values(reason: &str) -> String {
+    scrubbed(reason, true)
+}
+
+/// `text` with its quoted spans cut out (as [`without_values`]), words with
+/// digits kept: a source's last error names hosts and ports, and its
+/// values, if any, are quoted.
+pub fn without_quoted(text: &str) -> String {
+    scrubbed(text, false)
+}
+
+fn scrubbed(reason: &str, numbers: bool) -> String {
     let mut out = String::with_capacity(reason.len());
-    let mut quoted = false;
-    for c in reason.chars() {
-        if c == '"' {
-            if !quoted {
-                out.push_str("\"…");
+    let mut chars = reason.chars().peekable();
+    let mut prev = ' ';
+    while let Some(c) = chars.next() {
+        let close = match c {
+            '"' | '\'' | '`' => Some(c),
+            '(' if prev == '=' => Some(')'),
+            _ => None,
+        };
+        if let Some(close) = close {
+            // An apostrophe inside a word (`can't`) quotes nothing.
+            if c == '\'' && prev.is_alphanumeric() {
+                out.push(c);
+                prev = c;
+                continue;
             }
-            quoted = !quoted;
-            if !quoted {
-                out.push('"');
+            let mut escaped = false;
+            for x in chars.by_ref() {
+                if escaped {
+                    escaped = false;
+                } else if x == '\\' {
+                    escaped = true;
+                } else if x == close {
+                    break;
+                }
             }
+            out.push(c);
+            out.push('…');
+            out.push(close);
+            prev = close;
             continue;
         }
-        if !quoted {
-            out.push(c);
+        if is_word(c) {
+            let mut word = String::from(c);
+            while let Some(&n) = chars.peek() {
+                if !is_word(n) {
+                    break;
+                }
+                word.push(n);
+                chars.next();
+            }
+            if numbers && word.chars().any(|x| x.is_ascii_digit()) {
+                out.push('…');
+            } else {
+                out.push_str(&word);
+            }
+            prev = word.chars().next_back().unwrap_or(c);
+            continue;
         }
-    }
-    if quoted {
-        out.push('"');
+        out.push(c);
+        prev = c;
     }
     out
+}
+
+/// A character of a word as [`without_values`] sees words: names with
+/// dots and brackets (`entities[0].id`, `router.pending_max`) stay whole.
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric() || matches!(c, '_' | '.' | '-' | '[' | ']' | '@' | '+' | ':' | '/')
 }
 
 /// The page itself.
@@ -215,6 +268,8 @@ pub const PAGE: &str = include_str!("status.html");
 pub struct StatusState {
     pub fabric: Arc<Fabric>,
     pub rates: Arc<Rates>,
+    /// Config requests (plan, reload) being answered: a bound.
+    pub config_requests: Arc<tokio::sync::Semaphore>,
 }
 
 #[cfg(test)]
@@ -229,5 +284,24 @@ mod tests {
         );
         assert_eq!(without_values("no id column"), "no id column");
         assert_eq!(without_values(r#"cut "short"#), r#"cut "…""#);
+        // Whatever the quoting, and no quoting at all.
+        assert_eq!(
+            without_values("bad value 'alice@example.com' in `email`"),
+            "bad value '…' in `…`"
+        );
+        assert_eq!(
+            without_values("Key (id)=(42) already exists; can't insert"),
+            "Key (id)=(…) already exists; can't insert"
+        );
+        assert_eq!(
+            without_values(
+                "no customer.invoices row with key 1042 arrived within 30s to link this row"
+            ),
+            "no customer.invoices row with key … arrived within … to link this row"
+        );
+        assert_eq!(
+            without_values("id a1b2-c3 is longer than allowed"),
+            "id … is longer than allowed"
+        );
     }
 }

@@ -375,7 +375,19 @@ async fn only_who_may_reads_what_it_may() {
     denials += 2;
 
     // Every refusal counted and logged as an audit line; no token logged.
-    let (_, metrics) = http_get(&fabric.admin, "/metrics").await;
+    // The admin endpoint serves TLS too, with the same certificate.
+    let admin = format!("https://{}", fabric.admin);
+    let creds = entity_fabric::admin::client::Credentials {
+        ca: Some(dir.path().join("ca.pem")),
+        ..Default::default()
+    };
+    let (code, metrics) = entity_fabric::admin::client::call(
+        entity_fabric::admin::client::Call::get(&admin, "/metrics"),
+        &creds,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{metrics}");
     let counted: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("fabric_grpc_denied_total{"))

@@ -377,7 +377,7 @@ fn advertise_addr_is_checked() {
     }
     let good = GOOD.replace(
         "grpc_addr = \"127.0.0.1:50051\"",
-        "grpc_addr = \"0.0.0.0:50051\"\nadvertise_addr = \"fabric-0.fabric-headless:50051\"",
+        "grpc_addr = \"0.0.0.0:50051\"\ninsecure = true\nadvertise_addr = \"fabric-0.fabric-headless:50051\"",
     );
     let (ok, _, err, _) = check(&good);
     assert!(ok, "{err}");

@@ -34,6 +34,72 @@ fn fabric_check(config: &Path, env: &[(&str, &str)]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Secrets as `fabric init-secrets` makes them, in a new directory.
+fn made_secrets() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .arg("init-secrets")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// `config` with `[server.tls]` and `[access]` (TLS and tokens), whose
+/// files are at `prefix`; written to a new file with `prefix` replaced by
+/// the directory `files`, so that `fabric check` can read them.
+fn secure_config_here(config: &str, prefix: &str, files: &Path, dir: &Path) -> PathBuf {
+    assert!(config.contains("[server.tls]"), "no TLS:\n{config}");
+    assert!(config.contains("[access]"), "no access control:\n{config}");
+    assert!(
+        config.contains(&format!("${{file:{prefix}")),
+        "token hashes come from files under {prefix}"
+    );
+    let path = dir.join("fabric.toml");
+    std::fs::write(&path, config.replace(prefix, &files.display().to_string())).unwrap();
+    path
+}
+
+/// `fabric check` fails on `config` without its `[access]` section: the
+/// fabric refuses to listen beyond loopback open.
+fn refused_without_access(config: &str, env: &[(&str, &str)]) {
+    let open = match config.find("[access]") {
+        // Everything from [access] to the next non-access table goes.
+        Some(i) => {
+            let rest = &config[i..];
+            let end = rest
+                .match_indices("\n[")
+                .map(|(j, _)| j)
+                .find(|&j| {
+                    !rest[j + 1..].starts_with("[[access") && !rest[j + 1..].starts_with("[access")
+                })
+                .map_or(config.len(), |j| i + j);
+            format!("{}{}", &config[..i], &config[end..])
+        }
+        None => panic!("no [access] section"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.toml");
+    std::fs::write(&path, open).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an open config beyond loopback passed"
+    );
+    assert!(stderr.contains("no [access] section"), "{stderr}");
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -103,6 +169,19 @@ fn compose_file_wires_kafka_databases_and_the_fabric() {
             .any(|w| w == ["--config", "/etc/fabric/fabric.toml"]),
         "{command:?}"
     );
+    // Secrets are made at the first start, on the fabric's volume.
+    assert!(
+        command
+            .windows(2)
+            .any(|w| w == ["--init-secrets", "/var/lib/fabric/secrets"]),
+        "{command:?}"
+    );
+    assert!(
+        strings(&fabric["volumes"])
+            .iter()
+            .any(|v| v.ends_with(":/var/lib/fabric")),
+        "the secrets' directory is on a volume"
+    );
     let build = &fabric["build"];
     assert!(
         deploy()
@@ -113,16 +192,20 @@ fn compose_file_wires_kafka_databases_and_the_fabric() {
     let ports = strings(&fabric["ports"]).join(" ");
     assert!(ports.contains("50051") && ports.contains("9464"), "{ports}");
 
-    // The config it mounts passes `fabric check` with the compose defaults.
+    // The config it mounts serves TLS with tokens, and passes `fabric
+    // check` with the compose defaults and the secrets a first start makes.
     let config = config_mount.expect("the fabric mounts its config");
-    let out = fabric_check(
-        &config,
-        &[
-            ("POSTGRES_PASSWORD", "fabric"),
-            ("MARIADB_ROOT_PASSWORD", "fabric"),
-        ],
-    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let secrets = made_secrets();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("POSTGRES_PASSWORD", "fabric"),
+        ("MARIADB_ROOT_PASSWORD", "fabric"),
+    ];
+    let here = secure_config_here(&text, "/var/lib/fabric/secrets", secrets.path(), dir.path());
+    let out = fabric_check(&here, &env);
     assert!(out.contains("bus: kafka at kafka:9092"), "{out}");
+    refused_without_access(&text, &env);
 }
 
 #[test]
@@ -135,24 +218,38 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
     };
     let cm = find("ConfigMap", "fabric-config");
     let toml = cm["data"]["fabric.toml"].as_str().unwrap();
+    // TLS from the Secret fabric-tls, token hashes from fabric-tokens,
+    // made here as deploy/README.md says.
+    let secrets = made_secrets();
+    let tls = tempfile::tempdir().unwrap();
+    let tokens = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        ("server.pem", tls.path().join("tls.crt")),
+        ("server.key", tls.path().join("tls.key")),
+        ("ca.pem", tls.path().join("ca.crt")),
+        ("admin.token.sha256", tokens.path().join("admin.sha256")),
+        ("reader.token.sha256", tokens.path().join("reader.sha256")),
+    ] {
+        std::fs::copy(secrets.path().join(from), to).unwrap();
+    }
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fabric.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = fabric_check(
-        &path,
-        &[
-            (
-                "FABRIC_PG_URL",
-                "postgres://fabric:secret@postgres:5432/crm",
-            ),
-            (
-                "FABRIC_BILLING_URL",
-                "mysql://fabric:secret@mariadb:3306/billing",
-            ),
-            ("POD_NAME", "fabric-1"),
-        ],
-    );
+    let with_tls = toml.replace("/etc/fabric-tls", &tls.path().display().to_string());
+    let path = secure_config_here(&with_tls, "/etc/fabric-tokens", tokens.path(), dir.path());
+    let env = [
+        (
+            "FABRIC_PG_URL",
+            "postgres://fabric:secret@postgres:5432/crm",
+        ),
+        (
+            "FABRIC_BILLING_URL",
+            "mysql://fabric:secret@mariadb:3306/billing",
+        ),
+        ("POD_NAME", "fabric-1"),
+    ];
+    let out = fabric_check(&path, &env);
     assert!(out.contains("bus: kafka"), "{out}");
+    assert!(toml.contains("peer_ca_file = \"/etc/fabric-tls/ca.crt\""));
+    refused_without_access(toml, &env);
     assert!(
         !toml.contains("secret"),
         "credentials belong in the Secret, not the ConfigMap"
@@ -199,6 +296,21 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
             .to_string()
     };
     assert_eq!(mount_of("config"), "/etc/fabric");
+    // The Secrets are mounted where the config reads them.
+    assert_eq!(mount_of("tls"), "/etc/fabric-tls");
+    assert_eq!(mount_of("tokens"), "/etc/fabric-tokens");
+    let secret_of = |volume: &str| {
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == volume)
+            .and_then(|v| v["secret"]["secretName"].as_str())
+            .unwrap_or_else(|| panic!("volume {volume} is no Secret"))
+            .to_string()
+    };
+    assert_eq!(secret_of("tls"), "fabric-tls");
+    assert_eq!(secret_of("tokens"), "fabric-tokens");
     let config_volume = spec["volumes"]
         .as_array()
         .unwrap()
@@ -213,9 +325,11 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
         toml.contains(&format!("\"{data_mount}/snapshots\"")),
         "the snapshot dir must be on the claimed volume {data_mount}"
     );
-    // Probes on the ports the config serves.
-    assert_eq!(container["readinessProbe"]["grpc"]["port"], 50051);
-    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Probes on the admin endpoint, over TLS (it serves the certificate).
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["path"], "/healthz", "{probe}");
+        assert_eq!(container[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
     assert!(toml.contains("0.0.0.0:50051") && toml.contains("0.0.0.0:9464"));
     for svc in ["fabric", "fabric-headless"] {
         let ports: Vec<i64> = find("Service", svc)["spec"]["ports"]
@@ -255,4 +369,30 @@ fn dockerfile_is_multi_stage_with_a_slim_runtime() {
     }
     assert!(text.contains("HEALTHCHECK"));
     assert!(text.contains("USER "));
+
+    // The image's config is the demo's, listening on every interface, with
+    // TLS and tokens appended; its first start makes the secrets, and the
+    // CLI inside (the health check) talks TLS.
+    assert!(text.contains("ENV FABRIC_INIT_SECRETS=/var/lib/fabric/secrets"));
+    assert!(text.contains("FABRIC_ADDR=https://127.0.0.1:50051"));
+    assert!(text.contains("FABRIC_CA=/var/lib/fabric/secrets/ca.pem"));
+    assert!(text.contains("cat /etc/fabric/image-security.toml >> /etc/fabric/fabric.toml"));
+    let demo = std::fs::read_to_string(root.join("config/demo.toml"))
+        .unwrap()
+        .replace("\"../data", "\"/var/lib/fabric")
+        .replace("127.0.0.1:", "0.0.0.0:");
+    let image = format!(
+        "{demo}\n{}",
+        std::fs::read_to_string(deploy().join("image-security.toml")).unwrap()
+    );
+    let secrets = made_secrets();
+    let dir = tempfile::tempdir().unwrap();
+    let path = secure_config_here(
+        &image,
+        "/var/lib/fabric/secrets",
+        secrets.path(),
+        dir.path(),
+    );
+    fabric_check(&path, &[]);
+    refused_without_access(&image, &[]);
 }

@@ -235,6 +235,15 @@ impl Fabric {
 /// Runs the fabric until `shutdown` fires; returns after a clean shutdown.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let exposed = config.beyond_loopback();
+    if config.access.is_none() && !exposed.is_empty() {
+        // Validation refuses this unless the config says so: say it again at every start.
+        tracing::warn!(
+            addresses = ?exposed,
+            "server.insecure = true: listening beyond loopback with no [access] section; every \
+             client may read every entity and reload the config"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let partitions = config.bus.partitions;
     let kafka_mode = config.bus.kind == BusKind::Kafka;

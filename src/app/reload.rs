@@ -46,10 +46,22 @@ pub struct Answer {
 pub type Request = Option<oneshot::Sender<Answer>>;
 
 /// The plan of `new` (a config text, as if it were the running file)
-/// against the running config; Err: the text is not a valid config.
+/// against the running config; Err: the text is not a valid config. The
+/// text's `${...}` references never read this process's environment (see
+/// [`Config::from_posted_toml`]).
 pub fn plan_text(fabric: &Fabric, named: &std::path::Path, text: &str) -> Result<Plan, String> {
     let running = fabric.config();
-    let mut new = Config::from_toml(named, text).map_err(|e| e.to_string())?;
+    let mut new = Config::from_posted_toml(named, text, &running).map_err(|e| {
+        let mut said = e.to_string();
+        if text.contains("${") {
+            said.push_str(
+                "note: a posted config's ${...} references are not expanded (the admin endpoint \
+                 never reads the server's environment or files), except those written exactly \
+                 as the running file has them at the same field\n",
+            );
+        }
+        said
+    })?;
     // Relative paths resolve as they would in the running file's place.
     new.file = running.file.clone();
     Ok(plan_of(fabric, &running, &new))

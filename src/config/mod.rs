@@ -13,7 +13,7 @@ pub mod plan;
 mod validate;
 pub use validate::can_fetch;
 
-pub use validate::{ConfigError, ConfigErrors};
+pub use validate::{ConfigError, ConfigErrors, Expanded};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -60,6 +60,11 @@ pub struct Config {
     /// The file this config was read from (not a TOML field).
     #[serde(skip)]
     pub file: PathBuf,
+    /// The strings that held `${...}` references and the values they took
+    /// (not a TOML field): what a config posted to the admin endpoint may
+    /// reuse and what no answer shows ([`Config::from_posted_toml`]).
+    #[serde(skip)]
+    pub expanded: std::sync::Arc<Expanded>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +121,34 @@ pub struct ServerConfig {
     pub max_watchers: usize,
     /// TLS for the gRPC façade (absent: plaintext).
     pub tls: Option<TlsConfig>,
+    /// Whether the admin endpoint serves TLS too, with `[server.tls]`'s
+    /// certificate (a client certificate is verified when presented, never
+    /// required: probes and Prometheus present none). Default: when
+    /// `[server.tls]` is set.
+    pub admin_tls: Option<bool>,
+    /// Host names the admin endpoint answers to besides IP addresses and
+    /// `localhost` (e.g. `"fabric.internal"`): a request naming another
+    /// host in its `Host` header is refused, so a web page cannot reach the
+    /// endpoint through a name it controls (DNS rebinding).
+    #[serde(default)]
+    pub admin_hosts: Vec<String>,
+    /// The largest request body the admin endpoint reads, in bytes (a
+    /// config posted to `/config/plan`); larger ones are refused (413).
+    #[serde(default = "default_admin_max_body_bytes")]
+    pub admin_max_body_bytes: usize,
+    /// How long one admin request may take before it is answered 503 (a
+    /// reload goes on and is logged), e.g. `"60s"`.
+    #[serde(default = "default_admin_request_timeout")]
+    pub admin_request_timeout: String,
+    /// Connections the admin endpoint keeps open at once; further ones wait
+    /// to be accepted.
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
+    /// Listen beyond loopback with no `[access]` section. Without it such
+    /// a config is refused: every client could read every entity and
+    /// reload the config. With it, every start logs a warning.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// `[server.tls]`: the server's certificate and, for mutual TLS, the CA
@@ -788,7 +821,21 @@ impl Config {
 
     /// As [`Config::load`], from text (`path` names it in errors).
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        validate::load(path, text)
+        validate::load(path, text, validate::Env::Process)
+    }
+
+    /// As [`Config::from_toml`], for text someone else sent (the admin
+    /// endpoint's `POST /config/plan`): its `${...}` references never read
+    /// this process's environment or files. A string written exactly as
+    /// `running`'s file had it at the same field takes the value the
+    /// running config got; any other stays as written. Pass what is
+    /// answered through `running.expanded.hide` (see [`Expanded::hide`]).
+    pub fn from_posted_toml(
+        path: &Path,
+        text: &str,
+        running: &Config,
+    ) -> Result<Config, ConfigErrors> {
+        validate::load(path, text, validate::Env::Posted(&running.expanded))
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -797,6 +844,23 @@ impl Config {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.server.admin_addr.parse().expect("validated")
+    }
+
+    /// Whether the admin endpoint serves TLS ([`ServerConfig::admin_tls`]).
+    pub fn admin_tls(&self) -> bool {
+        self.server.admin_tls.unwrap_or(self.server.tls.is_some())
+    }
+
+    pub fn admin_request_timeout(&self) -> Duration {
+        humantime::parse_duration(&self.server.admin_request_timeout).expect("validated")
+    }
+
+    /// The addresses this config listens on beyond loopback.
+    pub fn beyond_loopback(&self) -> Vec<SocketAddr> {
+        [self.grpc_addr(), self.admin_addr()]
+            .into_iter()
+            .filter(|a| !a.ip().is_loopback())
+            .collect()
     }
 
     /// [`ServerConfig::advertise_addr`] or its default.
@@ -952,6 +1016,12 @@ impl Default for ServerConfig {
             max_streams_per_connection: default_max_streams_per_connection(),
             max_watchers: default_max_watchers(),
             tls: None,
+            admin_tls: None,
+            admin_hosts: Vec::new(),
+            admin_max_body_bytes: default_admin_max_body_bytes(),
+            admin_request_timeout: default_admin_request_timeout(),
+            admin_max_connections: default_admin_max_connections(),
+            insecure: false,
         }
     }
 }
@@ -1044,6 +1114,19 @@ fn default_max_streams_per_connection() -> u32 {
 fn default_max_watchers() -> usize {
     10_000
 }
+
+fn default_admin_max_body_bytes() -> usize {
+    1 << 20
+}
+
+fn default_admin_request_timeout() -> String {
+    "60s".into()
+}
+
+fn default_admin_max_connections() -> usize {
+    64
+}
+
 fn default_history() -> usize {
     // Opt-in: keeping one earlier version of every entity cost about a
     // quarter more memory after an initial load (BENCHMARKS.md, run 7).

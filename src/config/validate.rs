@@ -74,14 +74,27 @@ impl Collector<'_> {
     }
 }
 
-pub(super) fn load(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+pub(super) fn load(path: &Path, text: &str, env: Env<'_>) -> Result<Config, ConfigErrors> {
     let mut c = Collector {
         file: path,
         errors: Vec::new(),
     };
     let mut doc: toml::Table = toml::from_str(text)
         .map_err(|e| ConfigErrors::one(path, "", format!("not valid TOML: {}", e.message())))?;
-    expand_env(&mut c, "", &mut doc);
+    let mut expanded = Expanded::default();
+    expand_env(&mut c, env, &mut expanded, "", &mut doc);
+    // No error shows a value a reference took (a secret in a log line, or
+    // in an answer to whoever posted the text).
+    let hidden = |mut errors: Vec<ConfigError>, expanded: &Expanded| {
+        let values = match env {
+            Env::Process => expanded,
+            Env::Posted(running) => running,
+        };
+        for e in &mut errors {
+            e.reason = values.hide(&e.reason);
+        }
+        ConfigErrors(errors)
+    };
     let mut unknown = Vec::new();
     let parsed: Result<Config, _> =
         serde_ignored::deserialize(toml::Value::Table(doc), |p: serde_ignored::Path<'_>| {
@@ -94,15 +107,16 @@ pub(super) fn load(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(cfg) => cfg,
         Err(e) => {
             c.err("", e.to_string().trim().replace('\n', " "));
-            return Err(ConfigErrors(c.errors));
+            return Err(hidden(c.errors, &expanded));
         }
     };
     config.file = path.to_path_buf();
     check(&mut c, &config);
     if c.errors.is_empty() {
+        config.expanded = std::sync::Arc::new(expanded);
         Ok(config)
     } else {
-        Err(ConfigErrors(c.errors))
+        Err(hidden(c.errors, &expanded))
     }
 }
 
@@ -122,37 +136,165 @@ fn render_path(p: &str) -> String {
     out
 }
 
-/// Replaces `${NAME}` in every string with the environment variable; `$${`
-/// stands for a literal `${`.
-fn expand_env(c: &mut Collector<'_>, path: &str, table: &mut toml::Table) {
+/// Where the `${...}` references in a config's strings take their values.
+#[derive(Clone, Copy)]
+pub(super) enum Env<'a> {
+    /// A file the operator wrote: `${NAME}` is the process's environment
+    /// variable, `${file:PATH}` the file's content (a mounted secret).
+    Process,
+    /// Text posted to the admin endpoint: never the process's environment
+    /// or files. A string that is, at the same field, the very text the
+    /// running config's file had there takes the value the running config
+    /// got for it; any other reference stays as written.
+    Posted(&'a Expanded),
+}
+
+/// The strings of a config that held `${...}` references, and the values
+/// they took: what a posted config may reuse, and what no answer to it may
+/// show. Its `Debug` names the fields only.
+#[derive(Clone, Default)]
+pub struct Expanded {
+    /// Field path -> (the text as written, as expanded).
+    fields: HashMap<String, (String, String)>,
+    /// Every value a reference took.
+    values: Vec<String>,
+}
+
+impl fmt::Debug for Expanded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut paths: Vec<&String> = self.fields.keys().collect();
+        paths.sort();
+        f.debug_struct("Expanded").field("fields", &paths).finish()
+    }
+}
+
+/// Values shorter than this are not cut out of answers (they cannot be
+/// told apart from the rest of the text, and hold no secret worth one).
+const HIDDEN_MIN_CHARS: usize = 4;
+
+impl Expanded {
+    /// `text` with every value a reference took replaced by `<hidden>`, as
+    /// written and as a quoted (`Debug`) string shows it.
+    pub fn hide(&self, text: &str) -> String {
+        let mut values: Vec<String> = self
+            .values
+            .iter()
+            .filter(|v| v.chars().count() >= HIDDEN_MIN_CHARS)
+            .flat_map(|v| {
+                let quoted = format!("{v:?}");
+                [v.clone(), quoted[1..quoted.len() - 1].to_string()]
+            })
+            .collect();
+        // Longest first: a value that contains another goes whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        let mut out = text.to_string();
+        for v in &values {
+            out = out.replace(v.as_str(), "<hidden>");
+        }
+        out
+    }
+}
+
+/// The largest file a `${file:PATH}` reference reads.
+const MAX_REFERENCED_FILE: u64 = 64 * 1024;
+
+/// Replaces `${NAME}` and `${file:PATH}` in every string (see [`Env`]);
+/// `$${` stands for a literal `${`.
+fn expand_env(
+    c: &mut Collector<'_>,
+    env: Env<'_>,
+    out: &mut Expanded,
+    path: &str,
+    table: &mut toml::Table,
+) {
     for (k, v) in table.iter_mut() {
         let p = if path.is_empty() {
             k.clone()
         } else {
             format!("{path}.{k}")
         };
-        expand_value(c, &p, v);
+        expand_value(c, env, out, &p, v);
     }
 }
 
-fn expand_value(c: &mut Collector<'_>, path: &str, v: &mut toml::Value) {
+fn expand_value(
+    c: &mut Collector<'_>,
+    env: Env<'_>,
+    out: &mut Expanded,
+    path: &str,
+    v: &mut toml::Value,
+) {
     match v {
-        toml::Value::String(s) if s.contains("${") => match expand_str(s) {
-            Ok(x) => *s = x,
-            Err(e) => c.err(path, e),
+        toml::Value::String(s) if s.contains("${") => match env {
+            Env::Process => {
+                let dir = c.file.parent().map(Path::to_path_buf).unwrap_or_default();
+                match expand_str(s, &mut |name| lookup(&dir, name)) {
+                    Ok((x, values)) => {
+                        out.fields.insert(path.to_string(), (s.clone(), x.clone()));
+                        out.values.extend(values);
+                        *s = x;
+                    }
+                    Err(e) => c.err(path, e),
+                }
+            }
+            Env::Posted(running) => {
+                if let Some((raw, expanded)) = running.fields.get(path)
+                    && raw == s
+                {
+                    out.fields
+                        .insert(path.to_string(), (raw.clone(), expanded.clone()));
+                    *s = expanded.clone();
+                }
+            }
         },
         toml::Value::Array(a) => {
             for (i, x) in a.iter_mut().enumerate() {
-                expand_value(c, &format!("{path}[{i}]"), x);
+                expand_value(c, env, out, &format!("{path}[{i}]"), x);
             }
         }
-        toml::Value::Table(t) => expand_env(c, path, t),
+        toml::Value::Table(t) => expand_env(c, env, out, path, t),
         _ => {}
     }
 }
 
-fn expand_str(s: &str) -> Result<String, String> {
+/// The value of one reference: an environment variable, or with `file:`
+/// a file's content (relative to the config's directory, one trailing
+/// newline dropped).
+fn lookup(dir: &Path, name: &str) -> Result<String, String> {
+    use std::io::Read;
+    let Some(file) = name.strip_prefix("file:") else {
+        return std::env::var(name).map_err(|_| format!("environment variable {name} is not set"));
+    };
+    let path = dir.join(file);
+    let mut bytes = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_REFERENCED_FILE + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {} (${{file:{file}}}): {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_REFERENCED_FILE {
+        return Err(format!(
+            "{} (${{file:{file}}}) is larger than {MAX_REFERENCED_FILE} bytes",
+            path.display()
+        ));
+    }
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| format!("{} (${{file:{file}}}) is not UTF-8 text", path.display()))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+/// `s` with its references replaced, and the values they took.
+fn expand_str(
+    s: &str,
+    lookup: &mut dyn FnMut(&str) -> Result<String, String>,
+) -> Result<(String, Vec<String>), String> {
     let mut out = String::with_capacity(s.len());
+    let mut values = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
@@ -164,10 +306,9 @@ fn expand_str(s: &str) -> Result<String, String> {
             let end = tail
                 .find('}')
                 .ok_or_else(|| "unterminated ${...} reference".to_string())?;
-            let name = &tail[..end];
-            let val = std::env::var(name)
-                .map_err(|_| format!("environment variable {name} is not set"))?;
+            let val = lookup(&tail[..end])?;
             out.push_str(&val);
+            values.push(val);
             rest = &tail[end + 1..];
         } else {
             out.push('$');
@@ -175,7 +316,7 @@ fn expand_str(s: &str) -> Result<String, String> {
         }
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, values))
 }
 
 fn check(c: &mut Collector<'_>, cfg: &Config) {
@@ -226,6 +367,7 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     if let Some(a) = &cfg.access {
         check_access(c, cfg, a);
     }
+    check_exposure(c, cfg);
     if !(1..=4096).contains(&cfg.bus.partitions) {
         c.err("bus.partitions", "must be between 1 and 4096");
     }
@@ -265,6 +407,25 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
     check_duration(c, "router.pending_timeout", &cfg.router.pending_timeout);
     check_duration(c, "server.shutdown_timeout", &cfg.server.shutdown_timeout);
     check_duration(c, "server.min_position_wait", &cfg.server.min_position_wait);
+    check_duration(
+        c,
+        "server.admin_request_timeout",
+        &cfg.server.admin_request_timeout,
+    );
+    if cfg.server.admin_max_connections == 0 {
+        c.err("server.admin_max_connections", "must be at least 1");
+    }
+    if cfg.server.admin_max_body_bytes < 1024 {
+        c.err("server.admin_max_body_bytes", "must be at least 1024");
+    }
+    for (i, h) in cfg.server.admin_hosts.iter().enumerate() {
+        if h.is_empty() || h.contains([':', '/', ' ', '@']) {
+            c.err(
+                format!("server.admin_hosts[{i}]"),
+                format!("{h:?} is not a host name (no port, scheme or path)"),
+            );
+        }
+    }
     if cfg.server.fetch_connections == 0 {
         c.err("server.fetch_connections", "must be at least 1");
     }
@@ -837,6 +998,12 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
 
 fn check_tls(c: &mut Collector<'_>, cfg: &Config) {
     let Some(t) = &cfg.server.tls else {
+        if cfg.server.admin_tls == Some(true) {
+            c.err(
+                "server.admin_tls",
+                "needs [server.tls]: the admin endpoint serves its certificate",
+            );
+        }
         return;
     };
     let files = [
@@ -860,6 +1027,32 @@ fn check_tls(c: &mut Collector<'_>, cfg: &Config) {
             "server.tls.client_cert",
             "\"optional\" client certificates need client_ca_file (the CA that signs them)",
         );
+    }
+}
+
+/// A fabric that listens beyond loopback needs `[access]`, unless the
+/// config says `server.insecure = true` (docs/security.md).
+fn check_exposure(c: &mut Collector<'_>, cfg: &Config) {
+    if cfg.access.is_some() || cfg.server.insecure {
+        return;
+    }
+    for (field, addr) in [
+        ("server.grpc_addr", &cfg.server.grpc_addr),
+        ("server.admin_addr", &cfg.server.admin_addr),
+    ] {
+        if let Ok(a) = addr.parse::<std::net::SocketAddr>()
+            && !a.ip().is_loopback()
+        {
+            c.err(
+                field,
+                format!(
+                    "{a} is beyond loopback and there is no [access] section: every client \
+                     could read every entity and change the config. Add [access] with \
+                     principals (docs/security.md), or set server.insecure = true to \
+                     accept that"
+                ),
+            );
+        }
     }
 }
 
@@ -970,13 +1163,56 @@ fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
 mod tests {
     use super::*;
 
+    fn expand(s: &str) -> Result<String, String> {
+        expand_str(s, &mut |n| lookup(Path::new("."), n)).map(|(x, _)| x)
+    }
+
     #[test]
     fn env_references_expand() {
-        assert_eq!(expand_str("a$${b}").unwrap(), "a${b}");
-        assert!(expand_str("${ENTITY_FABRIC_SURELY_UNSET_VAR}").is_err());
-        assert!(expand_str("${UNTERMINATED").is_err());
+        assert_eq!(expand("a$${b}").unwrap(), "a${b}");
+        assert!(expand("${ENTITY_FABRIC_SURELY_UNSET_VAR}").is_err());
+        assert!(expand("${UNTERMINATED").is_err());
         let home = std::env::var("PATH").unwrap();
-        assert_eq!(expand_str("x${PATH}y").unwrap(), format!("x{home}y"));
+        assert_eq!(expand("x${PATH}y").unwrap(), format!("x{home}y"));
+    }
+
+    #[test]
+    fn file_references_read_the_file_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token.sha256"), "abc\n").unwrap();
+        let got = expand_str("x${file:token.sha256}y", &mut |n| lookup(dir.path(), n)).unwrap();
+        assert_eq!(got, ("xabcy".to_string(), vec!["abc".to_string()]));
+        let missing = expand_str("${file:nope}", &mut |n| lookup(dir.path(), n)).unwrap_err();
+        assert!(
+            missing.contains("cannot read") && missing.contains("nope"),
+            "{missing}"
+        );
+    }
+
+    /// A config posted to the admin endpoint never takes a value from the
+    /// server's environment: only a reference written the same at the same
+    /// field as in the running file takes the running value, and answers
+    /// show no value a reference took.
+    #[test]
+    fn posted_configs_never_read_the_environment() {
+        let home = std::env::var("PATH").unwrap();
+        let text = "[server]\ngrpc_addr = \"127.0.0.1:50051\"\n[snapshot]\ndir = \"/x${PATH}\"\n";
+        let running = load(Path::new("f.toml"), text, Env::Process).unwrap();
+        assert_eq!(running.snapshot.dir, format!("/x{home}"));
+        // The same reference at the same field: the running value.
+        let same = load(Path::new("p.toml"), text, Env::Posted(&running.expanded)).unwrap();
+        assert_eq!(same.snapshot.dir, running.snapshot.dir);
+        // Anywhere else: as written, and the answer hides the values.
+        let moved = text.replace("127.0.0.1:50051", "${PATH}");
+        let err = load(Path::new("p.toml"), &moved, Env::Posted(&running.expanded))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"${PATH}\" is not a socket address"), "{err}");
+        assert!(!err.contains(&home));
+        let echoed = format!("seen {home} and {:?}", home);
+        let hidden = running.expanded.hide(&echoed);
+        assert!(!hidden.contains(&home), "{hidden}");
+        assert!(!format!("{:?}", running.expanded).contains(&home));
     }
 
     #[test]
