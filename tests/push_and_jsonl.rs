@@ -335,7 +335,7 @@ async fn pushed_and_file_sources_assemble_one_entity() {
         .find(|l| l["source"] == "orders")
         .expect("the unlinked line is dead-lettered");
     assert!(
-        lost["reason"].as_str().unwrap().contains("key 777"),
+        lost["reason"].as_str().unwrap().contains("key \"777\""),
         "{lost}"
     );
     assert!(lost["raw"].as_str().unwrap().contains("LOST"), "{lost}");
