@@ -31,7 +31,7 @@ enum Command {
         /// directory as `fabric init-secrets` does (a certificate for
         /// localhost, 127.0.0.1 and this host's name): the container
         /// image's first start.
-        #[arg(long, env = "FABRIC_INIT_SECRETS")]
+        #[arg(long)]
         init_secrets: Option<PathBuf>,
     },
     /// Validates a config file: prints OK or every problem, exits non-zero on problems.
@@ -853,20 +853,17 @@ impl AdminArgs {
     ) -> anyhow::Result<(u16, String)> {
         // The file may be invalid (a plan then shows why): its
         // `server.admin_addr` and TLS are still taken when it can be read.
-        let table = || -> Option<toml::Table> {
-            toml::from_str(&std::fs::read_to_string(config).ok()?).ok()
-        };
-        let (addr, tls) = match (&self.admin, Config::load(config)) {
-            (Some(a), loaded) => (a.clone(), loaded.map(|c| c.admin_tls()).unwrap_or(false)),
-            (None, Ok(c)) => (c.server.admin_addr.clone(), c.admin_tls()),
-            (None, Err(_)) => {
-                let t = table();
+        let (file_addr, tls) = match Config::load(config) {
+            Ok(c) => (Some(c.server.admin_addr.clone()), c.admin_tls()),
+            Err(_) => {
+                let t: Option<toml::Table> = std::fs::read_to_string(config)
+                    .ok()
+                    .and_then(|text| toml::from_str(&text).ok());
                 let server = t.as_ref().and_then(|t| t.get("server"));
                 let addr = server
                     .and_then(|s| s.get("admin_addr"))
                     .and_then(|a| a.as_str())
-                    .unwrap_or("127.0.0.1:9464")
-                    .to_string();
+                    .map(String::from);
                 let tls = server.is_some_and(|s| {
                     s.get("tls").is_some()
                         && s.get("admin_tls").and_then(|v| v.as_bool()) != Some(false)
@@ -874,10 +871,23 @@ impl AdminArgs {
                 (addr, tls)
             }
         };
+        let addr = self
+            .admin
+            .clone()
+            .or(file_addr)
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
         // An unspecified address is reached on loopback.
-        let addr = addr
-            .replace("0.0.0.0:", "127.0.0.1:")
-            .replace("[::]:", "[::1]:");
+        let addr = match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                let lo: std::net::IpAddr = if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                std::net::SocketAddr::new(lo, a.port()).to_string()
+            }
+            _ => addr,
+        };
         use entity_fabric::admin::client;
         let call = client::Call {
             tls,

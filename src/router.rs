@@ -481,9 +481,12 @@ impl Router {
                 let v = row
                     .get(col)
                     .ok_or_else(|| format!("the row has no id column {col:?}"))?;
-                let text = v
-                    .id_text()
-                    .ok_or_else(|| format!("id column {col:?} is {v}, which cannot be an id"))?;
+                let text = v.id_text().ok_or_else(|| {
+                    format!(
+                        "id column {col:?} is {:?}, which cannot be an id",
+                        v.to_string()
+                    )
+                })?;
                 let id = route.id_type.canonical(&text).ok_or_else(|| {
                     format!(
                         "id column {col:?} holds {text:?}, not a valid {} id",
@@ -497,7 +500,10 @@ impl Router {
                     .get(column)
                     .ok_or_else(|| format!("the row has no link column {column:?}"))?;
                 let text = v.id_text().ok_or_else(|| {
-                    format!("link column {column:?} is {v}, which cannot name a {table} row")
+                    format!(
+                        "link column {column:?} is {:?}, which cannot name a {table} row",
+                        v.to_string()
+                    )
                 })?;
                 Ok(self
                     .links

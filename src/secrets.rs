@@ -106,12 +106,16 @@ fn server(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Writes `bytes` to `path` (a temporary file renamed into place), with
-/// `mode` from its creation on.
+/// Writes `bytes` to `path` (a temporary file of its own, new, renamed
+/// into place), with `mode` from its creation on.
 fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    // One a crash left behind may have another mode: never reuse it.
+    let _ = std::fs::remove_file(&tmp);
     let mut open = std::fs::OpenOptions::new();
-    open.write(true).create(true).truncate(true);
+    open.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -131,6 +135,75 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+
+    /// Whether a client that trusts `dir/ca.pem` accepts `dir/server.pem`
+    /// as `name`, by a TLS handshake in memory.
+    async fn accepted_as(dir: &Path, name: &str) -> bool {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("server.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let server_side = tokio::spawn(async move { acceptor.accept(b).await.is_ok() });
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let ok = connector.connect(name, a).await.is_ok();
+        server_side.abort();
+        ok
+    }
+
+    /// The names deploy/README.md gives `fabric init-secrets` for
+    /// Kubernetes cover what the replicas dial: `<pod>.fabric-headless.<ns>.svc`
+    /// (a wildcard needs two labels after it: `*.fabric-headless` would not).
+    #[tokio::test]
+    async fn the_kubernetes_names_cover_the_advertised_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = [
+            "fabric",
+            "fabric.fabric.svc",
+            "*.fabric-headless.fabric.svc",
+            "localhost",
+            "127.0.0.1",
+        ]
+        .map(String::from)
+        .to_vec();
+        init(dir.path(), &names).unwrap();
+        for ok in [
+            "fabric-0.fabric-headless.fabric.svc",
+            "fabric-2.fabric-headless.fabric.svc",
+            "fabric.fabric.svc",
+            "127.0.0.1",
+        ] {
+            assert!(accepted_as(dir.path(), ok).await, "{ok}");
+        }
+        assert!(!accepted_as(dir.path(), "fabric-0.other.fabric.svc").await);
+        let short = tempfile::tempdir().unwrap();
+        init(short.path(), &["*.fabric-headless".to_string()]).unwrap();
+        assert!(!accepted_as(short.path(), "fabric-0.fabric-headless").await);
+    }
 
     #[test]
     fn made_once_then_kept() {

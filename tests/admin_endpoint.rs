@@ -34,13 +34,15 @@ fn config(dir: &Path) -> std::path::PathBuf {
     let path = demo_config(dir, &DemoSettings::default());
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("owner = \"customer-data team <customer-data@example.com>\""));
-    let text = text
-        .replace(
+    let text =
+        text.replace(
             "owner = \"customer-data team <customer-data@example.com>\"",
             "owner = \"kept in ${HOME}\"",
         )
-        .replace("[server]\n", "[server]\nadmin_max_body_bytes = 4096\n")
-        + &format!(
+        .replace(
+            "[server]\n",
+            "[server]\nadmin_max_body_bytes = 4096\nadmin_max_connections = 2\n",
+        ) + &format!(
             r#"
 [access]
 anonymous = []
@@ -173,6 +175,8 @@ async fn only_admins_plan_and_reload_and_no_web_page_can() {
     assert_eq!(code, 422, "{said}");
     assert!(said.contains("server.advertise_addr"), "{said}");
     assert!(!said.contains(&home), "the server's HOME echoed: {said}");
+    // Not read at all (not read and then hidden): the text as written.
+    assert!(said.contains("\"${HOME}\" is not host:port"), "{said}");
     assert!(said.contains("are not expanded"), "{said}");
     // The running file's own text: its `${HOME}` is the running value, so
     // nothing changes, and the answer shows no value of it either.
@@ -217,6 +221,37 @@ async fn only_admins_plan_and_reload_and_no_web_page_can() {
         &[],
     );
     assert_eq!(code, 0, "{out}");
+
+    // One request a connection, and a client that opens connections and
+    // sits on them does not hold the endpoint: with both slots taken by
+    // idle connections, a probe is still answered once their header time
+    // runs out.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut one = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    one.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), one.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection after one answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let idle: Vec<tokio::net::TcpStream> = vec![
+        tokio::net::TcpStream::connect(&admin).await.unwrap(),
+        tokio::net::TcpStream::connect(&admin).await.unwrap(),
+    ];
+    let t0 = std::time::Instant::now();
+    let probe = tokio::time::timeout(
+        Duration::from_secs(60),
+        client::call(Call::get(&admin, "/healthz"), &nobody),
+    )
+    .await
+    .expect("a probe waits at most for the idle connections' header time");
+    assert_eq!(probe.unwrap().0, 200);
+    // Held back by the idle connections, not answered at once.
+    assert!(t0.elapsed() >= Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(idle);
 
     // Every refusal is an audit line; no token is.
     let log = fabric.log_text();

@@ -245,6 +245,7 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
             "mysql://fabric:secret@mariadb:3306/billing",
         ),
         ("POD_NAME", "fabric-1"),
+        ("POD_NAMESPACE", "fabric"),
     ];
     let out = fabric_check(&path, &env);
     assert!(out.contains("bus: kafka"), "{out}");
@@ -267,8 +268,10 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
         true
     );
     assert!(
-        toml.contains("advertise_addr = \"${POD_NAME}.fabric-headless:50051\""),
-        "each replica advertises its pod's stable name"
+        toml.contains(
+            "advertise_addr = \"${POD_NAME}.fabric-headless.${POD_NAMESPACE}.svc:50051\""
+        ),
+        "each replica advertises its pod's stable name, one a wildcard certificate covers"
     );
     let pod_name = container["env"]
         .as_array()
@@ -279,6 +282,23 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
     assert_eq!(
         pod_name["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.name"
+    );
+    let namespace = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_NAMESPACE")
+        .expect("POD_NAMESPACE in the environment");
+    assert_eq!(
+        namespace["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    // The certificate names deploy/README.md makes cover the advertised
+    // names (checked by a TLS handshake in src/secrets.rs's tests).
+    let readme = std::fs::read_to_string(deploy().join("README.md")).unwrap();
+    assert!(
+        readme.contains("--name '*.fabric-headless.fabric.svc'"),
+        "{readme}"
     );
     let args = strings(&container["args"]);
     assert!(
@@ -373,7 +393,7 @@ fn dockerfile_is_multi_stage_with_a_slim_runtime() {
     // The image's config is the demo's, listening on every interface, with
     // TLS and tokens appended; its first start makes the secrets, and the
     // CLI inside (the health check) talks TLS.
-    assert!(text.contains("ENV FABRIC_INIT_SECRETS=/var/lib/fabric/secrets"));
+    assert!(text.contains(r#"CMD ["run", "--init-secrets", "/var/lib/fabric/secrets"]"#));
     assert!(text.contains("FABRIC_ADDR=https://127.0.0.1:50051"));
     assert!(text.contains("FABRIC_CA=/var/lib/fabric/secrets/ca.pem"));
     assert!(text.contains("cat /etc/fabric/image-security.toml >> /etc/fabric/fabric.toml"));

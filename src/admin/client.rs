@@ -100,6 +100,12 @@ pub async fn call(call: Call<'_>, creds: &Credentials) -> anyhow::Result<(u16, S
         if creds.ca.is_some() || creds.cert.is_some() {
             anyhow::bail!("TLS files given for {host_port}: use an https:// address");
         }
+        if creds.token.is_some() && !loopback(host_port) {
+            anyhow::bail!(
+                "a bearer token is not sent in clear to {host_port}: use an https:// address \
+                 (or reach the admin endpoint on loopback)"
+            );
+        }
         return exchange(tcp, request).await;
     }
     let host = match host_port.rsplit_once(':') {
@@ -115,6 +121,19 @@ pub async fn call(call: Call<'_>, creds: &Credentials) -> anyhow::Result<(u16, S
         .await
         .with_context(|| format!("TLS with the admin endpoint at {host_port} failed"))?;
     exchange(stream, request).await
+}
+
+/// Whether `host:port` names this machine (a token may cross it in clear).
+fn loopback(host_port: &str) -> bool {
+    let host = match host_port.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn exchange<S>(

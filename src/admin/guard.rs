@@ -160,8 +160,16 @@ fn check_host(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
 fn host_name(host: &str) -> &str {
     if host.starts_with('[') {
         return match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
+            // `[v6]` or `[v6]:port`, nothing else.
+            Some(end)
+                if host[end + 1..].is_empty()
+                    || host[end + 1..].strip_prefix(':').is_some_and(|p| {
+                        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+                    }) =>
+            {
+                &host[..=end]
+            }
+            _ => host,
         };
     }
     match host.rsplit_once(':') {

@@ -13,9 +13,13 @@
 //! HTTP/1.1 only, served here rather than by `axum::serve` so that each
 //! request knows its peer address and the client certificate TLS verified,
 //! headers and TLS handshakes are timed out, and connections are counted
-//! (`server.admin_max_connections`). With `[server.tls]` the endpoint
-//! serves the same certificate as gRPC (`server.admin_tls`), verifying a
-//! client certificate when one is presented.
+//! (`server.admin_max_connections`). A connection carries one request (no
+//! keep-alive) and lives at most its header time, the request timeout and
+//! a few seconds: a client that opens connections and sits on them, or
+//! never reads its answer, frees its slots by itself. With `[server.tls]`
+//! the endpoint serves the same certificate as gRPC (`server.admin_tls`),
+//! verifying a client certificate when one is presented, and requiring one
+//! when `client_cert = "required"` (probes then need one too).
 //!
 //! A config posted to `/config/plan` never reads this process's
 //! environment or files, and no answer to it shows a value that a `${...}`
@@ -89,13 +93,28 @@ pub async fn serve(
         .merge(guarded)
         .layer(DefaultBodyLimit::max(config.server.admin_max_body_bytes))
         .with_state(state);
-    let max_connections = config.server.admin_max_connections;
+    if tls.is_none() && config.server.tls.is_some() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "server.admin_tls = false: the admin endpoint listens beyond loopback without TLS; bearer tokens travel in clear");
+    }
+    let limits = Limits {
+        connections: config.server.admin_max_connections,
+        lifetime: HEADER_TIMEOUT + config.admin_request_timeout() + Duration::from_secs(5),
+    };
     Ok(async move {
         let sampler = rates.sample(&fabric, stop.clone());
-        let server = accept(listener, tls, app, max_connections, stop);
+        let server = accept(listener, tls, app, limits, stop);
         tokio::join!(server, sampler);
         Ok(())
     })
+}
+
+/// Bounds on the admin endpoint's connections.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Open at once.
+    connections: usize,
+    /// How long one may live, its request and answer included.
+    lifetime: Duration,
 }
 
 /// Accepts connections until `stop`, then lets open ones finish their
@@ -104,10 +123,10 @@ async fn accept(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     app: Router,
-    max_connections: usize,
+    limits: Limits,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let slot = tokio::select! {
@@ -128,8 +147,7 @@ async fn accept(
         };
         while connections.try_join_next().is_some() {}
         let (app, tls, stop) = (app.clone(), tls.clone(), stop.clone());
-        connections.spawn(async move {
-            let _slot = slot;
+        let served = async move {
             let _ = tcp.set_nodelay(true);
             let conn = Conn {
                 peer: Some(peer),
@@ -152,6 +170,12 @@ async fn accept(
                     tracing::debug!(%peer, error = %e, "admin endpoint: TLS handshake failed")
                 }
                 Err(_) => tracing::debug!(%peer, "admin endpoint: TLS handshake timed out"),
+            }
+        };
+        connections.spawn(async move {
+            let _slot = slot;
+            if tokio::time::timeout(limits.lifetime, served).await.is_err() {
+                tracing::debug!(%peer, "admin endpoint: connection outlived its bound; closed");
             }
         });
     }
@@ -178,6 +202,7 @@ where
     let http = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
         .serve_connection(io, service);
     let mut http = std::pin::pin!(http);
     let served = tokio::select! {
@@ -194,7 +219,7 @@ where
 
 /// The admin endpoint's TLS: `[server.tls]`'s certificate; a client
 /// certificate signed by its `client_ca_file` is verified when presented,
-/// never required.
+/// and required with `client_cert = "required"` (as gRPC does).
 fn server_tls(
     config: &crate::config::Config,
 ) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {

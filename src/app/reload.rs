@@ -51,7 +51,13 @@ pub type Request = Option<oneshot::Sender<Answer>>;
 /// [`Config::from_posted_toml`]).
 pub fn plan_text(fabric: &Fabric, named: &std::path::Path, text: &str) -> Result<Plan, String> {
     let running = fabric.config();
-    let mut new = Config::from_posted_toml(named, text, &running).map_err(|e| {
+    // Validated where the running file is (its relative paths resolve
+    // there, never against a path the caller names); errors name the file
+    // the caller posted.
+    let mut new = Config::from_posted_toml(&running.file, text, &running).map_err(|mut e| {
+        for one in &mut e.0 {
+            one.file = named.to_path_buf();
+        }
         let mut said = e.to_string();
         if text.contains("${") {
             said.push_str(

@@ -98,6 +98,9 @@ impl CatalogService for CatalogApi {
                 transactions: s.status.transactions.load(Ordering::Relaxed),
                 changes: s.status.changes.load(Ordering::Relaxed),
                 lag_millis: s.status.lag_millis(),
+                // Whole, for whoever may read the catalog: the reason names
+                // users, hosts and tables an operator needs (the status page,
+                // a thing of screens and screenshots, cuts quoted spans).
                 last_error: s.status.last_error.lock().clone(),
                 dead_lettered: f.dead_letters.count(&s.name),
                 progress: s.status.progress.report().map(progress),
