@@ -273,26 +273,19 @@ fn kubernetes_manifests_carry_a_valid_config_and_a_volume_for_snapshots() {
         ),
         "each replica advertises its pod's stable name, one a wildcard certificate covers"
     );
-    let pod_name = container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "POD_NAME")
-        .expect("POD_NAME in the environment");
-    assert_eq!(
-        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.name"
-    );
-    let namespace = container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "POD_NAMESPACE")
-        .expect("POD_NAMESPACE in the environment");
-    assert_eq!(
-        namespace["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.namespace"
-    );
+    // Pod name and namespace from the downward API.
+    for (var, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let env = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{var} in the environment"));
+        assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
     // The certificate names deploy/README.md makes cover the advertised
     // names (checked by a TLS handshake in src/secrets.rs's tests).
     let readme = std::fs::read_to_string(deploy().join("README.md")).unwrap();
