@@ -164,28 +164,23 @@ where
 }
 
 fn client_tls(creds: &Credentials) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let read =
         |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
     let ca = creds.ca.as_ref().context(
         "--ca (FABRIC_CA) is needed to verify the admin endpoint's certificate over https",
     )?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&read(ca)?) {
-        roots
-            .add(c.with_context(|| format!("{} holds no PEM certificate", ca.display()))?)
-            .with_context(|| format!("{}: not a CA certificate", ca.display()))?;
-    }
+    let roots =
+        super::pem_roots(&read(ca)?).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     let mut config = match (&creds.cert, &creds.key) {
         (Some(c), Some(k)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(c)?)
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("{} holds no PEM certificate", c.display()))?;
+            let chain =
+                super::pem_certs(&read(c)?).map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
             let key = PrivateKeyDer::from_pem_slice(&read(k)?)
                 .with_context(|| format!("{} holds no PEM private key", k.display()))?;
             builder.with_client_auth_cert(chain, key)?

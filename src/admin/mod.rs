@@ -223,18 +223,16 @@ where
 fn server_tls(
     config: &crate::config::Config,
 ) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
     let tls = config
         .server
         .tls
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("server.admin_tls needs [server.tls]"))?;
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&config.read_file("server.tls.cert_file", &tls.cert_file)?)
-            .collect::<Result<_, _>>()
-            .map_err(|e| anyhow::anyhow!("server.tls.cert_file: {e}"))?;
+    let certs = pem_certs(&config.read_file("server.tls.cert_file", &tls.cert_file)?)
+        .map_err(|e| anyhow::anyhow!("server.tls.cert_file: {e}"))?;
     let key =
         PrivateKeyDer::from_pem_slice(&config.read_file("server.tls.key_file", &tls.key_file)?)
             .map_err(|e| anyhow::anyhow!("server.tls.key_file: {e}"))?;
@@ -244,21 +242,18 @@ fn server_tls(
     let builder = match &tls.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in
-                CertificateDer::pem_slice_iter(&config.read_file("server.tls.client_ca_file", ca)?)
-            {
-                roots
-                    .add(c.map_err(|e| anyhow::anyhow!("server.tls.client_ca_file: {e}"))?)
-                    .map_err(|e| anyhow::anyhow!("server.tls.client_ca_file: {e}"))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let roots = pem_roots(&config.read_file("server.tls.client_ca_file", ca)?)
+                .map_err(|e| anyhow::anyhow!("server.tls.client_ca_file: {e}"))?;
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| anyhow::anyhow!("server.tls.client_ca_file: {e}"))?;
+            );
+            if tls.client_cert == crate::config::ClientCertMode::Optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| anyhow::anyhow!("server.tls.client_ca_file: {e}"))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -267,6 +262,31 @@ fn server_tls(
         .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
     out.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(out))
+}
+
+/// The certificates of a PEM text, in order (leaf first); none is an error.
+pub(crate) fn pem_certs(
+    pem: &[u8],
+) -> Result<Vec<tonic::transport::CertificateDer<'static>>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let certs = tonic::transport::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(certs)
+}
+
+/// The CA certificates of a PEM text, as roots to verify against.
+pub(crate) fn pem_roots(pem: &[u8]) -> Result<tokio_rustls::rustls::RootCertStore, String> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in pem_certs(pem)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("not a CA certificate: {e}"))?;
+    }
+    Ok(roots)
 }
 
 type AdminState = State<Arc<StatusState>>;
@@ -347,5 +367,62 @@ async fn config_reload(State(s): AdminState) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "the fabric is stopping\n".to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_rustls::rustls;
+
+    /// Whether the admin endpoint's TLS accepts a client presenting
+    /// `identity` (a PEM certificate and key) or none, by a handshake in
+    /// memory; the server's certificate and CA come from `fabric init-secrets`.
+    async fn accepts(client_cert: &str, identity: bool) -> bool {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        crate::secrets::init(dir.path(), &["localhost".to_string()]).unwrap();
+        let text = format!(
+            "[server.tls]\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n\
+             client_ca_file = \"ca.pem\"\nclient_cert = \"{client_cert}\"\n"
+        );
+        let config =
+            crate::config::Config::from_toml(&dir.path().join("fabric.toml"), &text).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&config).unwrap());
+        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pem_roots(&read("ca.pem")).unwrap());
+        // The server's certificate serves as a client's too (it is made
+        // for both, as replicas present it to each other).
+        let client = if identity {
+            builder
+                .with_client_auth_cert(
+                    pem_certs(&read("server.pem")).unwrap(),
+                    PrivateKeyDer::from_pem_slice(&read("server.key")).unwrap(),
+                )
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let client_side = tokio::spawn(async move { connector.connect(name, a).await });
+        let accepted = acceptor.accept(b).await.is_ok();
+        client_side.abort();
+        accepted
+    }
+
+    #[tokio::test]
+    async fn client_certificates_are_required_only_when_the_config_says_so() {
+        assert!(!accepts("required", false).await);
+        assert!(accepts("required", true).await);
+        assert!(accepts("optional", false).await);
+        assert!(accepts("optional", true).await);
     }
 }
