@@ -17,14 +17,26 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
         .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
 }
 
-/// `fabric check` on `config`, with `env`; returns stdout, panics on failure.
-fn fabric_check(config: &Path, env: &[(&str, &str)]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
-        .args(["check", "--config"])
-        .arg(config)
+/// The real `fabric` binary run with `args` and `env`.
+fn fabric(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(args)
         .envs(env.iter().copied())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `fabric check` on `config`, as run by [`fabric`].
+fn check(config: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    fabric(
+        &["check".as_ref(), "--config".as_ref(), config.as_ref()],
+        env,
+    )
+}
+
+/// `fabric check` on `config`, with `env`; returns stdout, panics on failure.
+fn fabric_check(config: &Path, env: &[(&str, &str)]) -> String {
+    let out = check(config, env);
     assert!(
         out.status.success(),
         "fabric check {} failed:\n{}",
@@ -37,11 +49,7 @@ fn fabric_check(config: &Path, env: &[(&str, &str)]) -> String {
 /// Secrets as `fabric init-secrets` makes them, in a new directory.
 fn made_secrets() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
-        .arg("init-secrets")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = fabric(&["init-secrets".as_ref(), dir.path().as_ref()], &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -86,12 +94,7 @@ fn refused_without_access(config: &str, env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("open.toml");
     std::fs::write(&path, open).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fabric"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+    let out = check(&path, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

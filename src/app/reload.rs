@@ -54,7 +54,7 @@ pub fn plan_text(fabric: &Fabric, named: &std::path::Path, text: &str) -> Result
     // Validated where the running file is (its relative paths resolve
     // there, never against a path the caller names); errors name the file
     // the caller posted.
-    let mut new = Config::from_posted_toml(&running.file, text, &running).map_err(|mut e| {
+    let new = Config::from_posted_toml(&running.file, text, &running).map_err(|mut e| {
         for one in &mut e.0 {
             one.file = named.to_path_buf();
         }
@@ -68,8 +68,6 @@ pub fn plan_text(fabric: &Fabric, named: &std::path::Path, text: &str) -> Result
         }
         said
     })?;
-    // Relative paths resolve as they would in the running file's place.
-    new.file = running.file.clone();
     Ok(plan_of(fabric, &running, &new))
 }
 

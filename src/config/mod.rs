@@ -811,6 +811,29 @@ pub(crate) fn read_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// The largest key or certificate file a config may name.
 pub const MAX_CONFIG_FILE: u64 = 1 << 20;
 
+/// Why [`read_at_most`] read nothing.
+#[derive(Debug)]
+pub(crate) enum ReadAtMost {
+    Io(std::io::Error),
+    /// The file holds more than the bound.
+    Larger,
+}
+
+/// The bytes of the file at `path` if it holds at most `max` bytes; never
+/// reads more than `max + 1` (a path naming `/dev/zero` is an error, not
+/// a read that never ends).
+pub(crate) fn read_at_most(path: &Path, max: u64) -> Result<Vec<u8>, ReadAtMost> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut out))
+        .map_err(ReadAtMost::Io)?;
+    if out.len() as u64 > max {
+        return Err(ReadAtMost::Larger);
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Reads, expands, deserializes and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -857,8 +880,10 @@ impl Config {
 
     /// The addresses this config listens on beyond loopback.
     pub fn beyond_loopback(&self) -> Vec<SocketAddr> {
-        [self.grpc_addr(), self.admin_addr()]
+        self.server
+            .listens()
             .into_iter()
+            .filter_map(|(_, a)| a.parse::<SocketAddr>().ok())
             .filter(|a| !a.ip().is_loopback())
             .collect()
     }
@@ -946,19 +971,14 @@ impl Config {
     /// config naming `/dev/zero` gets an error, not a process that reads
     /// forever); an error names `field` and the path.
     pub fn read_file(&self, field: &str, p: &Path) -> anyhow::Result<Vec<u8>> {
-        use std::io::Read;
         let path = self.resolve(p);
-        let mut out = Vec::new();
-        std::fs::File::open(&path)
-            .and_then(|f| f.take(MAX_CONFIG_FILE + 1).read_to_end(&mut out))
-            .map_err(|e| anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()))?;
-        if out.len() as u64 > MAX_CONFIG_FILE {
-            anyhow::bail!(
+        read_at_most(&path, MAX_CONFIG_FILE).map_err(|e| match e {
+            ReadAtMost::Io(e) => anyhow::anyhow!("{field}: cannot read {}: {e}", path.display()),
+            ReadAtMost::Larger => anyhow::anyhow!(
                 "{field}: {} is larger than {MAX_CONFIG_FILE} bytes: not a key or certificate file",
                 path.display()
-            );
-        }
-        Ok(out)
+            ),
+        })
     }
 
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {
@@ -997,6 +1017,16 @@ impl Config {
             out.push(".");
         }
         out
+    }
+}
+
+impl ServerConfig {
+    /// The addresses the fabric listens on, each with its field.
+    pub fn listens(&self) -> [(&'static str, &str); 2] {
+        [
+            ("server.grpc_addr", &self.grpc_addr),
+            ("server.admin_addr", &self.admin_addr),
+        ]
     }
 }
 

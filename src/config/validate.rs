@@ -262,21 +262,18 @@ fn expand_value(
 /// a file's content (relative to the config's directory, one trailing
 /// newline dropped).
 fn lookup(dir: &Path, name: &str) -> Result<String, String> {
-    use std::io::Read;
+    use super::ReadAtMost;
     let Some(file) = name.strip_prefix("file:") else {
         return std::env::var(name).map_err(|_| format!("environment variable {name} is not set"));
     };
     let path = dir.join(file);
-    let mut bytes = Vec::new();
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(MAX_REFERENCED_FILE + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {} (${{file:{file}}}): {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_REFERENCED_FILE {
-        return Err(format!(
+    let bytes = super::read_at_most(&path, MAX_REFERENCED_FILE).map_err(|e| match e {
+        ReadAtMost::Io(e) => format!("cannot read {} (${{file:{file}}}): {e}", path.display()),
+        ReadAtMost::Larger => format!(
             "{} (${{file:{file}}}) is larger than {MAX_REFERENCED_FILE} bytes",
             path.display()
-        ));
-    }
+        ),
+    })?;
     let mut text = String::from_utf8(bytes)
         .map_err(|_| format!("{} (${{file:{file}}}) is not UTF-8 text", path.display()))?;
     if text.ends_with('\n') {
@@ -320,10 +317,7 @@ fn expand_str(
 }
 
 fn check(c: &mut Collector<'_>, cfg: &Config) {
-    for (field, addr) in [
-        ("server.grpc_addr", &cfg.server.grpc_addr),
-        ("server.admin_addr", &cfg.server.admin_addr),
-    ] {
+    for (field, addr) in cfg.server.listens() {
         if addr.parse::<std::net::SocketAddr>().is_err() {
             c.err(
                 field,
@@ -1036,10 +1030,7 @@ fn check_exposure(c: &mut Collector<'_>, cfg: &Config) {
     if cfg.access.is_some() || cfg.server.insecure {
         return;
     }
-    for (field, addr) in [
-        ("server.grpc_addr", &cfg.server.grpc_addr),
-        ("server.admin_addr", &cfg.server.admin_addr),
-    ] {
+    for (field, addr) in cfg.server.listens() {
         if let Ok(a) = addr.parse::<std::net::SocketAddr>()
             && !a.ip().is_loopback()
         {
