@@ -129,7 +129,7 @@ enum Command {
         /// Where the files go (created 0600 for keys and tokens).
         dir: PathBuf,
         /// DNS names and IP addresses the server certificate carries.
-        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        #[arg(long = "name", default_values = entity_fabric::secrets::LOCAL_NAMES)]
         names: Vec<String>,
     },
     /// Asks a running fabric whether it serves (gRPC health); exits 0 if it does.
@@ -189,11 +189,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             init_secrets,
         } => {
             if let Some(dir) = init_secrets {
-                let names = [
-                    "localhost".to_string(),
-                    "127.0.0.1".to_string(),
-                    gethostname::gethostname().to_string_lossy().into_owned(),
-                ];
+                let mut names: Vec<String> = entity_fabric::secrets::LOCAL_NAMES
+                    .map(String::from)
+                    .to_vec();
+                names.push(gethostname::gethostname().to_string_lossy().into_owned());
                 let made = entity_fabric::secrets::init(&dir, &names)?;
                 if !made.created.is_empty() {
                     eprintln!(
@@ -851,44 +850,8 @@ impl AdminArgs {
         content_type: &'static str,
         body: &str,
     ) -> anyhow::Result<(u16, String)> {
-        // The file may be invalid (a plan then shows why): its
-        // `server.admin_addr` and TLS are still taken when it can be read.
-        let (file_addr, tls) = match Config::load(config) {
-            Ok(c) => (Some(c.server.admin_addr.clone()), c.admin_tls()),
-            Err(_) => {
-                let t: Option<toml::Table> = std::fs::read_to_string(config)
-                    .ok()
-                    .and_then(|text| toml::from_str(&text).ok());
-                let server = t.as_ref().and_then(|t| t.get("server"));
-                let addr = server
-                    .and_then(|s| s.get("admin_addr"))
-                    .and_then(|a| a.as_str())
-                    .map(String::from);
-                let tls = server.is_some_and(|s| {
-                    s.get("tls").is_some()
-                        && s.get("admin_tls").and_then(|v| v.as_bool()) != Some(false)
-                });
-                (addr, tls)
-            }
-        };
-        let addr = self
-            .admin
-            .clone()
-            .or(file_addr)
-            .unwrap_or_else(|| "127.0.0.1:9464".into());
-        // An unspecified address is reached on loopback.
-        let addr = match addr.parse::<std::net::SocketAddr>() {
-            Ok(a) if a.ip().is_unspecified() => {
-                let lo: std::net::IpAddr = if a.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                };
-                std::net::SocketAddr::new(lo, a.port()).to_string()
-            }
-            _ => addr,
-        };
         use entity_fabric::admin::client;
+        let (addr, tls) = client::target(config, self.admin.as_deref());
         let call = client::Call {
             tls,
             ..client::Call::post(&addr, path, content_type, body.to_string())

@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The names a certificate carries by default: this machine's.
+pub const LOCAL_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
 /// The tokens made, by principal name.
 pub const TOKENS: [&str; 2] = ["admin", "reader"];
 

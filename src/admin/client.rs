@@ -23,6 +23,48 @@ pub struct Credentials {
     pub tls_name: Option<String>,
 }
 
+/// Where the admin endpoint of the fabric that runs `config` is, and
+/// whether it serves TLS: `admin` (from `--admin`) or the file's
+/// `server.admin_addr` (an unspecified IP reached on loopback), and TLS
+/// as the file says. The file may be invalid (a plan then shows why): its
+/// `[server]` table is still read when it parses as TOML.
+pub fn target(config: &std::path::Path, admin: Option<&str>) -> (String, bool) {
+    let (file_addr, tls) = match crate::config::Config::load(config) {
+        Ok(c) => (Some(c.server.admin_addr.clone()), c.admin_tls()),
+        Err(_) => {
+            let t: Option<toml::Table> = std::fs::read_to_string(config)
+                .ok()
+                .and_then(|text| toml::from_str(&text).ok());
+            let server = t.as_ref().and_then(|t| t.get("server"));
+            let addr = server
+                .and_then(|s| s.get("admin_addr"))
+                .and_then(|a| a.as_str())
+                .map(String::from);
+            let tls = server.is_some_and(|s| {
+                s.get("tls").is_some()
+                    && s.get("admin_tls").and_then(|v| v.as_bool()) != Some(false)
+            });
+            (addr, tls)
+        }
+    };
+    let addr = admin
+        .map(String::from)
+        .or(file_addr)
+        .unwrap_or_else(|| "127.0.0.1:9464".into());
+    let addr = match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let lo: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(lo, a.port()).to_string()
+        }
+        _ => addr,
+    };
+    (addr, tls)
+}
+
 /// One request: what to send where.
 pub struct Call<'a> {
     pub method: hyper::Method,
