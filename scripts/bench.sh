@@ -9,7 +9,7 @@
 #   scripts/bench.sh --help               # every option
 #
 # Starts what it needs through scripts/services.sh (private PostgreSQL,
-# MariaDB, Redis and tansu; stopped again at the end unless
+# MariaDB, Redis and Apache Kafka; stopped again at the end unless
 # FABRIC_KEEP_SERVICES=1), builds the release binary and runs
 # `fabric bench`, whose tables go to stdout (progress to stderr).
 set -euo pipefail

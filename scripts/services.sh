@@ -2,13 +2,18 @@
 # Test services for the integration tests and the benchmark: a PostgreSQL
 # with wal_level=logical, a MariaDB with a ROW/FULL binlog, a Redis (the
 # benchmark's peer), each private (own port and data directory), Debian's
-# Chromium (the status page's browser test), and a
-# Kafka-protocol broker (tansu, built once into a cache outside the
-# repository), started only when not already up. Idempotent.
+# Chromium (the status page's browser test), and Apache Kafka (one KRaft
+# node, its jars resolved from Maven Central once by scripts/kafka.sh),
+# started only when not already up. Idempotent.
 #
 #   scripts/services.sh start   # start what is missing, print `export ...` lines
 #   scripts/services.sh stop    # stop what this script started (by PID)
 #   scripts/services.sh env     # print the `export ...` lines only
+#   scripts/services.sh cluster start|stop|env
+#                               # a 3-node KRaft cluster (replication factor 3,
+#                               # min.insync.replicas 2) on its own ports
+#                               # and directories, for runs that need
+#                               # replication (the long chaos run)
 #
 # A server already running on the standard port is reused only when it is
 # configured for change data capture; these machines' defaults are not, so
@@ -22,13 +27,11 @@ PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tr
 PG_DIR="$BASE/pg"
 MY_DIR="$BASE/mariadb"
 KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
+# The cluster's nodes listen on CLUSTER_PORT + 100 * n (n = 1, 2, 3), their
+# controllers one port above.
+CLUSTER_PORT="${FABRIC_KAFKA_CLUSTER_PORT:-19092}"
+KAFKA_SH="$(cd "$(dirname "$0")" && pwd)/kafka.sh"
 REDIS_PORT="${FABRIC_REDIS_PORT:-16379}"
-# tansu (a Kafka-protocol broker in Rust) is built once into this cache, with
-# the in-memory storage and the SQLite storage (the tests that kill and
-# restart a broker of their own need one that survives). An optimised build:
-# a debug one (quicker to build) answered a cluster test's four fabrics
-# slowly enough for a joining process to time out connecting in CI.
-TANSU_ROOT="${FABRIC_TANSU_ROOT:-$HOME/.cache/entity-fabric/tansu-0.6.0-sqlite-release}"
 
 log() { echo "services: $*" >&2; }
 
@@ -142,35 +145,95 @@ CNF
   touch "$BASE/mariadb.started-by-us"
 }
 
-kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+kafka_ready() { port_open "$KAFKA_PORT"; }
+
+# Waits (up to 60 s) for a node started into $1 to log that it serves.
+wait_kafka_started() {
+  for _ in $(seq 1 600); do
+    grep -q 'Kafka Server started' "$1/broker.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# One node (broker and controller) for the tests, its storage new at each
+# start (tests make topics of their own); a running one is reused.
 start_kafka() {
   KAFKA="127.0.0.1:$KAFKA_PORT"
   if kafka_ready; then
     return
   fi
-  if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
-    log "building the tansu broker into $TANSU_ROOT (once; a few minutes)"
-    # No LTO, many codegen units: most of the speed of a release build for
-    # well under the time of tansu's own release profile.
-    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-      CARGO_PROFILE_RELEASE_DEBUG=0 \
-      cargo install tansu --version 0.6.0 --locked --features dynostore,libsql \
-      --root "$TANSU_ROOT" >&2
+  "$KAFKA_SH" libs >/dev/null
+  log "starting Apache Kafka on $KAFKA_PORT"
+  rm -rf "$BASE/kafka"
+  mkdir -p "$BASE/kafka"
+  local cport=$((KAFKA_PORT + 1))
+  setsid "$KAFKA_SH" node "$BASE/kafka" 1 "$KAFKA_PORT" "$cport" "1@127.0.0.1:$cport" \
+    "$("$KAFKA_SH" cluster-id)" >"$BASE/kafka/broker.log" 2>&1 < /dev/null &
+  echo $! > "$BASE/kafka.pid"
+  wait_kafka_started "$BASE/kafka" || { log "Kafka did not start; see $BASE/kafka/broker.log"; exit 1; }
+  touch "$BASE/kafka.started-by-us"
+}
+
+cluster_bootstrap() {
+  echo "127.0.0.1:$((CLUSTER_PORT + 100)),127.0.0.1:$((CLUSTER_PORT + 200)),127.0.0.1:$((CLUSTER_PORT + 300))"
+}
+
+# Three nodes, each broker and controller (a quorum of 3 voters survives one
+# node's loss). Kept across starts: a stopped cluster comes back with its
+# topics; `cluster stop` then `rm -rf $BASE/kafka-cluster` starts anew.
+start_cluster() {
+  "$KAFKA_SH" libs >/dev/null
+  local voters="" n cid
+  for n in 1 2 3; do
+    voters="${voters:+$voters,}$n@127.0.0.1:$((CLUSTER_PORT + 100 * n + 1))"
+  done
+  mkdir -p "$BASE/kafka-cluster"
+  [ -f "$BASE/kafka-cluster/cluster.id" ] || "$KAFKA_SH" cluster-id > "$BASE/kafka-cluster/cluster.id"
+  cid="$(cat "$BASE/kafka-cluster/cluster.id")"
+  for n in 1 2 3; do
+    local port=$((CLUSTER_PORT + 100 * n)) dir="$BASE/kafka-cluster/$n"
+    port_open "$port" && continue
+    mkdir -p "$dir"
+    log "starting Kafka cluster node $n on $port"
+    : > "$dir/broker.log"
+    setsid "$KAFKA_SH" node "$dir" "$n" "$port" "$((port + 1))" "$voters" "$cid" 384m \
+      >"$dir/broker.log" 2>&1 < /dev/null &
+    echo $! > "$dir/pid"
+  done
+  for n in 1 2 3; do
+    wait_kafka_started "$BASE/kafka-cluster/$n" \
+      || { log "Kafka cluster node $n did not start; see $BASE/kafka-cluster/$n/broker.log"; exit 1; }
+  done
+}
+
+stop_cluster() {
+  local n pid
+  for n in 1 2 3; do
+    [ -f "$BASE/kafka-cluster/$n/pid" ] || continue
+    pid="$(cat "$BASE/kafka-cluster/$n/pid")"
+    log "stopping Kafka cluster node $n (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    rm -f "$BASE/kafka-cluster/$n/pid"
+  done
+}
+
+# A Python with confluent-kafka (Confluent's client on its own librdkafka):
+# the tests' stock consumer of the entities topic, code that is not the
+# fabric's. In a venv of its own, made once.
+PY_VENV="${FABRIC_PY_VENV:-$HOME/.cache/entity-fabric/py-venv}"
+CONFLUENT_KAFKA_VERSION=2.16.0
+
+python_env() {
+  if [ -x "$PY_VENV/bin/python" ] &&
+    "$PY_VENV/bin/python" -c "import confluent_kafka, sys; sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null; then
+    return
   fi
-  log "starting tansu on $KAFKA_PORT"
-  # SQLite storage, new each start (tests use topics of their own): tansu
-  # 0.6's memory storage returns nothing to a fetch that starts inside a
-  # record batch, which a consumer resuming from a snapshot's offset does.
-  rm -rf "$BASE/tansu"
-  mkdir -p "$BASE/tansu"
-  (cd "$BASE/tansu" && exec setsid "$TANSU_ROOT/bin/tansu" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine sqlite://tansu.db >"$BASE/tansu.log" 2>&1 < /dev/null) &
-  echo $! > "$BASE/tansu.pid"
-  wait_until kafka_ready || { log "tansu did not start; see $BASE/tansu.log"; exit 1; }
-  touch "$BASE/tansu.started-by-us"
+  log "installing confluent-kafka $CONFLUENT_KAFKA_VERSION into $PY_VENV (once)"
+  python3 -m venv "$PY_VENV" >&2
+  "$PY_VENV/bin/pip" install -q --disable-pip-version-check "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2
 }
 
 redis_ready() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; }
@@ -189,8 +252,9 @@ start_redis() {
 
 print_env() {
   echo "export FABRIC_TEST_KAFKA=${KAFKA:-127.0.0.1:$KAFKA_PORT}"
-  # The broker binary, for tests that run (and kill) a broker of their own.
-  echo "export FABRIC_TEST_TANSU=$TANSU_ROOT/bin/tansu"
+  # Tests that run (and kill) brokers of their own start them with this.
+  echo "export FABRIC_TEST_KAFKA_SH=$KAFKA_SH"
+  echo "export FABRIC_TEST_PYTHON=$PY_VENV/bin/python"
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
   echo "export FABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
@@ -208,11 +272,11 @@ stop() {
     kill -TERM "$rpid" 2>/dev/null || true
     rm -f "$BASE/redis.started-by-us"
   fi
-  if [ -f "$BASE/tansu.started-by-us" ] && [ -f "$BASE/tansu.pid" ]; then
-    local tpid; tpid="$(cat "$BASE/tansu.pid")"
-    log "stopping tansu (pid $tpid)"
-    kill -KILL "$tpid" 2>/dev/null || true
-    rm -f "$BASE/tansu.started-by-us"
+  if [ -f "$BASE/kafka.started-by-us" ] && [ -f "$BASE/kafka.pid" ]; then
+    local kpid; kpid="$(cat "$BASE/kafka.pid")"
+    log "stopping Kafka (pid $kpid)"
+    kill -TERM "$kpid" 2>/dev/null || true
+    rm -f "$BASE/kafka.started-by-us"
   fi
   if [ -f "$BASE/pg.started-by-us" ] && [ -f "$PG_DIR/postmaster.pid" ]; then
     local pid; pid="$(head -n1 "$PG_DIR/postmaster.pid")"
@@ -240,8 +304,15 @@ restart_mariadb() {
 mkdir -p "$BASE"
 case "${1:-start}" in
   restart-mariadb) restart_mariadb ;;
-  start) install_packages; start_pg; start_mariadb; start_redis; start_kafka; print_env ;;
+  start) install_packages; python_env; start_pg; start_mariadb; start_redis; start_kafka; print_env ;;
   env) PG_URL="$(pg_url_on "$PG_PORT")"; MY_URL="mysql://root@127.0.0.1:$MY_PORT"; print_env ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+  cluster)
+    case "${2:-start}" in
+      start) start_cluster; echo "export FABRIC_TEST_KAFKA_CLUSTER=$(cluster_bootstrap)" ;;
+      stop) stop_cluster ;;
+      env) echo "export FABRIC_TEST_KAFKA_CLUSTER=$(cluster_bootstrap)" ;;
+      *) echo "usage: $0 cluster start|stop|env" >&2; exit 2 ;;
+    esac ;;
+  *) echo "usage: $0 start|stop|env|cluster start|stop|env" >&2; exit 2 ;;
 esac

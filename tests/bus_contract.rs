@@ -192,7 +192,7 @@ mod embedded {
 }
 
 /// The same contract on the Kafka bus, against the broker the test command
-/// started (`scripts/services.sh`: tansu), one fresh topic per test.
+/// started (`scripts/services.sh`: Apache Kafka), one fresh topic per test.
 mod kafka {
     use super::*;
     use entity_fabric::bus::kafka::{KafkaBus, KafkaBusConfig};
@@ -219,9 +219,6 @@ mod kafka {
         .expect("connect to the test broker")
     }
 
-    // `consume_from_offset` is the case that fails against tansu 0.6's
-    // memory storage (a fetch starting inside a record batch returns
-    // nothing); scripts/services.sh runs tansu on SQLite storage, which passes.
     contract!(
         Arc::new(bus().await),
         offsets_are_dense_and_returned,

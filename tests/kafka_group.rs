@@ -1,4 +1,4 @@
-//! Several fabric processes on a real broker (tansu, started by
+//! Several fabric processes on Apache Kafka (started by
 //! `scripts/services.sh`): they share the bus partitions and the sources,
 //! any process answers any read (forwarding it to the holder), and the work
 //! moves when a process joins, is killed with SIGKILL, returns, or stops.

@@ -375,6 +375,62 @@ where
     }
 }
 
+/// Partition `p` (held by another process) as of `end` of the changes
+/// topic: its state topic, which is only as new as its holder has applied,
+/// and the changes topic from there to `end`, applied to a scratch store.
+/// The records up to `end` include every row the previous holder of a
+/// source routed there: a link (`id_via`) in one of them, not yet in the
+/// state topic, would otherwise be unknown to the router starting the
+/// source here, and the child rows that need it dead-lettered.
+async fn partition_as_of(
+    f: &Fabric,
+    st: &super::state::StateTopic,
+    p: u32,
+    end: Offset,
+) -> Result<Vec<Arc<crate::store::Entity>>, crate::bus::BusError> {
+    use crate::event::BusRecord;
+    let config = f.config();
+    let types: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
+    let scratch = crate::store::Store::new(f.bus.partitions(), &types, 1);
+    let mut next = 0;
+    if let Some(state) = st.read(p).await? {
+        next = state.offset;
+        for e in state.entities {
+            scratch.restore(e);
+        }
+    }
+    if next < end.0 {
+        let mut consumer = f.bus.consume(p, Offset(next)).await?;
+        let mut changes = Vec::new();
+        'read: while next < end.0 {
+            let batch = consumer.next_batch(1024).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for d in batch {
+                if d.offset.0 >= end.0 {
+                    break 'read;
+                }
+                match &*d.record {
+                    BusRecord::Changes(set) => {
+                        scratch.apply_into(set, &mut changes);
+                    }
+                    BusRecord::Fetched(set) => {
+                        scratch.apply_fetched_into(set, &mut changes);
+                    }
+                    BusRecord::Truncate(t) => {
+                        scratch.truncate_into(p, t, &mut changes);
+                    }
+                    BusRecord::Erase(_) | BusRecord::Unreadable => {}
+                }
+                changes.clear();
+                next = d.offset.0 + 1;
+            }
+        }
+    }
+    Ok(scratch.shard_entities(p))
+}
+
 /// The sources this process runs.
 pub struct Sources {
     pub fabric: Arc<Fabric>,
@@ -553,9 +609,11 @@ impl Sources {
     /// Before sources start here, the router learns every `id_via` link:
     /// those of the partitions held here from the store (caught up with the
     /// changes topic, so links a previous holder routed are in), those of
-    /// the partitions other processes hold from the state topic (the rows
-    /// of a link table may have been routed by another process). A child
-    /// row whose link is unknown would wait and be dead-lettered.
+    /// the partitions other processes hold from the state topic and the
+    /// changes topic after it ([`partition_as_of`]: the rows of a link
+    /// table may have been routed by another process, and their holder may
+    /// not have applied them yet). A child row whose link is unknown would
+    /// wait and be dead-lettered.
     async fn learn_links(&self) {
         let Some(st) = self.state_topic.clone() else {
             return;
@@ -572,11 +630,13 @@ impl Sources {
                 let _ = self.router.send(RouterControl::LearnLinks(entities));
                 continue;
             }
-            if let Some(state) = retrying("read the state topic", || st.read(p)).await {
-                n += state.entities.len();
-                let entities = state.entities.into_iter().map(Arc::new).collect();
-                let _ = self.router.send(RouterControl::LearnLinks(entities));
-            }
+            let end = retrying("read the end of the log", || f.bus.log_end(p)).await;
+            let entities = retrying("read a partition held elsewhere", || {
+                partition_as_of(f, &st, p, end)
+            })
+            .await;
+            n += entities.len();
+            let _ = self.router.send(RouterControl::LearnLinks(entities));
         }
         tracing::info!(entities = n, "id_via links learned before sources start");
     }

@@ -231,12 +231,26 @@ pub async fn ensure_topic(
     }
     let client = client.clone();
     let name = topic.to_string();
+    // A topic just created reaches the broker's metadata a moment later
+    // (Apache Kafka's controller propagates it): until then it reads as
+    // unknown, with no partitions. Only a topic that exists counts.
     let have = tokio::task::spawn_blocking(move || -> Result<usize, BusError> {
         let c: BaseConsumer = create(&client).map_err(kafka("create a client"))?;
-        let md = c
-            .fetch_metadata(Some(&name), Duration::from_secs(30))
-            .map_err(kafka("read topic metadata"))?;
-        Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = c
+                .fetch_metadata(Some(&name), Duration::from_secs(30))
+                .map_err(kafka("read topic metadata"))?;
+            let have = md
+                .topics()
+                .first()
+                .filter(|t| t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            if have > 0 || std::time::Instant::now() >= deadline {
+                return Ok(have);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     })
     .await
     .map_err(|e| BusError::Kafka {

@@ -478,20 +478,32 @@ impl Member {
             .filter(|p| !self.partitions.contains(p) && !held_p.contains(p))
             .copied()
             .collect();
-        if !take_p.is_empty() {
-            self.partitions.extend(take_p);
-            let _ = self.partition_events.send(Ownership::Assigned(
-                self.partitions.iter().copied().collect(),
-            ));
-            changed = true;
-        }
         let take_s: Vec<String> = want_s
             .iter()
             .filter(|s| !self.sources.contains(*s) && !held_s.contains(s))
             .cloned()
             .collect();
+        self.partitions.extend(take_p.iter().copied());
+        self.sources.extend(take_s.iter().cloned());
+        if !take_p.is_empty() || !take_s.is_empty() {
+            // The view names what this process takes before anything acts
+            // on the takes: sources taken here wait until the partitions the
+            // view gives this process are caught up (their `id_via` links),
+            // and a view still naming the old holdings let them start at
+            // once, routing child rows with the links of an older state.
+            let mut view = MemberView {
+                live: others.clone(),
+            };
+            view.live.insert(self.s.member.clone(), self.record(false));
+            self.view.send_replace(view);
+        }
+        if !take_p.is_empty() {
+            let _ = self.partition_events.send(Ownership::Assigned(
+                self.partitions.iter().copied().collect(),
+            ));
+            changed = true;
+        }
         if !take_s.is_empty() {
-            self.sources.extend(take_s);
             let _ = self
                 .source_events
                 .send(Ownership::Assigned(self.sources.iter().cloned().collect()));

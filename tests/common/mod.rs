@@ -2,6 +2,7 @@
 //! on free loopback ports, wait for it, stop or kill it, talk gRPC to it.
 #![allow(dead_code)]
 
+pub mod entities_topic;
 pub mod two_databases;
 
 use entity_fabric::proto::entity_service_client::EntityServiceClient;
@@ -145,9 +146,23 @@ pub fn consumer_from_start(brokers: &str, topic: &str) -> rdkafka::consumer::Str
 }
 
 /// Reads `[server]` addresses back from a config file.
+/// The config's gRPC and admin addresses, read from its text (so that a
+/// config naming `${VARIABLES}` only the fabric's environment holds loads).
 fn addrs(config: &Path) -> (String, String) {
-    let cfg = entity_fabric::config::Config::load(config).unwrap();
-    (cfg.server.grpc_addr, cfg.server.admin_addr)
+    let text = std::fs::read_to_string(config).unwrap();
+    let doc: toml::Table = toml::from_str(&text).unwrap();
+    let server = doc.get("server").and_then(|s| s.as_table());
+    let addr = |key: &str, default: &str| {
+        server
+            .and_then(|s| s.get(key))
+            .and_then(|v| v.as_str())
+            .unwrap_or(default)
+            .to_string()
+    };
+    (
+        addr("grpc_addr", "127.0.0.1:50051"),
+        addr("admin_addr", "127.0.0.1:9464"),
+    )
 }
 
 /// A running `fabric run` process.
@@ -161,6 +176,12 @@ pub struct FabricProcess {
 impl FabricProcess {
     /// Starts `fabric run --config <config>`, logging (JSON) to `log`.
     pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_env(config, log, &[])
+    }
+
+    /// [`start`](Self::start) with these environment variables set for the
+    /// fabric.
+    pub fn start_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let (grpc, admin) = addrs(config);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -174,6 +195,7 @@ impl FabricProcess {
                 "RUST_LOG",
                 std::env::var("FABRIC_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -677,51 +699,127 @@ impl Workload {
     }
 }
 
-/// A broker of this test's own, on SQLite storage that survives SIGKILL.
+/// An Apache Kafka node of this test's own (broker and controller in one
+/// process, KRaft), started by `scripts/kafka.sh node`: storage in `dir`,
+/// kept across `kill9` and `restart` as a real broker's disk is.
 pub struct Broker {
     pub dir: PathBuf,
     pub port: u16,
+    node_id: u32,
+    controller_port: u16,
+    voters: String,
+    cluster_id: String,
+    /// A server.properties of the test's own (`kafka.sh run`), else one
+    /// made by `kafka.sh node` from the fields above.
+    properties: Option<PathBuf>,
     child: Option<std::process::Child>,
 }
 
 impl Broker {
+    /// A one-node cluster on `port` (its controller on a free port),
+    /// ready to serve when this returns.
     pub fn start(dir: &Path, port: u16) -> Self {
-        let bin = std::env::var("FABRIC_TEST_TANSU").expect(
-            "FABRIC_TEST_TANSU is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+        let controller_port = free_port();
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port,
+            node_id: 1,
+            controller_port,
+            voters: format!("1@127.0.0.1:{controller_port}"),
+            cluster_id: cluster_id(),
+            properties: None,
+            child: None,
+        };
+        b.spawn();
+        b.wait_started();
+        b
+    }
+
+    /// A node run from `properties` (its `log.dirs` formatted on the first
+    /// start), listening on `port`; logs and state beside it in `dir`.
+    pub fn start_with(dir: &Path, port: u16, properties: &Path) -> Self {
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port,
+            node_id: 1,
+            controller_port: 0,
+            voters: String::new(),
+            cluster_id: cluster_id(),
+            properties: Some(properties.to_path_buf()),
+            child: None,
+        };
+        b.spawn();
+        b.wait_started();
+        b
+    }
+
+    /// `127.0.0.1:<port>`, for `brokers =`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("broker.log")
+    }
+
+    fn spawn(&mut self) {
+        let script = std::env::var("FABRIC_TEST_KAFKA_SH").expect(
+            "FABRIC_TEST_KAFKA_SH is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
         );
-        std::fs::create_dir_all(dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("broker.log"))
-            .unwrap();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(bin)
-            .current_dir(dir)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+        std::fs::create_dir_all(&self.dir).unwrap();
+        // A new log each start, so that readiness is this start's.
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let mut cmd = std::process::Command::new(script);
+        match &self.properties {
+            Some(p) => cmd.arg("run").arg(p),
+            None => cmd
+                .arg("node")
+                .arg(&self.dir)
+                .arg(self.node_id.to_string())
+                .arg(self.port.to_string())
+                .arg(self.controller_port.to_string())
+                .arg(&self.voters),
+        };
+        let child = cmd
+            .arg(&self.cluster_id)
+            .arg("384m")
+            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the test broker did not start");
+        self.child = Some(child);
+    }
+
+    fn wait_started(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            if log.contains("Kafka Server started") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "Kafka node {} exited ({status}) before serving; its log:\n{log}",
+                    self.node_id
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Kafka node {} did not start in 90 s; see {}",
+                self.node_id,
+                self.log_path().display()
+            );
             std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker {
-            dir: dir.to_path_buf(),
-            port,
-            child: Some(child),
         }
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no shutdown, what the broker acknowledged stays in the page
+    /// cache as after a process crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -729,15 +827,82 @@ impl Broker {
         }
     }
 
+    /// Killed (if running) and started again on its storage, ready.
     pub fn restart(&mut self) {
         self.kill9();
-        *self = Broker::start(&self.dir.clone(), self.port);
+        self.spawn();
+        self.wait_started();
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A new KRaft cluster id: 16 random bytes in unpadded base64url, as
+/// Kafka's own `random-uuid` prints.
+fn cluster_id() -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Three Kafka nodes of this test's own, each broker and controller (a
+/// quorum of 3 survives the loss of one): topics made here default to
+/// replication factor 3 and `min.insync.replicas` 2, so a killed leader is
+/// a real failover.
+pub struct Cluster {
+    pub nodes: Vec<Broker>,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path) -> Self {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster_id = cluster_id();
+        let mut nodes: Vec<Broker> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(port, controller_port))| {
+                let mut b = Broker {
+                    dir: dir.join(format!("node{}", i + 1)),
+                    port,
+                    node_id: i as u32 + 1,
+                    controller_port,
+                    voters: voters.clone(),
+                    cluster_id: cluster_id.clone(),
+                    properties: None,
+                    child: None,
+                };
+                b.spawn();
+                b
+            })
+            .collect();
+        for n in &mut nodes {
+            n.wait_started();
+        }
+        Cluster { nodes }
+    }
+
+    /// Every node's address, for `brokers =` (a client finds the rest).
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Broker::address)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node with this broker id (1, 2 or 3).
+    pub fn node(&mut self, id: i32) -> &mut Broker {
+        &mut self.nodes[id as usize - 1]
     }
 }
 
