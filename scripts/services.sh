@@ -3,8 +3,9 @@
 # with wal_level=logical, a MariaDB with a ROW/FULL binlog, a Redis (the
 # benchmark's peer), each private (own port and data directory), Debian's
 # Chromium (the status page's browser test), and Apache Kafka (one KRaft
-# node, its jars resolved from Maven Central once by scripts/kafka.sh),
-# started only when not already up. Idempotent.
+# node, its jars resolved from Maven Central once by scripts/kafka.sh;
+# Kafka Connect with Debezium's jars too, for the tests that run it), started
+# only when not already up. Idempotent.
 #
 #   scripts/services.sh start   # start what is missing, print `export ...` lines
 #   scripts/services.sh stop    # stop what this script started (by PID)
@@ -31,6 +32,9 @@ KAFKA_PORT="${FABRIC_KAFKA_PORT:-19092}"
 # controllers one port above.
 CLUSTER_PORT="${FABRIC_KAFKA_CLUSTER_PORT:-19092}"
 KAFKA_SH="$(cd "$(dirname "$0")" && pwd)/kafka.sh"
+# Kafka Connect with Debezium's PostgreSQL connector, for the tests of the
+# debezium_kafka source: its jars are resolved at start, run by the tests.
+DEBEZIUM_CONNECT_SH="$(cd "$(dirname "$0")" && pwd)/debezium_connect.sh"
 REDIS_PORT="${FABRIC_REDIS_PORT:-16379}"
 
 log() { echo "services: $*" >&2; }
@@ -162,10 +166,11 @@ wait_kafka_started() {
 # start (tests make topics of their own); a running one is reused.
 start_kafka() {
   KAFKA="127.0.0.1:$KAFKA_PORT"
+  "$KAFKA_SH" libs >/dev/null
+  "$DEBEZIUM_CONNECT_SH" libs >/dev/null
   if kafka_ready; then
     return
   fi
-  "$KAFKA_SH" libs >/dev/null
   log "starting Apache Kafka on $KAFKA_PORT"
   rm -rf "$BASE/kafka"
   mkdir -p "$BASE/kafka"
@@ -255,6 +260,7 @@ print_env() {
   # Tests that run (and kill) brokers of their own start them with this.
   echo "export FABRIC_TEST_KAFKA_SH=$KAFKA_SH"
   echo "export FABRIC_TEST_PYTHON=$PY_VENV/bin/python"
+  echo "export FABRIC_TEST_DEBEZIUM_CONNECT=$DEBEZIUM_CONNECT_SH"
   echo "export FABRIC_TEST_PG_URL=${PG_URL}"
   echo "export FABRIC_TEST_MYSQL_URL=${MY_URL}"
   echo "export FABRIC_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"

@@ -243,13 +243,18 @@ async fn the_compose_deployment_serves_a_customer_from_both_databases() {
     // from MariaDB.
     let ada = eventually(
         Duration::from_secs(90),
-        "customer 1 with her invoices and payment",
+        "customer 1 with her address, invoices and payment",
         || {
             let mut c = client.clone();
             async move {
                 let t = customer(&mut c, token, "1").await?;
                 let n = |name: &str| t.get(name).map_or(0, BTreeMap::len);
-                (n("invoices") == 2 && n("payments") == 1).then_some(t)
+                // The two sources load independently: wait for both.
+                (n("customer") == 1
+                    && n("addresses") == 1
+                    && n("invoices") == 2
+                    && n("payments") == 1)
+                    .then_some(t)
             }
         },
     )

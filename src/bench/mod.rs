@@ -67,9 +67,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
     /// Change events of the ingest part on the Kafka bus (and of the
-    /// broker's own run): the test broker (tansu on SQLite storage) takes
-    /// some thousands of records a second, so a million would take the
-    /// better part of an hour per row; the figure that matters is the ratio.
+    /// broker's own run): the figure that matters is the ratio to the
+    /// broker's own rate, which this many events measures.
     #[arg(long, default_value_t = 100_000)]
     pub kafka_events: u64,
     /// Also measure the Kafka bus with the entities and state topics on

@@ -36,10 +36,10 @@
 //! than its own assignment (the owner of every partition, and its address,
 //! to route requests), it must hand over sources as well as partitions,
 //! and its restarts should not cost a rebalance. The group protocol offers
-//! none of these directly, and the Kafka-protocol broker these tests run
-//! against (tansu 0.6) does not keep a group stable when its leader dies or
-//! its members are static. Leases on a topic need nothing from the broker
-//! but produce and fetch.
+//! none of these directly, and the stand-in broker the tests ran against
+//! when this was written (tansu 0.6) did not keep a group stable when its
+//! leader died or its members were static. Leases on a topic need nothing
+//! from the broker but produce and fetch.
 
 use super::BusError;
 use super::kafka::{self, BaseConsumer, Producer, kafka as err};

@@ -578,9 +578,17 @@ pub async fn compare_with(
                 view: String::new(),
                 ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner();
+            .await;
+        // A partition moving between processes answers UNAVAILABLE with a
+        // retry-after: a mismatch for now (callers that wait retry).
+        let resp = match resp {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                mismatches.push(format!("batch read unavailable: {}", s.message()));
+                continue;
+            }
+            Err(s) => panic!("batch read failed: {s:?}"),
+        };
         for e in resp.entities {
             let id: i64 = e.id.parse().unwrap();
             if let Some(w) = want.get(&id) {
