@@ -227,6 +227,16 @@ impl Metrics {
             "Change events waiting for their id_via link",
             router_pending.clone(),
         );
+        r.register(
+            "kafka_writes_held",
+            "Kafka writes held because the broker did not know their topic or partition (deleted, or fewer partitions)",
+            crate::bus::kafka::WRITES_HELD.clone(),
+        );
+        r.register(
+            "kafka_writes_held_now",
+            "Kafka writers waiting now for a topic or partition the broker does not know",
+            crate::bus::kafka::WRITES_HELD_NOW.clone(),
+        );
         let router_pending_expired = Counter::default();
         r.register(
             "router_pending_expired",

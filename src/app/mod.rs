@@ -1013,7 +1013,13 @@ async fn route_loop(
         let env = tokio::select! {
             biased;
             Some((acked, parts, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
-                for (p, o) in parts.into_iter().zip(acked?) {
+                let acked = match acked {
+                    Err(e @ crate::bus::BusError::TopicGone { .. }) => {
+                        return held_for_a_lost_topic(e, rx, control).await;
+                    }
+                    other => other?,
+                };
+                for (p, o) in parts.into_iter().zip(acked) {
                     let e = &mut ends[p as usize];
                     *e = (*e).max(o.0 + 1);
                 }
@@ -1124,7 +1130,12 @@ async fn route_loop(
         let acked = if routed.records.is_empty() {
             None
         } else {
-            Some(f.bus.enqueue(routed.records).await?)
+            match f.bus.enqueue(routed.records).await {
+                Err(e @ crate::bus::BusError::TopicGone { .. }) => {
+                    return held_for_a_lost_topic(e, rx, control).await;
+                }
+                other => Some(other?),
+            }
         };
         marker_last = false;
         in_flight.push_back(Box::pin(async move {
@@ -1134,6 +1145,49 @@ async fn route_loop(
             };
             (result, parts, checkpoints, on_routed)
         }));
+    }
+}
+
+/// The changes topic lost a partition under the router (it was deleted,
+/// or made again with fewer partitions): nothing more can be written, so
+/// nothing more is routed or acknowledged to the sources (they wait on the
+/// full channel and resume from their checkpoints after a restart), and
+/// reads go on from what the partitions hold. Answers flushes, says so
+/// every 30 s, and returns once the sources are gone (shutdown).
+async fn held_for_a_lost_topic(
+    e: crate::bus::BusError,
+    rx: mpsc::Receiver<TxnEnvelope>,
+    mut control: mpsc::UnboundedReceiver<RouterControl>,
+) -> Result<(), crate::bus::BusError> {
+    crate::bus::kafka::WRITES_HELD.inc();
+    crate::bus::kafka::WRITES_HELD_NOW.inc();
+    let said = || {
+        tracing::error!(
+            error = %e,
+            "ingest stopped: the bus lost a topic or partition under the fabric; what is held is still served, nothing more is acknowledged to the sources. Stop the fabric and start it on a new topic_prefix (a rebuild from the sources), or restore the topic (docs/kafka.md, Faults)"
+        )
+    };
+    said();
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let mut last = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            Some(c) = control.recv() => {
+                if let RouterControl::Flush(done) = c {
+                    let _ = done.send(());
+                }
+            }
+            _ = check.tick() => {
+                if rx.is_closed() {
+                    crate::bus::kafka::WRITES_HELD_NOW.dec();
+                    return Ok(());
+                }
+                if last.elapsed() >= Duration::from_secs(30) {
+                    last = std::time::Instant::now();
+                    said();
+                }
+            }
+        }
     }
 }
 

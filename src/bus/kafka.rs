@@ -43,7 +43,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The first byte of every value: the encoding, so it can change.
@@ -167,11 +167,26 @@ pub fn create<T: FromClientConfigAndContext<Quiet>>(
 pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);
+    // The fabric makes its topics itself, with their partitions and
+    // settings (ensure_topic). A topic deleted under it must not come back
+    // made by a metadata request with the broker's defaults (one partition,
+    // no compaction) and offsets from 0 again: writes to it wait instead
+    // (send_in_order).
+    c.set("allow.auto.create.topics", "false");
     for (k, v) in properties {
         c.set(k, v);
     }
     c
 }
+
+/// Writes held because the broker did not know their topic or partition
+/// (deleted, or fewer partitions): counted since start, and held now.
+/// Process-wide, registered as `fabric_kafka_writes_held` and
+/// `fabric_kafka_writes_held_now`.
+pub static WRITES_HELD: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+pub static WRITES_HELD_NOW: std::sync::LazyLock<prometheus_client::metrics::gauge::Gauge> =
+    std::sync::LazyLock::new(Default::default);
 
 /// An idempotent producer (`acks=all`) that retries a record until the
 /// broker takes it: nothing it was handed is dropped while the broker is away.
@@ -273,9 +288,10 @@ pub async fn send_in_order<'a>(
     producer: &Producer,
     mut record: FutureRecord<'a, str, [u8]>,
 ) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError> {
-    loop {
+    let mut held: Option<(Instant, Instant)> = None;
+    let result = loop {
         match producer.send_result(record) {
-            Ok(d) => return Ok(d),
+            Ok(d) => break Ok(d),
             Err((
                 rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                 back,
@@ -283,9 +299,49 @@ pub async fn send_in_order<'a>(
                 record = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err((e, _)) => return Err(e),
+            // The broker does not know the topic or this partition (the topic
+            // was deleted, or made again with fewer partitions; also for a
+            // moment during a leader change). The record is not taken: hold
+            // it, and every record after it, and say so. Nothing behind it is
+            // acknowledged to its source, and reads go on.
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    code @ (RDKafkaErrorCode::UnknownPartition
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicOrPartition),
+                ),
+                back,
+            )) => {
+                let now = Instant::now();
+                let (since, said) = held.get_or_insert_with(|| {
+                    WRITES_HELD.inc();
+                    WRITES_HELD_NOW.inc();
+                    (now, now - Duration::from_secs(60))
+                });
+                if now.duration_since(*said) >= Duration::from_secs(30) {
+                    *said = now;
+                    tracing::error!(
+                        topic = back.topic,
+                        partition = ?back.partition,
+                        error = %code,
+                        held_s = now.duration_since(*since).as_secs(),
+                        "the broker does not know this topic or partition (deleted, or made again with fewer partitions?): writes to it are held and retried, nothing after them is acknowledged to the sources; reads go on"
+                    );
+                }
+                record = back;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err((e, _)) => break Err(e),
         }
+    };
+    if let Some((since, _)) = held {
+        WRITES_HELD_NOW.dec();
+        tracing::info!(
+            held_s = since.elapsed().as_secs(),
+            "writes held for an unknown topic or partition go on"
+        );
     }
+    result
 }
 
 /// A partition's high watermark, asked of the broker.
@@ -514,7 +570,20 @@ impl Bus for KafkaBus {
                 let offset = d
                     .await
                     .map_err(|_| BusError::Closed)?
-                    .map_err(|(e, _)| kafka("produce")(e))?
+                    .map_err(|(e, _)| match e.rdkafka_error_code() {
+                        // Queued records failed because their partition
+                        // went away under them (the topic was deleted).
+                        Some(
+                            code @ (RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownTopicOrPartition),
+                        ) => BusError::TopicGone {
+                            topic: topic.clone(),
+                            partition: p,
+                            reason: code.to_string(),
+                        },
+                        _ => kafka("produce")(e),
+                    })?
                     .offset;
                 if offset < 0 {
                     // Delivered, but the answer was lost (the broker went
@@ -571,6 +640,7 @@ impl Bus for KafkaBus {
             dead_letters: self.dead_letters.clone(),
             consumer,
             closed: self.close_tx.subscribe(),
+            gone_said: None,
         }))
     }
 
@@ -636,6 +706,8 @@ struct KafkaConsumer {
     dead_letters: Option<Arc<DeadLetters>>,
     consumer: StreamConsumer,
     closed: watch::Receiver<bool>,
+    /// When the partition was last said to be unknown to the broker.
+    gone_said: Option<Instant>,
 }
 
 impl KafkaConsumer {
@@ -675,7 +747,7 @@ impl KafkaConsumer {
     /// Whether a consumer error ends the read: only an offset the broker no
     /// longer holds does; everything else (broker away, leader moving) is
     /// retried by librdkafka and by us.
-    fn fatal(&self, e: rdkafka::error::KafkaError) -> Option<BusError> {
+    fn fatal(&mut self, e: rdkafka::error::KafkaError) -> Option<BusError> {
         use RDKafkaErrorCode::*;
         let operation = format!("read partition {} of {}", self.partition, self.topic);
         match e.rdkafka_error_code() {
@@ -690,7 +762,26 @@ impl KafkaConsumer {
                     ),
                 });
             }
-            Some(UnknownTopicOrPartition | UnknownTopic | TopicAuthorizationFailed | Fatal) => {
+            // The topic was deleted under the fabric (or briefly unknown to
+            // a broker during a leader change): what the partition holds is
+            // still served; reading waits for it, saying so every 30 s.
+            Some(UnknownTopicOrPartition | UnknownTopic | UnknownPartition) => {
+                if self
+                    .gone_said
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+                {
+                    self.gone_said = Some(Instant::now());
+                    tracing::error!(
+                        partition = self.partition,
+                        topic = %self.topic,
+                        error = %e,
+                        "the broker does not know this partition (was the topic deleted?): \
+                         what the fabric holds is still served; reading it is retried"
+                    );
+                }
+                return None;
+            }
+            Some(TopicAuthorizationFailed | Fatal) => {
                 return Some(BusError::Kafka {
                     operation,
                     reason: e.to_string(),

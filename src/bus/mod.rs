@@ -55,6 +55,16 @@ pub enum BusError {
     /// The topics do not fit the config; retrying cannot help.
     #[error("kafka: {0}")]
     Mismatch(String),
+    /// The broker no longer knows the topic or one of its partitions (it
+    /// was deleted, or made again with fewer partitions) and failed the
+    /// records queued for it: what the fabric holds stays served, nothing
+    /// more can be written until an operator acts (docs/kafka.md, Faults).
+    #[error("kafka: {topic} partition {partition} is gone ({reason})")]
+    TopicGone {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
     /// An applier could not make a forget durable (delete the entity's
     /// snapshot key, write the blocked ids): it stops rather than report
     /// the forget done.

@@ -522,6 +522,7 @@ pub async fn all_ids(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     let mut token = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let resp = client
             .list_entities(entity_fabric::proto::ListEntitiesRequest {
@@ -529,9 +530,17 @@ pub async fn all_ids(
                 page_size: page,
                 page_token: token.clone(),
             })
-            .await
-            .unwrap()
-            .into_inner();
+            .await;
+        // A process of the group stopping or a partition moving answers
+        // UNAVAILABLE, "retry": as a client is told to, retry.
+        let resp = match resp {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(s) => panic!("ListEntities failed: {s:?}"),
+        };
         ids.extend(resp.ids);
         if resp.next_page_token.is_empty() {
             return ids;
