@@ -85,8 +85,15 @@ LOG
   log "resolved $(ls "$LIBS" | wc -l) jars"
 }
 
+# 16 random bytes in unpadded base64url, never starting with "-" (the
+# storage tool would take it for an option; Kafka's own ids never do).
 cluster_id() {
-  head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [ "${id:0:1}" != "-" ] && break
+  done
+  echo -n "$id"
 }
 
 node() {

@@ -1015,7 +1015,7 @@ async fn route_loop(
             Some((acked, parts, checkpoints, on_routed)) = in_flight.next(), if !in_flight.is_empty() => {
                 let acked = match acked {
                     Err(e @ crate::bus::BusError::TopicGone { .. }) => {
-                        return held_for_a_lost_topic(e, rx, control).await;
+                        return held_for_a_lost_topic(e, rx, control, &f, &ends).await;
                     }
                     other => other?,
                 };
@@ -1132,7 +1132,7 @@ async fn route_loop(
         } else {
             match f.bus.enqueue(routed.records).await {
                 Err(e @ crate::bus::BusError::TopicGone { .. }) => {
-                    return held_for_a_lost_topic(e, rx, control).await;
+                    return held_for_a_lost_topic(e, rx, control, &f, &ends).await;
                 }
                 other => Some(other?),
             }
@@ -1153,11 +1153,17 @@ async fn route_loop(
 /// nothing more is routed or acknowledged to the sources (they wait on the
 /// full channel and resume from their checkpoints after a restart), and
 /// reads go on from what the partitions hold. Answers flushes, says so
-/// every 30 s, and returns once the sources are gone (shutdown).
+/// every 10 s, and returns once the sources are gone (shutdown). If every
+/// partition turns out to be there after all, at least as long as the
+/// router wrote it (a broker's passing answer without them, not a
+/// deletion), it returns the error: the process stops and its restart
+/// resumes from its snapshots and the sources' checkpoints.
 async fn held_for_a_lost_topic(
     e: crate::bus::BusError,
     rx: mpsc::Receiver<TxnEnvelope>,
     mut control: mpsc::UnboundedReceiver<RouterControl>,
+    f: &Fabric,
+    ends: &[u64],
 ) -> Result<(), crate::bus::BusError> {
     crate::bus::kafka::WRITES_HELD.inc();
     crate::bus::kafka::WRITES_HELD_NOW.inc();
@@ -1182,8 +1188,22 @@ async fn held_for_a_lost_topic(
                     crate::bus::kafka::WRITES_HELD_NOW.dec();
                     return Ok(());
                 }
-                if last.elapsed() >= Duration::from_secs(30) {
+                if last.elapsed() >= Duration::from_secs(10) {
                     last = std::time::Instant::now();
+                    let mut whole = true;
+                    for (p, end) in ends.iter().enumerate() {
+                        match f.bus.log_end(p as u32).await {
+                            Ok(o) if o.0 >= *end => {}
+                            _ => {
+                                whole = false;
+                                break;
+                            }
+                        }
+                    }
+                    if whole {
+                        crate::bus::kafka::WRITES_HELD_NOW.dec();
+                        return Err(e);
+                    }
                     said();
                 }
             }

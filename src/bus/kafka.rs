@@ -173,6 +173,11 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
     // no compaction) and offsets from 0 again: writes to it wait instead
     // (send_in_order).
     c.set("allow.auto.create.topics", "false");
+    // Metadata a client caches is refreshed every 10 s instead of 5 min: a
+    // cluster node killed and restarted may answer, for a moment, without
+    // partitions it leads again seconds later, and a client would otherwise
+    // keep that answer (partition unknown) for minutes.
+    c.set("topic.metadata.refresh.interval.ms", "10000");
     for (k, v) in properties {
         c.set(k, v);
     }
@@ -362,8 +367,28 @@ pub async fn watermarks(
     let c = c.clone();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30))
-            .map(|(low, high)| (low.max(0) as u64, high.max(0) as u64))
+        let read = || c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30));
+        let r = match read() {
+            // The client's cached metadata lacks the partition: seen on a
+            // cluster after a node was killed and came back (its first
+            // answers held no partitions), and kept until the next periodic
+            // refresh. Ask the brokers again, then read again.
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                    )
+                ) =>
+            {
+                let _ = c.fetch_metadata(Some(&topic), Duration::from_secs(10));
+                read()
+            }
+            r => r,
+        };
+        r.map(|(low, high)| (low.max(0) as u64, high.max(0) as u64))
     })
     .await
     .map_err(|e| BusError::Kafka {

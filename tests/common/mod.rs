@@ -859,11 +859,17 @@ impl Drop for Broker {
 }
 
 /// A new KRaft cluster id: 16 random bytes in unpadded base64url, as
-/// Kafka's own `random-uuid` prints.
+/// Kafka's own `random-uuid` prints, and like it never starting with `-`
+/// (the storage tool would take it for an option).
 fn cluster_id() -> String {
     use base64::Engine;
-    let bytes: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    loop {
+        let bytes: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
 }
 
 /// Three Kafka nodes of this test's own, each broker and controller (a
