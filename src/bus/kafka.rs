@@ -184,6 +184,18 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
     c
 }
 
+/// The broker (or the client's metadata) does not know the topic or the
+/// partition: it was deleted, made again with fewer partitions, or is
+/// briefly unknown during a leader change.
+fn unknown_partition(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+    )
+}
+
 /// Writes held because the broker did not know their topic or partition
 /// (deleted, or fewer partitions): counted since start, and held now.
 /// Process-wide, registered as `fabric_kafka_writes_held` and
@@ -309,14 +321,9 @@ pub async fn send_in_order<'a>(
             // moment during a leader change). The record is not taken: hold
             // it, and every record after it, and say so. Nothing behind it is
             // acknowledged to its source, and reads go on.
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    code @ (RDKafkaErrorCode::UnknownPartition
-                    | RDKafkaErrorCode::UnknownTopic
-                    | RDKafkaErrorCode::UnknownTopicOrPartition),
-                ),
-                back,
-            )) => {
+            Err((rdkafka::error::KafkaError::MessageProduction(code), back))
+                if unknown_partition(code) =>
+            {
                 let now = Instant::now();
                 let (since, said) = held.get_or_insert_with(|| {
                     WRITES_HELD.inc();
@@ -373,16 +380,7 @@ pub async fn watermarks(
             // cluster after a node was killed and came back (its first
             // answers held no partitions), and kept until the next periodic
             // refresh. Ask the brokers again, then read again.
-            Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        RDKafkaErrorCode::UnknownPartition
-                            | RDKafkaErrorCode::UnknownTopic
-                            | RDKafkaErrorCode::UnknownTopicOrPartition
-                    )
-                ) =>
-            {
+            Err(e) if e.rdkafka_error_code().is_some_and(unknown_partition) => {
                 let _ = c.fetch_metadata(Some(&topic), Duration::from_secs(10));
                 read()
             }
@@ -598,11 +596,7 @@ impl Bus for KafkaBus {
                     .map_err(|(e, _)| match e.rdkafka_error_code() {
                         // Queued records failed because their partition
                         // went away under them (the topic was deleted).
-                        Some(
-                            code @ (RDKafkaErrorCode::UnknownPartition
-                            | RDKafkaErrorCode::UnknownTopic
-                            | RDKafkaErrorCode::UnknownTopicOrPartition),
-                        ) => BusError::TopicGone {
+                        Some(code) if unknown_partition(code) => BusError::TopicGone {
                             topic: topic.clone(),
                             partition: p,
                             reason: code.to_string(),
@@ -790,7 +784,7 @@ impl KafkaConsumer {
             // The topic was deleted under the fabric (or briefly unknown to
             // a broker during a leader change): what the partition holds is
             // still served; reading waits for it, saying so every 30 s.
-            Some(UnknownTopicOrPartition | UnknownTopic | UnknownPartition) => {
+            Some(code) if unknown_partition(code) => {
                 if self
                     .gone_said
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
