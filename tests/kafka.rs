@@ -748,3 +748,133 @@ async fn changes_topic_deleted_under_a_running_fabric() {
     );
     assert!(fabric.terminate(), "{}", fabric.log_text());
 }
+
+/// A partition rebuilt on another process from the state topic alone:
+/// the first process stops, the changes topic loses every record (as
+/// retention would), and a process with no disk of its own restores every
+/// partition from the state topic; every customer, its lineage included,
+/// is what the first served, and equal to the sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_restored_from_the_state_topic_alone() {
+    use entity_fabric::proto::GetLineageRequest;
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = brokers();
+    let KafkaDemo {
+        dir,
+        config,
+        data,
+        prefix,
+        fabric,
+    } = start_demo(None, &brokers, "statealone", 300, true, |t| {
+        t.replace(
+            "root_table = \"customer\"",
+            "root_table = \"customer\"\nlineage = true",
+        )
+    })
+    .await;
+    // Entities change row by row: the state topic holds diffs over them.
+    let written = mutate_for(&data, 60.0, Duration::from_secs(5)).await;
+    converge(&fabric, &data).await;
+    let served = grpc_customers(&fabric, "").await;
+    let lineage = |f: &FabricProcess, ids: Vec<String>| {
+        let grpc = f.grpc.clone();
+        async move {
+            let mut c = CatalogServiceClient::connect(grpc).await.unwrap();
+            let mut out = Vec::new();
+            for id in ids {
+                let r = c
+                    .get_lineage(GetLineageRequest {
+                        r#type: "customer".into(),
+                        id,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                out.push(r);
+            }
+            out
+        }
+    };
+    let sample: Vec<String> = served.values().take(40).map(|e| e.id.clone()).collect();
+    let lineage_before = lineage(&fabric, sample.clone()).await;
+    let mut fabric = fabric;
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+
+    // Every record of the changes topic gone: nothing to replay.
+    let topic = format!("{prefix}.changes");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        let (_, high) = c
+            .fetch_watermarks(&topic, p, Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Offset(high))
+            .unwrap();
+    }
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let deleted = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .unwrap();
+    for e in deleted.elements() {
+        assert!(e.error().is_ok(), "{e:?}");
+        let (low, high) = c
+            .fetch_watermarks(&topic, e.partition(), Duration::from_secs(10))
+            .unwrap();
+        assert!(
+            high > 0 && low == high,
+            "partition {}: {low}..{high}",
+            e.partition()
+        );
+    }
+
+    // Another process, no snapshot of its own.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let snapshots = data.join("snapshots");
+    assert!(text.contains(&snapshots.display().to_string()));
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        text.replace(
+            &snapshots.display().to_string(),
+            &dir.path().join("other-snapshots").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut other = FabricProcess::start(&other, &dir.path().join("other.log"));
+    other.wait_serving(Duration::from_secs(60)).await;
+    eventually(Duration::from_secs(60), "every partition restored", || {
+        let log = other.log_text();
+        async move {
+            (log.matches("partition restored from the state topic")
+                .count()
+                == 4)
+                .then_some(())
+        }
+    })
+    .await;
+    let log = other.log_text();
+    assert!(!log.contains("rebuilding it from the log"), "{log}");
+    let restored = grpc_customers(&other, "").await;
+    assert_eq!(restored.len(), served.len());
+    for (k, e) in &served {
+        assert_eq!(restored.get(k), Some(e), "{k} restored differently");
+    }
+    assert_eq!(lineage(&other, sample).await, lineage_before);
+    // And it goes on from there.
+    let more = mutate_for(&data, 30.0, Duration::from_secs(3)).await;
+    let compared = converge(&other, &data).await;
+    println!(
+        "{written} source transactions, the changes topic emptied, {} customers restored from the state topic alone equal to what the first process served; {more} more transactions, {compared} customers equal to the sources",
+        restored.len()
+    );
+    assert!(other.terminate(), "{}", other.log_text());
+}

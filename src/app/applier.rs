@@ -173,12 +173,20 @@ pub async fn run(
                     // partition published them (wrote them to the state topic).
                     let (mut published, mut stated, mut stated_marks) = (0, 0, 0);
                     let mut erasing = Erasing::default();
+                    // Entities whose source positions moved with no change.
+                    let mut unchanged: Vec<EntityKey> = Vec::new();
                     for d in batch {
                         debug_assert_eq!(d.offset, next, "bus offsets must be dense");
                         if let BusRecord::Erase(e) = &*d.record {
                             erase(&store, e, d.offset.0, &metrics, &mut changes, &mut erasing);
                         } else {
-                            apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
+                            let u = apply(&store, partition, &d.record, &metrics, &mut counters, &mut changes);
+                            if let Some(key) = u
+                                && d.offset >= state_from
+                                && state_topic.is_some()
+                            {
+                                unchanged.push(key);
+                            }
                         }
                         if d.offset < publish_from {
                             published = changes.len();
@@ -227,8 +235,18 @@ pub async fn run(
                     if let Some(st) = &state_topic
                         && next > state_from
                     {
-                        st.write(partition, &changes[stated..], &erasing.marks[stated_marks..], next.0)
-                            .await?;
+                        // As they are after the batch (this task is their
+                        // shard's only writer).
+                        let unchanged: Vec<Arc<crate::store::Entity>> =
+                            unchanged.iter().filter_map(|k| store.get(k)).collect();
+                        st.write(
+                            partition,
+                            &changes[stated..],
+                            &unchanged,
+                            &erasing.marks[stated_marks..],
+                            next.0,
+                        )
+                        .await?;
                     }
                     for (offset, done) in erasing.done {
                         erasures.record(partition, offset, done);
@@ -304,6 +322,8 @@ fn erase(
 /// rather than once per record (the lookup builds a label and takes a lock).
 type AppliedCounters = HashMap<Arc<str>, Counter>;
 
+/// Applies one record; returns the entity's key when it applied with no
+/// change (its source position moved).
 fn apply(
     store: &Store,
     partition: u32,
@@ -311,7 +331,7 @@ fn apply(
     metrics: &Metrics,
     counters: &mut AppliedCounters,
     changes: &mut Vec<Arc<EntityChange>>,
-) {
+) -> Option<EntityKey> {
     match record {
         BusRecord::Changes(set) => {
             let applied = store.apply_into(set, changes);
@@ -333,19 +353,23 @@ fn apply(
                 );
             }
             tracing::trace!(key = %set.key, position = %set.position, "applied");
+            (applied == Outcome::Unchanged).then(|| set.key.clone())
         }
         BusRecord::Fetched(set) => {
-            if store.apply_fetched_into(set, changes) == Outcome::Blocked {
+            let applied = store.apply_fetched_into(set, changes);
+            if applied == Outcome::Blocked {
                 blocked(metrics, &set.key);
             }
             tracing::trace!(key = %set.key, "applied a fetch");
+            (applied == Outcome::Unchanged).then(|| set.key.clone())
         }
         BusRecord::Truncate(t) => {
             let n = store.truncate_into(partition, t, changes);
             tracing::debug!(table = %t.table, entities = n, "truncated");
+            None
         }
         // Applied by the caller (`erase`): it needs the record's offset.
-        BusRecord::Erase(_) | BusRecord::Unreadable => {}
+        BusRecord::Erase(_) | BusRecord::Unreadable => None,
     }
 }
 

@@ -204,17 +204,23 @@ impl Partitions {
         let mut from_state = None;
         let mut state_offset = None;
         // Entities and blocked ids on the state topic, when it is not used (older).
-        let mut stale_keys: Vec<crate::event::EntityKey> = Vec::new();
+        let mut stale: HashMap<crate::event::EntityKey, Arc<crate::store::Entity>> = HashMap::new();
         let mut stale_marks: Vec<crate::event::EntityKey> = Vec::new();
         if let Some(st) = self.state_topic.clone() {
-            let state = retrying("read the state topic", || st.read(p)).await;
+            let state = retrying("read the state topic", || st.take_over(p)).await;
             state_offset = state.as_ref().map(|s| s.offset);
-            if let Some(s) = &state
-                && local.is_some_and(|l| s.offset <= l)
-            {
-                stale_keys = s.entities.iter().map(|e| e.key.clone()).collect();
-                stale_marks = s.blocked.iter().map(|(k, _)| k.clone()).collect();
-            }
+            let state = match state {
+                Some(s) if local.is_some_and(|l| s.offset <= l) => {
+                    stale_marks = s.blocked.iter().map(|(k, _)| k.clone()).collect();
+                    stale = s
+                        .entities
+                        .into_iter()
+                        .map(|e| (e.key.clone(), Arc::new(e)))
+                        .collect();
+                    None
+                }
+                s => s,
+            };
             if let Some(s) = state
                 && local.is_none_or(|l| s.offset > l)
             {
@@ -272,21 +278,21 @@ impl Partitions {
             && state_offset.is_none_or(|s| s < from.0)
             && from.0 > 0
         {
+            // Each entity from what the topic holds of it.
             let mut all: Vec<Arc<crate::store::EntityChange>> = f
                 .store
                 .shard_entities(p)
                 .into_iter()
-                .map(|e| Arc::new(crate::store::EntityChange::upsert(e, Vec::new())))
+                .map(|e| {
+                    let was = stale.remove(&e.key);
+                    Arc::new(crate::store::EntityChange::upsert(e, Vec::new()).after(was))
+                })
                 .collect();
             // What the topic holds and the partition no longer does: deleted.
-            for key in stale_keys {
-                if f.store.get(&key).is_none() {
-                    all.push(Arc::new(crate::store::EntityChange::deleted(
-                        key,
-                        0,
-                        Vec::new(),
-                    )));
-                }
+            for (key, was) in stale {
+                all.push(Arc::new(
+                    crate::store::EntityChange::deleted(key, 0, Vec::new()).after(Some(was)),
+                ));
             }
             let mut marks: Vec<super::applier::Mark> = f
                 .store
@@ -301,7 +307,7 @@ impl Partitions {
             }
             let n = all.len();
             retrying("write the partition to the state topic", || {
-                st.write(p, &all, &marks, from.0)
+                st.write(p, &all, &[], &marks, from.0)
             })
             .await;
             tracing::info!(

@@ -924,7 +924,17 @@ async fn connect_kafka(
     let checkpoints = checkpoints::CheckpointTopic::connect(k).await?;
     let state = if k.state_topic {
         Some(Arc::new(
-            state::StateTopic::connect(k, config.bus.partitions).await?,
+            state::StateTopic::connect(
+                k,
+                config.bus.partitions,
+                config
+                    .entities
+                    .iter()
+                    .filter(|e| e.on_access())
+                    .map(|e| Arc::from(e.name.as_str()))
+                    .collect(),
+            )
+            .await?,
         ))
     } else {
         None

@@ -24,11 +24,21 @@ use std::time::{Duration, Instant};
 const PER_TXN: u64 = 100;
 const ENTITIES: u64 = 100_000;
 
+/// Entities of the run that grows them: 100 rows each after 100,000 events.
+const FEW_ENTITIES: u64 = 1_000;
+
 /// Which bus, and for Kafka whether the entities and state topics are on.
 #[derive(Clone, Copy)]
 enum Mode {
     Embedded,
     Kafka { topics: bool },
+}
+
+/// What a Kafka run wrote to one of the fabric's topics.
+#[derive(Clone, Copy, Default)]
+struct Written {
+    records: u64,
+    bytes: u64,
 }
 
 fn config(b: &Bench, mode: Mode, grpc: &str, admin: &str, prefix: &str) -> String {
@@ -54,9 +64,10 @@ fn config(b: &Bench, mode: Mode, grpc: &str, admin: &str, prefix: &str) -> Strin
     )
 }
 
-/// The `i`-th event (from 0): an insert into `events` of one account.
-fn event(i: u64) -> (i64, i64, i64, String, String) {
-    let account = (i % ENTITIES) as i64;
+/// The `i`-th event (from 0): an insert into `events` of one of
+/// `entities` accounts.
+fn event(i: u64, entities: u64) -> (i64, i64, i64, String, String) {
+    let account = (i % entities) as i64;
     (
         i as i64,
         account,
@@ -66,11 +77,11 @@ fn event(i: u64) -> (i64, i64, i64, String, String) {
     )
 }
 
-fn push_request(seq: u64, events: u64) -> proto::PushRequest {
+fn push_request(seq: u64, events: u64, entities: u64) -> proto::PushRequest {
     let from = (seq - 1) * PER_TXN;
     let changes = (from..(from + PER_TXN).min(events))
         .map(|i| {
-            let (id, account, amount, kind, note) = event(i);
+            let (id, account, amount, kind, note) = event(i, entities);
             let v = |k: proto::value::Kind| proto::Value { kind: Some(k) };
             use proto::value::Kind;
             proto::RowChange {
@@ -98,7 +109,7 @@ fn push_request(seq: u64, events: u64) -> proto::PushRequest {
 /// The bus record the router makes of event `i`, encoded as the Kafka bus
 /// encodes it (a format byte and postcard): the peer's message.
 fn bus_record(i: u64) -> (String, Vec<u8>) {
-    let (id, account, amount, kind, note) = event(i);
+    let (id, account, amount, kind, note) = event(i, ENTITIES);
     let key = EntityKey::new("account", account.to_string());
     let row = [
         ("id", Value::Int(id)),
@@ -154,8 +165,15 @@ async fn wait_assigned(f: &FabricChild) -> anyhow::Result<()> {
     }
 }
 
-/// Pushes `events` and waits until they are applied; events per second.
-async fn fabric_rate(b: &Bench, mode: Mode, name: &str, events: u64) -> anyhow::Result<f64> {
+/// Pushes `events` over `entities` and waits until they are applied;
+/// events per second, and on Kafka what the state and entities topics got.
+async fn fabric_rate(
+    b: &Bench,
+    mode: Mode,
+    name: &str,
+    events: u64,
+    entities: u64,
+) -> anyhow::Result<(f64, Written, Written)> {
     let prefix = format!(
         "bench-{name}-{}",
         std::time::SystemTime::now()
@@ -173,7 +191,8 @@ async fn fabric_rate(b: &Bench, mode: Mode, name: &str, events: u64) -> anyhow::
         .max_encoding_message_size(64 << 20);
     let txns = events.div_ceil(PER_TXN);
     let t0 = Instant::now();
-    let requests = futures::stream::iter((1..=txns).map(move |s| push_request(s, events)));
+    let requests =
+        futures::stream::iter((1..=txns).map(move |s| push_request(s, events, entities)));
     let mut acks = client.push(requests).await?.into_inner();
     let mut acked = 0;
     while acked < txns {
@@ -194,7 +213,38 @@ async fn fabric_rate(b: &Bench, mode: Mode, name: &str, events: u64) -> anyhow::
     let rate = events as f64 / done.duration_since(t0).as_secs_f64();
     f.stop().await?;
     eprintln!("ingest: {name}: {rate:.0} events/s");
-    Ok(rate)
+    let (mut state, mut published) = (Written::default(), Written::default());
+    if let Mode::Kafka { topics: true } = mode {
+        state = topic_written(b, &format!("{prefix}.state")).await?;
+        published = topic_written(b, &format!("{prefix}.entities")).await?;
+        eprintln!(
+            "ingest: {name}: state topic {} records, {} bytes; entities topic {} records, {} bytes",
+            state.records, state.bytes, published.records, published.bytes
+        );
+    }
+    Ok((rate, state, published))
+}
+
+/// Every record on `topic` now (keys and values; before compaction, which
+/// leaves the segment being written alone, this is what was written).
+async fn topic_written(b: &Bench, topic: &str) -> anyhow::Result<Written> {
+    let client = client_config(
+        b.kafka.as_deref().context("no broker")?,
+        &Default::default(),
+    );
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Written> {
+        let mut w = Written::default();
+        for p in 0..8 {
+            crate::bus::kafka::read_whole_partition(&client, &topic, p, |m| {
+                w.records += 1;
+                w.bytes += (m.key_len() + m.payload_len()) as u64;
+                Ok(())
+            })?;
+        }
+        Ok(w)
+    })
+    .await?
 }
 
 /// The broker's own rate for the same records: produced as the bus
@@ -265,39 +315,70 @@ async fn broker_rate(b: &Bench) -> anyhow::Result<f64> {
 
 pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
     let mut t = Table::new(
-        &format!(
-            "Ingest: change events over up to {ENTITIES} entities (pushed, {PER_TXN} per transaction) until applied"
-        ),
-        &["path", "events", "events/s", "vs broker produce+consume"],
+        &format!("Ingest: change events (pushed, {PER_TXN} per transaction) until applied"),
+        &[
+            "path",
+            "entities",
+            "events",
+            "events/s",
+            "vs broker produce+consume",
+            "state topic bytes per event",
+            "entities topic bytes per event",
+        ],
     );
-    let embedded = fabric_rate(b, Mode::Embedded, "embedded", b.events).await?;
+    let (embedded, ..) = fabric_rate(b, Mode::Embedded, "embedded", b.events, ENTITIES).await?;
     t.row(vec![
         "embedded bus".into(),
+        ENTITIES.min(b.events).to_string(),
         b.events.to_string(),
         format!("{embedded:.0}"),
+        String::new(),
+        String::new(),
         String::new(),
     ]);
     if b.kafka.is_some() {
         let n = b.kafka_events;
         let peer = broker_rate(b).await?;
-        let bare = fabric_rate(b, Mode::Kafka { topics: false }, "kafka-bare", n).await?;
-        let mut rows = vec![
-            (
-                "broker alone: the same records produced (idempotent, acks=all) and consumed",
-                peer,
-            ),
-            ("Kafka bus, entities and state topics off", bare),
-        ];
+        let mut runs = vec![(
+            "broker alone: the same records produced (idempotent, acks=all) and consumed",
+            ENTITIES,
+            (peer, None),
+        )];
+        let (bare, ..) =
+            fabric_rate(b, Mode::Kafka { topics: false }, "kafka-bare", n, ENTITIES).await?;
+        runs.push((
+            "Kafka bus, entities and state topics off",
+            ENTITIES,
+            (bare, None),
+        ));
         if b.kafka_topics {
-            let full = fabric_rate(b, Mode::Kafka { topics: true }, "kafka", n).await?;
-            rows.push(("Kafka bus, entities and state topics on (default)", full));
+            for (name, path, entities) in [
+                (
+                    "kafka",
+                    "Kafka bus, entities and state topics on (default)",
+                    ENTITIES,
+                ),
+                (
+                    "kafka-grown",
+                    "the same, entities growing to 100 rows each",
+                    FEW_ENTITIES,
+                ),
+            ] {
+                let (rate, state, published) =
+                    fabric_rate(b, Mode::Kafka { topics: true }, name, n, entities).await?;
+                runs.push((path, entities, (rate, Some((state, published)))));
+            }
         }
-        for (path, rate) in rows {
+        for (path, entities, (rate, written)) in runs {
+            let per = |w: Written| format!("{:.0}", w.bytes as f64 / n as f64);
             t.row(vec![
                 path.into(),
+                entities.min(n).to_string(),
                 n.to_string(),
                 format!("{rate:.0}"),
                 format!("{:.2}", rate / peer),
+                written.map(|(s, _)| per(s)).unwrap_or_default(),
+                written.map(|(_, p)| per(p)).unwrap_or_default(),
             ]);
         }
     } else {

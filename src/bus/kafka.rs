@@ -301,9 +301,9 @@ pub async fn ensure_topic(
 /// Hands `record` to `producer`, waiting while its queue is full. Records
 /// handed on one after another keep their order (a full queue never lets a
 /// later one in first, as concurrent sends could).
-pub async fn send_in_order<'a>(
+pub async fn send_in_order<'a, K: rdkafka::message::ToBytes + ?Sized>(
     producer: &Producer,
-    mut record: FutureRecord<'a, str, [u8]>,
+    mut record: FutureRecord<'a, K, [u8]>,
 ) -> Result<rdkafka::producer::DeliveryFuture, rdkafka::error::KafkaError> {
     let mut held: Option<(Instant, Instant)> = None;
     let result = loop {

@@ -43,6 +43,9 @@ pub struct EntityChange {
     /// The entity was forgotten on request (`entity` is `None`): readers
     /// downstream should erase their copies, not only drop the entity.
     pub forgotten: bool,
+    /// The entity before the change, when it was held: the state topic
+    /// writes what differs between the two (rows, not the whole entity).
+    pub previous: Option<Arc<Entity>>,
 }
 
 impl EntityChange {
@@ -54,6 +57,7 @@ impl EntityChange {
             entity: Some(entity),
             changed_tables,
             forgotten: false,
+            previous: None,
         }
     }
 
@@ -65,7 +69,14 @@ impl EntityChange {
             entity: None,
             changed_tables,
             forgotten: false,
+            previous: None,
         }
+    }
+
+    /// The same change, made to `previous`.
+    pub fn after(mut self, previous: Option<Arc<Entity>>) -> Self {
+        self.previous = previous;
+        self
     }
 }
 
@@ -345,7 +356,7 @@ impl Store {
         let shard = &self.shards[i];
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
         let applied = Entity::apply_with(current.as_deref(), set, self.lineage_now(&set.key));
-        self.settle(&set.key, applied, out)
+        self.settle(&set.key, current, applied, out)
     }
 
     /// Applies an entity read straight from its sources (see
@@ -362,7 +373,7 @@ impl Store {
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
         let applied =
             Entity::apply_fetched_with(current.as_deref(), set, self.lineage_now(&set.key));
-        self.settle(&set.key, applied, out)
+        self.settle(&set.key, current, applied, out)
     }
 
     /// Drops an entity from memory without telling watchers (it did not
@@ -412,11 +423,13 @@ impl Store {
                 slot.current.tables.keys().cloned().collect(),
             )
         });
-        let mut change = EntityChange::deleted(key.clone(), version, tables);
+        let was_held = removed.is_some();
+        let mut change = EntityChange::deleted(key.clone(), version, tables)
+            .after(removed.map(|(_, slot)| slot.current));
         change.forgotten = true;
         self.publish(change, out);
         Forgot {
-            was_held: removed.is_some(),
+            was_held,
             blocked: block,
         }
     }
@@ -480,10 +493,12 @@ impl Store {
             .sum()
     }
 
-    /// Puts the result of an apply in place and tells the watchers.
+    /// Puts the result of an apply to `previous` in place and tells the
+    /// watchers.
     fn settle(
         &self,
         key: &EntityKey,
+        previous: Option<Arc<Entity>>,
         applied: Applied,
         out: &mut Vec<Arc<EntityChange>>,
     ) -> Outcome {
@@ -502,7 +517,10 @@ impl Store {
                 if self.put(shard, key, entity.clone()) {
                     self.count(&key.entity_type, 1);
                 }
-                self.publish(EntityChange::upsert(entity, changed_tables), out);
+                self.publish(
+                    EntityChange::upsert(entity, changed_tables).after(previous),
+                    out,
+                );
                 Outcome::Changed
             }
             Applied::Deleted {
@@ -513,7 +531,7 @@ impl Store {
                     self.count(&key.entity_type, -1);
                 }
                 self.publish(
-                    EntityChange::deleted(key.clone(), version, changed_tables),
+                    EntityChange::deleted(key.clone(), version, changed_tables).after(previous),
                     out,
                 );
                 Outcome::Deleted
@@ -558,13 +576,17 @@ impl Store {
                 s.remove(&key);
                 self.count(&key.entity_type, -1);
                 self.publish(
-                    EntityChange::deleted(key, next.version, vec![t.table.clone()]),
+                    EntityChange::deleted(key, next.version, vec![t.table.clone()])
+                        .after(Some(cur)),
                     out,
                 );
             } else {
                 let next = Arc::new(next);
                 self.put(s, &key, next.clone());
-                self.publish(EntityChange::upsert(next, vec![t.table.clone()]), out);
+                self.publish(
+                    EntityChange::upsert(next, vec![t.table.clone()]).after(Some(cur)),
+                    out,
+                );
             }
         }
         n
