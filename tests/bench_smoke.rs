@@ -98,12 +98,28 @@ fn the_benchmark_runs_every_part_and_prints_its_tables() {
         "broker alone",
         "Kafka bus, entities and state topics off",
         "Kafka bus, entities and state topics on (default)",
+        "the same, entities growing",
     ] {
         let row = ingest
             .iter()
             .find(|r| r[0].starts_with(path))
             .unwrap_or_else(|| panic!("no ingest row {path:?}: {ingest:?}"));
-        assert!(positive(&row[2]), "{row:?}");
+        assert!(positive(&row[3]), "events/s: {row:?}");
+        if path.contains("on (default)") || path.contains("growing") {
+            assert!(positive(&row[5]), "state topic bytes: {row:?}");
+            assert!(positive(&row[6]), "entities topic bytes: {row:?}");
+        }
+    }
+
+    // Both pipelines through the same broker saw nearly every change.
+    let pipeline = rows("Freshness end to end through Kafka");
+    for who in ["PostgreSQL → Debezium", "PostgreSQL → fabric"] {
+        let row = pipeline
+            .iter()
+            .find(|r| r[0].starts_with(who))
+            .unwrap_or_else(|| panic!("no pipeline row {who:?}: {pipeline:?}"));
+        assert!(row[1].parse::<u64>().unwrap() >= 300, "{row:?}");
+        assert!(positive(&row[3]), "p99: {row:?}");
     }
 
     let cdc = rows("Change capture from PostgreSQL");

@@ -15,23 +15,17 @@
 //! 4. the highest resident memory of each process in each phase.
 
 use super::debezium::{self, Peer, Target};
-use super::harness::{self, FabricChild};
+use super::harness::{self, FabricChild, now_ns};
 use super::{Bench, Table, pg_exec};
 use crate::proto;
 use crate::proto::entity_service_client::EntityServiceClient;
 use anyhow::bail;
 use hdrhistogram::Histogram;
 use sqlx::Connection;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const ROWS_PER_ENTITY: u64 = 10;
 const TXNS_PER_SECOND: u64 = 200;
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
 
 fn config(b: &Bench, grpc: &str, admin: &str) -> String {
     format!(
@@ -102,25 +96,7 @@ async fn debezium_until_handed(
 
 /// Writes single-row transactions at 200/s for `run`; how many.
 async fn write_fresh(pg_url: String, rows: u64, run: Duration) -> anyhow::Result<u64> {
-    let mut pg = sqlx::PgConnection::connect(&pg_url).await?;
-    // A commit is sent to logical decoding once its WAL is flushed: with
-    // `synchronous_commit = off` (the test server's setting, for speed)
-    // that waits for the WAL writer, up to `wal_writer_delay` (200 ms).
-    pg_exec(&mut pg, "SET synchronous_commit = on").await?;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / TXNS_PER_SECOND));
-    let mut rng = fastrand::Rng::with_seed(7);
-    let end = Instant::now() + run;
-    let mut n = 0;
-    while Instant::now() < end {
-        tick.tick().await;
-        sqlx::query("UPDATE cdc_orders SET ts_ns = $1 WHERE id = $2")
-            .bind(now_ns())
-            .bind(rng.u64(1..=rows) as i64)
-            .execute(&mut pg)
-            .await?;
-        n += 1;
-    }
-    Ok(n)
+    harness::write_timestamps(&pg_url, "cdc_orders", rows, TXNS_PER_SECOND, run).await
 }
 
 /// The newest `ts_ns` of a watched change's entity, if written since `from`.

@@ -307,6 +307,47 @@ pub async fn closed_loop(
 }
 
 /// Percentiles of a set of latencies given in nanoseconds.
+/// The wall clock, nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Single-row transactions at `per_second` for `run`, each setting `ts_ns`
+/// of a random row of `table` (ids 1 to `rows`) to the wall clock just
+/// before its commit; returns how many.
+pub async fn write_timestamps(
+    pg_url: &str,
+    table: &str,
+    rows: u64,
+    per_second: u64,
+    run: Duration,
+) -> anyhow::Result<u64> {
+    use sqlx::Connection;
+    let mut pg = sqlx::PgConnection::connect(pg_url).await?;
+    // A commit is sent to logical decoding once its WAL is flushed: with
+    // `synchronous_commit = off` (the test server's setting, for speed)
+    // that waits for the WAL writer, up to `wal_writer_delay` (200 ms).
+    super::pg_exec(&mut pg, "SET synchronous_commit = on").await?;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+    let mut rng = fastrand::Rng::with_seed(7);
+    // The benchmark's own table name.
+    let update = format!("UPDATE {table} SET ts_ns = $1 WHERE id = $2");
+    let end = Instant::now() + run;
+    let mut n = 0;
+    while Instant::now() < end {
+        tick.tick().await;
+        sqlx::query(sqlx::AssertSqlSafe(update.as_str()))
+            .bind(now_ns())
+            .bind(rng.u64(1..=rows) as i64)
+            .execute(&mut pg)
+            .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 pub fn summarize(latencies_ns: &[u64]) -> Histogram<u64> {
     let mut h = histogram();
     for l in latencies_ns {

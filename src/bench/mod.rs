@@ -24,6 +24,7 @@ mod clients;
 mod debezium;
 mod harness;
 mod ingest;
+mod pipeline;
 mod reads;
 mod snapshots;
 
@@ -43,12 +44,15 @@ pub enum Part {
     Cdc,
     /// Snapshot write and restore.
     Snapshots,
+    /// Freshness end to end through Kafka: Debezium's change topic against
+    /// the fabric's entities topic (needs `--kafka`).
+    Pipeline,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Which parts to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Reads, Part::Ingest, Part::Cdc, Part::Snapshots])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Reads, Part::Ingest, Part::Cdc, Part::Snapshots, Part::Pipeline])]
     pub only: Vec<Part>,
     /// Tiny sizes and short runs: checks that every part works (the test
     /// suite runs this), measures nothing worth reporting.
@@ -303,7 +307,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     fresh_database(&b.pg_admin_url, &b.db).await?;
     let started = std::time::Instant::now();
     let mut tables = Vec::new();
-    for part in [Part::Reads, Part::Ingest, Part::Cdc, Part::Snapshots] {
+    for part in [
+        Part::Reads,
+        Part::Ingest,
+        Part::Cdc,
+        Part::Snapshots,
+        Part::Pipeline,
+    ] {
         if !args.only.contains(&part) {
             continue;
         }
@@ -313,6 +323,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
             Part::Ingest => ingest::run(&b, &mut tables).await,
             Part::Cdc => cdc::run(&b, &mut tables).await,
             Part::Snapshots => snapshots::run(&b, &mut tables).await,
+            Part::Pipeline => pipeline::run(&b, &mut tables).await,
         }
         .with_context(|| format!("bench part {part:?}"))?;
         for t in &tables[before..] {
