@@ -94,27 +94,48 @@ impl EntityPublisher {
         let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
         // Handed on one by one, in order; then their acknowledgements. A
         // refusal at hand-over (too large) is judged like one at delivery.
-        let mut handed = Vec::with_capacity(encoded.len());
-        for m in &encoded {
-            let mut r = FutureRecord::to(&self.topic)
-                .partition(m.partition as i32)
-                .key(m.key.as_str())
-                .headers(m.headers.clone());
-            if let Some(v) = &m.value {
-                r = r.payload(v.as_slice());
-            }
-            handed.push(crate::bus::kafka::send_in_order(&self.producer, r).await);
-        }
+        // Records refused because the partition is gone (the topic was
+        // deleted) are handed on again, in order, and held until it exists.
         let mut results: Vec<Result<(), rdkafka::error::KafkaError>> =
-            Vec::with_capacity(handed.len());
-        for h in handed {
-            results.push(match h {
-                Ok(d) => match d.await {
-                    Ok(r) => r.map(|_| ()).map_err(|(e, _)| e),
-                    Err(_) => return Err(BusError::Closed),
-                },
-                Err(e) => Err(e),
-            });
+            encoded.iter().map(|_| Ok(())).collect();
+        let mut pending: Vec<usize> = (0..encoded.len()).collect();
+        let mut said = None;
+        while !pending.is_empty() {
+            let mut handed = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                let m = &encoded[i];
+                let mut r = FutureRecord::to(&self.topic)
+                    .partition(m.partition as i32)
+                    .key(m.key.as_str())
+                    .headers(m.headers.clone());
+                if let Some(v) = &m.value {
+                    r = r.payload(v.as_slice());
+                }
+                handed.push((i, crate::bus::kafka::send_in_order(&self.producer, r).await));
+            }
+            let mut again = Vec::new();
+            for (i, h) in handed {
+                let r = match h {
+                    Ok(d) => match d.await {
+                        Ok(r) => r.map(|_| ()).map_err(|(e, _)| e),
+                        Err(_) => return Err(BusError::Closed),
+                    },
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Err(e) if crate::bus::kafka::lost_partition(&e) => again.push(i),
+                    r => results[i] = r,
+                }
+            }
+            if let Some(&i) = again.first() {
+                crate::bus::kafka::say_resent(
+                    &self.topic,
+                    encoded[i].partition,
+                    again.len(),
+                    &mut said,
+                );
+            }
+            pending = again;
         }
         for ((c, m), r) in changes.iter().zip(&encoded).zip(results) {
             let Err(e) = r else { continue };

@@ -648,9 +648,48 @@ async fn fabric_waits_for_a_broker_that_is_not_up_yet() {
 /// broker's defaults, holds what it cannot write (acknowledging nothing
 /// behind it to the sources), says so in its log and metrics, and keeps
 /// serving what it has.
+/// Deletes `topics` under the running `fabric` while the demo's sources
+/// change, then waits until `fabric_kafka_writes_held_now` is 1 or more and
+/// the log says one of `said`; returns the source transactions written.
+async fn delete_under_load(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topics: &[&str],
+    fabric: &FabricProcess,
+    data: &Path,
+    said: &[&str],
+) -> u64 {
+    let deleted = admin
+        .delete_topics(topics, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let written = mutate_for(data, 20.0, Duration::from_secs(4)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the held writes in the log and the metrics",
+        || {
+            let log = fabric.log_text();
+            let admin = fabric.admin.clone();
+            async move {
+                let (_, metrics) = http_get(&admin, "/metrics").await;
+                let held = metrics
+                    .lines()
+                    .find(|l| l.starts_with("fabric_kafka_writes_held_now "))?
+                    .rsplit(' ')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()?;
+                (held >= 1.0 && said.iter().any(|s| log.contains(s))).then_some(())
+            }
+        },
+    )
+    .await;
+    written
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_topic_deleted_under_a_running_fabric() {
-    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::admin::AdminClient;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -670,35 +709,17 @@ async fn changes_topic_deleted_under_a_running_fabric() {
         .create()
         .unwrap();
     let topic = format!("{prefix}.changes");
-    let deleted = admin
-        .delete_topics(&[&topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
-    let written = mutate_for(&data, 20.0, Duration::from_secs(4)).await;
-
-    eventually(
-        Duration::from_secs(60),
-        "the held writes in the log and the metrics",
-        || {
-            let log = fabric.log_text();
-            let admin = fabric.admin.clone();
-            async move {
-                let (_, metrics) = http_get(&admin, "/metrics").await;
-                let held = metrics
-                    .lines()
-                    .find(|l| l.starts_with("fabric_kafka_writes_held_now "))?
-                    .rsplit(' ')
-                    .next()?
-                    .parse::<f64>()
-                    .ok()?;
-                // Records queued when the topic went fail (ingest stops);
-                // records handed on after it wait (held and retried).
-                let said = log.contains("ingest stopped: the bus lost a topic")
-                    || log.contains("writes to it are held and retried");
-                (held >= 1.0 && said).then_some(())
-            }
-        },
+    // Records queued when the topic went fail (ingest stops); records
+    // handed on after it wait (held and retried).
+    let written = delete_under_load(
+        &admin,
+        &[&topic],
+        &fabric,
+        &data,
+        &[
+            "ingest stopped: the bus lost a topic",
+            "writes to it are held and retried",
+        ],
     )
     .await;
     // Still serving, every customer as it was before the delete at least.
@@ -747,6 +768,36 @@ async fn changes_topic_deleted_under_a_running_fabric() {
         now.len()
     );
     assert!(fabric.terminate(), "{}", fabric.log_text());
+}
+
+/// Starts another process on `config` with a snapshot directory of its own
+/// (empty) and waits until it restored all 4 partitions from the state topic.
+async fn restored_elsewhere(dir: &Path, config: &Path, data: &Path) -> FabricProcess {
+    let text = std::fs::read_to_string(config).unwrap();
+    let snapshots = data.join("snapshots");
+    assert!(text.contains(&snapshots.display().to_string()));
+    let other = dir.join("other.toml");
+    std::fs::write(
+        &other,
+        text.replace(
+            &snapshots.display().to_string(),
+            &dir.join("other-snapshots").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut other = FabricProcess::start(&other, &dir.join("other.log"));
+    other.wait_serving(Duration::from_secs(60)).await;
+    eventually(Duration::from_secs(60), "every partition restored", || {
+        let log = other.log_text();
+        async move {
+            (log.matches("partition restored from the state topic")
+                .count()
+                == 4)
+                .then_some(())
+        }
+    })
+    .await;
+    other
 }
 
 /// A partition rebuilt on another process from the state topic alone:
@@ -837,30 +888,7 @@ async fn a_partition_restored_from_the_state_topic_alone() {
     }
 
     // Another process, no snapshot of its own.
-    let text = std::fs::read_to_string(&config).unwrap();
-    let snapshots = data.join("snapshots");
-    assert!(text.contains(&snapshots.display().to_string()));
-    let other = dir.path().join("other.toml");
-    std::fs::write(
-        &other,
-        text.replace(
-            &snapshots.display().to_string(),
-            &dir.path().join("other-snapshots").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let mut other = FabricProcess::start(&other, &dir.path().join("other.log"));
-    other.wait_serving(Duration::from_secs(60)).await;
-    eventually(Duration::from_secs(60), "every partition restored", || {
-        let log = other.log_text();
-        async move {
-            (log.matches("partition restored from the state topic")
-                .count()
-                == 4)
-                .then_some(())
-        }
-    })
-    .await;
+    let mut other = restored_elsewhere(dir.path(), &config, &data).await;
     let log = other.log_text();
     assert!(!log.contains("rebuilding it from the log"), "{log}");
     let restored = grpc_customers(&other, "").await;
@@ -874,6 +902,102 @@ async fn a_partition_restored_from_the_state_topic_alone() {
     let compared = converge(&other, &data).await;
     println!(
         "{written} source transactions, the changes topic emptied, {} customers restored from the state topic alone equal to what the first process served; {more} more transactions, {compared} customers equal to the sources",
+        restored.len()
+    );
+    assert!(other.terminate(), "{}", other.log_text());
+}
+
+/// The entities and state topics deleted under a running fabric: it keeps
+/// serving, holds what it would write there (log line, metric), and once an
+/// operator makes the topics again it writes on: every version applied
+/// after that is on the new entities topic, and the state topic restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_and_state_topics_deleted_under_a_running_fabric() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = brokers();
+    let KafkaDemo {
+        dir,
+        config,
+        data,
+        prefix,
+        mut fabric,
+    } = start_demo(None, &brokers, "gone_out", 100, true, |t| t).await;
+    let served = grpc_customers(&fabric, "").await;
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let (entities, state) = (format!("{prefix}.entities"), format!("{prefix}.state"));
+    let written = delete_under_load(
+        &admin,
+        &[&entities, &state],
+        &fabric,
+        &data,
+        &[
+            "the broker lost this topic's partition",
+            "writes to it are held and retried",
+        ],
+    )
+    .await;
+    // Still up and serving every customer, none gone back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(fabric.exited().is_none(), "{}", fabric.log_text());
+    let now = grpc_customers(&fabric, "").await;
+    for (k, e) in &served {
+        assert!(
+            now.get(k).is_some_and(|n| n.version >= e.version),
+            "{k} went back"
+        );
+    }
+    // The way back: the topics made again as the fabric makes them.
+    let made = admin
+        .create_topics(
+            &[
+                NewTopic::new(&entities, 4, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+                NewTopic::new(&state, 4, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made.iter().all(Result::is_ok), "{made:?}");
+    let more = mutate_for(&data, 20.0, Duration::from_secs(3)).await;
+    let compared = converge(&fabric, &data).await;
+    // Every version applied after the topic came back is on it: each
+    // entity's newest message is what gRPC serves for the entities it has.
+    let grpc = grpc_customers(&fabric, "").await;
+    let topic = read_entities(&brokers, &entities, Duration::from_secs(60), |t| {
+        grpc.iter()
+            .filter(|(k, e)| now.get(*k).is_none_or(|n| n.version < e.version))
+            .all(|(k, e)| {
+                t.get(k)
+                    .and_then(|m| m.last())
+                    .is_some_and(|m| m.version == e.version)
+            })
+    })
+    .await;
+    assert!(fabric.exited().is_none(), "{}", fabric.log_text());
+    // The state topic was written whole again: another process restores
+    // every customer from it as this one serves it.
+    let last = grpc_customers(&fabric, "").await;
+    assert!(
+        fabric.log_text().contains(
+            "the state topic's partition was deleted and made again: it is written whole"
+        )
+    );
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+    let mut other = restored_elsewhere(dir.path(), &config, &data).await;
+    let restored = grpc_customers(&other, "").await;
+    assert_eq!(restored.len(), last.len());
+    for (k, e) in &last {
+        assert_eq!(restored.get(k), Some(e), "{k} restored differently");
+    }
+    println!(
+        "{entities} and {state} deleted: {written} source transactions held, {} customers served throughout; made again: {more} more transactions, {compared} customers equal to the sources, {} entities published since, {} restored from the state topic by another process",
+        now.len(),
+        topic.len(),
         restored.len()
     );
     assert!(other.terminate(), "{}", other.log_text());

@@ -239,14 +239,24 @@ pub async fn run(
                         // shard's only writer).
                         let unchanged: Vec<Arc<crate::store::Entity>> =
                             unchanged.iter().filter_map(|k| store.get(k)).collect();
-                        st.write(
-                            partition,
-                            &changes[stated..],
-                            &unchanged,
-                            &erasing.marks[stated_marks..],
-                            next.0,
-                        )
-                        .await?;
+                        let whole = !st
+                            .write(
+                                partition,
+                                &changes[stated..],
+                                &unchanged,
+                                &erasing.marks[stated_marks..],
+                                next.0,
+                            )
+                            .await?;
+                        if whole {
+                            st.write_whole(
+                                partition,
+                                &store.shard_entities(partition),
+                                &store.blocked_in(partition),
+                                next.0,
+                            )
+                            .await?;
+                        }
                     }
                     for (offset, done) in erasing.done {
                         erasures.record(partition, offset, done);

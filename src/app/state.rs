@@ -46,6 +46,15 @@
 //! (tombstone) when it is unblocked: a process restoring the partition from
 //! the topic keeps it blocked.
 //!
+//! The topic deleted under a running fabric: records the broker refuses
+//! for the lost partition are sent again and held until it exists (the
+//! applier waits, reads go on). Once it is made again, writes land at
+//! offsets this process wrote before: the writer notices, skips that
+//! batch's offset record, and the applier writes the whole partition
+//! before anything else, so a restore from the new partition is exact. A
+//! batch with nothing to write sends a tombstone of [`PROBE_KEY`] first, so
+//! that its offset record is never what reveals a new partition.
+//!
 //! Entity types synced on access are not written: wherever they are served,
 //! an entity is fetched from its sources on its first read, and one evicted
 //! from memory would leave rows on the topic that no diff removes.
@@ -75,6 +84,9 @@ pub const OFFSET_KEY: &str = "!offset";
 pub const BLOCKED_PREFIX: &str = "!blocked/";
 /// The prefix of a row's key.
 const ROW_PREFIX: &[u8] = b"!row/";
+/// Written (a tombstone) by a batch with nothing else to write, before its
+/// offset record: see `StateTopic::send`.
+const PROBE_KEY: &[u8] = b"!probe";
 /// A whole entity in postcard encoding without row lineage (builds before
 /// lineage): still read.
 const FORMAT_POSTCARD_V1: u8 = 1;
@@ -97,6 +109,9 @@ pub struct StateTopic {
     skip: HashSet<Arc<str>>,
     /// Entities read in a whole-entity format and not written since.
     legacy: parking_lot::Mutex<HashSet<EntityKey>>,
+    /// Per partition, the highest offset this process's writes landed at:
+    /// a write landing at or below it finds the partition made again.
+    ends: parking_lot::Mutex<HashMap<u32, i64>>,
 }
 
 /// What a partition of the state topic holds.
@@ -133,6 +148,7 @@ impl StateTopic {
             client,
             skip,
             legacy: Default::default(),
+            ends: Default::default(),
         })
     }
 
@@ -141,7 +157,10 @@ impl StateTopic {
     /// last), the headers of the `unchanged` entities (as they are now:
     /// applied changes moved their source positions and nothing else), the
     /// blocked ids `marks` set or lift, and then the offset the partition
-    /// reflects; resolves once the broker has them all.
+    /// reflects; resolves once the broker has them all. `Ok(false)` when
+    /// the partition turns out to have been deleted and made again (its
+    /// offsets began anew): it lacks what earlier writes put there, and
+    /// [`StateTopic::write_whole`] must follow before anything else.
     pub async fn write(
         &self,
         partition: u32,
@@ -149,7 +168,7 @@ impl StateTopic {
         unchanged: &[Arc<Entity>],
         marks: &[super::applier::Mark],
         offset: u64,
-    ) -> Result<(), BusError> {
+    ) -> Result<bool, BusError> {
         // Per entity, in the order first changed: its version before the
         // batch and after it.
         let mut order: Vec<&EntityKey> = Vec::new();
@@ -198,48 +217,115 @@ impl StateTopic {
         self.send(partition, &records, Some(offset)).await
     }
 
+    /// Writes every entity and blocked id of a partition, then its offset
+    /// (the partition was lost and made again).
+    pub async fn write_whole(
+        &self,
+        partition: u32,
+        entities: &[Arc<Entity>],
+        blocked: &[(EntityKey, i64)],
+        offset: u64,
+    ) -> Result<(), BusError> {
+        let mut records = Vec::new();
+        for e in entities {
+            if !self.skip.contains(&e.key.entity_type) {
+                entity_records(&e.key, None, Some(e), &mut records)?;
+            }
+        }
+        for (key, at) in blocked {
+            let k = format!("{BLOCKED_PREFIX}{key}").into_bytes();
+            records.push((k, Some(at.to_string().into_bytes())));
+        }
+        while !self.send(partition, &records, Some(offset)).await? {}
+        Ok(())
+    }
+
     /// Writes `records`, then (once the broker has them) the offset record.
+    /// Records refused because the partition is gone (the topic was deleted
+    /// under the fabric) are written again, held until it exists. `Ok(false)`
+    /// when they landed on a partition made again since this process last
+    /// wrote it: the offset record is then not written.
     async fn send(
         &self,
         partition: u32,
         records: &[Record],
         offset: Option<u64>,
-    ) -> Result<(), BusError> {
-        let mut deliveries = Vec::with_capacity(records.len());
-        for (key, value) in records {
-            let mut record = FutureRecord::to(&self.topic)
-                .partition(partition as i32)
-                .key(key.as_slice());
-            if let Some(v) = value {
-                record = record.payload(v.as_slice());
-            }
-            deliveries.push(
-                send_in_order(&self.producer, record)
-                    .await
-                    .map_err(kafka::kafka("write an entity's state"))?,
-            );
-        }
-        for d in deliveries {
-            d.await
-                .map_err(|_| BusError::Closed)?
-                .map_err(|(e, _)| kafka::kafka("write an entity's state")(e))?;
-        }
-        let Some(offset) = offset else {
-            return Ok(());
+    ) -> Result<bool, BusError> {
+        let failed = kafka::kafka("write an entity's state");
+        let offset = offset.map(|o| o.to_string());
+        let before = self.ends.lock().get(&partition).copied();
+        // Where the records land tells whether the partition was made again
+        // since: with none, a tombstone of a key no reader keeps lands first,
+        // so the offset record is never the first thing a new partition gets.
+        let probe = [(PROBE_KEY.to_vec(), None)];
+        let records = if records.is_empty() && before.is_some() && offset.is_some() {
+            &probe[..]
+        } else {
+            records
         };
-        // Only once the records are there does the offset say so.
-        let o = offset.to_string();
-        let record = FutureRecord::to(&self.topic)
-            .partition(partition as i32)
-            .key(OFFSET_KEY)
-            .payload(o.as_bytes());
-        send_in_order(&self.producer, record)
-            .await
-            .map_err(kafka::kafka("write the state offset"))?
-            .await
-            .map_err(|_| BusError::Closed)?
-            .map_err(|(e, _)| kafka::kafka("write the state offset")(e))?;
-        Ok(())
+        let mut lowest = i64::MAX;
+        let mut said = None;
+        // The records, then the offset record once they are all there.
+        for phase in [Phase::Records, Phase::Offset] {
+            let mut pending: Vec<usize> = match (phase, &offset) {
+                (Phase::Records, _) => (0..records.len()).collect(),
+                (Phase::Offset, Some(_)) => vec![usize::MAX],
+                (Phase::Offset, None) => Vec::new(),
+            };
+            while !pending.is_empty() {
+                let mut deliveries = Vec::with_capacity(pending.len());
+                for &i in &pending {
+                    let record = match (i, &offset) {
+                        (usize::MAX, Some(o)) => FutureRecord::to(&self.topic)
+                            .partition(partition as i32)
+                            .key(OFFSET_KEY.as_bytes())
+                            .payload(o.as_bytes()),
+                        _ => {
+                            let (key, value) = &records[i];
+                            let r = FutureRecord::to(&self.topic)
+                                .partition(partition as i32)
+                                .key(key.as_slice());
+                            match value {
+                                Some(v) => r.payload(v.as_slice()),
+                                None => r,
+                            }
+                        }
+                    };
+                    let d = send_in_order(&self.producer, record)
+                        .await
+                        .map_err(&failed)?;
+                    deliveries.push((i, d));
+                }
+                let mut again = Vec::new();
+                for (i, d) in deliveries {
+                    match d.await.map_err(|_| BusError::Closed)? {
+                        Ok(at) => {
+                            lowest = lowest.min(at.offset);
+                            let mut ends = self.ends.lock();
+                            let end = ends.entry(partition).or_insert(at.offset);
+                            *end = (*end).max(at.offset);
+                        }
+                        Err((e, _)) if kafka::lost_partition(&e) => again.push(i),
+                        Err((e, _)) => return Err(failed(e)),
+                    }
+                }
+                if !again.is_empty() {
+                    kafka::say_resent(&self.topic, partition, again.len(), &mut said);
+                }
+                pending = again;
+            }
+            if before.is_some_and(|b| lowest <= b) {
+                // Offsets began anew: written again from nothing.
+                self.ends.lock().insert(partition, -1);
+                tracing::error!(
+                    topic = self.topic,
+                    partition,
+                    "the state topic's partition was deleted and made again: it is written whole"
+                );
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Reads partition `p` whole, as of its last offset record; `None`
@@ -292,6 +378,12 @@ impl StateTopic {
         self.legacy.lock().extend(folded.legacy.iter().cloned());
         Ok(folded)
     }
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Records,
+    Offset,
 }
 
 /// An entity's header as written.

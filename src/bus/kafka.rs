@@ -187,13 +187,35 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
 /// The broker (or the client's metadata) does not know the topic or the
 /// partition: it was deleted, made again with fewer partitions, or is
 /// briefly unknown during a leader change.
-fn unknown_partition(code: RDKafkaErrorCode) -> bool {
+pub fn unknown_partition(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::UnknownPartition
             | RDKafkaErrorCode::UnknownTopic
             | RDKafkaErrorCode::UnknownTopicOrPartition
     )
+}
+
+/// A delivery failed because the broker no longer knows its topic or
+/// partition (the topic was deleted under the fabric): nothing was written,
+/// and the record may be sent again (it is held until the partition exists).
+pub fn lost_partition(e: &rdkafka::error::KafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(unknown_partition)
+}
+
+/// Says that records failed for a lost partition of `topic` are sent again
+/// (not more often than every 30 s per caller's `said`).
+pub fn say_resent(topic: &str, partition: u32, records: usize, said: &mut Option<Instant>) {
+    if said.is_some_and(|t| t.elapsed() < Duration::from_secs(30)) {
+        return;
+    }
+    *said = Some(Instant::now());
+    tracing::error!(
+        topic,
+        partition,
+        records,
+        "the broker lost this topic's partition (deleted?): the records it refused are sent again and held until it exists, and this partition's applier waits for them (nothing after them counts applied); reads go on"
+    );
 }
 
 /// Writes held because the broker did not know their topic or partition

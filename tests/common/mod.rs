@@ -258,6 +258,11 @@ impl FabricProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// How the process ended, when it did.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// SIGKILL: no shutdown, no final snapshot.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
