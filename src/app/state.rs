@@ -210,10 +210,7 @@ impl StateTopic {
                 entity_records(key, previous, current, &mut records)?;
             }
         }
-        for (key, at) in marks {
-            let k = format!("{BLOCKED_PREFIX}{key}").into_bytes();
-            records.push((k, at.map(|t| t.to_string().into_bytes())));
-        }
+        records.extend(marks.iter().map(|(key, at)| blocked_record(key, *at)));
         self.send(partition, &records, Some(offset)).await
     }
 
@@ -232,27 +229,24 @@ impl StateTopic {
                 entity_records(&e.key, None, Some(e), &mut records)?;
             }
         }
-        for (key, at) in blocked {
-            let k = format!("{BLOCKED_PREFIX}{key}").into_bytes();
-            records.push((k, Some(at.to_string().into_bytes())));
-        }
+        records.extend(
+            blocked
+                .iter()
+                .map(|(key, at)| blocked_record(key, Some(*at))),
+        );
         while !self.send(partition, &records, Some(offset)).await? {}
         Ok(())
     }
 
     /// Writes `records`, then (once the broker has them) the offset record.
-    /// Records refused because the partition is gone (the topic was deleted
-    /// under the fabric) are written again, held until it exists. `Ok(false)`
-    /// when they landed on a partition made again since this process last
-    /// wrote it: the offset record is then not written.
+    /// `Ok(false)` when they landed on a partition made again since this
+    /// process last wrote it: the offset record is then not written.
     async fn send(
         &self,
         partition: u32,
         records: &[Record],
         offset: Option<u64>,
     ) -> Result<bool, BusError> {
-        let failed = kafka::kafka("write an entity's state");
-        let offset = offset.map(|o| o.to_string());
         let before = self.ends.lock().get(&partition).copied();
         // Where the records land tells whether the partition was made again
         // since: with none, a tombstone of a key no reader keeps lands first,
@@ -263,57 +257,14 @@ impl StateTopic {
         } else {
             records
         };
-        let mut lowest = i64::MAX;
-        let mut said = None;
-        // The records, then the offset record once they are all there.
-        for phase in [Phase::Records, Phase::Offset] {
-            let mut pending: Vec<usize> = match (phase, &offset) {
-                (Phase::Records, _) => (0..records.len()).collect(),
-                (Phase::Offset, Some(_)) => vec![usize::MAX],
-                (Phase::Offset, None) => Vec::new(),
-            };
-            while !pending.is_empty() {
-                let mut deliveries = Vec::with_capacity(pending.len());
-                for &i in &pending {
-                    let record = match (i, &offset) {
-                        (usize::MAX, Some(o)) => FutureRecord::to(&self.topic)
-                            .partition(partition as i32)
-                            .key(OFFSET_KEY.as_bytes())
-                            .payload(o.as_bytes()),
-                        _ => {
-                            let (key, value) = &records[i];
-                            let r = FutureRecord::to(&self.topic)
-                                .partition(partition as i32)
-                                .key(key.as_slice());
-                            match value {
-                                Some(v) => r.payload(v.as_slice()),
-                                None => r,
-                            }
-                        }
-                    };
-                    let d = send_in_order(&self.producer, record)
-                        .await
-                        .map_err(&failed)?;
-                    deliveries.push((i, d));
-                }
-                let mut again = Vec::new();
-                for (i, d) in deliveries {
-                    match d.await.map_err(|_| BusError::Closed)? {
-                        Ok(at) => {
-                            lowest = lowest.min(at.offset);
-                            let mut ends = self.ends.lock();
-                            let end = ends.entry(partition).or_insert(at.offset);
-                            *end = (*end).max(at.offset);
-                        }
-                        Err((e, _)) if kafka::lost_partition(&e) => again.push(i),
-                        Err((e, _)) => return Err(failed(e)),
-                    }
-                }
-                if !again.is_empty() {
-                    kafka::say_resent(&self.topic, partition, again.len(), &mut said);
-                }
-                pending = again;
-            }
+        let offset = offset.map(|o| {
+            [(
+                OFFSET_KEY.as_bytes().to_vec(),
+                Some(o.to_string().into_bytes()),
+            )]
+        });
+        for batch in [records].into_iter().chain(offset.as_ref().map(|o| &o[..])) {
+            let lowest = self.deliver(partition, batch).await?;
             if before.is_some_and(|b| lowest <= b) {
                 // Offsets began anew: written again from nothing.
                 self.ends.lock().insert(partition, -1);
@@ -326,6 +277,52 @@ impl StateTopic {
             }
         }
         Ok(true)
+    }
+
+    /// Writes `records` in order and waits for the broker to have them all;
+    /// returns the lowest offset they landed at. Records refused because
+    /// the partition is gone (the topic was deleted under the fabric) are
+    /// written again, held until it exists.
+    async fn deliver(&self, partition: u32, records: &[Record]) -> Result<i64, BusError> {
+        let failed = kafka::kafka("write an entity's state");
+        let mut lowest = i64::MAX;
+        let mut said = None;
+        let mut pending: Vec<&Record> = records.iter().collect();
+        while !pending.is_empty() {
+            let mut deliveries = Vec::with_capacity(pending.len());
+            for record in pending {
+                let (key, value) = record;
+                let r = FutureRecord::to(&self.topic)
+                    .partition(partition as i32)
+                    .key(key.as_slice());
+                let r = match value {
+                    Some(v) => r.payload(v.as_slice()),
+                    None => r,
+                };
+                deliveries.push((
+                    record,
+                    send_in_order(&self.producer, r).await.map_err(&failed)?,
+                ));
+            }
+            let mut again = Vec::new();
+            for (record, d) in deliveries {
+                match d.await.map_err(|_| BusError::Closed)? {
+                    Ok(at) => {
+                        lowest = lowest.min(at.offset);
+                        let mut ends = self.ends.lock();
+                        let end = ends.entry(partition).or_insert(at.offset);
+                        *end = (*end).max(at.offset);
+                    }
+                    Err((e, _)) if kafka::lost_partition(&e) => again.push(record),
+                    Err((e, _)) => return Err(failed(e)),
+                }
+            }
+            if !again.is_empty() {
+                kafka::say_resent(&self.topic, partition, again.len(), &mut said);
+            }
+            pending = again;
+        }
+        Ok(lowest)
     }
 
     /// Reads partition `p` whole, as of its last offset record; `None`
@@ -380,10 +377,12 @@ impl StateTopic {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Phase {
-    Records,
-    Offset,
+/// A blocked id's record: when it was forgotten, or a tombstone (lifted).
+fn blocked_record(key: &EntityKey, at: Option<i64>) -> Record {
+    (
+        format!("{BLOCKED_PREFIX}{key}").into_bytes(),
+        at.map(|t| t.to_string().into_bytes()),
+    )
 }
 
 /// An entity's header as written.
