@@ -771,7 +771,9 @@ async fn changes_topic_deleted_under_a_running_fabric() {
 }
 
 /// Starts another process on `config` with a snapshot directory of its own
-/// (empty) and waits until it restored all 4 partitions from the state topic.
+/// (empty) and waits until it restored all 4 partitions from the state topic
+/// and serves them (a partition still replaying the changes topic after its
+/// restore is not listed yet).
 async fn restored_elsewhere(dir: &Path, config: &Path, data: &Path) -> FabricProcess {
     let text = std::fs::read_to_string(config).unwrap();
     let snapshots = data.join("snapshots");
@@ -794,6 +796,23 @@ async fn restored_elsewhere(dir: &Path, config: &Path, data: &Path) -> FabricPro
                 .count()
                 == 4)
                 .then_some(())
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(60), "every partition served", || {
+        let grpc = other.grpc.clone();
+        async move {
+            use entity_fabric::proto::ListPartitionsRequest;
+            use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+            let parts = CatalogServiceClient::connect(grpc)
+                .await
+                .ok()?
+                .list_partitions(ListPartitionsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .partitions;
+            (parts.len() == 4 && parts.iter().all(|p| p.serving)).then_some(())
         }
     })
     .await;
