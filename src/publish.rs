@@ -22,13 +22,12 @@
 //! its last tombstone (a re-created entity starts again at version 1).
 
 use crate::bus::BusError;
-use crate::bus::kafka::{client_config, durable_producer, ensure_topic};
+use crate::bus::kafka::{Outgoing, client_config, durable_producer, ensure_topic, write_in_order};
 use crate::config::{Config, EntitiesFormat, KafkaConfig};
 use crate::store::EntityChange;
 use crate::telemetry::{DeadInput, DeadLetters};
 use crate::view::View;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -92,51 +91,19 @@ impl EntityPublisher {
     /// out of order.
     pub async fn publish(&self, changes: &[Arc<EntityChange>]) -> Result<(), BusError> {
         let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
-        // Handed on one by one, in order; then their acknowledgements. A
-        // refusal at hand-over (too large) is judged like one at delivery.
-        // Records refused because the partition is gone (the topic was
-        // deleted) are handed on again, in order, and held until it exists.
-        let mut results: Vec<Result<(), rdkafka::error::KafkaError>> =
-            encoded.iter().map(|_| Ok(())).collect();
-        let mut pending: Vec<usize> = (0..encoded.len()).collect();
-        let mut said = None;
-        while !pending.is_empty() {
-            let mut handed = Vec::with_capacity(pending.len());
-            for &i in &pending {
-                let m = &encoded[i];
-                let mut r = FutureRecord::to(&self.topic)
-                    .partition(m.partition as i32)
-                    .key(m.key.as_str())
-                    .headers(m.headers.clone());
-                if let Some(v) = &m.value {
-                    r = r.payload(v.as_slice());
-                }
-                handed.push((i, crate::bus::kafka::send_in_order(&self.producer, r).await));
-            }
-            let mut again = Vec::new();
-            for (i, h) in handed {
-                let r = match h {
-                    Ok(d) => match d.await {
-                        Ok(r) => r.map(|_| ()).map_err(|(e, _)| e),
-                        Err(_) => return Err(BusError::Closed),
-                    },
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Err(e) if crate::bus::kafka::lost_partition(&e) => again.push(i),
-                    r => results[i] = r,
-                }
-            }
-            if let Some(&i) = again.first() {
-                crate::bus::kafka::say_resent(
-                    &self.topic,
-                    encoded[i].partition,
-                    again.len(),
-                    &mut said,
-                );
-            }
-            pending = again;
-        }
+        // In order; records refused because the partition is gone (the topic
+        // was deleted) are sent again, in order, and held until it exists.
+        // A refusal at hand-over (too large) is judged like one at delivery.
+        let outgoing: Vec<Outgoing> = encoded
+            .iter()
+            .map(|m| Outgoing {
+                partition: m.partition,
+                key: m.key.as_bytes(),
+                value: m.value.as_deref(),
+                headers: Some(&m.headers),
+            })
+            .collect();
+        let results = write_in_order(&self.producer, &self.topic, &outgoing).await?;
         for ((c, m), r) in changes.iter().zip(&encoded).zip(results) {
             let Err(e) = r else { continue };
             use rdkafka::types::RDKafkaErrorCode::*;

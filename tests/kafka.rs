@@ -925,3 +925,99 @@ async fn a_partition_restored_from_the_state_topic_alone() {
     );
     assert!(other.terminate(), "{}", other.log_text());
 }
+
+/// The entities and state topics deleted under a running fabric: it keeps
+/// serving, holds what it would write there (log line, metric), and once an
+/// operator makes the topics again it writes on: every version applied
+/// after that is on the new entities topic, and the state topic restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_and_state_topics_deleted_under_a_running_fabric() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let brokers = brokers();
+    let KafkaDemo {
+        dir,
+        config,
+        data,
+        prefix,
+        mut fabric,
+    } = start_demo(None, &brokers, "gone_out", 100, true, |t| t).await;
+    let served = grpc_customers(&fabric, "").await;
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let (entities, state) = (format!("{prefix}.entities"), format!("{prefix}.state"));
+    let written = delete_under_load(
+        &admin,
+        &[&entities, &state],
+        &fabric,
+        &data,
+        &[
+            "the broker lost this topic's partition",
+            "writes to it are held and retried",
+        ],
+    )
+    .await;
+    // Still up and serving every customer, none gone back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(fabric.exited().is_none(), "{}", fabric.log_text());
+    let now = grpc_customers(&fabric, "").await;
+    for (k, e) in &served {
+        assert!(
+            now.get(k).is_some_and(|n| n.version >= e.version),
+            "{k} went back"
+        );
+    }
+    // The way back: the topics made again as the fabric makes them.
+    let made = admin
+        .create_topics(
+            &[
+                NewTopic::new(&entities, 4, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+                NewTopic::new(&state, 4, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(made.iter().all(Result::is_ok), "{made:?}");
+    let more = mutate_for(&data, 20.0, Duration::from_secs(3)).await;
+    let compared = converge(&fabric, &data).await;
+    // Every version applied after the topic came back is on it: each
+    // entity's newest message is what gRPC serves for the entities it has.
+    let grpc = grpc_customers(&fabric, "").await;
+    let topic = read_entities(&brokers, &entities, Duration::from_secs(60), |t| {
+        grpc.iter()
+            .filter(|(k, e)| now.get(*k).is_none_or(|n| n.version < e.version))
+            .all(|(k, e)| {
+                t.get(k)
+                    .and_then(|m| m.last())
+                    .is_some_and(|m| m.version == e.version)
+            })
+    })
+    .await;
+    assert!(fabric.exited().is_none(), "{}", fabric.log_text());
+    // The state topic was written whole again: another process restores
+    // every customer from it as this one serves it.
+    let last = grpc_customers(&fabric, "").await;
+    assert!(
+        fabric.log_text().contains(
+            "the state topic's partition was deleted and made again: it is written whole"
+        )
+    );
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+    let mut other = restored_elsewhere(dir.path(), &config, &data).await;
+    let restored = grpc_customers(&other, "").await;
+    assert_eq!(restored.len(), last.len());
+    for (k, e) in &last {
+        assert_eq!(restored.get(k), Some(e), "{k} restored differently");
+    }
+    println!(
+        "{entities} and {state} deleted: {written} source transactions held, {} customers served throughout; made again: {more} more transactions, {compared} customers equal to the sources, {} entities published since, {} restored from the state topic by another process",
+        now.len(),
+        topic.len(),
+        restored.len()
+    );
+    assert!(other.terminate(), "{}", other.log_text());
+}

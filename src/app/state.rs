@@ -65,15 +65,12 @@
 //! once). A process prefers its local snapshot when that is newer.
 
 use crate::bus::BusError;
-use crate::bus::kafka::{
-    self, Producer, client_config, durable_producer, ensure_topic, send_in_order,
-};
+use crate::bus::kafka::{self, Producer, client_config, durable_producer, ensure_topic};
 use crate::config::KafkaConfig;
 use crate::event::{EntityKey, Position};
 use crate::store::{Entity, EntityChange, Pk, RowLineage, StoredRow, TableRows};
 use litemap::LiteMap;
 use rdkafka::Message;
-use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -284,43 +281,23 @@ impl StateTopic {
     /// the partition is gone (the topic was deleted under the fabric) are
     /// written again, held until it exists.
     async fn deliver(&self, partition: u32, records: &[Record]) -> Result<i64, BusError> {
+        let outgoing: Vec<kafka::Outgoing> = records
+            .iter()
+            .map(|(key, value)| kafka::Outgoing {
+                partition,
+                key,
+                value: value.as_deref(),
+                headers: None,
+            })
+            .collect();
         let failed = kafka::kafka("write an entity's state");
         let mut lowest = i64::MAX;
-        let mut said = None;
-        let mut pending: Vec<&Record> = records.iter().collect();
-        while !pending.is_empty() {
-            let mut deliveries = Vec::with_capacity(pending.len());
-            for record in pending {
-                let (key, value) = record;
-                let r = FutureRecord::to(&self.topic)
-                    .partition(partition as i32)
-                    .key(key.as_slice());
-                let r = match value {
-                    Some(v) => r.payload(v.as_slice()),
-                    None => r,
-                };
-                deliveries.push((
-                    record,
-                    send_in_order(&self.producer, r).await.map_err(&failed)?,
-                ));
-            }
-            let mut again = Vec::new();
-            for (record, d) in deliveries {
-                match d.await.map_err(|_| BusError::Closed)? {
-                    Ok(at) => {
-                        lowest = lowest.min(at.offset);
-                        let mut ends = self.ends.lock();
-                        let end = ends.entry(partition).or_insert(at.offset);
-                        *end = (*end).max(at.offset);
-                    }
-                    Err((e, _)) if kafka::lost_partition(&e) => again.push(record),
-                    Err((e, _)) => return Err(failed(e)),
-                }
-            }
-            if !again.is_empty() {
-                kafka::say_resent(&self.topic, partition, again.len(), &mut said);
-            }
-            pending = again;
+        for r in kafka::write_in_order(&self.producer, &self.topic, &outgoing).await? {
+            let at = r.map_err(&failed)?;
+            lowest = lowest.min(at);
+            let mut ends = self.ends.lock();
+            let end = ends.entry(partition).or_insert(at);
+            *end = (*end).max(at);
         }
         Ok(lowest)
     }
