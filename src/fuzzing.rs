@@ -87,8 +87,9 @@ pub fn debezium_event(data: &[u8]) {
 /// whole file (magic, checksum, lz4 frame: all checked before decoding);
 /// even, the rest is an uncompressed body sealed into a file with a good
 /// checksum, so the fuzzer reaches the records and entities behind it, in
-/// format version 1 (bit 1 clear) or 2 (set). Bit 2 reads with a keystore,
-/// so sealed records are opened (or refused) too.
+/// format version 1 (bits 1 and 3 clear), 2 (bit 1 set) or 3 (bit 3 set).
+/// Bit 2 reads with a keystore, so sealed records are opened (or refused)
+/// too.
 pub fn snapshot_file(data: &[u8]) {
     use crate::store::snapshot;
     let Some((&mode, rest)) = data.split_first() else {
@@ -99,7 +100,11 @@ pub fn snapshot_file(data: &[u8]) {
     if mode & 1 == 1 {
         let _ = snapshot::decode(path, rest, keys);
     } else {
-        let version = if mode & 2 == 2 { 2 } else { 1 };
+        let version = match (mode & 8 == 8, mode & 2 == 2) {
+            (true, _) => 3,
+            (false, true) => 2,
+            (false, false) => 1,
+        };
         let _ = snapshot::decode(path, &snapshot::seal_version(version, 0, 1, 1, rest), keys);
     }
 }

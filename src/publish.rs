@@ -18,8 +18,9 @@
 //! batch's messages before it counts the batch applied, so a snapshot never
 //! reflects a version that was not published. After a crash, the versions
 //! applied since the last snapshot are applied and published again with the
-//! same version numbers: consumers keep the highest version per key since
-//! its last tombstone (a re-created entity starts again at version 1).
+//! same version numbers: consumers keep the highest version per key (a
+//! re-created entity goes on from the version of its delete). Quiet
+//! changes (a deleted entity's hidden rows changing) are not published.
 
 use crate::bus::BusError;
 use crate::bus::kafka::{Outgoing, client_config, durable_producer, ensure_topic, write_in_order};
@@ -90,6 +91,8 @@ impl EntityPublisher {
     /// fabric, rather than leaving a hole in the topic or resending versions
     /// out of order.
     pub async fn publish(&self, changes: &[Arc<EntityChange>]) -> Result<(), BusError> {
+        // Quiet changes (a retired entity's hidden rows) are not for readers.
+        let changes: Vec<&Arc<EntityChange>> = changes.iter().filter(|c| !c.quiet).collect();
         let encoded: Vec<Encoded> = changes.iter().map(|c| self.encode(c)).collect();
         // In order; records refused because the partition is gone (the topic
         // was deleted) are sent again, in order, and held until it exists.

@@ -26,6 +26,8 @@ pub struct Capture {
     pub entities: Vec<Arc<Entity>>,
     /// Forgotten ids whose changes are blocked, with when.
     pub blocked: Vec<(crate::event::EntityKey, i64)>,
+    /// The highest version of a retired entity the shard dropped.
+    pub floor: u64,
 }
 
 /// "Capture the shard once you have applied everything below `until`."
@@ -91,6 +93,9 @@ pub struct Applier {
     /// Embedded bus: the file of blocked ids, rewritten after a batch that
     /// forgot or unblocked (see [`crate::store::blocked`]).
     pub blocked_file: Option<Arc<crate::store::blocked::BlockedFile>>,
+    /// How often the shard's retired entities kept longer than their
+    /// type's `keep_deleted` are dropped.
+    pub sweep_every: std::time::Duration,
 }
 
 /// A blocked id set (`Some(when)`) or lifted (`None`), for the state topic.
@@ -129,7 +134,10 @@ pub async fn run(
         keystore,
         erasures,
         blocked_file,
+        sweep_every,
     } = a;
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut consumer = bus.consume(partition, from).await?;
     let result: Result<Offset, BusError> = async {
         let mut next = from;
@@ -147,11 +155,13 @@ pub async fn run(
             if !ready.is_empty() {
                 let entities = store.shard_entities(partition);
                 let blocked = store.blocked_in(partition);
+                let floor = store.floor(partition);
                 for r in ready {
                     let _ = r.reply.send(Capture {
                         offset: next,
                         entities: entities.clone(),
                         blocked: blocked.clone(),
+                        floor,
                     });
                 }
             }
@@ -161,6 +171,21 @@ pub async fn run(
                 req = requests.recv(), if requests_open => match req {
                     Some(r) => waiting.push(r),
                     None => requests_open = false,
+                },
+                _ = sweep.tick() => {
+                    // Retired entities kept long enough leave memory; the
+                    // state topic drops them too (a snapshot simply no
+                    // longer holds them).
+                    let n = store.sweep_into(partition, crate::sources::now_micros(), &mut changes);
+                    if n > 0 {
+                        tracing::debug!(entities = n, "retired entities dropped");
+                        if let Some(st) = &state_topic
+                            && next > state_from
+                        {
+                            write_state(st, &store, partition, &changes, &[], &[], next.0).await?;
+                        }
+                        changes.clear();
+                    }
                 },
                 batch = consumer.next_batch(BATCH) => {
                     let batch = batch?;
@@ -238,25 +263,17 @@ pub async fn run(
                         // As they are after the batch (this task is their
                         // shard's only writer).
                         let unchanged: Vec<Arc<crate::store::Entity>> =
-                            unchanged.iter().filter_map(|k| store.get(k)).collect();
-                        let whole = !st
-                            .write(
-                                partition,
-                                &changes[stated..],
-                                &unchanged,
-                                &erasing.marks[stated_marks..],
-                                next.0,
-                            )
-                            .await?;
-                        if whole {
-                            st.write_whole(
-                                partition,
-                                &store.shard_entities(partition),
-                                &store.blocked_in(partition),
-                                next.0,
-                            )
-                            .await?;
-                        }
+                            unchanged.iter().filter_map(|k| store.held(k)).collect();
+                        write_state(
+                            st,
+                            &store,
+                            partition,
+                            &changes[stated..],
+                            &unchanged,
+                            &erasing.marks[stated_marks..],
+                            next.0,
+                        )
+                        .await?;
                     }
                     for (offset, done) in erasing.done {
                         erasures.record(partition, offset, done);
@@ -278,6 +295,35 @@ pub async fn run(
     // librdkafka's destructor may wait for the broker: not on a runtime thread.
     tokio::task::spawn_blocking(move || drop(consumer));
     result
+}
+
+/// Writes what `changes` changed, the headers of `unchanged` and the blocked
+/// ids `marks` set or lift to the state topic, as of `offset`; the whole
+/// partition after them when the topic's partition turns out made again.
+async fn write_state(
+    st: &super::state::StateTopic,
+    store: &Store,
+    partition: u32,
+    changes: &[Arc<EntityChange>],
+    unchanged: &[Arc<Entity>],
+    marks: &[Mark],
+    offset: u64,
+) -> Result<(), BusError> {
+    let floor = store.floor(partition);
+    if !st
+        .write(partition, changes, unchanged, marks, floor, offset)
+        .await?
+    {
+        st.write_whole(
+            partition,
+            &store.shard_entities(partition),
+            &store.blocked_in(partition),
+            floor,
+            offset,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Applies one erasure record; its snapshot key is deleted after the batch.

@@ -106,6 +106,7 @@ impl Partitions {
             keystore: f.keystore.clone(),
             erasures: f.erasures.clone(),
             blocked_file: f.blocked_file.clone(),
+            sweep_every: f.config().sweep_every(),
         };
         let failed = self.failed.clone();
         let handle = tokio::spawn(async move {
@@ -211,6 +212,8 @@ impl Partitions {
             state_offset = state.as_ref().map(|s| s.offset);
             let state = match state {
                 Some(s) if local.is_some_and(|l| s.offset <= l) => {
+                    // A floor only goes up: the higher of the two stands.
+                    f.store.raise_floor(p, s.floor);
                     stale_marks = s.blocked.iter().map(|(k, _)| k.clone()).collect();
                     stale = s
                         .entities
@@ -229,6 +232,7 @@ impl Partitions {
                 for (key, at) in s.blocked {
                     f.store.restore_blocked(key, at);
                 }
+                f.store.raise_floor(p, s.floor);
                 for e in s.entities {
                     f.store.restore(e);
                 }
@@ -307,7 +311,7 @@ impl Partitions {
             }
             let n = all.len();
             retrying("write the partition to the state topic", || {
-                st.write(p, &all, &[], &marks, from.0)
+                st.write(p, &all, &[], &marks, f.store.floor(p), from.0)
             })
             .await;
             tracing::info!(

@@ -259,6 +259,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     .map(|e| e.name.as_str()),
             ),
     );
+    store.set_retention(config.retention());
     let dead_letters = Arc::new(DeadLetters::new(
         &config.resolve(&config.dlq.file),
         config.dlq.keep_last,

@@ -170,6 +170,7 @@ pub async fn apply(
     fabric
         .store
         .add_entity_types(a.added_types.iter().map(String::as_str));
+    fabric.store.set_retention(new.retention());
     let old_sources = fabric.sources();
     let list: Vec<Arc<super::SourceRuntime>> = new
         .sources

@@ -144,6 +144,15 @@ pub fn restore(
     // Loaded on parallel threads too: the store's shards are DashMaps, and
     // a file's entities go to one shard (or, re-sharded, to several).
     let loaded: Vec<snapshot::LoadedSnapshot> = loaded.into_values().collect();
+    // Re-sharded, an entity of any old partition may land in any shard:
+    // every shard starts above every old floor.
+    let top = loaded.iter().map(|s| s.floor).max().unwrap_or(0);
+    for s in &loaded {
+        match n == partitions {
+            true => store.raise_floor(s.meta.partition, s.floor),
+            false => (0..partitions).for_each(|p| store.raise_floor(p, top)),
+        }
+    }
     on_threads(loaded, |s| {
         // Blocked ids first: a copy of a blocked entity is left out.
         for (key, at) in s.blocked {
@@ -259,6 +268,7 @@ pub fn restore_partition(
                 for (key, at) in s.blocked {
                     store.restore_blocked(key, at);
                 }
+                store.raise_floor(partition, s.floor);
                 for e in s.entities {
                     store.restore(e);
                 }
@@ -421,6 +431,7 @@ impl Snapshotter {
                 &meta,
                 &capture.entities,
                 &capture.blocked,
+                capture.floor,
                 keys.as_deref(),
             )
         })
@@ -443,6 +454,7 @@ impl Snapshotter {
             offset,
             entities: self.fabric.store.shard_entities(partition),
             blocked: self.fabric.store.blocked_in(partition),
+            floor: self.fabric.store.floor(partition),
         };
         let n = self
             .write(round, partition, &Checkpoints::default(), capture)

@@ -11,9 +11,14 @@
 //!   two rows share a key), value the format byte 4 and the row with its
 //!   lineage in postcard encoding; a tombstone when the row leaves the
 //!   entity;
-//! - its header, key `<type>/<id>`, value the format byte 3 and its
-//!   version, source positions and commit time; a tombstone when the
-//!   entity is deleted or forgotten (its rows' tombstones go first).
+//! - its header, key `<type>/<id>`, value the format byte 5 and its
+//!   version, source positions, commit time, whether it keeps lineage and
+//!   when it retired (deleted at its sources, kept hidden: see
+//!   `Entity::gone_micros`; format 3, still read, had no retirement); a
+//!   tombstone when the entity is forgotten or dropped (its rows'
+//!   tombstones go first);
+//! - the key `!floor`: the highest version of a retired entity the
+//!   partition dropped, as text (a new entity starts above it).
 //!
 //! A change writes the rows it changed and the header, not the whole
 //! micro-DB: the applier diffs each entity's version before the batch with
@@ -79,6 +84,9 @@ use std::sync::Arc;
 pub const OFFSET_KEY: &str = "!offset";
 /// The prefix of a blocked id's key.
 pub const BLOCKED_PREFIX: &str = "!blocked/";
+/// The key of the partition's floor: the highest version of a retired
+/// entity it dropped (as text); a new entity starts above it.
+const FLOOR_KEY: &[u8] = b"!floor";
 /// The prefix of a row's key.
 const ROW_PREFIX: &[u8] = b"!row/";
 /// Written (a tombstone) by a batch with nothing else to write, before its
@@ -91,7 +99,9 @@ const FORMAT_POSTCARD_V1: u8 = 1;
 /// their own): still read.
 const FORMAT_POSTCARD: u8 = 2;
 /// An entity's header.
-const FORMAT_HEADER: u8 = 3;
+const FORMAT_HEADER_V3: u8 = 3;
+/// An entity's header with when it retired (format 3 had no retirement).
+const FORMAT_HEADER: u8 = 5;
 /// One row of an entity.
 const FORMAT_ROW: u8 = 4;
 
@@ -109,6 +119,8 @@ pub struct StateTopic {
     /// Per partition, the highest offset this process's writes landed at:
     /// a write landing at or below it finds the partition made again.
     ends: parking_lot::Mutex<HashMap<u32, i64>>,
+    /// Per partition, the floor last written (or read).
+    floors: parking_lot::Mutex<HashMap<u32, u64>>,
 }
 
 /// What a partition of the state topic holds.
@@ -119,6 +131,8 @@ pub struct Restored {
     pub entities: Vec<Entity>,
     /// Forgotten ids whose changes are blocked, and when each was forgotten.
     pub blocked: Vec<(EntityKey, i64)>,
+    /// The highest version of a retired entity the partition dropped.
+    pub floor: u64,
 }
 
 impl StateTopic {
@@ -146,6 +160,7 @@ impl StateTopic {
             skip,
             legacy: Default::default(),
             ends: Default::default(),
+            floors: Default::default(),
         })
     }
 
@@ -153,8 +168,9 @@ impl StateTopic {
     /// version before the first of its changes to its version after the
     /// last), the headers of the `unchanged` entities (as they are now:
     /// applied changes moved their source positions and nothing else), the
-    /// blocked ids `marks` set or lift, and then the offset the partition
-    /// reflects; resolves once the broker has them all. `Ok(false)` when
+    /// blocked ids `marks` set or lift, the partition's `floor` when it
+    /// rose, and then the offset the partition reflects; resolves once the
+    /// broker has them all. `Ok(false)` when
     /// the partition turns out to have been deleted and made again (its
     /// offsets began anew): it lacks what earlier writes put there, and
     /// [`StateTopic::write_whole`] must follow before anything else.
@@ -164,6 +180,7 @@ impl StateTopic {
         changes: &[Arc<EntityChange>],
         unchanged: &[Arc<Entity>],
         marks: &[super::applier::Mark],
+        floor: u64,
         offset: u64,
     ) -> Result<bool, BusError> {
         // Per entity, in the order first changed: its version before the
@@ -174,11 +191,13 @@ impl StateTopic {
             if self.skip.contains(&c.key.entity_type) {
                 continue;
             }
+            // What the store holds after it, retired or not.
+            let held = c.held().map(|e| &**e);
             span.entry(&c.key)
-                .and_modify(|s| s.1 = c.entity.as_deref())
+                .and_modify(|s| s.1 = held)
                 .or_insert_with(|| {
                     order.push(&c.key);
-                    (c.previous.as_deref(), c.entity.as_deref())
+                    (c.previous.as_deref(), held)
                 });
         }
         for e in unchanged {
@@ -208,6 +227,14 @@ impl StateTopic {
             }
         }
         records.extend(marks.iter().map(|(key, at)| blocked_record(key, *at)));
+        let rose = {
+            let mut floors = self.floors.lock();
+            let last = floors.entry(partition).or_default();
+            std::mem::replace(last, (*last).max(floor)) < floor
+        };
+        if rose {
+            records.push(floor_record(floor));
+        }
         self.send(partition, &records, Some(offset)).await
     }
 
@@ -218,6 +245,7 @@ impl StateTopic {
         partition: u32,
         entities: &[Arc<Entity>],
         blocked: &[(EntityKey, i64)],
+        floor: u64,
         offset: u64,
     ) -> Result<(), BusError> {
         let mut records = Vec::new();
@@ -231,6 +259,10 @@ impl StateTopic {
                 .iter()
                 .map(|(key, at)| blocked_record(key, Some(*at))),
         );
+        if floor > 0 {
+            records.push(floor_record(floor));
+        }
+        self.floors.lock().insert(partition, floor);
         while !self.send(partition, &records, Some(offset)).await? {}
         Ok(())
     }
@@ -324,6 +356,10 @@ impl StateTopic {
                  writing): those records are set back to the state of its last offset record"
             );
         }
+        // What the topic holds: a floor only goes up from there.
+        self.floors
+            .lock()
+            .insert(partition, folded.restored.as_ref().map_or(0, |r| r.floor));
         Ok(folded.restored)
     }
 
@@ -362,6 +398,11 @@ fn blocked_record(key: &EntityKey, at: Option<i64>) -> Record {
     )
 }
 
+/// The partition floor's record.
+fn floor_record(floor: u64) -> Record {
+    (FLOOR_KEY.to_vec(), Some(floor.to_string().into_bytes()))
+}
+
 /// An entity's header as written.
 #[derive(Serialize)]
 struct HeaderRef<'a> {
@@ -369,11 +410,22 @@ struct HeaderRef<'a> {
     positions: &'a LiteMap<Arc<str>, Position>,
     updated_micros: i64,
     lineage: bool,
+    gone_micros: Option<i64>,
 }
 
 /// An entity's header as read.
 #[derive(Deserialize)]
 struct Header {
+    version: u64,
+    positions: LiteMap<Arc<str>, Position>,
+    updated_micros: i64,
+    lineage: bool,
+    gone_micros: Option<i64>,
+}
+
+/// An entity's header in format 3 (no retirement).
+#[derive(Deserialize)]
+struct HeaderV3 {
     version: u64,
     positions: LiteMap<Arc<str>, Position>,
     updated_micros: i64,
@@ -473,6 +525,7 @@ fn entity_records(
                 positions: &e.positions,
                 updated_micros: e.updated_micros,
                 lineage: e.lineage.is_some(),
+                gone_micros: e.gone_micros,
             };
             Some(postcard::to_extend(&h, vec![FORMAT_HEADER]).map_err(encode_err)?)
         }
@@ -558,6 +611,7 @@ impl Fold {
         let mut entities = Vec::new();
         let mut legacy = Vec::new();
         let mut blocked = Vec::new();
+        let mut floor = 0;
         for (k, v) in &committed {
             let bad = |what: &str, e: &dyn std::fmt::Display| {
                 format!(
@@ -565,7 +619,12 @@ impl Fold {
                     String::from_utf8_lossy(k)
                 )
             };
-            if let Some(rest) = k.strip_prefix(BLOCKED_PREFIX.as_bytes()) {
+            if k == FLOOR_KEY {
+                floor = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| bad("the partition's floor", &"not a number"))?;
+            } else if let Some(rest) = k.strip_prefix(BLOCKED_PREFIX.as_bytes()) {
                 let at = std::str::from_utf8(v)
                     .ok()
                     .and_then(|s| s.parse::<i64>().ok())
@@ -595,9 +654,22 @@ impl Fold {
                             .map_err(|e| bad("an entity's header", &e))?;
                         headers.insert(k, h);
                     }
+                    Some((&FORMAT_HEADER_V3, rest)) => {
+                        let h = postcard::from_bytes::<HeaderV3>(rest)
+                            .map_err(|e| bad("an entity's header", &e))?;
+                        let h = Header {
+                            version: h.version,
+                            positions: h.positions,
+                            updated_micros: h.updated_micros,
+                            lineage: h.lineage,
+                            gone_micros: None,
+                        };
+                        headers.insert(k, h);
+                    }
                     Some((&FORMAT_POSTCARD, rest)) => {
-                        let e = postcard::from_bytes::<Entity>(rest)
+                        let e = postcard::from_bytes::<crate::store::microdb::EntityV2>(rest)
                             .map_err(|e| bad("an entity's state", &e))?;
+                        let e: Entity = e.into();
                         legacy.push(e.key.clone());
                         entities.push(e);
                     }
@@ -640,6 +712,7 @@ impl Fold {
                 positions: h.positions,
                 updated_micros: h.updated_micros,
                 lineage: h.lineage.then(|| Box::new(lineage)),
+                gone_micros: h.gone_micros,
                 encoded: Default::default(),
             });
         }
@@ -650,6 +723,7 @@ impl Fold {
                 offset,
                 entities,
                 blocked,
+                floor,
             }),
             legacy,
             unfinished,
@@ -882,6 +956,44 @@ mod tests {
         let got = restored(f);
         assert_eq!(got.len(), 1);
         assert_same(&got[0], &v2);
+    }
+
+    #[test]
+    fn a_retired_entity_the_floor_and_old_headers_are_read_back() {
+        let v1 = apply(
+            None,
+            1,
+            vec![
+                change("customer", 1, Some("Ann")),
+                change("addresses", 10, Some("a")),
+            ],
+            false,
+        );
+        // Its root row went: the rest is kept, hidden.
+        let mut gone = v1.clone();
+        gone.tables.remove("customer");
+        gone.version = 2;
+        gone.gone_micros = Some(42);
+        let mut f = fold(&[records(None, Some(&v1)), records(Some(&v1), Some(&gone))]);
+        f.record(FLOOR_KEY, Some(b"9")).unwrap();
+        f.record(OFFSET_KEY.as_bytes(), Some(b"3")).unwrap();
+        let r = f.finish().unwrap().restored.unwrap();
+        assert_eq!(r.floor, 9);
+        assert_same(&r.entities[0], &gone);
+        assert_eq!(r.entities[0].gone_micros, Some(42));
+        // A header of format 3 (before retirement) reads as a live entity.
+        let mut f = fold(&[records(None, Some(&v1))]);
+        let old = postcard::to_extend(
+            &(v1.version, &v1.positions, v1.updated_micros, false),
+            vec![FORMAT_HEADER_V3],
+        )
+        .unwrap();
+        f.record(key().bus_key().as_bytes(), Some(&old)).unwrap();
+        f.record(OFFSET_KEY.as_bytes(), Some(b"2")).unwrap();
+        let r = f.finish().unwrap().restored.unwrap();
+        assert_eq!(r.floor, 0);
+        assert_same(&r.entities[0], &v1);
+        assert!(r.entities[0].is_live());
     }
 
     #[test]

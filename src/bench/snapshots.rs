@@ -91,7 +91,7 @@ fn measure(dir: &std::path::Path, n: u64, sealed: bool) -> anyhow::Result<[f64; 
             dictionary: Vec::new(),
             key_generation: 0,
         };
-        bytes += snapshot::write(dir, &meta, &store.shard_entities(p), &[], keys.as_ref())?.1;
+        bytes += snapshot::write(dir, &meta, &store.shard_entities(p), &[], 0, keys.as_ref())?.1;
     }
     let write = t0.elapsed().as_secs_f64();
     drop(store);

@@ -583,6 +583,11 @@ pub struct EntityConfig {
     /// Deleting the root row deletes the whole entity (default true).
     #[serde(default = "default_true")]
     pub delete_with_root: bool,
+    /// How long a deleted entity is kept, hidden (default `"24h"`): its
+    /// version, so that created again it goes on from there, and (root
+    /// row deleted) its other rows, so that a root row inserted again
+    /// brings back the whole entity. After it, it is dropped from memory.
+    pub keep_deleted: Option<String>,
     /// The micro-DB tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -634,6 +639,24 @@ impl EntityConfig {
             .as_deref()
             .and_then(|s| humantime::parse_duration(s).ok())
             .unwrap_or(Duration::from_secs(60))
+    }
+
+    /// See [`EntityConfig::keep_deleted`].
+    pub fn keep_deleted(&self) -> Duration {
+        self.keep_deleted
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
+    /// How the store retires this type's deleted entities.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            root: self
+                .delete_with_root
+                .then(|| std::sync::Arc::from(self.root_table())),
+            keep: self.keep_deleted(),
+        }
     }
 
     pub fn evict_after(&self) -> Duration {
@@ -915,6 +938,28 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         humantime::parse_duration(&self.server.shutdown_timeout).expect("validated")
+    }
+
+    /// How each captured entity type retires its deleted entities.
+    pub fn retention(&self) -> Vec<(std::sync::Arc<str>, crate::store::Retention)> {
+        self.entities
+            .iter()
+            .filter(|e| !e.on_access())
+            .map(|e| (std::sync::Arc::from(e.name.as_str()), e.retention()))
+            .collect()
+    }
+
+    /// How often an applier drops the retired entities kept longer than
+    /// their type's `keep_deleted`: a quarter of the shortest, between
+    /// 100 ms and a minute.
+    pub fn sweep_every(&self) -> Duration {
+        self.entities
+            .iter()
+            .filter(|e| !e.on_access())
+            .map(|e| e.keep_deleted() / 4)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(Duration::from_millis(100), Duration::from_secs(60))
     }
 
     pub fn pending_timeout(&self) -> Duration {

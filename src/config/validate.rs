@@ -916,6 +916,9 @@ pub fn can_fetch(kind: SourceKind) -> bool {
 }
 
 fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityConfig) {
+    if let Some(v) = &e.keep_deleted {
+        check_duration(c, &format!("{p}.keep_deleted"), v);
+    }
     if !e.on_access() {
         for (field, set) in [
             ("max_age", e.max_age.is_some()),

@@ -41,6 +41,14 @@ pub struct Entity {
     /// Shared between versions like the tables are.
     #[serde(deserialize_with = "cautious::lineage")]
     pub lineage: Option<Box<Lineage>>,
+    /// Retired since then (microseconds since the epoch, when this process
+    /// applied it): its root row was deleted (`delete_with_root`), or it has
+    /// no row left. A retired entity is not served, listed or counted, and
+    /// readers were told it is deleted; it is kept so that its versions go
+    /// on where they were if it comes back, and (root deleted) so that a
+    /// root inserted again brings back its other rows. The store drops it
+    /// after its type's `keep_deleted`.
+    pub gone_micros: Option<i64>,
     /// Encoded forms of this version (one per view), made on first read. A
     /// version never changes, so they never go stale; a new version starts
     /// with none.
@@ -89,6 +97,38 @@ impl From<EntityV1> for Entity {
             positions: e.positions,
             updated_micros: e.updated_micros,
             lineage: None,
+            gone_micros: None,
+            encoded: Encoded::default(),
+        }
+    }
+}
+
+/// An entity as snapshot files of format 2 and the state topic's whole
+/// records of format 2 hold it: lineage, no retirement (a deleted entity
+/// left memory then).
+#[derive(Deserialize)]
+pub struct EntityV2 {
+    key: EntityKey,
+    version: u64,
+    #[serde(deserialize_with = "cautious::tables")]
+    tables: LiteMap<Arc<str>, Arc<TableRows>>,
+    #[serde(deserialize_with = "cautious::map")]
+    positions: LiteMap<Arc<str>, Position>,
+    updated_micros: i64,
+    #[serde(deserialize_with = "cautious::lineage")]
+    lineage: Option<Box<Lineage>>,
+}
+
+impl From<EntityV2> for Entity {
+    fn from(e: EntityV2) -> Entity {
+        Entity {
+            key: e.key,
+            version: e.version,
+            tables: e.tables,
+            positions: e.positions,
+            updated_micros: e.updated_micros,
+            lineage: e.lineage,
+            gone_micros: None,
             encoded: Encoded::default(),
         }
     }
@@ -171,8 +211,12 @@ fn own(rows: &mut Arc<TableRows>, grows: bool) -> &mut TableRows {
 }
 
 /// `current` is gone: every table it had changed (nothing to delete when
-/// it did not exist).
-fn deleted(current: Option<&Entity>, mut changed: Vec<Arc<str>>) -> Applied {
+/// it did not exist). `retired`: what stays of it, hidden.
+fn deleted(
+    current: Option<&Entity>,
+    mut changed: Vec<Arc<str>>,
+    retired: Option<Entity>,
+) -> Applied {
     let Some(cur) = current else {
         return Applied::Stale;
     };
@@ -184,7 +228,25 @@ fn deleted(current: Option<&Entity>, mut changed: Vec<Arc<str>>) -> Applied {
     Applied::Deleted {
         version: cur.version + 1,
         changed_tables: changed,
+        retired,
     }
+}
+
+/// What applying a change set needs to know besides the set.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rules<'a> {
+    /// The time of applying, when the type keeps lineage (each row written
+    /// records the change that wrote it).
+    pub lineage: Option<i64>,
+    /// The type's root table, when deleting its row retires the entity
+    /// (`delete_with_root`): a retired entity comes back only with it.
+    pub root: Option<&'a str>,
+    /// A new entity's first version is one above this: the highest version
+    /// of a retired entity its shard dropped, so that an entity created
+    /// again never goes back to a version readers saw before.
+    pub floor: u64,
+    /// Now, microseconds since the epoch: when an entity retires.
+    pub now_micros: i64,
 }
 
 /// What applying a change set did.
@@ -199,11 +261,17 @@ pub enum Applied {
         entity: Entity,
         changed_tables: Vec<Arc<str>>,
     },
-    /// The entity is gone (root row deleted, or no row left).
+    /// The entity is gone for readers (root row deleted, or no row left).
     Deleted {
         version: u64,
         changed_tables: Vec<Arc<str>>,
+        /// What stays of it, retired (hidden; see [`Entity::gone_micros`]);
+        /// `None`: nothing stays.
+        retired: Option<Entity>,
     },
+    /// A retired entity's rows changed: readers see nothing (it is still
+    /// retired), the store and the state topic keep the rows.
+    Hidden(Entity),
 }
 
 impl Entity {
@@ -215,8 +283,14 @@ impl Entity {
             positions: LiteMap::new(),
             updated_micros: 0,
             lineage: None,
+            gone_micros: None,
             encoded: Encoded::default(),
         }
+    }
+
+    /// Served to readers: not retired (see [`Entity::gone_micros`]).
+    pub fn is_live(&self) -> bool {
+        self.gone_micros.is_none()
     }
 
     /// `table`'s row lineage to change (made when missing).
@@ -345,10 +419,18 @@ impl Entity {
                 .root
                 .as_ref()
                 .is_some_and(|r| !next.tables.contains_key(r));
+        let back = current.is_some_and(|c| !c.is_live());
         if gone {
-            return deleted(current, changed);
+            // Already retired: it stays as it is.
+            return match back {
+                true => Applied::Stale,
+                false => deleted(current, changed, None),
+            };
         }
-        if changed.is_empty() {
+        if back {
+            next.gone_micros = None;
+            changed = next.tables.keys().cloned().collect();
+        } else if changed.is_empty() {
             return Applied::Stale;
         }
         next.version = version + 1;
@@ -380,6 +462,25 @@ impl Entity {
         set: &EntityChangeSet,
         lineage: Option<i64>,
     ) -> Applied {
+        Self::apply_by(
+            current,
+            set,
+            &Rules {
+                lineage,
+                now_micros: lineage.unwrap_or_else(crate::sources::now_micros),
+                ..Rules::default()
+            },
+        )
+    }
+
+    /// As [`Entity::apply`], by `rules`. An entity whose root row goes
+    /// (`delete_with_root`) or whose last row goes is retired, not dropped:
+    /// [`Applied::Deleted`] with what stays. Changes to a retired entity are
+    /// [`Applied::Hidden`] until it has rows again and, when it retired by
+    /// its root, its root row: then it is back, one version above the one
+    /// that retired it, with every table it holds changed.
+    pub fn apply_by(current: Option<&Entity>, set: &EntityChangeSet, rules: &Rules) -> Applied {
+        let lineage = rules.lineage;
         if let Some(cur) = current
             && let Some(seen) = cur.positions.get(&set.source)
             && !set.position.reads_current_state()
@@ -449,11 +550,35 @@ impl Entity {
         }
         let position = set.position.merged_with(next.positions.get(&set.source));
         next.positions.insert(set.source.clone(), position);
-        let version = current.map_or(0, |c| c.version);
-        if set.delete_entity || next.tables.is_empty() {
-            return deleted(current, changed);
+        let version = current.map_or(rules.floor, |c| c.version);
+        let was_live = current.is_some_and(Entity::is_live);
+        let retired = next.tables.is_empty()
+            || set.delete_entity
+            || (current.is_some()
+                && !was_live
+                && rules.root.is_some_and(|r| !next.tables.contains_key(r)));
+        if retired {
+            if !was_live {
+                // Still retired: kept as it is now, nothing for readers.
+                if current.is_none() {
+                    return Applied::Stale;
+                }
+                return if changed.is_empty() {
+                    Applied::Unchanged(next)
+                } else {
+                    Applied::Hidden(next)
+                };
+            }
+            next.version = version + 1;
+            next.updated_micros = set.commit_micros;
+            next.gone_micros = Some(rules.now_micros);
+            return deleted(current, changed, Some(next));
         }
-        if changed.is_empty() {
+        if current.is_some() && !was_live {
+            // Back: readers were told it is deleted, so all of it is new to them.
+            next.gone_micros = None;
+            changed = next.tables.keys().cloned().collect();
+        } else if changed.is_empty() {
             return Applied::Unchanged(next);
         }
         next.version = version + 1;
@@ -850,5 +975,131 @@ mod tests {
             Entity::apply(Some(&e), &d),
             Applied::Deleted { .. }
         ));
+    }
+
+    fn delete(table: &str, id: i64) -> TableChange {
+        TableChange {
+            table: table.into(),
+            op: Op::Delete,
+            pk: vec![Value::Int(id)],
+            row: None,
+        }
+    }
+
+    fn retired(a: Applied) -> (u64, Entity) {
+        match a {
+            Applied::Deleted {
+                version,
+                retired: Some(e),
+                ..
+            } => (version, e),
+            other => panic!("expected a retirement, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_root_deleted_and_inserted_again_brings_back_every_row_one_version_on() {
+        let rules = Rules {
+            root: Some("customer"),
+            now_micros: 77,
+            ..Rules::default()
+        };
+        let e = changed(Entity::apply_by(
+            None,
+            &set(
+                1,
+                vec![
+                    upsert("customer", 1, "a"),
+                    upsert("orders", 7, "x"),
+                    upsert("orders", 8, "y"),
+                ],
+            ),
+            &rules,
+        ));
+        let mut del = set(2, vec![delete("customer", 1)]);
+        del.delete_entity = true;
+        let (version, gone) = retired(Entity::apply_by(Some(&e), &del, &rules));
+        assert_eq!((version, gone.version), (2, 2));
+        assert_eq!(gone.gone_micros, Some(77));
+        assert!(!gone.is_live());
+        // Its other rows stay, hidden; they still change with their sources.
+        assert_eq!(gone.row_count(), 2);
+        let hidden = match Entity::apply_by(Some(&gone), &set(3, vec![delete("orders", 8)]), &rules)
+        {
+            Applied::Hidden(h) => h,
+            other => panic!("expected a hidden change, got {other:?}"),
+        };
+        assert_eq!((hidden.version, hidden.row_count()), (2, 1));
+        // A row that is not the root does not bring it back.
+        let still = Entity::apply_by(
+            Some(&hidden),
+            &set(4, vec![upsert("orders", 9, "z")]),
+            &rules,
+        );
+        let Applied::Hidden(still) = still else {
+            panic!("expected a hidden change, got {still:?}")
+        };
+        // The root does, with every table changed, one version above.
+        let back = Entity::apply_by(
+            Some(&still),
+            &set(5, vec![upsert("customer", 1, "b")]),
+            &rules,
+        );
+        let Applied::Changed {
+            entity,
+            mut changed_tables,
+        } = back
+        else {
+            panic!("expected it back, got {back:?}")
+        };
+        changed_tables.sort();
+        assert_eq!(
+            changed_tables,
+            vec![Arc::from("customer"), Arc::from("orders")]
+        );
+        assert_eq!(entity.version, 3);
+        assert!(entity.is_live());
+        assert_eq!(entity.row_count(), 3);
+    }
+
+    #[test]
+    fn an_entity_with_no_row_left_comes_back_above_its_last_version() {
+        let rules = Rules {
+            now_micros: 5,
+            ..Rules::default()
+        };
+        let e = changed(Entity::apply_by(
+            None,
+            &set(1, vec![upsert("orders", 1, "a")]),
+            &rules,
+        ));
+        let (_, gone) = retired(Entity::apply_by(
+            Some(&e),
+            &set(2, vec![delete("orders", 1)]),
+            &rules,
+        ));
+        assert_eq!((gone.version, gone.row_count()), (2, 0));
+        // A replay of the first set is older than what it reflects.
+        assert_eq!(
+            Entity::apply_by(Some(&gone), &set(1, vec![upsert("orders", 1, "a")]), &rules),
+            Applied::Stale
+        );
+        let back = changed(Entity::apply_by(
+            Some(&gone),
+            &set(3, vec![upsert("orders", 2, "b")]),
+            &rules,
+        ));
+        assert_eq!(back.version, 3);
+        // Dropped from memory, a shard's floor keeps a new one above it.
+        let floor = Rules {
+            floor: gone.version,
+            ..rules
+        };
+        let new = changed(Entity::apply_by(
+            None,
+            &set(4, vec![upsert("orders", 3, "c")]),
+            &floor,
+        ));
+        assert_eq!(new.version, 3);
     }
 }

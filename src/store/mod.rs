@@ -46,6 +46,14 @@ pub struct EntityChange {
     /// The entity before the change, when it was held: the state topic
     /// writes what differs between the two (rows, not the whole entity).
     pub previous: Option<Arc<Entity>>,
+    /// What the store keeps of an entity readers no longer see (retired:
+    /// deleted at its sources, see [`Entity::gone_micros`]): the state topic
+    /// writes it in place of `entity`.
+    pub retained: Option<Arc<Entity>>,
+    /// Nothing readers see changed (a retired entity's hidden rows changed,
+    /// or the store dropped it): only the state topic writes it; watchers
+    /// and the entities topic do not get it.
+    pub quiet: bool,
 }
 
 impl EntityChange {
@@ -58,6 +66,8 @@ impl EntityChange {
             changed_tables,
             forgotten: false,
             previous: None,
+            retained: None,
+            quiet: false,
         }
     }
 
@@ -70,6 +80,8 @@ impl EntityChange {
             changed_tables,
             forgotten: false,
             previous: None,
+            retained: None,
+            quiet: false,
         }
     }
 
@@ -77,6 +89,27 @@ impl EntityChange {
     pub fn after(mut self, previous: Option<Arc<Entity>>) -> Self {
         self.previous = previous;
         self
+    }
+
+    /// A change readers do not see: the store now keeps `retained` (a
+    /// retired entity; `None`: nothing) in place of `previous`.
+    pub fn quiet(key: EntityKey, retained: Option<Arc<Entity>>, previous: Arc<Entity>) -> Self {
+        EntityChange {
+            key,
+            version: retained.as_ref().map_or(previous.version, |e| e.version),
+            entity: None,
+            changed_tables: Vec::new(),
+            forgotten: false,
+            previous: Some(previous),
+            retained,
+            quiet: true,
+        }
+    }
+
+    /// What the store holds of the entity after the change, seen or not:
+    /// what the state topic writes.
+    pub fn held(&self) -> Option<&Arc<Entity>> {
+        self.entity.as_ref().or(self.retained.as_ref())
     }
 }
 
@@ -190,6 +223,33 @@ pub struct Store {
     blocked: Vec<Blocked>,
     /// Entity types that keep the lineage of their rows (a handful).
     lineage: Vec<Arc<str>>,
+    /// How each entity type's deleted entities retire (a reload may change
+    /// it); a type not listed retires them with no root and for a day.
+    retention: arc_swap::ArcSwap<Vec<(Arc<str>, Retention)>>,
+    /// Per shard, the highest version of a retired entity it dropped: a new
+    /// entity starts above it (see [`microdb::Rules::floor`]).
+    floors: Vec<std::sync::atomic::AtomicU64>,
+}
+
+/// How one entity type's deleted entities retire.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// The root table, when deleting its row deletes the entity
+    /// (`delete_with_root`): the entity's other rows are kept, hidden, and
+    /// come back with a root row inserted again.
+    pub root: Option<Arc<str>>,
+    /// How long a retired entity is kept (its rows, its version) before it
+    /// is dropped (`keep_deleted`).
+    pub keep: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            root: None,
+            keep: std::time::Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 impl Store {
@@ -209,7 +269,75 @@ impl Store {
             changes,
             blocked: (0..shards.max(1)).map(|_| Blocked::default()).collect(),
             lineage: Vec::new(),
+            retention: Default::default(),
+            floors: (0..shards.max(1)).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Retires deleted entities of the given types by these rules (also on
+    /// a live reload).
+    pub fn set_retention(&self, rules: impl IntoIterator<Item = (Arc<str>, Retention)>) {
+        self.retention.store(Arc::new(rules.into_iter().collect()));
+    }
+
+    fn retention_of(&self, entity_type: &str) -> Retention {
+        self.retention
+            .load()
+            .iter()
+            .find(|(t, _)| **t == *entity_type)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// The highest version of a retired entity `shard` dropped.
+    pub fn floor(&self, shard: u32) -> u64 {
+        self.floors
+            .get(shard as usize)
+            .map_or(0, |f| f.load(Ordering::Acquire))
+    }
+
+    /// Raises `shard`'s floor to `version` (a restore, or a drop).
+    pub fn raise_floor(&self, shard: u32, version: u64) {
+        if let Some(f) = self.floors.get(shard as usize) {
+            f.fetch_max(version, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops the retired entities of `shard` kept longer than their type's
+    /// `keep_deleted` as of `now_micros`, raising the shard's floor to
+    /// their versions; the state topic gets a quiet change for each (in
+    /// `out`). Call only from the shard's single writer. Returns how many.
+    pub fn sweep_into(
+        &self,
+        shard: u32,
+        now_micros: i64,
+        out: &mut Vec<Arc<EntityChange>>,
+    ) -> usize {
+        let Some(s) = self.shards.get(shard as usize) else {
+            return 0;
+        };
+        let mut keeps: HashMap<Arc<str>, i64> = HashMap::new();
+        let due: Vec<EntityKey> = s
+            .iter()
+            .filter(|e| {
+                let Some(since) = e.value().current.gone_micros else {
+                    return false;
+                };
+                let keep = *keeps.entry(e.key().entity_type.clone()).or_insert_with(|| {
+                    self.retention_of(&e.key().entity_type).keep.as_micros() as i64
+                });
+                now_micros.saturating_sub(since) >= keep
+            })
+            .map(|e| e.key().clone())
+            .collect();
+        for key in &due {
+            if let Some((_, slot)) = s.remove(key) {
+                self.raise_floor(shard, slot.current.version);
+                let change = EntityChange::quiet(key.clone(), None, slot.current);
+                out.push(Arc::new(change));
+            }
+        }
+        due.len()
     }
 
     /// Keeps `n` earlier versions of each entity of the given types.
@@ -273,13 +401,22 @@ impl Store {
 
     /// The current version of an entity.
     pub fn get(&self, key: &EntityKey) -> Option<Arc<Entity>> {
+        self.shard(key)
+            .get(key)
+            .map(|e| e.value().current.clone())
+            .filter(|e| e.is_live())
+    }
+
+    /// What the store holds of an entity, retired or not (for its writer
+    /// and the state topic; readers use [`Store::get`]).
+    pub fn held(&self, key: &EntityKey) -> Option<Arc<Entity>> {
         self.shard(key).get(key).map(|e| e.value().current.clone())
     }
 
     /// Version `version` of an entity, if it is current or kept; else the
     /// versions kept (oldest first, empty when the entity does not exist).
     pub fn get_version(&self, key: &EntityKey, version: u64) -> Result<Arc<Entity>, Vec<u64>> {
-        let Some(slot) = self.shard(key).get(key) else {
+        let Some(slot) = self.shard(key).get(key).filter(|s| s.current.is_live()) else {
             return Err(Vec::new());
         };
         if slot.current.version == version {
@@ -297,7 +434,8 @@ impl Store {
 
     /// Every version of an entity kept, the current one last.
     pub fn versions(&self, key: &EntityKey) -> Vec<Arc<Entity>> {
-        self.shard(key).get(key).map_or_else(Vec::new, |slot| {
+        let slot = self.shard(key).get(key).filter(|s| s.current.is_live());
+        slot.map_or_else(Vec::new, |slot| {
             slot.past
                 .iter()
                 .flat_map(|p| p.iter().cloned())
@@ -355,7 +493,15 @@ impl Store {
         }
         let shard = &self.shards[i];
         let current = shard.get(&set.key).map(|e| e.value().current.clone());
-        let applied = Entity::apply_with(current.as_deref(), set, self.lineage_now(&set.key));
+        let retention = self.retention_of(&set.key.entity_type);
+        let lineage = self.lineage_now(&set.key);
+        let rules = microdb::Rules {
+            lineage,
+            root: retention.root.as_deref(),
+            floor: self.floors[i].load(Ordering::Acquire),
+            now_micros: lineage.unwrap_or_else(crate::sources::now_micros),
+        };
+        let applied = Entity::apply_by(current.as_deref(), set, &rules);
         self.settle(&set.key, current, applied, out)
     }
 
@@ -379,11 +525,14 @@ impl Store {
     /// Drops an entity from memory without telling watchers (it did not
     /// change: a sync-on-access entity no longer held). True when it was there.
     pub fn evict(&self, key: &EntityKey) -> bool {
-        if self.shard(key).remove(key).is_some() {
-            self.count(&key.entity_type, -1);
-            true
-        } else {
-            false
+        match self.shard(key).remove(key) {
+            Some((_, slot)) => {
+                if slot.current.is_live() {
+                    self.count(&key.entity_type, -1);
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -411,7 +560,10 @@ impl Store {
         if block {
             self.blocked_of(key).insert(key.clone(), at_micros);
         }
-        if removed.is_some() {
+        if removed
+            .as_ref()
+            .is_some_and(|(_, slot)| slot.current.is_live())
+        {
             self.count(&key.entity_type, -1);
         }
         // Told even when not held (evicted, never fetched here, or held
@@ -424,6 +576,9 @@ impl Store {
             )
         });
         let was_held = removed.is_some();
+        // Built again later (not blocked, or unblocked), it starts above
+        // the version of this delete.
+        self.raise_floor(key.partition(self.shard_count()), version);
         let mut change = EntityChange::deleted(key.clone(), version, tables)
             .after(removed.map(|(_, slot)| slot.current));
         change.forgotten = true;
@@ -503,10 +658,23 @@ impl Store {
         out: &mut Vec<Arc<EntityChange>>,
     ) -> Outcome {
         let shard = self.shard(key);
+        let was_live = previous.as_ref().is_some_and(|e| e.is_live());
         match applied {
             Applied::Stale => Outcome::Stale,
             Applied::Unchanged(e) => {
                 self.put(shard, key, Arc::new(e));
+                Outcome::Unchanged
+            }
+            Applied::Hidden(e) => {
+                let e = Arc::new(e);
+                self.put(shard, key, e.clone());
+                if let Some(previous) = previous {
+                    out.push(Arc::new(EntityChange::quiet(
+                        key.clone(),
+                        Some(e),
+                        previous,
+                    )));
+                }
                 Outcome::Unchanged
             }
             Applied::Changed {
@@ -514,7 +682,8 @@ impl Store {
                 changed_tables,
             } => {
                 let entity = Arc::new(entity);
-                if self.put(shard, key, entity.clone()) {
+                self.put(shard, key, entity.clone());
+                if !was_live {
                     self.count(&key.entity_type, 1);
                 }
                 self.publish(
@@ -526,14 +695,23 @@ impl Store {
             Applied::Deleted {
                 version,
                 changed_tables,
+                retired,
             } => {
-                if shard.remove(key).is_some() {
+                let retired = retired.map(Arc::new);
+                let held = match &retired {
+                    Some(r) => {
+                        self.put(shard, key, r.clone());
+                        true
+                    }
+                    None => shard.remove(key).is_some(),
+                };
+                if held && was_live {
                     self.count(&key.entity_type, -1);
                 }
-                self.publish(
-                    EntityChange::deleted(key.clone(), version, changed_tables).after(previous),
-                    out,
-                );
+                let mut change =
+                    EntityChange::deleted(key.clone(), version, changed_tables).after(previous);
+                change.retained = retired;
+                self.publish(change, out);
                 Outcome::Deleted
             }
         }
@@ -572,14 +750,22 @@ impl Store {
                 continue;
             };
             n += 1;
-            if next.tables.is_empty() {
-                s.remove(&key);
+            if !cur.is_live() {
+                // Retired: its hidden rows go, readers see nothing.
+                let next = Arc::new(next);
+                self.put(s, &key, next.clone());
+                out.push(Arc::new(EntityChange::quiet(key, Some(next), cur)));
+            } else if next.tables.is_empty() {
+                // Its last rows went: retired, as a delete of them would.
+                let mut next = next;
+                next.gone_micros = Some(crate::sources::now_micros());
+                let next = Arc::new(next);
+                self.put(s, &key, next.clone());
                 self.count(&key.entity_type, -1);
-                self.publish(
-                    EntityChange::deleted(key, next.version, vec![t.table.clone()])
-                        .after(Some(cur)),
-                    out,
-                );
+                let mut change = EntityChange::deleted(key, next.version, vec![t.table.clone()])
+                    .after(Some(cur));
+                change.retained = Some(next);
+                self.publish(change, out);
             } else {
                 let next = Arc::new(next);
                 self.put(s, &key, next.clone());
@@ -617,11 +803,14 @@ impl Store {
         };
         self.blocked[shard as usize].clear();
         let mut n = 0;
-        s.retain(|k, _| {
-            self.count(&k.entity_type, -1);
+        s.retain(|k, slot| {
+            if slot.current.is_live() {
+                self.count(&k.entity_type, -1);
+            }
             n += 1;
             false
         });
+        self.floors[shard as usize].store(0, Ordering::Release);
         n
     }
 
@@ -633,12 +822,15 @@ impl Store {
             return false;
         }
         let key = entity.key.clone();
-        if self
+        let live = entity.is_live();
+        let was_live = self
             .shard(&key)
             .insert(key.clone(), Slot::new(Arc::new(entity)))
-            .is_none()
-        {
-            self.count(&key.entity_type, 1);
+            .is_some_and(|slot| slot.current.is_live());
+        match (was_live, live) {
+            (false, true) => self.count(&key.entity_type, 1),
+            (true, false) => self.count(&key.entity_type, -1),
+            _ => {}
         }
         true
     }
@@ -662,7 +854,7 @@ impl Store {
                 continue;
             }
             for e in s.iter() {
-                if &*e.key().entity_type != entity_type {
+                if &*e.key().entity_type != entity_type || !e.value().current.is_live() {
                     continue;
                 }
                 let id = &e.key().id;
@@ -699,7 +891,9 @@ impl Store {
                 };
                 if next.tables.is_empty() {
                     s.remove(&key);
-                    self.count(&key.entity_type, -1);
+                    if cur.is_live() {
+                        self.count(&key.entity_type, -1);
+                    }
                     dropped += 1;
                 } else {
                     self.put(s, &key, Arc::new(next));
@@ -789,10 +983,11 @@ mod tests {
         assert!(store.get(&key).is_none());
         assert!(store.get(&EntityKey::new("t", "2")).is_some());
         assert_eq!(store.blocked_count("t"), 1);
-        // Unblocked: the next change builds it again.
+        // Unblocked: the next change builds it again, above the version
+        // of its forget (2).
         assert!(store.unblock(&key));
         add(&store, "1");
-        assert_eq!(store.get(&key).map(|e| e.version), Some(1));
+        assert_eq!(store.get(&key).map(|e| e.version), Some(3));
         // Forgetting without a block lets the next change rebuild it.
         let f = store.forget_into(&key, false, 78, &mut Vec::new());
         assert!(f.was_held && !f.blocked && !store.is_blocked(&key));
@@ -812,6 +1007,81 @@ mod tests {
         store.forget_into(&key, true, 79, &mut Vec::new());
         store.drop_shard(p);
         assert!(!store.is_blocked(&key));
+    }
+
+    fn delete(store: &Store, id: &str, pos: u64, out: &mut Vec<Arc<EntityChange>>) {
+        store.apply_into(
+            &EntityChangeSet {
+                key: EntityKey::new("t", id),
+                source: "s".into(),
+                position: Position::Seq(pos),
+                commit_micros: 0,
+                changes: vec![TableChange {
+                    table: "t".into(),
+                    op: Op::Delete,
+                    pk: vec![Value::Text(id.into())],
+                    row: None,
+                }],
+                delete_entity: true,
+            },
+            out,
+        );
+    }
+
+    #[test]
+    fn a_deleted_entity_is_kept_hidden_then_dropped_and_its_versions_go_on() {
+        let store = Store::new(2, &["t"], 16).with_history([("t", 3)]);
+        store.set_retention([(
+            Arc::from("t"),
+            Retention {
+                root: Some("t".into()),
+                keep: std::time::Duration::from_secs(10),
+            },
+        )]);
+        let mut watch = store.subscribe();
+        add(&store, "1");
+        add(&store, "2");
+        let key = EntityKey::new("t", "1");
+        let p = key.partition(2);
+        let mut out = Vec::new();
+        delete(&store, "1", 2, &mut out);
+        // Gone for readers, listings and counts; held for its writer and
+        // the state topic, which got what it keeps.
+        assert!(store.get(&key).is_none() && store.versions(&key).is_empty());
+        assert_eq!(store.get_version(&key, 1), Err(Vec::new()));
+        assert_eq!(store.entity_count("t"), 1);
+        assert_eq!(
+            store.list_ids("t", None, 10, |_| true),
+            vec![Arc::from("2")]
+        );
+        let held = store.held(&key).unwrap();
+        assert_eq!((held.version, held.is_live()), (2, false));
+        assert!(out[0].entity.is_none() && !out[0].quiet);
+        assert!(
+            out[0]
+                .retained
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &held))
+        );
+        let mut seen = Vec::new();
+        while let Ok(c) = watch.try_recv() {
+            seen.push((c.key.id.to_string(), c.version, c.entity.is_some()));
+        }
+        assert_eq!(seen.last(), Some(&("1".to_string(), 2, false)));
+        // Not dropped before its time; dropped after, quietly, and the
+        // shard's floor holds its version.
+        let now = held.gone_micros.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(store.sweep_into(p, now + 9_000_000, &mut out), 0);
+        assert_eq!(store.sweep_into(p, now + 10_000_000, &mut out), 1);
+        assert!(out[0].quiet && out[0].held().is_none());
+        assert!(store.held(&key).is_none());
+        assert!(watch.try_recv().is_err(), "watchers are not told twice");
+        assert_eq!(store.floor(p), 2);
+        // Created again: above the version of its delete.
+        add(&store, "1");
+        assert_eq!(store.get(&key).map(|e| e.version), Some(3));
+        assert_eq!(store.entity_count("t"), 2);
     }
 
     #[test]

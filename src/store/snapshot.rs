@@ -1,11 +1,12 @@
 //! Snapshot files: every micro-DB of one bus partition, durable and checked.
 //!
-//! File name: `r<round>-p<partition>.snap`. Layout (format version 2):
+//! File name: `r<round>-p<partition>.snap`. Layout (format version 3):
 //!
 //! ```text
 //! magic "EFSNAP01" | format version u32 | partition u32 | partitions u32 | round u64
 //! lz4 frame { meta (postcard, length-prefixed) | entity count u64 | entities (each length-prefixed)
-//!             | blocked count u64 | blocked ids (postcard (key, forgotten at), each length-prefixed) }
+//!             | blocked count u64 | blocked ids (postcard (key, forgotten at), each length-prefixed)
+//!             | floor u64 }
 //! trailer: crc32 of every byte before it u32 | length of every byte before it u64 | "EFSNAPOK"
 //! ```
 //!
@@ -21,7 +22,10 @@
 //! Blocked ids (forgotten entities whose later changes are dropped) are
 //! kept in clear: they are ids, which are not secret (docs/security.md).
 //!
-//! Version 1 files (no blocked ids, never sealed, entities without row
+//! The floor is the highest version of a retired entity the partition
+//! dropped (a new entity starts above it). Entities carry when they retired
+//! (`gone_micros`). Version 2 files (no floor, entities without retirement)
+//! and version 1 files (no blocked ids, never sealed, entities without row
 //! lineage) are still read.
 //!
 //! Written to a `.tmp` file, fsynced, renamed, and the directory fsynced
@@ -42,8 +46,8 @@ const MAGIC: &[u8; 8] = b"EFSNAP01";
 const TRAILER_MAGIC: &[u8; 8] = b"EFSNAPOK";
 /// Bumped when the encoding changes; older versions this build still
 /// reads are listed in [`READS`].
-pub const FORMAT_VERSION: u32 = 2;
-const READS: [u32; 2] = [1, 2];
+pub const FORMAT_VERSION: u32 = 3;
+const READS: [u32; 3] = [1, 2, 3];
 const HEADER_LEN: usize = 8 + 4 + 4 + 4 + 8;
 const TRAILER_LEN: usize = 4 + 8 + 8;
 
@@ -57,7 +61,7 @@ pub enum SnapshotError {
     },
     #[error("snapshot {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("snapshot {path} has format version {found}, this build reads 1 and 2")]
+    #[error("snapshot {path} has format version {found}, this build reads 1 to 3")]
     Version { path: PathBuf, found: u32 },
     /// The file is sealed and cannot be opened with the keystore at hand:
     /// a setup error, not a damaged file (restore refuses to start rather
@@ -114,6 +118,8 @@ pub struct LoadedSnapshot {
     /// Forgotten ids whose later changes are dropped, and when each was
     /// forgotten.
     pub blocked: Vec<(EntityKey, i64)>,
+    /// The highest version of a retired entity the partition dropped.
+    pub floor: u64,
     /// Sealed records skipped because their key is gone (forgotten).
     pub erased: usize,
     pub path: PathBuf,
@@ -171,12 +177,14 @@ fn write_prefixed(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
 
 /// Writes one partition's snapshot durably: its entities, sealed with
 /// `keys` when given (its keystore id goes into `meta`), and its blocked
-/// ids; returns its path and size. Blocking: call from `spawn_blocking`.
+/// ids and floor; returns its path and size. Blocking: call from
+/// `spawn_blocking`.
 pub fn write(
     dir: &Path,
     meta: &SnapshotMeta,
     entities: &[Arc<Entity>],
     blocked: &[(EntityKey, i64)],
+    floor: u64,
     keys: Option<&KeyStore>,
 ) -> Result<(PathBuf, u64), SnapshotError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -248,6 +256,7 @@ pub fn write(
         buf = postcard::to_extend(b, buf).map_err(encode)?;
         write_prefixed(&mut lz, &buf).map_err(io_err(&tmp))?;
     }
+    lz.write_all(&floor.to_le_bytes()).map_err(io_err(&tmp))?;
     lz.finish().map_err(|e| SnapshotError::Io {
         path: tmp.clone(),
         source: io::Error::other(e),
@@ -426,10 +435,10 @@ pub fn decode(
                 }
             }
         };
-        let e: Result<Entity, _> = if version == 1 {
-            postcard::from_bytes::<super::EntityV1>(&plain).map(Entity::from)
-        } else {
-            postcard::from_bytes(&plain)
+        let e: Result<Entity, _> = match version {
+            1 => postcard::from_bytes::<super::EntityV1>(&plain).map(Entity::from),
+            2 => postcard::from_bytes::<super::microdb::EntityV2>(&plain).map(Entity::from),
+            _ => postcard::from_bytes(&plain),
         };
         let e = e.map_err(|e| corrupt(format!("bad entity #{i}: {e}")))?;
         entities.push(e);
@@ -444,10 +453,12 @@ pub fn decode(
             blocked.push(b);
         }
     }
+    let floor = if version >= 3 { read_u64(&mut lz)? } else { 0 };
     Ok(LoadedSnapshot {
         meta,
         entities,
         blocked,
+        floor,
         erased,
         path: path.to_path_buf(),
         bytes: bytes.len() as u64,
@@ -640,7 +651,7 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let ents: Vec<_> = (0..100).map(entity).collect();
-        let (path, _) = write(dir.path(), &meta(5), &ents, &[], None).unwrap();
+        let (path, _) = write(dir.path(), &meta(5), &ents, &[], 0, None).unwrap();
         let back = read(&path, None).unwrap();
         assert_eq!(back.meta, meta(5));
         assert_eq!(back.entities.len(), 100);
@@ -651,7 +662,7 @@ mod tests {
     fn any_flipped_byte_or_truncation_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let ents: Vec<_> = (0..10).map(entity).collect();
-        let (path, _) = write(dir.path(), &meta(1), &ents, &[], None).unwrap();
+        let (path, _) = write(dir.path(), &meta(1), &ents, &[], 0, None).unwrap();
         let good = fs::read(&path).unwrap();
         for i in (0..good.len()).step_by(7) {
             let mut bad = good.clone();
@@ -690,13 +701,18 @@ mod tests {
         let mut huge = u64::MAX.to_le_bytes().to_vec();
         huge.extend_from_slice(&m);
         assert!(decode(p, &seal(1, 4, 1, &huge), None).is_err());
-        // The good meta and no entities: a sealed body reads back.
+        // The good meta and no entities: a sealed body reads back; in
+        // format 2, with no floor after the blocked ids.
         let mut empty = good_meta;
         empty.extend_from_slice(&0u64.to_le_bytes());
         empty.extend_from_slice(&0u64.to_le_bytes());
+        let v2 = decode(p, &seal_version(2, 1, 4, 1, &empty), None).unwrap();
+        assert_eq!((v2.meta, v2.entities.len(), v2.floor), (meta(1), 0, 0));
+        empty.extend_from_slice(&5u64.to_le_bytes());
         let back = decode(p, &seal(1, 4, 1, &empty), None).unwrap();
         assert_eq!(back.meta, meta(1));
         assert!(back.entities.is_empty());
+        assert_eq!(back.floor, 5);
     }
 
     fn entity_with(id: i64, secret: &str) -> Arc<Entity> {
@@ -723,7 +739,7 @@ mod tests {
         let mut m = meta(1);
         m.partition = 0;
         let blocked = vec![(EntityKey::new("customer", "99"), 1234)];
-        let (path, _) = write(dir.path(), &m, &ents, &blocked, Some(&keys)).unwrap();
+        let (path, _) = write(dir.path(), &m, &ents, &blocked, 0, Some(&keys)).unwrap();
         let bytes = fs::read(&path).unwrap();
         assert!(!bytes.windows(14).any(|w| w == &secret(7).as_bytes()[..14]));
         let back = read(&path, Some(&keys)).unwrap();
@@ -746,7 +762,7 @@ mod tests {
         }
         let mut m2 = meta(2);
         (m2.partition, m2.partitions) = (0, 1);
-        let (newer, _) = write(dir.path(), &m2, &ents[..3], &[], Some(&keys)).unwrap();
+        let (newer, _) = write(dir.path(), &m2, &ents[..3], &[], 0, Some(&keys)).unwrap();
         assert_eq!(read(&newer, Some(&keys)).unwrap().entities.len(), 3);
         let old_keys = KeyStore::open(back_then.path(), b"a master key of 16+", 1).unwrap();
         let err = read(&newer, Some(&old_keys)).unwrap_err();
@@ -766,9 +782,10 @@ mod tests {
             (EntityKey::new("customer", "5"), 1),
             (EntityKey::new("customer", "a/b"), 2),
         ];
-        let (path, _) = write(dir.path(), &meta(3), &[entity(1)], &blocked, None).unwrap();
+        let (path, _) = write(dir.path(), &meta(3), &[entity(1)], &blocked, 7, None).unwrap();
         let back = read(&path, None).unwrap();
         assert_eq!(back.blocked, blocked);
+        assert_eq!(back.floor, 7);
         assert_eq!(back.meta.keystore, None);
         assert_eq!(back.entities.len(), 1);
     }
@@ -777,7 +794,7 @@ mod tests {
     fn prune_keeps_newest_rounds() {
         let dir = tempfile::tempdir().unwrap();
         for r in 1..=5 {
-            write(dir.path(), &meta(r), &[entity(1)], &[], None).unwrap();
+            write(dir.path(), &meta(r), &[entity(1)], &[], 0, None).unwrap();
         }
         assert_eq!(prune(dir.path(), 2).unwrap(), vec![5, 4]);
         let left: Vec<u64> = list(dir.path()).unwrap().iter().map(|f| f.round).collect();
@@ -789,12 +806,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 in rounds 1..=4, partition 2 (owned earlier) in 1..=2 only.
         for r in 1..=4 {
-            write(dir.path(), &meta(r), &[entity(1)], &[], None).unwrap();
+            write(dir.path(), &meta(r), &[entity(1)], &[], 0, None).unwrap();
         }
         for r in 1..=2 {
             let mut m = meta(r);
             m.partition = 2;
-            write(dir.path(), &m, &[entity(2)], &[], None).unwrap();
+            write(dir.path(), &m, &[entity(2)], &[], 0, None).unwrap();
         }
         prune(dir.path(), 2).unwrap();
         let mut left: Vec<(u32, u64)> = list(dir.path())
