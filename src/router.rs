@@ -12,6 +12,23 @@
 //! carries that transaction's position and is applied in log order after
 //! it). When a bound is hit it goes to the dead-letter output with the reason.
 //!
+//! Rows follow their link. The router also keeps every linked row (one that
+//! finds its entity through `id_via`) as last routed: which link row it
+//! names, and its image. When a link row changes entity (an invoice moves
+//! to another customer), every row linked through it moves in the same
+//! transaction: a delete from the old entity and its image upserted into
+//! the new one, in the change sets of that transaction (so each entity
+//! steps one version for it, in log order, across partitions and
+//! processes: they are ordinary bus records). When a linked row's own link
+//! moves and the source sent no old image (PostgreSQL without `REPLICA
+//! IDENTITY FULL`), the kept link says which entity it leaves. The kept
+//! rows are rebuilt from the micro-DBs at start, like the link index. A
+//! deleted link row's link stays while rows still name it (their late
+//! changes still find their entity) and goes with the last of them. What
+//! the index holds of a row only gets newer (`learned_at`). Not yet exact:
+//! transactions read again after a crash route by the index as restored,
+//! not as of their own time (docs/architecture.md, docs/testing.md).
+//!
 //! Checkpoints: a source's routed checkpoint never passes a transaction that
 //! still has a waiting change, so a crash while a change waits re-reads it.
 //!
@@ -24,8 +41,8 @@ use crate::event::{
     BusRecord, Checkpoints, EntityChangeSet, EntityKey, Op, Position, Row, RowChange, SourceTxn,
     TableChange, TruncateTable, Value,
 };
-use crate::store::Store;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use crate::store::{Pk, Store, StoredRow};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +96,16 @@ struct Pending {
 
 type LinkKey = (Arc<str>, Arc<str>, String);
 
+/// A linked row as last routed: the link row's key it names, and its image
+/// (what moves into the new entity when its link row moves).
+struct Linked {
+    link: String,
+    row: StoredRow,
+}
+
+/// (entity type, micro-DB table, primary key) of a linked row.
+type LinkedKey = (Arc<str>, Arc<str>, Pk);
+
 pub struct Router {
     /// Source name -> source table (normalised) -> the routes it feeds,
     /// looked up by borrowed names (no key built per change).
@@ -86,6 +113,19 @@ pub struct Router {
     partitions: u32,
     /// (entity type, link table, link pk text) -> entity id.
     links: HashMap<LinkKey, Arc<str>>,
+    /// Every linked row (routed by `id_via`), as last routed.
+    linked: BTreeMap<LinkedKey, Linked>,
+    /// Per link row, the linked rows (table, primary key) that name it.
+    children: HashMap<LinkKey, BTreeSet<(Arc<str>, Pk)>>,
+    /// Link rows deleted at their source whose link stays while linked
+    /// rows still name them.
+    orphaned: HashSet<LinkKey>,
+    /// Per link row and linked row, the source position its entry in
+    /// `links` or `linked` was learned at (a routed change, or a restored
+    /// entity's position in that source). Only what is newer replaces it: a
+    /// partition restored elsewhere from an older point, or a transaction
+    /// read again after a restart, never takes the index back.
+    learned_at: BTreeMap<LinkedKey, (Arc<str>, Position)>,
     pending: VecDeque<Pending>,
     next_seq: u64,
     pending_max: usize,
@@ -148,6 +188,10 @@ impl Router {
             routes: routes_of(config),
             partitions,
             links: HashMap::new(),
+            linked: BTreeMap::new(),
+            children: HashMap::new(),
+            orphaned: HashSet::new(),
+            learned_at: BTreeMap::new(),
             pending: VecDeque::new(),
             next_seq: 0,
             pending_max: config.router.pending_max,
@@ -183,6 +227,21 @@ impl Router {
         // reads it again) or its table is no longer routed (it was dropped):
         // released later, it would bring back what the reload removed, or
         // hold its source's checkpoint at a position before the new start.
+        // Linked rows of tables no longer linked are not kept.
+        let vias: HashSet<(Arc<str>, Arc<str>)> = self
+            .routes
+            .values()
+            .flat_map(|tables| tables.values())
+            .flat_map(|routes| routes.iter())
+            .filter(|r| matches!(r.rule, IdRule::Via { .. }))
+            .map(|r| (r.entity_type.clone(), r.table.clone()))
+            .collect();
+        self.linked
+            .retain(|(ty, table, _), _| vias.contains(&(ty.clone(), table.clone())));
+        self.children.retain(|(ty, _, _), c| {
+            c.retain(|(table, _)| vias.contains(&(ty.clone(), table.clone())));
+            !c.is_empty()
+        });
         let routes = &self.routes;
         self.pending.retain(|p| {
             !forget.contains(&p.source)
@@ -207,34 +266,79 @@ impl Router {
         }
     }
 
-    /// Learns the links the given entities hold (a partition restored
-    /// after the group assigned it).
+    /// Learns the links and linked rows the given entities hold (a
+    /// partition restored after the group assigned it). A row held by two
+    /// entities (partitions restored as of different points: one from
+    /// before the row moved, one from after) is taken from the entity whose
+    /// position in the row's source is newer.
     pub fn learn_links(&mut self, entities: &[Arc<crate::store::Entity>]) {
-        let targets: Vec<(Arc<str>, Arc<str>)> = self
+        // (source, route) of every table of an entity type that links rows.
+        let routes: Vec<(Arc<str>, Route)> = self
             .routes
-            .values()
-            .flat_map(|tables| tables.values())
-            .flat_map(|routes| routes.iter())
-            .filter(|r| r.is_link_target)
-            .map(|r| (r.entity_type.clone(), r.table.clone()))
+            .iter()
+            .flat_map(|(source, tables)| {
+                tables
+                    .values()
+                    .flat_map(|routes| routes.iter())
+                    .filter(|r| r.is_link_target || matches!(r.rule, IdRule::Via { .. }))
+                    .map(|r| (Arc::<str>::from(source.as_str()), r.clone()))
+            })
             .collect();
-        if targets.is_empty() {
+        if !routes.iter().any(|(_, r)| r.is_link_target) {
             return;
         }
         for e in entities {
-            for (ty, table) in &targets {
+            for (source, route) in &routes {
+                let (ty, table) = (&route.entity_type, &route.table);
                 if *e.key.entity_type != **ty {
                     continue;
                 }
-                if let Some(rows) = e.tables.get(table) {
-                    for pk in rows.keys() {
-                        if let Some(t) = pk.first().and_then(Value::id_text) {
-                            self.links
-                                .insert((ty.clone(), table.clone(), t), e.key.id.clone());
+                let Some(rows) = e.tables.get(table) else {
+                    continue;
+                };
+                let here = e.positions.get(source);
+                for (pk, row) in rows.iter() {
+                    let id = (ty.clone(), table.clone(), pk.clone());
+                    if !self.fresher(&id, source, here) {
+                        continue;
+                    }
+                    if let Some(here) = here {
+                        self.learned_at.insert(id, (source.clone(), here.clone()));
+                    }
+                    if route.is_link_target
+                        && let Some(t) = pk.first().and_then(Value::id_text)
+                    {
+                        self.links
+                            .insert((ty.clone(), table.clone(), t), e.key.id.clone());
+                    }
+                    if let IdRule::Via {
+                        table: link_table,
+                        column,
+                    } = &route.rule
+                        && let Some(link) = row.get(column).and_then(|v| v.to_owned().id_text())
+                    {
+                        let key = (ty.clone(), table.clone(), pk.clone());
+                        if let Some(old) = self.linked.remove(&key) {
+                            self.unlink_child(ty, link_table, old.link, table, pk);
                         }
+                        self.link_child(ty, link_table, link, table, pk.clone(), row.clone());
                     }
                 }
             }
+        }
+    }
+
+    /// Whether what `source` says at `at` of row `id` is at least as new
+    /// as what the index learned of it (or the index cannot tell).
+    fn fresher(&self, id: &LinkedKey, source: &Arc<str>, at: Option<&Position>) -> bool {
+        // Rows read as they are now (a source reading its tables again) are
+        // never older than what it said before.
+        if at.is_some_and(Position::reads_current_state) {
+            return true;
+        }
+        match (self.learned_at.get(id), at) {
+            (Some((s, was)), Some(now)) if s == source => !now.is_older_than(was),
+            _ => true,
         }
     }
 
@@ -317,13 +421,21 @@ impl Router {
                 }
                 match self.resolve(route, &mut change, last) {
                     Ok(Resolved::Ready(items)) => {
-                        for (key, tc, delete_entity) in items {
-                            let released = if route.is_link_target {
-                                self.learn(route, &tc, &key)
-                            } else {
-                                Vec::new()
-                            };
+                        let items = self.track(route, items, &txn);
+                        // The entity the source's old image says the row
+                        // leaves (the delete from it goes first).
+                        let left = (items.len() == 2).then(|| items[0].0.id.clone());
+                        for (i, (key, tc, delete_entity)) in items.into_iter().enumerate() {
+                            let (released, follow) =
+                                if route.is_link_target && !(left.is_some() && i == 0) {
+                                    self.learn(route, &tc, &key, left.clone(), &txn)
+                                } else {
+                                    Default::default()
+                                };
                             push_change(&mut sets, &mut index, &txn, key, tc, delete_entity);
+                            for (key, tc, delete_entity) in follow {
+                                push_change(&mut sets, &mut index, &txn, key, tc, delete_entity);
+                            }
                             for p in released {
                                 self.place(&mut sets, &mut index, &txn, &mut out, p);
                             }
@@ -415,20 +527,78 @@ impl Router {
         });
     }
 
-    /// Records the link a link-table row gives and returns the changes that waited for it.
-    fn learn(&mut self, route: &Route, tc: &TableChange, key: &EntityKey) -> Vec<Pending> {
-        if tc.op == Op::Delete {
-            // Keep the link: late changes of linked rows (deletes of payments
-            // of a deleted invoice) must still find their entity.
-            return Vec::new();
-        }
+    /// Records the link a link-table row gives; returns the changes that
+    /// waited for it, and, when the row moved to another entity, the moves
+    /// of the rows linked through it (a delete from the old entity, the
+    /// row's image into the new one), after the row's own delete from the
+    /// old entity. The old entity is the one the source's old image named
+    /// (`left`: its delete is already routed), else the one the index held:
+    /// the old image wins, as on a replay after a restart the index may
+    /// already hold where the row went.
+    fn learn(
+        &mut self,
+        route: &Route,
+        tc: &TableChange,
+        key: &EntityKey,
+        left: Option<Arc<str>>,
+        txn: &TxnHead,
+    ) -> (Vec<Pending>, Vec<(EntityKey, TableChange, bool)>) {
         let Some(pk) = tc.pk.first().and_then(Value::id_text) else {
-            return Vec::new();
+            return Default::default();
         };
         let lk: LinkKey = (route.entity_type.clone(), route.table.clone(), pk);
-        self.links.insert(lk.clone(), key.id.clone());
+        let id = (
+            route.entity_type.clone(),
+            route.table.clone(),
+            Pk::from(&tc.pk[..]),
+        );
+        if !self.fresher(&id, &txn.source, Some(&txn.position)) {
+            // Read again after a restart, older than what the index holds:
+            // the index stays; rows its old image says it took along still
+            // leave that entity (a set there older than its state is skipped).
+            let follow = match left {
+                Some(old) if old != key.id => self.moves(&lk, &old, key),
+                _ => Vec::new(),
+            };
+            return (Vec::new(), follow);
+        }
+        self.learned_at
+            .insert(id, (txn.source.clone(), txn.position.clone()));
+        if tc.op == Op::Delete {
+            // The link stays while rows name it: their late changes (deletes
+            // of payments of a deleted invoice) must still find their entity.
+            if self.children.get(&lk).is_some_and(|c| !c.is_empty()) {
+                self.orphaned.insert(lk);
+            } else {
+                self.links.remove(&lk);
+                self.children.remove(&lk);
+            }
+            return Default::default();
+        }
+        self.orphaned.remove(&lk);
+        let before = self.links.insert(lk.clone(), key.id.clone());
+        let said = left.is_some();
+        let mut follow = Vec::new();
+        if let Some(old) = left.or(before)
+            && old != key.id
+        {
+            if !said {
+                let from = EntityKey {
+                    entity_type: key.entity_type.clone(),
+                    id: old.clone(),
+                };
+                let delete = TableChange {
+                    table: tc.table.clone(),
+                    op: Op::Delete,
+                    pk: tc.pk.clone(),
+                    row: None,
+                };
+                follow.push((from, delete, route.is_root && route.delete_with_root));
+            }
+            follow.extend(self.moves(&lk, &old, key));
+        }
         if self.pending.is_empty() {
-            return Vec::new();
+            return (Vec::new(), follow);
         }
         let mut released = Vec::new();
         let mut keep = VecDeque::with_capacity(self.pending.len());
@@ -441,7 +611,160 @@ impl Router {
         }
         self.pending = keep;
         released.sort_by_key(|p| p.seq);
-        released
+        (released, follow)
+    }
+
+    /// The rows linked through `lk`, moved from entity `old` to `to`.
+    fn moves(
+        &self,
+        lk: &LinkKey,
+        old: &Arc<str>,
+        to: &EntityKey,
+    ) -> Vec<(EntityKey, TableChange, bool)> {
+        let Some(children) = self.children.get(lk) else {
+            return Vec::new();
+        };
+        let from = EntityKey {
+            entity_type: to.entity_type.clone(),
+            id: old.clone(),
+        };
+        let mut out = Vec::with_capacity(children.len() * 2);
+        for (table, pk) in children {
+            let key = (to.entity_type.clone(), table.clone(), pk.clone());
+            let Some(linked) = self.linked.get(&key) else {
+                continue;
+            };
+            out.push((
+                from.clone(),
+                TableChange {
+                    table: table.clone(),
+                    op: Op::Delete,
+                    pk: pk.to_vec(),
+                    row: None,
+                },
+                false,
+            ));
+            out.push((
+                to.clone(),
+                TableChange {
+                    table: table.clone(),
+                    op: Op::Update,
+                    pk: pk.to_vec(),
+                    row: Some(linked.row.to_row()),
+                },
+                false,
+            ));
+        }
+        out
+    }
+
+    /// Keeps where the linked row of `items` (routed by `route`) now
+    /// points, and its image. When its link moved and the source sent no
+    /// old image to say so, a delete from the entity it leaves goes first.
+    fn track(
+        &mut self,
+        route: &Route,
+        mut items: Vec<(EntityKey, TableChange, bool)>,
+        txn: &TxnHead,
+    ) -> Vec<(EntityKey, TableChange, bool)> {
+        let IdRule::Via {
+            table: link_table,
+            column,
+        } = &route.rule
+        else {
+            return items;
+        };
+        let Some((key, tc, _)) = items.last() else {
+            return items;
+        };
+        let ty = &route.entity_type;
+        let pk = Pk::from(&tc.pk[..]);
+        let id = (ty.clone(), route.table.clone(), pk.clone());
+        if !self.fresher(&id, &txn.source, Some(&txn.position)) {
+            // Read again after a restart: the index holds newer.
+            return items;
+        }
+        self.learned_at
+            .insert(id, (txn.source.clone(), txn.position.clone()));
+        let was = self
+            .linked
+            .remove(&(ty.clone(), route.table.clone(), pk.clone()))
+            .map(|l| l.link);
+        let left = was.as_ref().and_then(|w| {
+            let id = self
+                .links
+                .get(&(ty.clone(), link_table.clone(), w.clone()))?;
+            (*id != key.id).then(|| id.clone())
+        });
+        if let Some(w) = was {
+            self.unlink_child(ty, link_table, w, &route.table, &pk);
+        }
+        if tc.op != Op::Delete
+            && let Some(row) = &tc.row
+            && let Some(link) = row.get(column).and_then(Value::id_text)
+        {
+            let row = StoredRow::pack(row);
+            let (ty, link_table, table) = (ty.clone(), link_table.clone(), route.table.clone());
+            self.link_child(&ty, &link_table, link, &table, pk.clone(), row);
+        }
+        if let Some(old) = left
+            && items.len() == 1
+            && tc.op != Op::Delete
+        {
+            let delete = TableChange {
+                table: route.table.clone(),
+                op: Op::Delete,
+                pk: tc.pk.clone(),
+                row: None,
+            };
+            let from = EntityKey {
+                entity_type: ty.clone(),
+                id: old,
+            };
+            items.insert(0, (from, delete, false));
+        }
+        items
+    }
+
+    /// Keeps a linked row: it names link row `link` of `link_table`.
+    fn link_child(
+        &mut self,
+        ty: &Arc<str>,
+        link_table: &Arc<str>,
+        link: String,
+        table: &Arc<str>,
+        pk: Pk,
+        row: StoredRow,
+    ) {
+        self.children
+            .entry((ty.clone(), link_table.clone(), link.clone()))
+            .or_default()
+            .insert((table.clone(), pk.clone()));
+        self.linked
+            .insert((ty.clone(), table.clone(), pk), Linked { link, row });
+    }
+
+    /// Forgets that a linked row names link row `link`; the link of a link
+    /// row deleted at its source goes with the last row naming it.
+    fn unlink_child(
+        &mut self,
+        ty: &Arc<str>,
+        link_table: &Arc<str>,
+        link: String,
+        table: &Arc<str>,
+        pk: &Pk,
+    ) {
+        let lk: LinkKey = (ty.clone(), link_table.clone(), link);
+        let Some(c) = self.children.get_mut(&lk) else {
+            return;
+        };
+        c.remove(&(table.clone(), pk.clone()));
+        if c.is_empty() {
+            self.children.remove(&lk);
+            if self.orphaned.remove(&lk) {
+                self.links.remove(&lk);
+            }
+        }
     }
 
     /// Routes a released change into the current transaction's sets.
@@ -462,7 +785,7 @@ impl Router {
         // The waiting change is used up here: its row moves, not copied.
         match self.resolve(&route, &mut change, true) {
             Ok(Resolved::Ready(items)) => {
-                for (key, tc, del) in items {
+                for (key, tc, del) in self.track(&route, items, txn) {
                     push_change(sets, index, txn, key, tc, del);
                 }
             }
@@ -853,5 +1176,202 @@ name = "customer"
         assert_eq!(&*s[0].key.id, "7");
         assert_eq!(s[0].changes[0].op, Op::Delete);
         assert_eq!(&*s[1].key.id, "8");
+    }
+
+    fn update(table: &str, before: Option<Row>, after: Row) -> RowChange {
+        RowChange {
+            table: table.into(),
+            op: Op::Update,
+            before,
+            after: Some(after),
+        }
+    }
+
+    /// (entity id, table, op, pk) of every change routed, in order.
+    fn routed(out: &Routed) -> Vec<(String, String, Op, i64)> {
+        sets(out)
+            .iter()
+            .flat_map(|s| {
+                s.changes.iter().map(|c| {
+                    let Value::Int(pk) = c.pk[0] else { panic!() };
+                    (s.key.id.to_string(), c.table.to_string(), c.op, pk)
+                })
+            })
+            .collect()
+    }
+
+    fn t(id: &str, table: &str, op: Op, pk: i64) -> (String, String, Op, i64) {
+        (id.into(), table.into(), op, pk)
+    }
+
+    #[test]
+    fn rows_linked_through_a_row_that_moves_move_with_it() {
+        let mut r = router();
+        r.route(txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+                insert("payments", row(&[("id", 2), ("invoice_id", 10)])),
+            ],
+        ));
+        // The invoice moves (the source sends its old image): both payments
+        // leave customer 7 and arrive in customer 8, in the same transaction.
+        let out = r.route(txn(
+            2,
+            vec![update(
+                "invoices",
+                Some(row(&[("id", 10), ("customer_id", 7)])),
+                row(&[("id", 10), ("customer_id", 8)]),
+            )],
+        ));
+        assert_eq!(
+            routed(&out),
+            vec![
+                t("7", "invoices", Op::Delete, 10),
+                t("7", "payments", Op::Delete, 1),
+                t("7", "payments", Op::Delete, 2),
+                t("8", "invoices", Op::Update, 10),
+                t("8", "payments", Op::Update, 1),
+                t("8", "payments", Op::Update, 2),
+            ]
+        );
+        assert_eq!(sets(&out).len(), 2, "one change set per entity");
+        let moved = &sets(&out)[1].changes[1];
+        assert_eq!(moved.row.as_ref().unwrap()["invoice_id"], Value::Int(10));
+        // Without an old image (the link index knows where it was) the
+        // invoice moves back, its payments with it; a later change of a
+        // payment goes where it is now, only there.
+        let out = r.route(txn(
+            3,
+            vec![update(
+                "invoices",
+                None,
+                row(&[("id", 10), ("customer_id", 7)]),
+            )],
+        ));
+        assert_eq!(
+            routed(&out),
+            vec![
+                t("7", "invoices", Op::Update, 10),
+                t("7", "payments", Op::Update, 1),
+                t("7", "payments", Op::Update, 2),
+                t("8", "invoices", Op::Delete, 10),
+                t("8", "payments", Op::Delete, 1),
+                t("8", "payments", Op::Delete, 2),
+            ]
+        );
+        let out = r.route(txn(
+            4,
+            vec![update(
+                "payments",
+                None,
+                row(&[("id", 1), ("invoice_id", 10)]),
+            )],
+        ));
+        assert_eq!(routed(&out), vec![t("7", "payments", Op::Update, 1)]);
+    }
+
+    #[test]
+    fn a_row_whose_own_link_moves_leaves_its_old_entity_without_an_old_image() {
+        let mut r = router();
+        r.route(txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("invoices", row(&[("id", 11), ("customer_id", 8)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        ));
+        let out = r.route(txn(
+            2,
+            vec![update(
+                "payments",
+                None,
+                row(&[("id", 1), ("invoice_id", 11)]),
+            )],
+        ));
+        assert_eq!(
+            routed(&out),
+            vec![
+                t("7", "payments", Op::Delete, 1),
+                t("8", "payments", Op::Update, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deleted_link_stays_while_rows_name_it_and_goes_with_the_last() {
+        let mut r = router();
+        r.route(txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("invoices", row(&[("id", 11), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        ));
+        let delete = |table: &str, r: Row| RowChange {
+            table: table.into(),
+            op: Op::Delete,
+            before: Some(r),
+            after: None,
+        };
+        // Invoice 11 has no payment: its link goes at once.
+        r.route(txn(
+            2,
+            vec![delete("invoices", row(&[("id", 11), ("customer_id", 7)]))],
+        ));
+        assert_eq!(r.links.len(), 1);
+        // Invoice 10 is deleted before its payment: the payment's delete
+        // still finds customer 7, and the link goes with it.
+        r.route(txn(
+            3,
+            vec![delete("invoices", row(&[("id", 10), ("customer_id", 7)]))],
+        ));
+        assert_eq!(r.links.len(), 1);
+        let out = r.route(txn(
+            4,
+            vec![delete("payments", row(&[("id", 1), ("invoice_id", 10)]))],
+        ));
+        assert_eq!(routed(&out), vec![t("7", "payments", Op::Delete, 1)]);
+        assert!(r.links.is_empty() && r.children.is_empty() && r.linked.is_empty());
+    }
+
+    #[test]
+    fn linked_rows_are_learned_from_restored_entities() {
+        let mut r = router();
+        let out = r.route(txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        ));
+        let store = Store::new(4, &["customer"], 16);
+        for (_, b) in out.records {
+            if let BusRecord::Changes(set) = b {
+                store.apply(&set);
+            }
+        }
+        let mut again = router();
+        again.learn_links_from(&store);
+        let out = again.route(txn(
+            2,
+            vec![update(
+                "invoices",
+                None,
+                row(&[("id", 10), ("customer_id", 8)]),
+            )],
+        ));
+        assert_eq!(
+            routed(&out),
+            vec![
+                t("8", "invoices", Op::Update, 10),
+                t("8", "payments", Op::Update, 1),
+                t("7", "invoices", Op::Delete, 10),
+                t("7", "payments", Op::Delete, 1),
+            ]
+        );
     }
 }

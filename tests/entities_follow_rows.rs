@@ -1,6 +1,7 @@
 //! Entities equal their sources when rows change owner (issue 21), through
 //! the real binary on PostgreSQL (customers, addresses) and MariaDB
-//! (invoices, payments through their invoice): a customer deleted and
+//! (invoices, payments through their invoice): invoices merged into
+//! another customer take their payments with them; a customer deleted and
 //! inserted again comes back whole, its versions never go back, and a
 //! deleted customer leaves memory after `keep_deleted` without its next
 //! life starting below a version readers saw.
@@ -49,6 +50,57 @@ async fn pg_exec(dbs: &TwoDatabases, sql: &str) {
         .execute(&mut c)
         .await
         .unwrap();
+}
+
+/// An account merge: one MariaDB transaction moves the 50 invoices of 25
+/// customers, with their payments, to another customer; a payment of one
+/// of them is updated after. The fabric is killed, restarts from its
+/// snapshots (the linked rows it keeps are rebuilt from them), and a
+/// second merge moves the merged invoices on. Every customer equals its
+/// sources after each. Before rows followed their link (issue 21) the
+/// payments stayed with their old customers (51 customers differed), and
+/// the update made a payment appear in two customers: without the move
+/// this test fails at the first comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_follow_their_invoices_when_accounts_merge() {
+    let dbs = TwoDatabases::create("fab_merge").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dbs.config(dir.path(), "partitions = 4");
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("a.log"));
+    fabric.wait_serving(WITHIN).await;
+    converge_to(&fabric, &dbs.expected().await, WITHIN).await;
+    let mut m = mysql_async::Conn::from_url(dbs.my_db()).await.unwrap();
+    let moving: i64 = m
+        .query_first("SELECT COUNT(*) FROM payments p JOIN invoices i ON i.id = p.invoice_id WHERE i.customer_id BETWEEN 10 AND 34")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(moving >= 25, "{moving} payments move");
+    m.query_drop("UPDATE invoices SET customer_id = 9 WHERE customer_id BETWEEN 10 AND 34")
+        .await
+        .unwrap();
+    m.query_drop("UPDATE payments SET amount = amount + 1 WHERE invoice_id = (SELECT MIN(id) FROM invoices WHERE customer_id = 9 AND id > 9)")
+        .await
+        .unwrap();
+    let want = dbs.expected().await;
+    assert_eq!(want[&9]["invoices"].len(), 52);
+    converge_to(&fabric, &want, WITHIN).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fabric.kill9();
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("b.log"));
+    fabric.wait_serving(WITHIN).await;
+    m.query_drop("UPDATE invoices SET customer_id = 8 WHERE customer_id = 9")
+        .await
+        .unwrap();
+    let want = dbs.expected().await;
+    assert_eq!(want[&8]["invoices"].len(), 54);
+    converge_to(&fabric, &want, WITHIN).await;
+    println!(
+        "50 invoices with {moving} payments merged into one customer, a payment updated, SIGKILL, 52 invoices merged on: {} customers equal to the sources",
+        want.len()
+    );
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+    dbs.drop_all().await;
 }
 
 /// Customer 2 of the two databases has 2 addresses, 2 invoices and a
