@@ -271,31 +271,52 @@ print_env() {
   echo "export FABRIC_TEST_MYSQL_RESTART='${MY_RESTART:-}'"
 }
 
+# Waits for process $1 to exit (up to 60 s, then SIGKILL): a start right
+# after a stop must not find the old process still writing its data
+# directory (seen: Kafka's removed under it, "Directory not empty").
+wait_exit() {
+  local pid=$1 i=0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$i" -eq 600 ]; then
+      log "pid $pid still running after 60 s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    [ "$i" -gt 650 ] && return
+    sleep 0.1
+    i=$((i + 1))
+  done
+}
+
 stop() {
+  local pids=()
   if [ -f "$BASE/redis.started-by-us" ] && [ -f "$BASE/redis/redis.pid" ]; then
     local rpid; rpid="$(cat "$BASE/redis/redis.pid")"
     log "stopping Redis (pid $rpid)"
-    kill -TERM "$rpid" 2>/dev/null || true
+    kill -TERM "$rpid" 2>/dev/null && pids+=("$rpid")
     rm -f "$BASE/redis.started-by-us"
   fi
   if [ -f "$BASE/kafka.started-by-us" ] && [ -f "$BASE/kafka.pid" ]; then
     local kpid; kpid="$(cat "$BASE/kafka.pid")"
     log "stopping Kafka (pid $kpid)"
-    kill -TERM "$kpid" 2>/dev/null || true
+    kill -TERM "$kpid" 2>/dev/null && pids+=("$kpid")
     rm -f "$BASE/kafka.started-by-us"
   fi
   if [ -f "$BASE/pg.started-by-us" ] && [ -f "$PG_DIR/postmaster.pid" ]; then
     local pid; pid="$(head -n1 "$PG_DIR/postmaster.pid")"
     log "stopping PostgreSQL (pid $pid)"
-    kill -INT "$pid" 2>/dev/null || true
+    kill -INT "$pid" 2>/dev/null && pids+=("$pid")
     rm -f "$BASE/pg.started-by-us"
   fi
   if [ -f "$BASE/mariadb.started-by-us" ] && [ -f "$MY_DIR/mariadb.pid" ]; then
     local pid; pid="$(cat "$MY_DIR/mariadb.pid")"
     log "stopping MariaDB (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     rm -f "$BASE/mariadb.started-by-us"
   fi
+  local p
+  for p in "${pids[@]}"; do
+    wait_exit "$p"
+  done
 }
 
 restart_mariadb() {

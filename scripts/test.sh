@@ -25,7 +25,10 @@ for tool in cargo rustfmt cargo-clippy; do
 done
 
 echo "== test services"
-eval "$(scripts/services.sh start)"
+# An assignment, so that a service that fails to start fails the run here
+# (an `eval "$(…)"` alone would go on without its variables).
+services_env="$(scripts/services.sh start)"
+eval "$services_env"
 if [ "${FABRIC_KEEP_SERVICES:-0}" != 1 ]; then
   trap 'scripts/services.sh stop' EXIT
 fi
