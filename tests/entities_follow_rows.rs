@@ -252,3 +252,122 @@ async fn a_deleted_customer_leaves_memory_after_keep_deleted_and_its_versions_st
     assert!(fabric.terminate(), "{}", fabric.log_text());
     dbs.drop_all().await;
 }
+
+/// A `sql_poll` source sends no old image: an invoice moved to another
+/// customer leaves the old one by what the router's link index says, and
+/// its payments follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sql_poll_an_invoice_moves_without_an_old_image_and_its_payments_follow() {
+    let db = common::unique("fab_poll");
+    let base = pg_url();
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE SEQUENCE rev;
+         CREATE TABLE customers (id bigint PRIMARY KEY, name text, rev bigint NOT NULL DEFAULT nextval('rev'));
+         CREATE TABLE invoices (id bigint PRIMARY KEY, customer_id bigint NOT NULL, rev bigint NOT NULL DEFAULT nextval('rev'));
+         CREATE TABLE payments (id bigint PRIMARY KEY, invoice_id bigint NOT NULL, rev bigint NOT NULL DEFAULT nextval('rev'));
+         INSERT INTO customers (id, name) VALUES (1, 'a'), (2, 'b');
+         INSERT INTO invoices (id, customer_id) VALUES (10, 1), (11, 1);
+         INSERT INTO payments (id, invoice_id) VALUES (100, 10), (101, 10), (110, 11);",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            r#"{server}
+[bus]
+partitions = 4
+[snapshot]
+dir = "{d}/snapshots"
+[dlq]
+file = "{d}/dlq.jsonl"
+
+[[sources]]
+name = "poll"
+kind = "sql_poll"
+url = "{url}"
+tables = ["public.customers", "public.invoices", "public.payments"]
+cursor_column = "rev"
+poll_interval = "20ms"
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "customer"
+  source = "poll"
+  from = "public.customers"
+  id_column = "id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "invoices"
+  source = "poll"
+  from = "public.invoices"
+  id_column = "customer_id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "payments"
+  source = "poll"
+  from = "public.payments"
+  id_via = {{ table = "invoices", column = "invoice_id" }}
+  primary_key = ["id"]
+"#,
+            server = loopback_server(),
+            d = dir.path().display(),
+        ),
+    );
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("a.log"));
+    fabric.wait_serving(WITHIN).await;
+    // (table, row count) of each table of a customer.
+    let shape = |e: &entity_fabric::proto::Entity| -> Vec<(String, usize)> {
+        e.tables
+            .iter()
+            .map(|t| (t.name.clone(), t.rows.len()))
+            .collect()
+    };
+    let want = |v: &[(&str, usize)]| -> Vec<(String, usize)> {
+        v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+    };
+    let first = want(&[("customer", 1), ("invoices", 2), ("payments", 3)]);
+    eventually(
+        WITHIN,
+        "customer 1 with its invoices and payments",
+        || async {
+            let e = get(&fabric, 1).await.ok()?;
+            (shape(&e) == first).then_some(())
+        },
+    )
+    .await;
+    sqlx::raw_sql("UPDATE invoices SET customer_id = 2, rev = nextval('rev') WHERE id = 10")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let (one, two) = (
+        want(&[("customer", 1), ("invoices", 1), ("payments", 1)]),
+        want(&[("customer", 1), ("invoices", 1), ("payments", 2)]),
+    );
+    eventually(
+        WITHIN,
+        "invoice 10 and its payments in customer 2 only",
+        || async {
+            let (a, b) = (get(&fabric, 1).await.ok()?, get(&fabric, 2).await.ok()?);
+            (shape(&a) == one && shape(&b) == two).then_some(())
+        },
+    )
+    .await;
+    println!("sql_poll: invoice 10 moved from customer 1 to 2 with its 2 payments, no old image");
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await;
+}
