@@ -317,11 +317,7 @@ impl Router {
                     } = &route.rule
                         && let Some(link) = row.get(column).and_then(|v| v.to_owned().id_text())
                     {
-                        let key = (ty.clone(), table.clone(), pk.clone());
-                        if let Some(old) = self.linked.remove(&key) {
-                            self.unlink_child(ty, link_table, old.link, table, pk);
-                        }
-                        self.link_child(ty, link_table, link, table, pk.clone(), row.clone());
+                        self.relink(ty, link_table, table, pk, Some((link, row.clone())));
                     }
                 }
             }
@@ -688,25 +684,23 @@ impl Router {
             .insert(id, (txn.source.clone(), txn.position.clone()));
         let was = self
             .linked
-            .remove(&(ty.clone(), route.table.clone(), pk.clone()))
-            .map(|l| l.link);
-        let left = was.as_ref().and_then(|w| {
+            .get(&(ty.clone(), route.table.clone(), pk.clone()))
+            .map(|l| &l.link);
+        let left = was.and_then(|w| {
             let id = self
                 .links
                 .get(&(ty.clone(), link_table.clone(), w.clone()))?;
             (*id != key.id).then(|| id.clone())
         });
-        if let Some(w) = was {
-            self.unlink_child(ty, link_table, w, &route.table, &pk);
-        }
-        if tc.op != Op::Delete
-            && let Some(row) = &tc.row
-            && let Some(link) = row.get(column).and_then(Value::id_text)
-        {
-            let row = StoredRow::pack(row);
-            let (ty, link_table, table) = (ty.clone(), link_table.clone(), route.table.clone());
-            self.link_child(&ty, &link_table, link, &table, pk.clone(), row);
-        }
+        let now = match (&tc.op, &tc.row) {
+            (Op::Delete, _) | (_, None) => None,
+            (_, Some(row)) => row
+                .get(column)
+                .and_then(Value::id_text)
+                .map(|link| (link, StoredRow::pack(row))),
+        };
+        let (ty, link_table, table) = (ty.clone(), link_table.clone(), route.table.clone());
+        self.relink(&ty, &link_table, &table, &pk, now);
         if let Some(old) = left
             && items.len() == 1
             && tc.op != Op::Delete
@@ -724,6 +718,34 @@ impl Router {
             items.insert(0, (from, delete, false));
         }
         items
+    }
+
+    /// Keeps linked row `pk` of `table` as naming link row `now`'s link of
+    /// `link_table`, with its image (`None`: the row is gone), and forgets
+    /// the link row it named before. Named anew before the old is forgotten:
+    /// a row that goes on naming a deleted link row must not take that
+    /// link row's link away with it.
+    fn relink(
+        &mut self,
+        ty: &Arc<str>,
+        link_table: &Arc<str>,
+        table: &Arc<str>,
+        pk: &Pk,
+        now: Option<(String, StoredRow)>,
+    ) {
+        let old = self
+            .linked
+            .remove(&(ty.clone(), table.clone(), pk.clone()))
+            .map(|l| l.link);
+        let same = matches!((&old, &now), (Some(o), Some((n, _))) if o == n);
+        if let Some((link, row)) = now {
+            self.link_child(ty, link_table, link, table, pk.clone(), row);
+        }
+        if let Some(o) = old
+            && !same
+        {
+            self.unlink_child(ty, link_table, o, table, pk);
+        }
     }
 
     /// Keeps a linked row: it names link row `link` of `link_table`.
@@ -1330,8 +1352,19 @@ name = "customer"
             vec![delete("invoices", row(&[("id", 10), ("customer_id", 7)]))],
         ));
         assert_eq!(r.links.len(), 1);
+        // Updated first: it still names invoice 10, whose link stays.
         let out = r.route(txn(
             4,
+            vec![update(
+                "payments",
+                None,
+                row(&[("id", 1), ("invoice_id", 10)]),
+            )],
+        ));
+        assert_eq!(routed(&out), vec![t("7", "payments", Op::Update, 1)]);
+        assert_eq!(r.links.len(), 1);
+        let out = r.route(txn(
+            5,
             vec![delete("payments", row(&[("id", 1), ("invoice_id", 10)]))],
         ));
         assert_eq!(routed(&out), vec![t("7", "payments", Op::Delete, 1)]);
