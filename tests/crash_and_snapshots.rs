@@ -96,9 +96,12 @@ async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
         .unwrap()
         .path
         .clone();
+    // The previous whole round (a round the stop interrupted, with some
+    // partitions written, is passed over).
+    let whole = |r: u64| (0..4).all(|p| files.iter().any(|f| f.round == r && f.partition == p));
     let previous = files
         .iter()
-        .find(|f| f.round < newest && f.partition == 0)
+        .find(|f| f.round < newest && f.partition == 0 && whole(f.round))
         .expect("a previous snapshot of partition 0")
         .path
         .clone();
@@ -122,8 +125,65 @@ async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
             .any(|l| l.contains("snapshot read") && l.contains(&previous.display().to_string())),
         "the previous snapshot of partition 0 was not used:\n{log}"
     );
+    // Every partition from that previous round (one cut of the router's
+    // output), not partition 0 alone.
+    let previous_round = files
+        .iter()
+        .find(|f| f.path == previous)
+        .map(|f| entity_fabric::store::snapshot::file_name(f.round, 0))
+        .unwrap();
+    let previous_round = previous_round.split("-p").next().unwrap().to_string();
+    let used: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot read"))
+        .collect();
+    assert_eq!(used.len(), 4, "{log}");
+    assert!(
+        used.iter().all(|l| l.contains(&previous_round)),
+        "partitions restored from different rounds:\n{log}"
+    );
     let n = converge(&fabric, &data).await;
     assert_eq!(n, 150);
+    assert!(fabric.terminate());
+
+    // A round a crash interrupted: partition 0's file of the newest round
+    // is written, the others are not. Restore takes the round before it for
+    // every partition: rows a transaction moved between partitions would
+    // otherwise be restored in both entities or in neither.
+    let files = entity_fabric::store::snapshot::list(&snaps).unwrap();
+    let newest = files[0].round;
+    for f in files
+        .iter()
+        .filter(|f| f.round == newest && f.partition != 0)
+    {
+        std::fs::remove_file(&f.path).unwrap();
+    }
+    // (The round whose partition 0 rotted above is passed over too.)
+    let whole = |r: u64| (0..4).all(|p| files.iter().any(|f| f.round == r && f.partition == p));
+    let before = files
+        .iter()
+        .map(|f| f.round)
+        .filter(|r| {
+            *r < newest && whole(*r) && files.iter().all(|f| f.round != *r || f.path != victim)
+        })
+        .max()
+        .expect("an older round");
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("third.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    let log = fabric.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("snapshot round not whole")),
+        "{log}"
+    );
+    let prefix = entity_fabric::store::snapshot::file_name(before, 0);
+    let prefix = prefix.split("-p").next().unwrap();
+    let used: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot read"))
+        .collect();
+    assert_eq!(used.len(), 4, "{log}");
+    assert!(used.iter().all(|l| l.contains(prefix)), "{log}");
+    assert_eq!(converge(&fabric, &data).await, 150);
     assert!(fabric.terminate());
 }
 

@@ -543,6 +543,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         next_round: restored.next_round,
         written: VecDeque::new(),
         acknowledges: !kafka_mode,
+        router: (!kafka_mode).then(|| router_ctl.clone()),
     };
     let (mut owned_partitions, mut applier_failures) =
         cluster::Partitions::new(fabric.clone(), publisher.clone(), router_ctl.clone());
@@ -958,6 +959,10 @@ pub enum RouterControl {
     /// Answer once everything routed so far is on the bus and the
     /// checkpoints after it are published.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Answer once everything routed so far is on the bus, with the
+    /// checkpoints after it, then route nothing more until the answer's
+    /// `resume` is sent or dropped: a snapshot round's cut (embedded bus).
+    Cut(tokio::sync::oneshot::Sender<Cut>),
     /// A live reload: route by `config` from now on, forget the
     /// checkpoints of `forget`, put truncates of `drop` on the bus, and
     /// answer once they are there.
@@ -968,6 +973,20 @@ pub enum RouterControl {
         done: tokio::sync::oneshot::Sender<()>,
     },
 }
+
+/// The router stands still at a point every partition is captured at:
+/// each source transaction is then wholly in a snapshot round or wholly
+/// after it (a row moved from one entity to another is never in neither or
+/// both of the files), and the router's index rebuilt from the files is the
+/// one it had at `checkpoints`.
+pub struct Cut {
+    pub checkpoints: BTreeMap<Arc<str>, Option<Position>>,
+    pub resume: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The longest the router stands still for a snapshot round's cut; past it,
+/// routing goes on (the round's files may then not be one cut).
+const CUT_PAUSE_MAX: Duration = Duration::from_secs(10);
 
 /// Transactions the router may have on their way to the bus at once.
 const MAX_IN_FLIGHT: usize = 4096;
@@ -1014,9 +1033,29 @@ async fn route_loop(
     let mut ends: Vec<u64> = (0..f.bus.partitions())
         .map(|p| f.bus.end_offset(p).0)
         .collect();
+    // A snapshot round waiting for its cut.
+    let mut cut: Option<tokio::sync::oneshot::Sender<Cut>> = None;
     loop {
         if in_flight.is_empty() {
             marker_last = false;
+            if let Some(tx) = cut.take() {
+                let checkpoints = router.checkpoints();
+                landed(&f, checkpoints.clone(), &ends);
+                let (resume, resumed) = tokio::sync::oneshot::channel();
+                if tx
+                    .send(Cut {
+                        checkpoints,
+                        resume,
+                    })
+                    .is_ok()
+                    && tokio::time::timeout(CUT_PAUSE_MAX, resumed).await.is_err()
+                {
+                    tracing::warn!(
+                        waited = ?CUT_PAUSE_MAX,
+                        "a snapshot round's cut held the router too long; routing goes on"
+                    );
+                }
+            }
         }
         if !open && in_flight.is_empty() {
             return Ok(());
@@ -1082,6 +1121,7 @@ async fn route_loop(
                             (result, parts, checkpoints, Some(done))
                         }));
                     }
+                    RouterControl::Cut(tx) => cut = Some(tx),
                     RouterControl::Flush(done) => {
                         let checkpoints = router.checkpoints();
                         if in_flight.is_empty() {
@@ -1114,7 +1154,7 @@ async fn route_loop(
                 }
                 continue;
             }
-            env = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match env {
+            env = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT && cut.is_none() => match env {
                 Some(e) => e,
                 None => {
                     open = false;

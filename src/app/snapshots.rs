@@ -92,8 +92,23 @@ pub fn restore(
     // order and reads any older file it falls back to itself.
     let progress = crate::progress::Progress::default();
     let mut newest_read = read_newest_in_parallel(&files, keys, &progress);
+    if let Some(w) = whole_round(&files, &mut newest_read, keys)? {
+        tracing::info!(
+            round = w.round,
+            partitions = w.partitions,
+            "restoring the newest whole snapshot round"
+        );
+        count = Some(w.partitions);
+        loaded = w.files;
+    } else {
+        tracing::warn!(
+            "no snapshot round reads back whole: each partition is restored from its newest readable file, \
+             rows moved between partitions by transactions in one file and not another may be misplaced"
+        );
+    }
     // Newest first: the first readable file fixes the partition count.
-    for f in &files {
+    let walk = count.is_none();
+    for f in files.iter().filter(|_| walk) {
         if count.is_some_and(|n| f.partition >= n) || loaded.contains_key(&f.partition) {
             continue;
         }
@@ -170,6 +185,87 @@ pub fn restore(
     Ok(out)
 }
 
+/// Snapshot files read, by path.
+type Reads =
+    std::collections::HashMap<std::path::PathBuf, Result<snapshot::LoadedSnapshot, SnapshotError>>;
+
+/// A snapshot round all of whose files read back.
+struct WholeRound {
+    round: u64,
+    partitions: u32,
+    files: BTreeMap<u32, snapshot::LoadedSnapshot>,
+}
+
+/// The newest round whose files are there and read back whole for every
+/// partition of its count: its round number, partition count and files.
+/// A round is one cut of the router's output (see [`Snapshotter::round`]):
+/// files of different rounds are not, so a row a transaction moved between
+/// two partitions could be restored in both entities or in neither. A round
+/// a crash interrupted (some partitions written) is passed over for the
+/// previous one, as is a round with a corrupt file.
+fn whole_round(
+    files: &[snapshot::SnapshotFile],
+    newest_read: &mut Reads,
+    keys: Option<&KeyStore>,
+) -> anyhow::Result<Option<WholeRound>> {
+    let mut rounds: BTreeMap<u64, Vec<&snapshot::SnapshotFile>> = BTreeMap::new();
+    for f in files {
+        rounds.entry(f.round).or_default().push(f);
+    }
+    'rounds: for (round, in_round) in rounds.into_iter().rev() {
+        let mut read = BTreeMap::new();
+        for f in in_round {
+            let r = newest_read
+                .remove(&f.path)
+                .unwrap_or_else(|| snapshot::read(&f.path, keys));
+            match r {
+                Ok(s) => {
+                    read.insert(f.partition, s);
+                }
+                Err(e) => {
+                    skip_unreadable(e)?;
+                    continue 'rounds;
+                }
+            }
+        }
+        let Some(n) = read.values().next().map(|s| s.meta.partitions) else {
+            continue;
+        };
+        let whole = read.len() == n as usize
+            && read
+                .iter()
+                .all(|(p, s)| *p < n && s.meta.partitions == n && s.meta.round == round);
+        if whole {
+            for (p, s) in &read {
+                let path = files
+                    .iter()
+                    .find(|f| f.round == round && f.partition == *p)
+                    .map(|f| f.path.display());
+                tracing::info!(
+                    path = %path.expect("read from these files"),
+                    entities = s.entities.len(),
+                    erased = s.erased,
+                    blocked = s.blocked.len(),
+                    bytes = s.bytes,
+                    "snapshot read"
+                );
+            }
+            return Ok(Some(WholeRound {
+                round,
+                partitions: n,
+                files: read,
+            }));
+        }
+        tracing::info!(
+            round,
+            files = read.len(),
+            partitions = n,
+            "snapshot round not whole (interrupted?): trying the previous one"
+        );
+    }
+    Ok(None)
+}
+
 /// Logs an unreadable snapshot file that restore skips (a previous one, or
 /// the sources, make up for it), or refuses to go on when the file is fine
 /// but the keystore does not fit it: skipping every file for that would
@@ -212,10 +308,7 @@ fn read_newest_in_parallel(
     files: &[snapshot::SnapshotFile],
     keys: Option<&KeyStore>,
     progress: &crate::progress::Progress,
-) -> std::collections::HashMap<
-    std::path::PathBuf,
-    Result<snapshot::LoadedSnapshot, snapshot::SnapshotError>,
-> {
+) -> Reads {
     let mut seen = std::collections::HashSet::new();
     let newest: Vec<&snapshot::SnapshotFile> =
         files.iter().filter(|f| seen.insert(f.partition)).collect();
@@ -294,6 +387,8 @@ pub struct Snapshotter {
     /// (sources are acknowledged through the checkpoints topic), so a round
     /// captures each partition as far as it is applied, without waiting.
     pub acknowledges: bool,
+    /// Embedded bus: the router, which stands still for a round's cut.
+    pub router: Option<mpsc::UnboundedSender<super::RouterControl>>,
 }
 
 impl Snapshotter {
@@ -314,15 +409,21 @@ impl Snapshotter {
         let f = &self.fabric;
         let round = self.next_round;
         self.next_round += 1;
-        // 1. Checkpoints first, 2. then end offsets: the offsets cover the checkpoints.
+        // 1. Checkpoints first, 2. then end offsets: the offsets cover the
+        // checkpoints. On the embedded bus the router stands still between
+        // them (a cut), until every partition is captured.
+        let cut = self.cut().await;
         let mut checkpoints = Checkpoints::default();
-        for (source, pos) in f.routed.lock().iter() {
+        let routed = match &cut {
+            Some(c) => c.checkpoints.clone(),
+            None => f.routed.lock().clone(),
+        };
+        for (source, pos) in routed.iter() {
             if let Some(p) = pos {
                 checkpoints.0.insert(source.to_string(), p.clone());
             }
         }
-        let partitions = f.bus.partitions();
-        let mut replies = Vec::with_capacity(partitions as usize);
+        let mut replies = Vec::with_capacity(self.requests.len());
         for (p, requests) in self.requests.iter().enumerate() {
             let Some(requests) = requests else { continue };
             let until = if self.acknowledges {
@@ -341,11 +442,18 @@ impl Snapshotter {
             // Nothing owned here (on Kafka, before or between assignments).
             return Ok(0);
         }
-        let mut bytes = 0;
+        let mut captures = Vec::with_capacity(replies.len());
         for (p, rx) in replies {
             let capture = rx
                 .await
                 .map_err(|_| anyhow::anyhow!("the applier of partition {p} stopped"))?;
+            captures.push((p, capture));
+        }
+        if let Some(c) = cut {
+            let _ = c.resume.send(());
+        }
+        let mut bytes = 0;
+        for (p, capture) in captures {
             bytes += self.write(round, p, &checkpoints, capture).await?;
         }
         let config = f.config();
@@ -403,6 +511,33 @@ impl Snapshotter {
 }
 
 impl Snapshotter {
+    /// Embedded bus: the router's cut, once every partition has applied
+    /// what is on the bus now (so the router stands still only for the
+    /// little routed meanwhile). `None` on Kafka, or when the router is
+    /// gone (shutdown: everything it routed is on the bus).
+    async fn cut(&self) -> Option<super::Cut> {
+        let router = self.router.as_ref()?;
+        let f = &self.fabric;
+        let ends: Vec<(usize, u64)> = self
+            .requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_some())
+            .map(|(p, _)| (p, f.bus.end_offset(p as u32).0))
+            .collect();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while Instant::now() < deadline
+            && ends
+                .iter()
+                .any(|(p, end)| f.partitions[*p].applied.load(Ordering::Acquire) < *end)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        router.send(super::RouterControl::Cut(tx)).ok()?;
+        rx.await.ok()
+    }
+
     /// Writes one partition's capture as part of `round`; returns its bytes.
     pub async fn write(
         &self,
