@@ -255,7 +255,9 @@ async fn a_deleted_customer_leaves_memory_after_keep_deleted_and_its_versions_st
 
 /// A `sql_poll` source sends no old image: an invoice moved to another
 /// customer leaves the old one by what the router's link index says, and
-/// its payments follow it.
+/// its payments follow it, and their refunds (a chain of links: refunds ->
+/// payments -> invoices). A payment moved to another customer's invoice
+/// takes its refund along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sql_poll_an_invoice_moves_without_an_old_image_and_its_payments_follow() {
     let db = common::unique("fab_poll");
@@ -272,9 +274,11 @@ async fn with_sql_poll_an_invoice_moves_without_an_old_image_and_its_payments_fo
          CREATE TABLE customers (id bigint PRIMARY KEY, name text, rev bigint NOT NULL DEFAULT nextval('rev'));
          CREATE TABLE invoices (id bigint PRIMARY KEY, customer_id bigint NOT NULL, rev bigint NOT NULL DEFAULT nextval('rev'));
          CREATE TABLE payments (id bigint PRIMARY KEY, invoice_id bigint NOT NULL, rev bigint NOT NULL DEFAULT nextval('rev'));
+         CREATE TABLE refunds (id bigint PRIMARY KEY, payment_id bigint NOT NULL, rev bigint NOT NULL DEFAULT nextval('rev'));
          INSERT INTO customers (id, name) VALUES (1, 'a'), (2, 'b');
          INSERT INTO invoices (id, customer_id) VALUES (10, 1), (11, 1);
-         INSERT INTO payments (id, invoice_id) VALUES (100, 10), (101, 10), (110, 11);",
+         INSERT INTO payments (id, invoice_id) VALUES (100, 10), (101, 10), (110, 11);
+         INSERT INTO refunds (id, payment_id) VALUES (1000, 100);",
     )
     .execute(&mut c)
     .await
@@ -295,7 +299,7 @@ file = "{d}/dlq.jsonl"
 name = "poll"
 kind = "sql_poll"
 url = "{url}"
-tables = ["public.customers", "public.invoices", "public.payments"]
+tables = ["public.customers", "public.invoices", "public.payments", "public.refunds"]
 cursor_column = "rev"
 poll_interval = "20ms"
 
@@ -319,6 +323,12 @@ name = "customer"
   from = "public.payments"
   id_via = {{ table = "invoices", column = "invoice_id" }}
   primary_key = ["id"]
+  [[entities.tables]]
+  name = "refunds"
+  source = "poll"
+  from = "public.refunds"
+  id_via = {{ table = "payments", column = "payment_id" }}
+  primary_key = ["id"]
 "#,
             server = loopback_server(),
             d = dir.path().display(),
@@ -336,7 +346,12 @@ name = "customer"
     let want = |v: &[(&str, usize)]| -> Vec<(String, usize)> {
         v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
     };
-    let first = want(&[("customer", 1), ("invoices", 2), ("payments", 3)]);
+    let first = want(&[
+        ("customer", 1),
+        ("invoices", 2),
+        ("payments", 3),
+        ("refunds", 1),
+    ]);
     eventually(
         WITHIN,
         "customer 1 with its invoices and payments",
@@ -352,18 +367,48 @@ name = "customer"
         .unwrap();
     let (one, two) = (
         want(&[("customer", 1), ("invoices", 1), ("payments", 1)]),
-        want(&[("customer", 1), ("invoices", 1), ("payments", 2)]),
+        want(&[
+            ("customer", 1),
+            ("invoices", 1),
+            ("payments", 2),
+            ("refunds", 1),
+        ]),
     );
     eventually(
         WITHIN,
-        "invoice 10 and its payments in customer 2 only",
+        "invoice 10, its payments and their refund in customer 2 only",
         || async {
             let (a, b) = (get(&fabric, 1).await.ok()?, get(&fabric, 2).await.ok()?);
             (shape(&a) == one && shape(&b) == two).then_some(())
         },
     )
     .await;
-    println!("sql_poll: invoice 10 moved from customer 1 to 2 with its 2 payments, no old image");
+    // Payment 100 moves to invoice 11, back in customer 1: its refund too.
+    sqlx::raw_sql("UPDATE payments SET invoice_id = 11, rev = nextval('rev') WHERE id = 100")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let (one, two) = (
+        want(&[
+            ("customer", 1),
+            ("invoices", 1),
+            ("payments", 2),
+            ("refunds", 1),
+        ]),
+        want(&[("customer", 1), ("invoices", 1), ("payments", 1)]),
+    );
+    eventually(
+        WITHIN,
+        "payment 100 and its refund back in customer 1 only",
+        || async {
+            let (a, b) = (get(&fabric, 1).await.ok()?, get(&fabric, 2).await.ok()?);
+            (shape(&a) == one && shape(&b) == two).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "sql_poll: invoice 10 moved from customer 1 to 2 with its 2 payments and a refund, then a payment back with its refund, no old images"
+    );
     assert!(fabric.terminate(), "{}", fabric.log_text());
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"

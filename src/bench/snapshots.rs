@@ -151,8 +151,121 @@ pub fn lineage_probe(probe: &str) -> anyhow::Result<String> {
     let n: u64 = n.parse()?;
     Ok(format!(
         "{:.1}",
-        applied_bytes_per_entity(n, kind == "kept")
+        match kind {
+            "links" | "no-links" => linked_bytes_per_invoice(n, kind == "links")?,
+            _ => applied_bytes_per_entity(n, kind == "kept"),
+        }
     ))
+}
+
+/// Resident memory per invoice of `n` invoices with two payments each
+/// (`payments` find their customer through `id_via` their invoice), in
+/// micro-DBs: routed through the router, which keeps its link index (link
+/// rows, linked rows with their images and holders, positions), or, with
+/// `routed = false`, the same change sets built by hand and applied with no
+/// router: the difference is the index.
+fn linked_bytes_per_invoice(n: u64, routed: bool) -> anyhow::Result<f64> {
+    use crate::event::{EntityChangeSet, Op, RowChange, SourceTxn, TableChange};
+    const CONFIG: &str = r#"
+[[sources]]
+name = "billing"
+kind = "grpc_push"
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "invoices"
+  source = "billing"
+  from = "invoices"
+  id_column = "customer_id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "payments"
+  source = "billing"
+  from = "payments"
+  id_via = { table = "invoices", column = "invoice_id" }
+  primary_key = ["id"]
+"#;
+    let config = crate::config::Config::from_toml(std::path::Path::new("bench.toml"), CONFIG)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Store::new(PARTITIONS, &["customer"], 16);
+    let mut router =
+        crate::router::Router::new(&config, PARTITIONS, &crate::event::Checkpoints::default());
+    let rows = |i: i64| -> Vec<(&'static str, Row)> {
+        let customer = i / 4 + 1;
+        let r = |cols: Vec<(&str, Value)>| -> Row {
+            cols.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        };
+        let invoice = r(vec![
+            ("id", Value::Int(i)),
+            ("customer_id", Value::Int(customer)),
+            ("amount", Value::Text(format!("{}.99", i % 500))),
+            ("status", Value::Text("open".into())),
+            ("issued_at", Value::Timestamp(1_600_000_000_000_000 + i)),
+        ]);
+        let payment = |k: i64| {
+            r(vec![
+                ("id", Value::Int(i * 2 + k)),
+                ("invoice_id", Value::Int(i)),
+                ("amount", Value::Text(format!("{}.50", i % 300))),
+                ("method", Value::Text("card".into())),
+            ])
+        };
+        vec![
+            ("invoices", invoice),
+            ("payments", payment(0)),
+            ("payments", payment(1)),
+        ]
+    };
+    let before = super::harness::memory_of(std::process::id()).rss;
+    for i in 1..=n as i64 {
+        let position = Position::Seq(i as u64);
+        if routed {
+            let changes = rows(i)
+                .into_iter()
+                .map(|(table, row)| RowChange {
+                    table: table.into(),
+                    op: Op::Insert,
+                    before: None,
+                    after: Some(row),
+                })
+                .collect();
+            let out = router.route(SourceTxn {
+                source: "billing".into(),
+                position,
+                commit_micros: 1_700_000_000_000_000,
+                changes,
+            });
+            for (_, record) in out.records {
+                if let crate::event::BusRecord::Changes(set) = record {
+                    store.apply(&set);
+                }
+            }
+        } else {
+            let changes = rows(i)
+                .into_iter()
+                .map(|(table, row)| TableChange {
+                    table: table.into(),
+                    op: Op::Insert,
+                    pk: vec![row["id"].clone()],
+                    row: Some(row),
+                })
+                .collect();
+            store.apply(&EntityChangeSet {
+                key: EntityKey::new("customer", (i / 4 + 1).to_string()),
+                source: "billing".into(),
+                position,
+                commit_micros: 1_700_000_000_000_000,
+                changes,
+                delete_entity: false,
+            });
+        }
+    }
+    crate::memory::collect_now();
+    let after = super::harness::memory_of(std::process::id()).rss;
+    drop(router);
+    drop(store);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
 /// Resident memory per entity of `n` entities applied as change sets (a
@@ -280,6 +393,32 @@ pub async fn run(b: &Bench, tables: &mut Vec<Table>) -> anyhow::Result<()> {
         "kept (`lineage = true`)".into(),
         format!("{kept:.0}"),
         format!("{:.2}x", kept / plain.max(1.0)),
+    ]);
+    tables.push(t);
+    // The router's link index (`id_via`): invoices with two payments each,
+    // in micro-DBs alone and routed (with the index), each in a process of
+    // its own.
+    let (alone, routed) = (probe("no-links").await?, probe("links").await?);
+    let mut t = Table::new(
+        &format!(
+            "Link index: resident memory of {m} invoices with 2 payments each (`id_via`), 4 invoices per customer"
+        ),
+        &["", "bytes per invoice", "with / without"],
+    );
+    t.row(vec![
+        "micro-DBs alone (change sets applied, no router)".into(),
+        format!("{alone:.0}"),
+        String::new(),
+    ]);
+    t.row(vec![
+        "micro-DBs and the router's link index".into(),
+        format!("{routed:.0}"),
+        format!("{:.2}x", routed / alone.max(1.0)),
+    ]);
+    t.row(vec![
+        "the index, per row it keeps (1 link row, 2 linked rows)".into(),
+        format!("{:.0}", (routed - alone) / 3.0),
+        String::new(),
     ]);
     tables.push(t);
     Ok(())

@@ -558,11 +558,11 @@ fn check(c: &mut Collector<'_>, cfg: &Config) {
                         format!("{tp}.id_via.table"),
                         "a table cannot link to itself",
                     ),
-                    Some(target) if target.id_column.is_none() => c.err(
+                    Some(_) if link_cycle(e, t).is_some() => c.err(
                         format!("{tp}.id_via.table"),
                         format!(
-                            "table {:?} finds its entity through id_via itself; links are one hop",
-                            target.name
+                            "the links form a cycle ({}): some table of a chain must find its entity by id_column",
+                            link_cycle(e, t).unwrap_or_default()
                         ),
                     ),
                     Some(target) if target.primary_key.len() != 1 => c.err(
@@ -978,6 +978,21 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
         if t.fetch.is_none()
             && let Some(via) = &t.id_via
             && let Some(link) = e.table(&via.table)
+            && link.id_via.is_some()
+            && e.on_access()
+        {
+            c.err(
+                format!("{tp}.fetch"),
+                format!(
+                    "the link table {:?} finds its entity through id_via itself: the fetch query of a chain \
+                     of links is not derived; write it (`fetch`, one placeholder for the entity id)",
+                    via.table
+                ),
+            );
+        }
+        if t.fetch.is_none()
+            && let Some(via) = &t.id_via
+            && let Some(link) = e.table(&via.table)
             && link.source != t.source
             && e.on_access()
         {
@@ -991,6 +1006,25 @@ fn check_sync(c: &mut Collector<'_>, cfg: &Config, p: &str, e: &super::EntityCon
             );
         }
     }
+}
+
+/// The chain of `id_via` links from table `t`, when it comes back to a
+/// table it passed (`"a -> b -> a"`); `None` when it ends at a table that
+/// finds its entity by `id_column` (or at a table the type lacks, reported
+/// on its own).
+fn link_cycle(e: &super::EntityConfig, t: &super::TableConfig) -> Option<String> {
+    let mut chain = vec![t.name.as_str()];
+    let mut at = t;
+    while let Some(via) = &at.id_via {
+        let next = e.table(&via.table)?;
+        let seen = chain.contains(&next.name.as_str());
+        chain.push(next.name.as_str());
+        if seen {
+            return Some(chain.join(" -> "));
+        }
+        at = next;
+    }
+    None
 }
 
 fn check_tls(c: &mut Collector<'_>, cfg: &Config) {
@@ -1207,6 +1241,52 @@ mod tests {
         let hidden = running.expanded.hide(&echoed);
         assert!(!hidden.contains(&home), "{hidden}");
         assert!(!format!("{:?}", running.expanded).contains(&home));
+    }
+
+    /// Chains of links are fine; a chain that comes back to a table it
+    /// passed is refused, naming the chain.
+    #[test]
+    fn chains_of_links_are_accepted_and_cycles_refused() {
+        let config = |refunds_to: &str, payments_to: &str| {
+            format!(
+                r#"
+[[sources]]
+name = "billing"
+kind = "grpc_push"
+
+[[entities]]
+name = "customer"
+  [[entities.tables]]
+  name = "invoices"
+  source = "billing"
+  from = "invoices"
+  id_column = "customer_id"
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "payments"
+  source = "billing"
+  from = "payments"
+  id_via = {{ table = "{payments_to}", column = "link_id" }}
+  primary_key = ["id"]
+  [[entities.tables]]
+  name = "refunds"
+  source = "billing"
+  from = "refunds"
+  id_via = {{ table = "{refunds_to}", column = "link_id" }}
+  primary_key = ["id"]
+"#
+            )
+        };
+        let chain = config("payments", "invoices");
+        Config::from_toml(Path::new("c.toml"), &chain).unwrap();
+        let cycle = config("payments", "refunds");
+        let err = Config::from_toml(Path::new("c.toml"), &cycle)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the links form a cycle (payments -> refunds -> payments)"),
+            "{err}"
+        );
     }
 
     #[test]
