@@ -52,7 +52,7 @@ use crate::event::{
     TableChange, TruncateTable, Value,
 };
 use crate::store::{Pk, Store, StoredRow};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -180,7 +180,10 @@ pub struct Router {
     /// Every linked row (routed by `id_via`), as last routed.
     linked: BTreeMap<LinkedKey, Linked>,
     /// Per link row, the linked rows (table, primary key) that name it.
-    children: HashMap<LinkKey, BTreeSet<(Arc<str>, Pk)>>,
+    /// A short list, not a set: most link rows have a few rows naming
+    /// them, and a set's node costs hundreds of bytes however few it holds
+    /// (BENCHMARKS.md, "Link index").
+    children: HashMap<LinkKey, Vec<(Arc<str>, Pk)>>,
     /// Link rows deleted at their source whose link stays while linked
     /// rows still name them.
     orphaned: HashSet<LinkKey>,
@@ -190,6 +193,11 @@ pub struct Router {
     /// partition restored elsewhere from an older point, or a transaction
     /// read again after a restart, never takes the index back.
     learned_at: BTreeMap<LinkedKey, (Arc<str>, Position)>,
+    /// Rows deleted at their source, in the order routed, with the
+    /// position of the delete: their `learned_at` entry stays (an older
+    /// change read again must not bring them back into the index) until
+    /// the source no longer sends anything that old ([`Router::prune`]).
+    gone: VecDeque<(LinkedKey, Arc<str>, Position)>,
     pending: VecDeque<Pending>,
     next_seq: u64,
     pending_max: usize,
@@ -256,6 +264,7 @@ impl Router {
             children: HashMap::new(),
             orphaned: HashSet::new(),
             learned_at: BTreeMap::new(),
+            gone: VecDeque::new(),
             pending: VecDeque::new(),
             next_seq: 0,
             pending_max: config.router.pending_max,
@@ -418,6 +427,49 @@ impl Router {
             (Some((s, was)), Some(now)) if s == source => !now.is_older_than(was),
             _ => true,
         }
+    }
+
+    /// Forgets the positions of rows deleted at their source before what
+    /// each source has made durable (`durable`): nothing older is read
+    /// again, so nothing can bring them back. Kept otherwise (a change of
+    /// the row read again must not re-create it in the index); a row
+    /// inserted again since, or a deleted link row whose link stays while
+    /// rows still name it, keeps its entry. Bounds the index by the rows
+    /// the sources hold, plus those deleted since the last durable point.
+    pub fn prune(&mut self, durable: impl Fn(&str) -> Option<Position>) -> usize {
+        let mut n = 0;
+        let mut kept = Vec::new();
+        while let Some((_, source, at)) = self.gone.front() {
+            if !durable(source).is_some_and(|d| at.is_older_than(&d)) {
+                break;
+            }
+            let (id, source, at) = self.gone.pop_front().expect("front exists");
+            let same = self
+                .learned_at
+                .get(&id)
+                .is_some_and(|(s, p)| *s == source && *p == at);
+            if !same || self.linked.contains_key(&id) {
+                // Changed since (inserted again): not a deleted row now.
+                continue;
+            }
+            let link = id.2.first().and_then(Value::id_text);
+            if link.is_some_and(|t| self.links.contains_key(&(id.0.clone(), id.1.clone(), t))) {
+                // A deleted link row whose link stays while rows name it:
+                // asked again at the next prune.
+                kept.push((id, source, at));
+                continue;
+            }
+            self.learned_at.remove(&id);
+            n += 1;
+        }
+        self.gone.extend(kept);
+        n
+    }
+
+    /// Entries the index holds: rows it routes by or moves (linked rows and
+    /// link rows) and positions it keeps.
+    pub fn index_len(&self) -> (usize, usize, usize) {
+        (self.links.len(), self.linked.len(), self.learned_at.len())
     }
 
     /// Changes waiting for a link.
@@ -678,8 +730,10 @@ impl Router {
             }
             return (Vec::new(), follow);
         }
-        self.learned_at.insert(id, (source.clone(), at.clone()));
+        self.learned_at
+            .insert(id.clone(), (source.clone(), at.clone()));
         if deleted {
+            self.gone.push_back((id, source.clone(), at.clone()));
             // The link stays while rows name it: their late changes (deletes
             // of payments of a deleted invoice) must still find their entity.
             if self.children.get(&lk).is_some_and(|c| !c.is_empty()) {
@@ -725,7 +779,7 @@ impl Router {
         let Some(children) = self.children.get(lk) else {
             return Vec::new();
         };
-        let children: Vec<(Arc<str>, Pk)> = children.iter().cloned().collect();
+        let children = children.clone();
         let mut out = Vec::with_capacity(children.len() * 2);
         for (table, pk) in children {
             let key = (to.entity_type.clone(), table.clone(), pk.clone());
@@ -843,7 +897,11 @@ impl Router {
             }
             return items;
         }
-        self.learned_at.insert(id, (source.clone(), at.clone()));
+        self.learned_at
+            .insert(id.clone(), (source.clone(), at.clone()));
+        if deleted {
+            self.gone.push_back((id, source.clone(), at.clone()));
+        }
         let (ty, link_table, table) = (ty.clone(), link_table.clone(), route.table.clone());
         self.relink(&ty, &link_table, &table, &pk, now);
         items
@@ -892,10 +950,13 @@ impl Router {
         pk: Pk,
         linked: Linked,
     ) {
-        self.children
+        let c = self
+            .children
             .entry((ty.clone(), link_table.clone(), linked.link.clone()))
-            .or_default()
-            .insert((table.clone(), pk.clone()));
+            .or_default();
+        if !c.iter().any(|(t, p)| t == table && *p == pk) {
+            c.push((table.clone(), pk.clone()));
+        }
         self.linked.insert((ty.clone(), table.clone(), pk), linked);
     }
 
@@ -913,7 +974,9 @@ impl Router {
         let Some(c) = self.children.get_mut(&lk) else {
             return;
         };
-        c.remove(&(table.clone(), pk.clone()));
+        if let Some(i) = c.iter().position(|(t, p)| t == table && p == pk) {
+            c.swap_remove(i);
+        }
         if c.is_empty() {
             self.children.remove(&lk);
             if self.orphaned.remove(&lk) {
@@ -1700,7 +1763,7 @@ name = "customer"
     }
 
     /// (customer, table, row) of every row the entities hold.
-    type Placed = BTreeSet<(String, String, String)>;
+    type Placed = std::collections::BTreeSet<(String, String, String)>;
 
     impl Model {
         fn placed(&self) -> Placed {
@@ -1900,5 +1963,36 @@ name = "customer"
             vec![insert("refunds", row(&[("id", 101), ("payment_id", 1)]))],
         ));
         assert_eq!(routed(&out), vec![t("9", "refunds", Op::Insert, 101)]);
+    }
+
+    /// A deleted row's position stays while its source may still send
+    /// something older, and goes once the source made the delete durable.
+    #[test]
+    fn deleted_rows_positions_go_once_durable() {
+        let mut r = router();
+        r.route(txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        ));
+        let delete = RowChange {
+            table: "payments".into(),
+            op: Op::Delete,
+            before: Some(row(&[("id", 1), ("invoice_id", 10)])),
+            after: None,
+        };
+        r.route(txn(2, vec![delete]));
+        assert_eq!(r.index_len(), (1, 0, 2));
+        // Read again before it is durable: the older insert stays out.
+        r.route(txn(
+            1,
+            vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))],
+        ));
+        assert_eq!(r.index_len(), (1, 0, 2));
+        assert_eq!(r.prune(|_| Some(Position::Seq(2))), 0);
+        assert_eq!(r.prune(|_| Some(Position::Seq(3))), 1);
+        assert_eq!(r.index_len(), (1, 0, 1), "the invoice stays");
     }
 }

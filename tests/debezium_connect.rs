@@ -2,8 +2,10 @@
 //! (`scripts/debezium_connect.sh`, jars from Maven Central) writes its change
 //! topics to Apache Kafka, and the fabric's `debezium_kafka` source reads
 //! them. Customers and addresses come through Debezium, invoices and
-//! payments from MariaDB's binlog; under a random workload every customer
-//! must equal what the two databases hold, and nothing may be
+//! payments from MariaDB's binlog; under a random workload (addresses
+//! moving between customers through Debezium's old images, invoices with
+//! their payments and payments between invoices through the binlog) every
+//! customer must equal what the two databases hold, and nothing may be
 //! dead-lettered: the decoder sees Debezium's own output (with and without
 //! schemas, its tombstones, its transaction metadata), not envelopes written
 //! by hand.

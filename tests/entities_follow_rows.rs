@@ -416,3 +416,63 @@ name = "customer"
     .execute(&mut admin)
     .await;
 }
+
+/// The SQLite source (the demo's billing database, captured through its
+/// changelog): invoices move to other customers and payments to other
+/// invoices while the fabric runs, then it is SIGKILLed and started again;
+/// every customer ends equal to the sources, payments counted where their
+/// invoice is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sqlite_invoices_and_payments_move_and_every_customer_equals_its_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = demo_config(
+        dir.path(),
+        &DemoSettings {
+            customers: 120,
+            snapshot_interval: "300ms",
+            ..Default::default()
+        },
+    );
+    let data = dir.path().join("data");
+    let mut fabric = FabricProcess::start(&config, &dir.path().join("a.log"));
+    fabric.wait_serving(WITHIN).await;
+    assert_eq!(converge_within(&fabric, &data, WITHIN).await, 120);
+    let mut db = demo_db(&data).await;
+    let mut moved = (0, 0);
+    for round in 0..3i64 {
+        // Invoices that have payments, to the next customer over.
+        moved.0 += sqlx::query(
+            "UPDATE billing.invoices SET customer_id = customer_id % 120 + 1 \
+             WHERE id IN (SELECT invoice_id FROM billing.payments ORDER BY invoice_id LIMIT 10 OFFSET ?)",
+        )
+        .bind(round * 10)
+        .execute(&mut db)
+        .await
+        .unwrap()
+        .rows_affected();
+        // Payments to another customer's invoice.
+        moved.1 += sqlx::query(
+            "UPDATE billing.payments SET invoice_id = \
+               (SELECT id FROM billing.invoices WHERE customer_id = 60 + ? LIMIT 1) \
+             WHERE id IN (SELECT id FROM billing.payments ORDER BY id DESC LIMIT 5 OFFSET ?)",
+        )
+        .bind(round)
+        .bind(round * 5)
+        .execute(&mut db)
+        .await
+        .unwrap()
+        .rows_affected();
+        if round == 1 {
+            fabric.kill9();
+            fabric = FabricProcess::start(&config, &dir.path().join("b.log"));
+            fabric.wait_serving(WITHIN).await;
+        }
+    }
+    assert!(moved.0 >= 20 && moved.1 >= 10, "moved {moved:?}");
+    assert_eq!(converge_within(&fabric, &data, WITHIN).await, 120);
+    println!(
+        "sqlite: {} invoices with payments and {} payments moved, one SIGKILL: 120 customers equal to the sources",
+        moved.0, moved.1
+    );
+    assert!(fabric.terminate(), "{}", fabric.log_text());
+}

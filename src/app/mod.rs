@@ -1137,6 +1137,13 @@ async fn route_loop(
             // Before new transactions, or a steady stream of them would
             // starve it (and links would never time out).
             _ = sweep.tick() => {
+                // Deleted rows' positions go once nothing that old is read again.
+                let durable: std::collections::HashMap<Arc<str>, Position> = f
+                    .sources()
+                    .iter()
+                    .filter_map(|s| s.durable.borrow().clone().map(|p| (s.name.clone(), p)))
+                    .collect();
+                router.prune(|s| durable.get(s).cloned());
                 let dead = router.expire(std::time::Instant::now());
                 f.metrics.router_pending_expired.inc_by(dead.len() as u64);
                 for d in dead {

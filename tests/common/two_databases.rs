@@ -1,9 +1,9 @@
 //! One customer entity assembled from PostgreSQL (customers, addresses) and
 //! MariaDB (invoices, and payments found through their invoice): the
 //! databases, the fabric config that captures them, workloads of random
-//! transactions (addresses moving between customers among them; invoices
-//! and payments too with `FABRIC_WORKLOAD_MOVES`), and the comparison of
-//! every entity with the sources.
+//! transactions (addresses, invoices with their payments, and payments
+//! moving between customers among them), and the comparison of every
+//! entity with the sources.
 //! Shared by the cross-database and chaos tests.
 
 use super::*;
@@ -330,14 +330,9 @@ pub async fn pg_workload(url: String, session: u64, until: Until) -> usize {
 /// the database); as [`pg_workload`].
 pub async fn my_workload(url: String, session: u64, until: Until) -> usize {
     let mut rng = fastrand::Rng::with_seed(200 + session);
-    // Invoices moving between customers and payments between invoices:
-    // only with FABRIC_WORKLOAD_MOVES set, since rows moved by transactions
-    // read again after a crash are not yet routed exactly (docs/testing.md).
-    let kinds = if std::env::var_os("FABRIC_WORKLOAD_MOVES").is_some() {
-        7
-    } else {
-        5
-    };
+    // Kinds 5 and 6: invoices moving between customers (their payments
+    // follow) and payments between invoices (issue 21).
+    let kinds = 7;
     let mut c = my_connect(&url).await;
     let mut broken = false;
     let mut i = 0;
