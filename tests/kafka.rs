@@ -823,7 +823,10 @@ async fn restored_elsewhere(dir: &Path, config: &Path, data: &Path) -> FabricPro
 /// the first process stops, the changes topic loses every record (as
 /// retention would), and a process with no disk of its own restores every
 /// partition from the state topic; every customer, its lineage included,
-/// is what the first served, and equal to the sources.
+/// is what the first served, and equal to the sources. A customer whose
+/// root row was deleted before the stop moved with its partition too: its
+/// root row inserted again brings it back whole on the other process, its
+/// version going on from where the first left it (issue 21).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_restored_from_the_state_topic_alone() {
     use entity_fabric::proto::GetLineageRequest;
@@ -847,7 +850,25 @@ async fn a_partition_restored_from_the_state_topic_alone() {
     // Entities change row by row: the state topic holds diffs over them.
     let written = mutate_for(&data, 60.0, Duration::from_secs(5)).await;
     converge(&fabric, &data).await;
+    // A customer deleted (its root row) before the stop: retired, its other
+    // rows kept hidden, and the state topic carries it so.
+    let gone = grpc_customers(&fabric, "")
+        .await
+        .remove("customer/7")
+        .expect("customer 7 served");
+    let mut db = demo_db(&data).await;
+    let root: (String, String, String, String) =
+        sqlx::query_as("SELECT name, email, tier, created_at FROM customers WHERE id = 7")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM customers WHERE id = 7")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    converge(&fabric, &data).await;
     let served = grpc_customers(&fabric, "").await;
+    assert!(!served.contains_key("customer/7"));
     let lineage = |f: &FabricProcess, ids: Vec<String>| {
         let grpc = f.grpc.clone();
         async move {
@@ -916,6 +937,34 @@ async fn a_partition_restored_from_the_state_topic_alone() {
         assert_eq!(restored.get(k), Some(e), "{k} restored differently");
     }
     assert_eq!(lineage(&other, sample).await, lineage_before);
+    // The deleted customer's root row comes back on the other process: the
+    // whole customer with it (its rows were restored hidden), one version
+    // above the one that retired it, which was one above the last served.
+    sqlx::query("INSERT INTO customers (id, name, email, tier, created_at) VALUES (7, ?, ?, ?, ?)")
+        .bind(&root.0)
+        .bind(&root.1)
+        .bind(&root.2)
+        .bind(&root.3)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let back = eventually(
+        Duration::from_secs(60),
+        "customer 7 back on the other process",
+        || {
+            let other = &other;
+            async move { grpc_customers(other, "").await.remove("customer/7") }
+        },
+    )
+    .await;
+    assert_eq!(back.version, gone.version + 2, "versions go on, never back");
+    let shape = |e: &entity_fabric::proto::Entity| {
+        e.tables
+            .iter()
+            .map(|t| (t.name.clone(), t.rows.len()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&back), shape(&gone), "back whole");
     // And it goes on from there.
     let more = mutate_for(&data, 30.0, Duration::from_secs(3)).await;
     let compared = converge(&other, &data).await;

@@ -347,10 +347,26 @@ impl Partitions {
                 }
             }
         }
-        let _ = self
-            .router
-            .send(RouterControl::LearnLinks(f.store.shard_entities(p)));
         self.start(snap, p, from, published, state_from);
+        // Its links once it has caught up with the log as assigned, not as
+        // restored: a snapshot or the state topic may be from before a row
+        // was deleted, and the router, routing live, would take the row
+        // back into its index (and a later move of its link row would
+        // bring it back into an entity).
+        let (router, fabric) = (self.router.clone(), f.clone());
+        tokio::spawn(async move {
+            let state = &fabric.partitions[p as usize];
+            while state.owned.load(Ordering::Acquire) {
+                if state.serving() {
+                    let _ = router.send(RouterControl::LearnLinks(fabric.store.shard_entities(p)));
+                    return;
+                }
+                tokio::select! {
+                    _ = state.advanced.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        });
         Ok(())
     }
 

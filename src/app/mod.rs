@@ -1035,6 +1035,7 @@ async fn route_loop(
         .collect();
     // A snapshot round waiting for its cut.
     let mut cut: Option<tokio::sync::oneshot::Sender<Cut>> = None;
+    let kafka = f.config().bus.kind == BusKind::Kafka;
     loop {
         if in_flight.is_empty() {
             marker_last = false;
@@ -1137,13 +1138,18 @@ async fn route_loop(
             // Before new transactions, or a steady stream of them would
             // starve it (and links would never time out).
             _ = sweep.tick() => {
-                // Deleted rows' positions go once nothing that old is read again.
-                let durable: std::collections::HashMap<Arc<str>, Position> = f
-                    .sources()
-                    .iter()
-                    .filter_map(|s| s.durable.borrow().clone().map(|p| (s.name.clone(), p)))
-                    .collect();
-                router.prune(|s| durable.get(s).cloned());
+                // Deleted rows' positions go once nothing that old is read
+                // again: on the embedded bus. On Kafka they stay, since a
+                // partition restored here from an older point may hold a
+                // row deleted since (docs/architecture.md, "Bounded").
+                if !kafka {
+                    let durable: std::collections::HashMap<Arc<str>, Position> = f
+                        .sources()
+                        .iter()
+                        .filter_map(|s| s.durable.borrow().clone().map(|p| (s.name.clone(), p)))
+                        .collect();
+                    router.prune(|s| durable.get(s).cloned());
+                }
                 let dead = router.expire(std::time::Instant::now());
                 f.metrics.router_pending_expired.inc_by(dead.len() as u64);
                 for d in dead {
@@ -1169,7 +1175,30 @@ async fn route_loop(
                 }
             },
         };
-        let routed = router.route(env.txn);
+        let mut routed = router.route(env.txn);
+        // On Kafka, where a moved row arrives lands before where it leaves
+        // (see Routed::arrivals_first): rare, so waiting here costs little.
+        let first = match kafka {
+            true => routed.arrivals_first(),
+            false => Vec::new(),
+        };
+        if !first.is_empty() {
+            let parts: Vec<u32> = first.iter().map(|(p, _)| *p).collect();
+            let acked = match f.bus.enqueue(first).await {
+                Ok(a) => a.await,
+                Err(e) => Err(e),
+            };
+            let acked = match acked {
+                Err(e @ crate::bus::BusError::TopicGone { .. }) => {
+                    return held_for_a_lost_topic(e, rx, control, &f, &ends).await;
+                }
+                other => other?,
+            };
+            for (p, o) in parts.into_iter().zip(acked) {
+                let e = &mut ends[p as usize];
+                *e = (*e).max(o.0 + 1);
+            }
+        }
         for d in &routed.dead {
             f.dead_letters
                 .record(&d.source, &d.table, &d.reason, &d.raw);
