@@ -1070,10 +1070,7 @@ async fn route_loop(
                     }
                     other => other?,
                 };
-                for (p, o) in parts.into_iter().zip(acked) {
-                    let e = &mut ends[p as usize];
-                    *e = (*e).max(o.0 + 1);
-                }
+                advance(&mut ends, parts, acked);
                 landed(&f, checkpoints, &ends);
                 if let Some(tx) = on_routed {
                     let _ = tx.send(());
@@ -1194,10 +1191,7 @@ async fn route_loop(
                 }
                 other => other?,
             };
-            for (p, o) in parts.into_iter().zip(acked) {
-                let e = &mut ends[p as usize];
-                *e = (*e).max(o.0 + 1);
-            }
+            advance(&mut ends, parts, acked);
         }
         for d in &routed.dead {
             f.dead_letters
@@ -1232,6 +1226,15 @@ async fn route_loop(
             };
             (result, parts, checkpoints, on_routed)
         }));
+    }
+}
+
+/// Per partition, the offset after the last record acknowledged, moved on
+/// by records acknowledged at `acked` in `parts`.
+fn advance(ends: &mut [u64], parts: Vec<u32>, acked: Vec<Offset>) {
+    for (p, o) in parts.into_iter().zip(acked) {
+        let e = &mut ends[p as usize];
+        *e = (*e).max(o.0 + 1);
     }
 }
 
