@@ -1329,6 +1329,38 @@ fn publish_checkpoints(f: &Fabric, checkpoints: BTreeMap<Arc<str>, Option<Positi
     }
 }
 
+/// When a failed source is started again: 0.2 s after the first failure,
+/// doubling to 30 s while it keeps failing, and from 0.2 s again once a run
+/// streamed (read a transaction, or held for [`Reconnect::STREAMED`]), so
+/// an outage after a good hour does not start at 30 s.
+#[derive(Debug)]
+struct Reconnect {
+    next: Duration,
+}
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+    /// A run this long held its connection: it streamed.
+    const STREAMED: Duration = Duration::from_secs(10);
+
+    /// The wait before the next start, after a run that `streamed` or not.
+    fn next(&mut self, streamed: bool) -> Duration {
+        if streamed {
+            self.next = Self::FIRST;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect { next: Self::FIRST }
+    }
+}
+
 /// Runs one source, restarting it with backoff after retryable errors.
 #[allow(clippy::too_many_arguments)]
 #[tracing::instrument(skip_all, fields(source = %cfg.name))]
@@ -1346,9 +1378,15 @@ async fn supervise(
     replaces: bool,
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Reconnect::default();
     loop {
         status.set_state("starting");
+        let (started, read_before) = (
+            std::time::Instant::now(),
+            status
+                .transactions
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let source = match crate::sources::build(&cfg, &config, &push) {
             Ok(s) => s,
             Err(e) => {
@@ -1383,12 +1421,18 @@ async fn supervise(
             Err(e) if e.retryable() => {
                 status.set_state("retrying");
                 status.set_error(&e.to_string());
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "source failed; retrying");
+                // A run that read something, or held its connection a while,
+                // streamed: this outage starts the schedule over.
+                let read = status
+                    .transactions
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > read_before;
+                let wait = backoff.next(read || started.elapsed() >= Reconnect::STREAMED);
+                tracing::warn!(error = %e, backoff_ms = wait.as_millis() as u64, "source failed; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => { status.set_state("stopped"); return; }
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
                 // Resume after what reached the router.
                 if let Some(p) = fabric.routed.lock().get(&name).cloned().flatten() {
                     resume = Some(p);
@@ -1401,5 +1445,24 @@ async fn supervise(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reconnect schedule doubles while a source keeps failing, caps at
+    /// 30 s, and starts over after a run that streamed.
+    #[test]
+    fn reconnect_backoff_starts_over_once_a_source_streamed() {
+        let mut r = Reconnect::default();
+        let waits: Vec<u64> = (0..10).map(|_| r.next(false).as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(r.next(true), Duration::from_millis(200));
+        assert_eq!(r.next(false), Duration::from_millis(400));
     }
 }
