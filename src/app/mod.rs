@@ -1329,35 +1329,38 @@ fn publish_checkpoints(f: &Fabric, checkpoints: BTreeMap<Arc<str>, Option<Positi
     }
 }
 
-/// When a failed source is started again: 0.2 s after the first failure,
-/// doubling to 30 s while it keeps failing, and from 0.2 s again once a run
-/// streamed (read a transaction, or held for [`Reconnect::STREAMED`]), so
-/// an outage after a good hour does not start at 30 s.
+/// When a failed source is started again: `first` after the first failure
+/// (`reconnect_first`, 0.2 s), doubling to `max` (`reconnect_max`, 30 s)
+/// while it keeps failing, and from `first` again once a run streamed (read
+/// a transaction, or held for [`Reconnect::STREAMED`]), so an outage after
+/// a good hour does not start at the longest wait.
 #[derive(Debug)]
 struct Reconnect {
+    first: Duration,
+    max: Duration,
     next: Duration,
 }
 
 impl Reconnect {
-    const FIRST: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(30);
     /// A run this long held its connection: it streamed.
     const STREAMED: Duration = Duration::from_secs(10);
+
+    fn new((first, max): (Duration, Duration)) -> Self {
+        Reconnect {
+            first,
+            max,
+            next: first,
+        }
+    }
 
     /// The wait before the next start, after a run that `streamed` or not.
     fn next(&mut self, streamed: bool) -> Duration {
         if streamed {
-            self.next = Self::FIRST;
+            self.next = self.first;
         }
         let wait = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
+        self.next = (self.next * 2).min(self.max);
         wait
-    }
-}
-
-impl Default for Reconnect {
-    fn default() -> Self {
-        Reconnect { next: Self::FIRST }
     }
 }
 
@@ -1378,7 +1381,7 @@ async fn supervise(
     replaces: bool,
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
-    let mut backoff = Reconnect::default();
+    let mut backoff = Reconnect::new(cfg.reconnect());
     loop {
         status.set_state("starting");
         let (started, read_before) = (
@@ -1456,7 +1459,8 @@ mod tests {
     /// 30 s, and starts over after a run that streamed.
     #[test]
     fn reconnect_backoff_starts_over_once_a_source_streamed() {
-        let mut r = Reconnect::default();
+        let defaults = (Duration::from_millis(200), Duration::from_secs(30));
+        let mut r = Reconnect::new(defaults);
         let waits: Vec<u64> = (0..10).map(|_| r.next(false).as_millis() as u64).collect();
         assert_eq!(
             waits,
@@ -1464,5 +1468,41 @@ mod tests {
         );
         assert_eq!(r.next(true), Duration::from_millis(200));
         assert_eq!(r.next(false), Duration::from_millis(400));
+        // As configured.
+        let mut r = Reconnect::new((Duration::from_secs(1), Duration::from_secs(3)));
+        let waits: Vec<u64> = (0..4).map(|_| r.next(false).as_millis() as u64).collect();
+        assert_eq!(waits, [1000, 2000, 3000, 3000]);
+    }
+
+    /// The schedule's defaults are the config's, and it is refused when
+    /// the first wait is longer than the longest or a push source sets it.
+    #[test]
+    fn reconnect_settings_are_checked() {
+        let cfg = |extra: &str| {
+            format!(
+                "[[sources]]\nname = \"crm\"\nkind = \"sqlite\"\npath = \"crm.db\"\ntables = [\"customers\"]\n{extra}\n\
+                 [[entities]]\nname = \"customer\"\n  [[entities.tables]]\n  name = \"customer\"\n  source = \"crm\"\n  from = \"customers\"\n  id_column = \"id\"\n  primary_key = [\"id\"]\n"
+            )
+        };
+        let path = std::path::Path::new("r.toml");
+        let ok = Config::from_toml(
+            path,
+            &cfg("reconnect_first = \"1s\"\nreconnect_max = \"2m\""),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.sources[0].reconnect(),
+            (Duration::from_secs(1), Duration::from_secs(120))
+        );
+        let err = Config::from_toml(
+            path,
+            &cfg("reconnect_first = \"1m\"\nreconnect_max = \"10s\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("reconnect_first") && err.contains("longer than reconnect_max"),
+            "{err}"
+        );
     }
 }

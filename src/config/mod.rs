@@ -516,9 +516,29 @@ pub struct SourceConfig {
     /// out of order (cursor units: a count for integers, e.g. `"5s"` for
     /// timestamps).
     pub safety_window: Option<String>,
+    /// The wait before a failed source's first restart (default `"200ms"`);
+    /// it doubles while the source keeps failing, up to `reconnect_max`,
+    /// and starts over once a run streamed.
+    pub reconnect_first: Option<String>,
+    /// The longest wait between restarts of a failing source (default `"30s"`).
+    pub reconnect_max: Option<String>,
 }
 
 impl SourceConfig {
+    /// The restart schedule of a failing source: the first wait and the
+    /// longest (see `reconnect_first`, `reconnect_max`).
+    pub fn reconnect(&self) -> (Duration, Duration) {
+        let d = |s: &Option<String>, default: Duration| {
+            s.as_deref()
+                .and_then(|s| humantime::parse_duration(s).ok())
+                .unwrap_or(default)
+        };
+        (
+            d(&self.reconnect_first, Duration::from_millis(200)),
+            d(&self.reconnect_max, Duration::from_secs(30)),
+        )
+    }
+
     pub fn poll_interval(&self) -> Duration {
         self.poll_interval
             .as_deref()

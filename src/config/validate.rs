@@ -782,9 +782,13 @@ fn check_source(
         ("topics", !s.topics.is_empty()),
         ("brokers", s.brokers.is_some()),
         ("group_id", s.group_id.is_some()),
+        ("reconnect_first", s.reconnect_first.is_some()),
+        ("reconnect_max", s.reconnect_max.is_some()),
     ];
+    // Every source that connects somewhere restarts after a failure.
+    let restarts = s.kind != SourceKind::GrpcPush;
     for (field, is_set) in present {
-        if is_set && !allowed.contains(&field) {
+        if is_set && !allowed.contains(&field) && !(restarts && field.starts_with("reconnect_")) {
             c.err(
                 format!("{p}.{field}"),
                 format!("not a field of a {} source", s.kind.as_str()),
@@ -894,6 +898,21 @@ fn check_source(
     }
     if s.server_id == Some(0) {
         c.err(format!("{p}.server_id"), "must not be 0");
+    }
+    for (field, d) in [
+        ("reconnect_first", &s.reconnect_first),
+        ("reconnect_max", &s.reconnect_max),
+    ] {
+        if let Some(d) = d {
+            check_duration(c, &format!("{p}.{field}"), d);
+        }
+    }
+    let (first, max) = s.reconnect();
+    if first > max {
+        c.err(
+            format!("{p}.reconnect_first"),
+            format!("{first:?} is longer than reconnect_max ({max:?})"),
+        );
     }
     if let Some(d) = &s.poll_interval {
         check_duration(c, &format!("{p}.poll_interval"), d);

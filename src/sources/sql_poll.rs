@@ -2056,6 +2056,8 @@ impl EntityReader {
             brokers: None,
             group_id: None,
             safety_window: None,
+            reconnect_first: None,
+            reconnect_max: None,
         };
         let mut source = SqlPollSource::new(&cfg, config)?;
         source.tables.clear();
