@@ -1172,27 +1172,7 @@ async fn route_loop(
                 }
             },
         };
-        let mut routed = router.route(env.txn);
-        // On Kafka, where a moved row arrives lands before where it leaves
-        // (see Routed::arrivals_first): rare, so waiting here costs little.
-        let first = match kafka {
-            true => routed.arrivals_first(),
-            false => Vec::new(),
-        };
-        if !first.is_empty() {
-            let parts: Vec<u32> = first.iter().map(|(p, _)| *p).collect();
-            let acked = match f.bus.enqueue(first).await {
-                Ok(a) => a.await,
-                Err(e) => Err(e),
-            };
-            let acked = match acked {
-                Err(e @ crate::bus::BusError::TopicGone { .. }) => {
-                    return held_for_a_lost_topic(e, rx, control, &f, &ends).await;
-                }
-                other => other?,
-            };
-            advance(&mut ends, parts, acked);
-        }
+        let routed = router.route(env.txn);
         for d in &routed.dead {
             f.dead_letters
                 .record(&d.source, &d.table, &d.reason, &d.raw);
