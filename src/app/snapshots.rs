@@ -117,14 +117,7 @@ pub fn restore(
             .unwrap_or_else(|| snapshot::read(&f.path, keys));
         match read {
             Ok(s) if count.is_none_or(|n| n == s.meta.partitions) => {
-                tracing::info!(
-                    path = %f.path.display(),
-                    entities = s.entities.len(),
-                    erased = s.erased,
-                    blocked = s.blocked.len(),
-                    bytes = s.bytes,
-                    "snapshot read"
-                );
+                log_read(&f.path, &s);
                 count.get_or_insert(s.meta.partitions);
                 loaded.insert(f.partition, s);
             }
@@ -214,6 +207,7 @@ fn whole_round(
     }
     'rounds: for (round, in_round) in rounds.into_iter().rev() {
         let mut read = BTreeMap::new();
+        let mut paths = Vec::new();
         for f in in_round {
             let r = newest_read
                 .remove(&f.path)
@@ -221,6 +215,7 @@ fn whole_round(
             match r {
                 Ok(s) => {
                     read.insert(f.partition, s);
+                    paths.push((f.partition, &f.path));
                 }
                 Err(e) => {
                     skip_unreadable(e)?;
@@ -236,19 +231,8 @@ fn whole_round(
                 .iter()
                 .all(|(p, s)| *p < n && s.meta.partitions == n && s.meta.round == round);
         if whole {
-            for (p, s) in &read {
-                let path = files
-                    .iter()
-                    .find(|f| f.round == round && f.partition == *p)
-                    .map(|f| f.path.display());
-                tracing::info!(
-                    path = %path.expect("read from these files"),
-                    entities = s.entities.len(),
-                    erased = s.erased,
-                    blocked = s.blocked.len(),
-                    bytes = s.bytes,
-                    "snapshot read"
-                );
+            for (p, path) in paths {
+                log_read(path, &read[&p]);
             }
             return Ok(Some(WholeRound {
                 round,
@@ -264,6 +248,18 @@ fn whole_round(
         );
     }
     Ok(None)
+}
+
+/// Logs a snapshot file restore uses.
+fn log_read(path: &Path, s: &snapshot::LoadedSnapshot) {
+    tracing::info!(
+        path = %path.display(),
+        entities = s.entities.len(),
+        erased = s.erased,
+        blocked = s.blocked.len(),
+        bytes = s.bytes,
+        "snapshot read"
+    );
 }
 
 /// Logs an unreadable snapshot file that restore skips (a previous one, or
