@@ -196,6 +196,16 @@ pub fn unknown_partition(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// A read failed for a moment's reason: the partition is unknown to the
+/// client's metadata, or its leader is moving or not yet elected.
+fn leader_moving(code: RDKafkaErrorCode) -> bool {
+    unknown_partition(code)
+        || matches!(
+            code,
+            RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable
+        )
+}
+
 /// A delivery failed because its partition went away under it, so nothing
 /// was written and the record may be sent again: the broker no longer knows
 /// the topic or partition (the topic was deleted under the fabric), or
@@ -359,10 +369,19 @@ pub async fn ensure_topic(
             let md = c
                 .fetch_metadata(Some(&name), Duration::from_secs(30))
                 .map_err(kafka("read topic metadata"))?;
+            // Counted only once every partition has a leader: a topic just
+            // created answers "not leader" to its first reads for a moment
+            // (seen in CI: a watermark read right after creation failed with
+            // NotLeaderForPartition).
             let have = md
                 .topics()
                 .first()
                 .filter(|t| t.error().is_none())
+                .filter(|t| {
+                    t.partitions()
+                        .iter()
+                        .all(|p| p.leader() >= 0 && p.error().is_none())
+                })
                 .map_or(0, |t| t.partitions().len());
             if have > 0 || std::time::Instant::now() >= deadline {
                 return Ok(have);
@@ -461,16 +480,24 @@ pub async fn watermarks(
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         let read = || c.fetch_watermarks(&topic, partition as i32, Duration::from_secs(30));
-        let r = match read() {
-            // The client's cached metadata lacks the partition: seen on a
-            // cluster after a node was killed and came back (its first
-            // answers held no partitions), and kept until the next periodic
-            // refresh. Ask the brokers again, then read again.
-            Err(e) if e.rdkafka_error_code().is_some_and(unknown_partition) => {
-                let _ = c.fetch_metadata(Some(&topic), Duration::from_secs(10));
-                read()
+        // The client's cached metadata lacks the partition (seen on a
+        // cluster after a node was killed and came back: its first answers
+        // held no partitions, kept until the next periodic refresh), or the
+        // partition's leader is moving or not yet elected (a topic just
+        // created; a broker restarting). Ask the brokers again and read
+        // again, for a bounded time.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let r = loop {
+            match read() {
+                Err(e)
+                    if e.rdkafka_error_code().is_some_and(leader_moving)
+                        && Instant::now() < deadline =>
+                {
+                    let _ = c.fetch_metadata(Some(&topic), Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => break r,
             }
-            r => r,
         };
         r.map(|(low, high)| (low.max(0) as u64, high.max(0) as u64))
     })
