@@ -19,9 +19,14 @@
 //!   from its sources when it is missing, when its partition is not served
 //!   here (being rebuilt), or when it may be older than the bound. An entity
 //!   of a change-captured type is as old as its sources are behind: 0 while
-//!   every source feeding the type streams and is caught up, else the time
-//!   since the last transaction it read. Tables whose sources cannot be read
-//!   by query keep what memory has.
+//!   every source feeding the type is connected and caught up, else the time
+//!   since the later of the last transaction it read and the moment it
+//!   stopped being caught up (a disconnect): see
+//!   [`SourceStatus::staleness`](crate::sources::SourceStatus::staleness).
+//!   Memory answers only once its partition has applied what those sources
+//!   have read (waited for within what is left of the bound; else the
+//!   sources are read). Tables whose sources cannot be read by query keep
+//!   what memory has.
 //! - **Sync-on-access types** (`sync = "on_access"`): nothing is captured;
 //!   an entity is fetched when first read and again when a read finds it
 //!   fetched longer ago than `max_age`. Entities not read for `evict_after`
@@ -32,6 +37,7 @@ use crate::app::Fabric;
 use crate::bus::Offset;
 use crate::config::{Config, EntityConfig};
 use crate::event::{BusRecord, EntityKey, FetchedEntity, Value};
+use crate::freshness::{MinPosition, Wants};
 use crate::sources::sql_poll::{EntityReader, Lookup};
 use crate::store::Entity;
 use dashmap::DashMap;
@@ -140,27 +146,37 @@ impl Fetcher {
 
     /// How old `key`'s entity may be, for a staleness bound: `None` when
     /// unknown (never fetched, a source not caught up that never read).
-    fn staleness(&self, fabric: &Fabric, plan: &TypePlan, key: &EntityKey) -> Option<Duration> {
+    /// With it, how far each source of a captured type has read: memory is
+    /// that old only once its partition has applied those positions.
+    fn staleness(
+        &self,
+        fabric: &Fabric,
+        plan: &TypePlan,
+        key: &EntityKey,
+    ) -> Option<(Duration, Wants)> {
         if plan.on_access {
-            return self.held.get(key)?.fetched.map(|t| t.elapsed());
+            let age = self.held.get(key)?.fetched.map(|t| t.elapsed())?;
+            return Some((age, Vec::new()));
         }
         let mut worst = Duration::ZERO;
+        let mut read = Vec::with_capacity(plan.sources.len());
         for name in &plan.sources {
             let s = fabric.source(name)?;
             let st = &s.status;
-            let current = st.caught_up.load(Ordering::Relaxed)
-                && matches!(st.state.lock().as_str(), "streaming");
-            if current {
-                continue;
+            // Only a source streaming here counts as current (one elsewhere
+            // or still snapshotting is judged by what it last read).
+            let behind = match st.staleness()? {
+                d if d.is_zero() && !matches!(st.state.lock().as_str(), "streaming") => {
+                    return None;
+                }
+                d => d,
+            };
+            worst = worst.max(behind);
+            if let Some(at) = st.last_sent() {
+                read.push((s.name.clone(), MinPosition::At(at)));
             }
-            let last = st.last_commit_micros.load(Ordering::Relaxed);
-            if last == 0 {
-                return None;
-            }
-            let behind = (crate::sources::now_micros() - last).max(0) as u64;
-            worst = worst.max(Duration::from_micros(behind));
         }
-        Some(worst)
+        Some((worst, read))
     }
 
     /// What a read of `key` (of type `cfg`) serves when it must come from
@@ -209,9 +225,24 @@ impl Fetcher {
             (false, None) => return Ok(None),
         };
         let held = serving.then(|| fabric.store.get(key)).flatten();
-        let young = self
-            .staleness(fabric, plan, key)
-            .is_some_and(|age| age <= limit);
+        let young = match self.staleness(fabric, plan, key) {
+            Some((age, read)) if age <= limit => {
+                // As young as its sources once memory holds what they read:
+                // wait for that within what is left of the bound, else read
+                // the sources.
+                read.is_empty()
+                    || held.is_none()
+                    || crate::freshness::wait(
+                        fabric,
+                        &read,
+                        key.partition(fabric.bus.partitions()),
+                        std::time::Instant::now() + (limit - age),
+                    )
+                    .await
+                    .is_ok()
+            }
+            _ => false,
+        };
         if young && held.is_some() {
             return Ok(None);
         }

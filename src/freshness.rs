@@ -36,6 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Positions a read waits for, per source.
+pub type Wants = Vec<(Arc<str>, MinPosition)>;
+
 /// Marks kept per source.
 const MAX_MARKS: usize = 64;
 /// A mark this close to the previous one replaces it.

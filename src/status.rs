@@ -105,6 +105,7 @@ pub fn document(f: &Fabric, rates: &Rates) -> Value {
                 "routed": routed.get(&s.name).cloned().flatten().map(|p| p.to_string()),
                 "durable": s.durable.borrow().as_ref().map(|p| p.to_string()),
                 "lag_ms": s.status.lag_millis(),
+                "caught_up": s.status.caught_up(),
                 "transactions": s.status.transactions.load(Ordering::Relaxed),
                 "changes": s.status.changes.load(Ordering::Relaxed),
                 "dead_lettered": f.dead_letters.count(&s.name),

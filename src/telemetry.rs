@@ -140,8 +140,11 @@ pub struct Metrics {
     pub changes_applied: Family<SourceLabel, Counter>,
     /// Source transactions read, per source.
     pub source_transactions: Family<SourceLabel, Counter>,
-    /// Seconds between a source commit and now, for the last transaction read.
+    /// How far behind its system each source may be, in seconds
+    /// ([`crate::sources::SourceStatus::lag_millis`]).
     pub source_lag: Family<SourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while a source is connected and caught up, else 0.
+    pub source_caught_up: Family<SourceLabel, Gauge>,
     /// Dead-lettered inputs, per source.
     pub dead_letters: Family<SourceLabel, Counter>,
     /// Entities held, per entity type.
@@ -210,8 +213,14 @@ impl Metrics {
         let source_lag = Family::<SourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         r.register(
             "source_lag_seconds",
-            "Now minus the commit time of the last transaction read (0 when caught up)",
+            "How far behind its system a source may be: 0 while connected and caught up, else now minus the later of its last commit read and the moment it stopped being caught up (a disconnect)",
             source_lag.clone(),
+        );
+        let source_caught_up = Family::<SourceLabel, Gauge>::default();
+        r.register(
+            "source_caught_up",
+            "1 while a source is connected and has read everything its system had, else 0",
+            source_caught_up.clone(),
         );
         let dead_letters = Family::<SourceLabel, Counter>::default();
         r.register(
@@ -350,6 +359,7 @@ impl Metrics {
             changes_applied,
             source_transactions,
             source_lag,
+            source_caught_up,
             dead_letters,
             entities,
             router_pending,

@@ -144,6 +144,29 @@ async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
     );
     let n = converge(&fabric, &data).await;
     assert_eq!(n, 150);
+    // Two whole rounds of this run at least, so that one older than its
+    // newest is left below (in CI this run once stopped after one round).
+    eventually(
+        Duration::from_secs(30),
+        "two whole rounds of this run",
+        || {
+            let (snaps, victim) = (snaps.clone(), victim.clone());
+            async move {
+                let files = entity_fabric::store::snapshot::list(&snaps).ok()?;
+                let whole =
+                    |r: u64| (0..4).all(|p| files.iter().any(|f| f.round == r && f.partition == p));
+                let rounds: std::collections::BTreeSet<u64> = files
+                    .iter()
+                    .map(|f| f.round)
+                    .filter(|r| {
+                        whole(*r) && files.iter().all(|f| f.round != *r || f.path != victim)
+                    })
+                    .collect();
+                (rounds.len() >= 2).then_some(())
+            }
+        },
+    )
+    .await;
     assert!(fabric.terminate());
 
     // A round a crash interrupted: partition 0's file of the newest round

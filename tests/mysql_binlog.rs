@@ -280,11 +280,7 @@ async fn captures_changes_with_exact_types() {
     );
     assert_eq!(h.dead.count(&h.name), 0);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(
-        h.status
-            .caught_up
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
+    assert!(h.status.caught_up());
     h.stop().await;
 
     // The snapshot reads the same values the stream decoded.

@@ -253,11 +253,7 @@ async fn postgres_snapshot_types_updates_and_soft_deletes() {
     // Re-read inside the window, but unchanged: nothing is sent again.
     let again = h.drain(Duration::from_millis(300)).await;
     assert!(again.is_empty(), "{again:?}");
-    assert!(
-        h.status
-            .caught_up
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
+    assert!(h.status.caught_up());
     h.stop().await;
     pg_exec(&mut c, &format!("DROP SCHEMA {s} CASCADE")).await;
 }

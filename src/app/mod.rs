@@ -202,6 +202,9 @@ impl Fabric {
             m.source_lag
                 .get_or_create(&Metrics::source(&s.name))
                 .set(s.status.lag_millis() as f64 / 1000.0);
+            m.source_caught_up
+                .get_or_create(&Metrics::source(&s.name))
+                .set(i64::from(s.status.caught_up()));
             let txns = s
                 .status
                 .transactions
@@ -1362,6 +1365,7 @@ async fn supervise(
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
     let mut backoff = Reconnect::new(cfg.reconnect());
+    status.started();
     loop {
         status.set_state("starting");
         let (started, read_before) = (
@@ -1390,6 +1394,9 @@ async fn supervise(
         );
         ctx.store_may_hold_rows = fabric.store_may_hold_rows || replaces;
         let result = source.run(ctx).await;
+        // Not connected any more: not caught up until a new run says so,
+        // and its lag grows from now (or from its last commit read).
+        status.disconnected();
         // An initial snapshot cut short starts over on the next run.
         status.progress.abandon();
         if stop.is_cancelled() {

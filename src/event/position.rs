@@ -150,7 +150,7 @@ impl PartialOrd for Position {
 
 /// The sequence number of a binlog file name (`mysql-bin.000042` -> 42), so
 /// that rotation past `999999` still orders.
-fn binlog_seq(file: &str) -> u64 {
+pub fn binlog_seq(file: &str) -> u64 {
     file.rsplit('.')
         .next()
         .and_then(|n| n.parse().ok())

@@ -98,6 +98,7 @@ impl CatalogService for CatalogApi {
                 transactions: s.status.transactions.load(Ordering::Relaxed),
                 changes: s.status.changes.load(Ordering::Relaxed),
                 lag_millis: s.status.lag_millis(),
+                caught_up: s.status.caught_up(),
                 // Whole, for whoever may read the catalog: the reason names
                 // users, hosts and tables an operator needs (the status page,
                 // a thing of screens and screenshots, cuts quoted spans).

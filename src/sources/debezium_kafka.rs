@@ -40,7 +40,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub struct DebeziumKafkaSource {
@@ -187,7 +186,7 @@ impl Source for DebeziumKafkaSource {
             };
             let m = match msg {
                 Err(_) => {
-                    ctx.status.caught_up.store(true, Ordering::Relaxed);
+                    ctx.status.set_caught_up(true);
                     continue;
                 }
                 Ok(Err(e)) => {
@@ -199,7 +198,7 @@ impl Source for DebeziumKafkaSource {
                 }
                 Ok(Ok(m)) => m,
             };
-            ctx.status.caught_up.store(false, Ordering::Relaxed);
+            ctx.status.set_caught_up(false);
             let tp = format!("{}/{}", m.topic(), m.partition());
             next.insert(tp.clone(), m.offset() as u64 + 1);
             let Some(payload) = m.payload() else {

@@ -86,9 +86,7 @@ impl Source for GrpcPushSource {
             _ => 0,
         };
         ctx.status.set_state("streaming");
-        ctx.status
-            .caught_up
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        ctx.status.set_caught_up(true);
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(()),

@@ -32,7 +32,6 @@ use crate::event::{Position, RowChange, SourceTxn};
 use async_trait::async_trait;
 use std::io::SeekFrom;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
@@ -211,7 +210,7 @@ impl JsonlSource {
                     if !waiting {
                         tracing::info!(path = %self.path.display(), "waiting for file");
                         ctx.status.set_state("waiting for file");
-                        ctx.status.caught_up.store(true, Ordering::Relaxed);
+                        ctx.status.set_caught_up(true);
                         waiting = true;
                     }
                     pause(ctx, self.poll).await?;
@@ -231,7 +230,7 @@ impl JsonlSource {
             }
             let pass = self.read_pass(ctx, &mut tail).await?;
             if pass.new_bytes {
-                ctx.status.caught_up.store(false, Ordering::Relaxed);
+                ctx.status.set_caught_up(false);
             }
             if !pass.eof {
                 tokio::task::yield_now().await;
@@ -242,9 +241,7 @@ impl JsonlSource {
                 // transaction is complete.
                 flush(ctx, &mut tail.open).await?;
             }
-            ctx.status
-                .caught_up
-                .store(tail.open.is_none(), Ordering::Relaxed);
+            ctx.status.set_caught_up(tail.open.is_none());
             if self.rewritten(&tail).await {
                 flush(ctx, &mut tail.open).await?;
                 return Err(
@@ -578,7 +575,7 @@ mod tests {
             Position::FileOffset((first.len() + second.len()) as u64)
         );
         tokio::time::sleep(POLL * 3).await;
-        assert!(h.status.caught_up.load(Ordering::Relaxed));
+        assert!(h.status.caught_up());
         assert_eq!(*h.status.state.lock(), "streaming");
         h.stop().await;
     }

@@ -86,8 +86,18 @@ pub struct SourceStatus {
     pub changes: AtomicU64,
     /// Commit time of the last transaction read, microseconds since epoch.
     pub last_commit_micros: AtomicI64,
-    /// True while the source has nothing more to read right now.
-    pub caught_up: std::sync::atomic::AtomicBool,
+    /// True while the source is connected and has nothing more to read
+    /// right now (see [`set_caught_up`](Self::set_caught_up)).
+    caught_up: std::sync::atomic::AtomicBool,
+    /// When it last stopped being caught up (a transaction began, or its
+    /// connection was lost), microseconds since epoch: everything before
+    /// that moment had been read.
+    current_until_micros: AtomicI64,
+    /// When its supervisor first started it, microseconds since epoch.
+    started_micros: AtomicI64,
+    /// The position of the last transaction handed to the router (with
+    /// changes or not): how far it has read.
+    sent: Mutex<Option<Position>>,
     /// Its initial snapshot, while one is read.
     pub progress: crate::progress::Progress,
 }
@@ -110,16 +120,75 @@ impl SourceStatus {
         *self.last_error.lock() = e.to_string();
     }
 
-    /// Now minus the last read commit time, 0 when caught up.
+    /// How far it has read: the position of the last transaction handed on.
+    pub fn last_sent(&self) -> Option<Position> {
+        self.sent.lock().clone()
+    }
+
+    /// Whether the source is connected and has read everything its system
+    /// had when it last looked.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Says whether the source has read everything there is. Only a
+    /// connected source may say yes, and only once its system says so (each
+    /// connector documents its test); going from yes to no notes the moment,
+    /// from which its lag then grows.
+    pub fn set_caught_up(&self, yes: bool) {
+        if self.caught_up.swap(yes, Ordering::AcqRel) && !yes {
+            self.current_until_micros
+                .fetch_max(now_micros(), Ordering::AcqRel);
+        }
+    }
+
+    /// The source's connection is gone (its run ended): not caught up from
+    /// now until a new run says so again.
+    pub fn disconnected(&self) {
+        self.set_caught_up(false);
+    }
+
+    /// Its supervisor starts it (the first time counts).
+    pub fn started(&self) {
+        let _ = self.started_micros.compare_exchange(
+            0,
+            now_micros(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// How far behind its system the fabric may be for this source: zero
+    /// when caught up, else the time since the later of the last commit
+    /// read and the moment it stopped being caught up (a disconnect, or a
+    /// transaction that began). `None` when unknown: it never read a
+    /// transaction and was never caught up.
+    pub fn staleness(&self) -> Option<std::time::Duration> {
+        if self.caught_up() {
+            return Some(std::time::Duration::ZERO);
+        }
+        let known = self
+            .last_commit_micros
+            .load(Ordering::Acquire)
+            .max(self.current_until_micros.load(Ordering::Acquire));
+        (known > 0).then(|| std::time::Duration::from_micros((now_micros() - known).max(0) as u64))
+    }
+
+    /// Its lag, as shown (ListSources, the status page, /metrics):
+    /// [`staleness`](Self::staleness), or, when that is unknown, the time
+    /// since the source was first started (0 if never).
     pub fn lag_millis(&self) -> i64 {
-        if self.caught_up.load(Ordering::Relaxed) {
-            return 0;
+        match self.staleness() {
+            Some(d) => d.as_millis() as i64,
+            None => {
+                let started = self.started_micros.load(Ordering::Acquire);
+                if started == 0 {
+                    0
+                } else {
+                    ((now_micros() - started) / 1000).max(0)
+                }
+            }
         }
-        let last = self.last_commit_micros.load(Ordering::Relaxed);
-        if last == 0 {
-            return 0;
-        }
-        ((now_micros() - last) / 1000).max(0)
     }
 }
 
@@ -221,12 +290,15 @@ impl SourceContext {
                 .last_commit_micros
                 .store(txn.commit_micros, Ordering::Relaxed);
         }
+        let position = txn.position.clone();
         self.out
             .send(TxnEnvelope { txn, on_routed })
             .await
             .map_err(|_| SourceError::Closed {
                 source_name: self.name.to_string(),
-            })
+            })?;
+        *self.status.sent.lock() = Some(position);
+        Ok(())
     }
 
     /// Records input that cannot be decoded: counted, kept, never fatal.
@@ -301,5 +373,39 @@ pub fn limits(kind: SourceKind) -> Option<&'static str> {
             "debezium_kafka applies each row change as its own transaction (Debezium spreads a database transaction over one topic per table), and reads the partitions the topics have at start",
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Lag is 0 while caught up; it counts from the moment the source
+    /// stopped being caught up, or from a later commit read; it is unknown
+    /// (None) before either.
+    #[test]
+    fn lag_counts_from_the_disconnect_or_a_later_commit() {
+        let s = SourceStatus::default();
+        assert_eq!(s.staleness(), None);
+        assert_eq!(s.lag_millis(), 0);
+        s.started();
+        s.set_caught_up(true);
+        assert_eq!(s.staleness(), Some(Duration::ZERO));
+        // An old commit read before, then the connection lost now: the lag
+        // counts from the disconnect, not from the old commit.
+        s.last_commit_micros
+            .store(now_micros() - 3_600_000_000, Ordering::Release);
+        s.disconnected();
+        assert!(!s.caught_up());
+        let lag = s.staleness().unwrap();
+        assert!(lag < Duration::from_secs(60), "{lag:?}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(s.staleness().unwrap() >= lag + Duration::from_millis(20));
+        // Not caught up and never was: from its last commit.
+        let t = SourceStatus::default();
+        t.last_commit_micros
+            .store(now_micros() - 5_000_000, Ordering::Release);
+        assert!(t.staleness().unwrap() >= Duration::from_secs(5));
     }
 }

@@ -52,9 +52,12 @@
 //! - Nothing is acknowledged upstream: the server purges binlogs on its own
 //!   schedule, so `ctx.durable` is not used. Keep binlogs longer than the
 //!   longest outage the source must survive.
-//! - `caught_up`: the stream was idle for `IDLE`, a heartbeat came (the
-//!   server sends one a second when idle), or the last event was written at
-//!   most `LIVE` ago.
+//! - `caught_up`: never before the stream has reached the binlog position
+//!   the server had when the stream connected (`SHOW MASTER STATUS`), or a
+//!   heartbeat came (the server sends one a second when it has nothing more
+//!   to send); after that, while the stream is idle for `IDLE`, or the last
+//!   event was written at most `LIVE` ago. A lost connection clears it
+//!   (`SourceStatus::disconnected`).
 //!
 //! Not handled: XA transactions are emitted at `XA PREPARE` (a rollback after
 //! it is not seen); a group is held in memory until its commit event;
@@ -88,7 +91,6 @@ use mysql_common::proto::MySerialize;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// How often the server sends a heartbeat on an idle stream.
@@ -752,6 +754,15 @@ impl MysqlBinlogSource {
         }
         let period = format!("SET @master_heartbeat_period = {}", HEARTBEAT.as_nanos());
         conn.query_drop(period).await.map_err(&ext)?;
+        // Where the server's binlog ends now: the stream must get there
+        // before the source counts as caught up.
+        let end: Option<mysql_async::Row> = conn
+            .query_first("SHOW MASTER STATUS")
+            .await
+            .map_err(self.ext("read the binlog position (SHOW MASTER STATUS)"))?;
+        let end = end
+            .and_then(|r| Some((r.get::<String, _>(0)?, r.get::<u64, _>(1)?)))
+            .unwrap_or_default();
         let at = start.position();
         let req = BinlogStreamRequest::new(self.server_id)
             .with_filename(start.file.as_bytes())
@@ -763,6 +774,8 @@ impl MysqlBinlogSource {
         ctx.status.set_state("streaming");
         tracing::info!(file = %start.file, pos = start.pos, server_id = self.server_id, "streaming the binlog");
         let mut st = StreamState::new(catalog, &start, server.checksum);
+        st.reached = binlog_reached(&start.file, start.pos, &end);
+        st.server_end = end;
         let mut meta_conn: Option<Conn> = None;
         let mut last_event = Instant::now();
         let mut last_progress = Instant::now();
@@ -791,7 +804,8 @@ impl MysqlBinlogSource {
             };
             let event = match next {
                 Err(_) => {
-                    ctx.status.caught_up.store(true, Ordering::Relaxed);
+                    // Idle: caught up, once past the server's end at connect.
+                    ctx.status.set_caught_up(st.reached);
                     if !self
                         .progress(ctx, &mut st, &mut last_progress, true)
                         .await?
@@ -874,11 +888,14 @@ impl MysqlBinlogSource {
         let header = event.header();
         let end = u64::from(header.log_pos());
         let ts = i64::from(header.timestamp()) * 1_000_000;
+        if end > 0 && !st.reached {
+            st.reached = binlog_reached(&st.file, end, &st.server_end);
+        }
         if ts > 0 {
             // Reading what was just written is being caught up, even while
             // the server is busy with tables not captured.
             let live = now_micros() - ts <= LIVE.as_micros() as i64;
-            ctx.status.caught_up.store(live, Ordering::Relaxed);
+            ctx.status.set_caught_up(live && st.reached);
         }
         if header.event_type_raw() == MARIADB_GTID_EVENT {
             match parse_mariadb_gtid(event.data()) {
@@ -939,7 +956,9 @@ impl MysqlBinlogSource {
                 Ok(None)
             }
             EventData::HeartbeatEvent => {
-                ctx.status.caught_up.store(true, Ordering::Relaxed);
+                // Sent only when the server has nothing more to send.
+                st.reached = true;
+                ctx.status.set_caught_up(true);
                 Ok(None)
             }
             EventData::XidEvent(_) => Ok(st.commit(end, ts)),
@@ -1145,6 +1164,17 @@ struct StreamState {
     last: Position,
     checksum: bool,
     fde_seen: bool,
+    /// The server's binlog file and position when the stream connected.
+    server_end: (String, u64),
+    /// The stream has got there (or a heartbeat said it is at the end).
+    reached: bool,
+}
+
+/// Whether `file`:`pos` is at or past `end` (files in the order of their
+/// sequence numbers, as positions compare).
+fn binlog_reached(file: &str, pos: u64, end: &(String, u64)) -> bool {
+    use crate::event::position::binlog_seq;
+    (binlog_seq(file), file, pos) >= (binlog_seq(&end.0), end.0.as_str(), end.1)
 }
 
 impl StreamState {
@@ -1159,6 +1189,8 @@ impl StreamState {
             last: start.position(),
             checksum,
             fde_seen: false,
+            server_end: (String::new(), 0),
+            reached: true,
         }
     }
 

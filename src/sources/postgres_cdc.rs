@@ -50,7 +50,6 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection, Row as _};
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -360,6 +359,22 @@ impl PostgresCdcSource {
         }))
     }
 
+    /// Where the server's WAL ends now (replayed, on a standby): what the
+    /// stream must reach before the source counts as caught up.
+    async fn server_wal_end(&self, conn: &mut PgConnection) -> Result<u64, SourceError> {
+        let lsn: Option<String> = sqlx::query_scalar(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_flush_lsn() END)::text",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(self.ext("read the server's WAL end"))?;
+        Ok(lsn
+            .as_deref()
+            .and_then(crate::event::position::parse_lsn)
+            .unwrap_or(0))
+    }
+
     /// Creates the slot with an exported snapshot, reads every table in it,
     /// sends the rows, and returns the slot's consistent point.
     async fn snapshot(
@@ -521,6 +536,7 @@ impl PostgresCdcSource {
         tables: &[TableInfo],
         start: u64,
         confirmed: u64,
+        server_end: u64,
     ) -> Result<(), SourceError> {
         let by_name: HashMap<&str, &str> = tables
             .iter()
@@ -536,6 +552,12 @@ impl PostgresCdcSource {
         let mut open: Option<(Vec<RowChange>, i64)> = None;
         let mut last_sent = start;
         let mut durable = confirmed;
+        // Caught up only once the stream has reached the WAL end the server
+        // had when this run connected (a keepalive between transactions at
+        // or past it, or a commit past it); from then on, whenever a
+        // keepalive comes between transactions (the server sends one when it
+        // has nothing more to send), until the next transaction begins.
+        let mut reached = server_end <= start;
         loop {
             let event = tokio::select! {
                 biased;
@@ -564,7 +586,7 @@ impl PostgresCdcSource {
             };
             match event {
                 ReplicationEvent::Begin { .. } => {
-                    ctx.status.caught_up.store(false, Ordering::Relaxed);
+                    ctx.status.set_caught_up(false);
                     open = Some((Vec::new(), 0));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
@@ -596,6 +618,7 @@ impl PostgresCdcSource {
                         continue;
                     };
                     let end = end_lsn.0;
+                    reached |= end >= server_end;
                     if changes.is_empty() || end <= last_sent && end <= start {
                         continue;
                     }
@@ -613,7 +636,8 @@ impl PostgresCdcSource {
                     last_sent = end;
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } if open.is_none() => {
-                    ctx.status.caught_up.store(true, Ordering::Relaxed);
+                    reached |= wal_end.0 >= server_end;
+                    ctx.status.set_caught_up(reached);
                     // Every transaction committed before the server's WAL end
                     // has been sent: say so, so that a read waiting for a
                     // position past our last change (written by others, in
@@ -765,8 +789,10 @@ impl Source for PostgresCdcSource {
             }
         };
         let confirmed = self.slot_confirmed(&mut conn).await?.unwrap_or(start);
+        let server_end = self.server_wal_end(&mut conn).await?;
         drop(conn);
-        self.stream(ctx, &tables, start, confirmed).await
+        self.stream(ctx, &tables, start, confirmed, server_end)
+            .await
     }
 }
 

@@ -104,7 +104,6 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Default safety window of integer cursors: values allocated while a
@@ -1551,7 +1550,7 @@ impl SqlPollSource {
             for st in states.iter_mut() {
                 st.prune(st.safe);
             }
-            ctx.status.caught_up.store(all_short, Ordering::Relaxed);
+            ctx.status.set_caught_up(all_short);
             if all_short {
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return Ok(()),

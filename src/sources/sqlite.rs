@@ -52,7 +52,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use sqlx::{AssertSqlSafe, Connection, Row as _};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const CHANGELOG_DDL: &str = "CREATE TABLE IF NOT EXISTS _fabric_changelog(seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, op TEXT NOT NULL, old TEXT, new TEXT)";
@@ -469,7 +468,7 @@ impl Source for SqliteSource {
             };
             last = high;
             let caught_up = n < self.batch_size;
-            ctx.status.caught_up.store(caught_up, Ordering::Relaxed);
+            ctx.status.set_caught_up(caught_up);
             if !caught_up {
                 continue;
             }

@@ -985,3 +985,86 @@ pub async fn pg_at_source(url: &str, sql: &str) -> String {
         .unwrap()
         .get(0)
 }
+
+/// A TCP proxy on loopback in front of a server (a database), which a test
+/// cuts and restores: a source's connection lost while its database stays up.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `target` (host:port).
+    pub async fn start(target: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, o, target) = (cut.clone(), open.clone(), target.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::Acquire) {
+                    // Cut: the connection is closed as soon as it is made.
+                    drop(client);
+                    continue;
+                }
+                let target = target.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                o.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            open,
+            task,
+        }
+    }
+
+    /// `url` (scheme://user@host:port/path) with its host and port this
+    /// proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (user, rest) = rest.split_once('@').unwrap();
+        let path = rest.find('/').map_or("", |i| &rest[i..]);
+        format!("{scheme}://{user}@127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Closes every connection through the proxy, and every new one as soon
+    /// as it is made, until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        for h in self.open.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// The host:port of a `scheme://user@host:port/path` URL.
+pub fn url_address(url: &str) -> String {
+    let rest = url.split_once("://").unwrap().1;
+    let rest = rest.split_once('@').map_or(rest, |x| x.1);
+    rest.split('/').next().unwrap().to_string()
+}
