@@ -121,6 +121,21 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Asks the running fabric to read a table of a source again while the
+    /// source streams (a postgres_cdc source; done by itself after a schema
+    /// change): every row then has the table's shape now. Progress shows on
+    /// the status page and in ListSources.
+    Resync {
+        /// The source, as named in the config.
+        source: String,
+        /// The table, as listed in the source's `tables`.
+        table: String,
+        /// The config file the fabric runs with (for its admin address).
+        #[arg(long, short, env = "FABRIC_CONFIG", default_value = "config/demo.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Makes what a deployment needs to start secure, once: a private CA,
     /// a server certificate for the given names, and `admin` and `reader`
     /// bearer tokens with their SHA-256 (for `token_sha256 =
@@ -523,6 +538,29 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 .await?;
             print!("{}", with_newline(&body));
             Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Resync {
+            source,
+            table,
+            config,
+            admin,
+        } => {
+            let enc = |s: &str| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            let path = format!(
+                "/sources/resync?source={}&table={}",
+                enc(&source),
+                enc(&table)
+            );
+            let (status, body) = admin.post(&config, &path, "application/json", "{}").await?;
+            print!("{}", with_newline(&body));
+            Ok(if status == 202 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

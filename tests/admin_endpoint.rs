@@ -150,6 +150,23 @@ async fn only_admins_plan_and_reload_and_no_web_page_can() {
     let (_, metrics) = send(Call::get(&admin, "/metrics"), &nobody).await;
     assert_eq!(metric(&metrics, "fabric_config_reloads_applied_total"), 1.0);
 
+    // A table re-read (`fabric resync`) is an admin's too; a source kind
+    // that cannot is told so.
+    let resync = |path: &'static str| Call::post(&admin, path, "application/json", String::new());
+    let (code, said) = send(
+        resync("/sources/resync?source=crm&table=customers"),
+        &nobody,
+    )
+    .await;
+    assert_eq!(code, 401, "{said}");
+    let (code, said) = send(resync("/sources/resync?source=crm&table=customers"), &app).await;
+    assert_eq!(code, 403, "{said}");
+    let (code, said) = send(resync("/sources/resync?source=crm&table=customers"), &ops).await;
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("only postgres_cdc"), "{said}");
+    let (code, said) = send(resync("/sources/resync?source=nope&table=customers"), &ops).await;
+    assert_eq!(code, 404, "{said}");
+
     // Another origin, another host name (DNS rebinding): refused, whatever
     // the credentials.
     let from = |headers: Vec<(&'static str, String)>| Call {

@@ -1,5 +1,6 @@
 //! What stands in front of the admin endpoint's guarded routes
-//! (`/status.json`, `/config/plan`, `/config/reload`), in this order:
+//! (`/status.json`, `/config/plan`, `/config/reload`, `/sources/resync`),
+//! in this order:
 //!
 //! 1. **Host.** The `Host` header must name an IP address, `localhost` or
 //!    one of `server.admin_hosts`: a web page that points a name it
@@ -75,6 +76,7 @@ pub async fn guard(State(s): AdminState, request: Request, next: Next) -> Respon
     let (method, action) = match path.as_str() {
         "/status.json" => ("GET /status.json", Action::Catalog),
         "/config/plan" => ("POST /config/plan", Action::Admin),
+        "/sources/resync" => ("POST /sources/resync", Action::Admin),
         _ => ("POST /config/reload", Action::Admin),
     };
     if let Some(access) = &s.fabric.access {

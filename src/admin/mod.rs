@@ -3,12 +3,13 @@
 //! [`crate::status`]), and live config changes: `POST /config/plan` (the
 //! body is a config file's text: what it would change, nothing applied)
 //! and `POST /config/reload` (the running file read again and applied, or
-//! refused; see [`crate::app::reload`]).
+//! refused; see [`crate::app::reload`]), and `POST /sources/resync?source=S&table=T`
+//! (a table read again while its source streams, `fabric resync`).
 //!
 //! `/healthz`, `/metrics`, `/` and the page `/status` (which holds no data
 //! itself) are open: probes and scrapers present no credentials, and they
-//! show no entity and no config. `/status.json` and the config routes are
-//! guarded ([`guard`]: host, origin, content type, principal, bounds).
+//! show no entity and no config. `/status.json`, the config routes and the
+//! resync route are guarded ([`guard`]: host, origin, content type, principal, bounds).
 //!
 //! HTTP/1.1 only, served here rather than by `axum::serve` so that each
 //! request knows its peer address and the client certificate TLS verified,
@@ -85,6 +86,7 @@ pub async fn serve(
         .route("/status.json", get(status_json))
         .route("/config/plan", post(config_plan))
         .route("/config/reload", post(config_reload))
+        .route("/sources/resync", post(source_resync))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard::guard,
@@ -368,6 +370,85 @@ async fn config_reload(State(s): AdminState) -> impl IntoResponse {
             "the fabric is stopping\n".to_string(),
         ),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct ResyncQuery {
+    source: String,
+    table: String,
+}
+
+/// 202 once a source was asked to read a table again while it streams
+/// (`fabric resync`); 404 for an unknown source or table, 400 for a kind
+/// that cannot, 409 when the source runs on another process.
+async fn source_resync(
+    State(s): AdminState,
+    axum::extract::Query(q): axum::extract::Query<ResyncQuery>,
+) -> impl IntoResponse {
+    let config = s.fabric.config();
+    let Some(cfg) = config.sources.iter().find(|c| c.name == q.source) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no source named {:?}\n", q.source),
+        );
+    };
+    if cfg.kind != crate::config::SourceKind::PostgresCdc {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "source {} is {}: only postgres_cdc sources re-read a table while they stream \
+                 (docs/sources.md, \"Schema changes\")\n",
+                cfg.name,
+                cfg.kind.as_str()
+            ),
+        );
+    }
+    let qualified = |t: &str| {
+        if t.contains('.') {
+            t.to_string()
+        } else {
+            format!("public.{t}")
+        }
+    };
+    let Some(table) = cfg
+        .tables
+        .iter()
+        .find(|t| **t == q.table || qualified(t) == qualified(&q.table))
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "source {} does not capture {:?} (its tables: {})\n",
+                cfg.name,
+                q.table,
+                cfg.tables.join(", ")
+            ),
+        );
+    };
+    let Some(runtime) = s.fabric.source(&cfg.name) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the source is not running yet\n".to_string(),
+        );
+    };
+    if runtime.status.state.lock().as_str() == "elsewhere" {
+        return (
+            StatusCode::CONFLICT,
+            format!(
+                "source {} runs on another process: ask that one\n",
+                cfg.name
+            ),
+        );
+    }
+    runtime.status.request_resync(table);
+    tracing::info!(target: "fabric::audit", source = %cfg.name, table = %table, "table re-read asked");
+    (
+        StatusCode::ACCEPTED,
+        format!(
+            "source {} reads {table} again while it streams; progress on the status page and in ListSources\n",
+            cfg.name
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod debezium_kafka;
 pub mod grpc_push;
 pub mod jsonl;
 pub mod mysql_binlog;
+pub mod pg_resync;
 pub mod pgoutput;
 pub mod postgres_cdc;
 pub mod sql_poll;
@@ -98,8 +99,13 @@ pub struct SourceStatus {
     /// The position of the last transaction handed to the router (with
     /// changes or not): how far it has read.
     sent: Mutex<Option<Position>>,
-    /// Its initial snapshot, while one is read.
+    /// Its initial snapshot, or a table's re-read, while one is read.
     pub progress: crate::progress::Progress,
+    /// Tables an operator asked to be read again (`fabric resync`), and
+    /// those a run left unfinished, for the next run.
+    resyncs: Mutex<Vec<String>>,
+    /// Wakes the running source when a re-read is asked for.
+    pub resync_asked: tokio::sync::Notify,
 }
 
 impl SourceStatus {
@@ -118,6 +124,22 @@ impl SourceStatus {
 
     pub fn set_error(&self, e: &str) {
         *self.last_error.lock() = e.to_string();
+    }
+
+    /// Asks the source to read `table` (as configured) again while it
+    /// streams; the running source is woken.
+    pub fn request_resync(&self, table: &str) {
+        let mut r = self.resyncs.lock();
+        if !r.iter().any(|t| t == table) {
+            r.push(table.to_string());
+        }
+        drop(r);
+        self.resync_asked.notify_one();
+    }
+
+    /// The tables asked to be read again, taken.
+    pub fn take_resyncs(&self) -> Vec<String> {
+        std::mem::take(&mut *self.resyncs.lock())
     }
 
     /// How far it has read: the position of the last transaction handed on.

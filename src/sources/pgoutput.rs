@@ -18,6 +18,8 @@ use std::collections::HashMap;
 pub struct Column {
     pub name: String,
     pub type_oid: u32,
+    /// `atttypmod`: a `numeric`'s precision and scale, a `varchar`'s length.
+    pub type_modifier: i32,
     /// Part of the replica identity key.
     pub key: bool,
 }
@@ -160,10 +162,11 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
                 let flags = r.u8()?;
                 let name = r.cstr()?;
                 let type_oid = r.u32()?;
-                let _typmod = r.i32()?;
+                let type_modifier = r.i32()?;
                 columns.push(Column {
                     name,
                     type_oid,
+                    type_modifier,
                     key: flags & 1 == 1,
                 });
             }

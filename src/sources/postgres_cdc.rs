@@ -40,6 +40,7 @@
 //! mapping (`interval`, `money`, geometric, range, composite …) is refused
 //! at start, naming it, unless the source sets `unmapped_types = "text"`.
 
+use super::pg_resync;
 use super::pgoutput::{self, Message, Relation, Relations};
 use super::{Source, SourceContext, SourceError};
 use crate::config::{Config, SourceConfig};
@@ -83,6 +84,9 @@ struct TableInfo {
     configured: String,
     qualified: String,
     columns: Vec<(String, u32)>,
+    /// Names, types (a domain as its base) and type modifiers, as a
+    /// relation message describes them.
+    shape: Vec<(String, u32, i32)>,
 }
 
 impl PostgresCdcSource {
@@ -138,11 +142,14 @@ impl PostgresCdcSource {
         move |e| SourceError::external(&self.name, op, e)
     }
 
-    async fn connect(&self) -> Result<PgConnection, SourceError> {
-        let opts = PgConnectOptions::from_str(&self.url)
+    fn options(&self) -> Result<PgConnectOptions, SourceError> {
+        Ok(PgConnectOptions::from_str(&self.url)
             .map_err(|e| self.config_err(format!("bad url: {e}")))?
-            .options(SESSION);
-        PgConnection::connect_with(&opts)
+            .options(SESSION))
+    }
+
+    async fn connect(&self) -> Result<PgConnection, SourceError> {
+        PgConnection::connect_with(&self.options()?)
             .await
             .map_err(self.ext("connect"))
     }
@@ -223,7 +230,7 @@ impl PostgresCdcSource {
                 "SELECT a.attname::text, a.atttypid::int8,
                         CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END::int8,
                         COALESCE(b.typtype, t.typtype)::text, COALESCE(b.typcategory, t.typcategory)::text,
-                        format_type(a.atttypid, a.atttypmod)
+                        format_type(a.atttypid, a.atttypmod), a.atttypmod::int4
                  FROM pg_attribute a
                  JOIN pg_type t ON t.oid = a.atttypid
                  LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
@@ -236,6 +243,7 @@ impl PostgresCdcSource {
             .await
             .map_err(self.ext("read the columns"))?;
             let mut columns = Vec::with_capacity(rows.len());
+            let mut shape = Vec::with_capacity(rows.len());
             for r in rows {
                 let name: String = r.get(0);
                 let oid = r.get::<i64, _>(1) as u32;
@@ -251,12 +259,14 @@ impl PostgresCdcSource {
                         "column {qualified}.{name} has type {sql_type}, which the fabric does not map to a value type; set unmapped_types = \"text\" on the source to carry such columns as their text"
                     )));
                 }
+                shape.push((name.clone(), base, r.get::<i32, _>(6)));
                 columns.push((name, base));
             }
             infos.push(TableInfo {
                 configured: configured.clone(),
                 qualified: qualified.clone(),
                 columns,
+                shape,
             });
         }
         self.ensure_publication(conn).await?;
@@ -549,7 +559,26 @@ impl PostgresCdcSource {
         ctx.status.set_state("streaming");
         tracing::info!(slot = %self.slot, start = %crate::event::position::format_lsn(start), "streaming");
         let mut relations = Relations::new();
-        let mut open: Option<(Vec<RowChange>, i64)> = None;
+        // The open transaction's changes and id.
+        let mut open: Option<(Vec<RowChange>, u32)> = None;
+        // Each captured table's shape as last seen (the catalog at start,
+        // then relation messages): a change of it re-reads the table.
+        let mut shapes: HashMap<String, Vec<(String, u32, i32)>> = tables
+            .iter()
+            .map(|t| (t.qualified.clone(), t.shape.clone()))
+            .collect();
+        let mut resyncs = pg_resync::Resyncs::new(
+            &self.name,
+            ctx.status.clone(),
+            self.options()?,
+            self.domains.lock().clone(),
+        );
+        let configured_of = |table: &str| -> Option<(String, String)> {
+            tables
+                .iter()
+                .find(|t| t.configured == table || t.qualified == table)
+                .map(|t| (t.qualified.clone(), t.configured.clone()))
+        };
         let mut last_sent = start;
         let mut durable = confirmed;
         // Caught up only once the stream has reached the WAL end the server
@@ -558,12 +587,56 @@ impl PostgresCdcSource {
         // keepalive comes between transactions (the server sends one when it
         // has nothing more to send), until the next transaction begins.
         let mut reached = server_end <= start;
+        let asked = |resyncs: &mut pg_resync::Resyncs| {
+            for t in ctx.status.take_resyncs() {
+                match configured_of(&t) {
+                    Some((q, c)) => resyncs.request(&q, &c),
+                    None => {
+                        tracing::warn!(table = %t, "a re-read was asked of a table this source does not capture")
+                    }
+                }
+            }
+        };
+        asked(&mut resyncs);
         loop {
+            if resyncs.busy()
+                && let Some(table) = resyncs.start()
+            {
+                let estimate: Option<f32> =
+                    sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = $1::regclass")
+                        .bind(quote_qualified(&table))
+                        .fetch_optional(&mut self.connect().await?)
+                        .await
+                        .ok()
+                        .flatten();
+                ctx.status.progress.start(
+                    format!("re-read of {table} while streaming"),
+                    "rows",
+                    estimate.filter(|n| *n >= 0.0).map(|n| n as u64),
+                );
+            }
             let event = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => {
                     client.stop();
                     return Ok(());
+                }
+                _ = ctx.status.resync_asked.notified() => {
+                    asked(&mut resyncs);
+                    continue;
+                }
+                r = resyncs.read_done() => {
+                    match r {
+                        Ok(()) => {}
+                        Err(e @ SourceError::Config { .. }) => {
+                            tracing::error!(error = %e, "table re-read given up");
+                            ctx.status.set_error(&e.to_string());
+                            ctx.status.progress.abandon();
+                            resyncs.abandon();
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    continue;
                 }
                 changed = ctx.durable.changed() => {
                     if changed.is_err() {
@@ -585,9 +658,9 @@ impl PostgresCdcSource {
                 ));
             };
             match event {
-                ReplicationEvent::Begin { .. } => {
+                ReplicationEvent::Begin { xid, .. } => {
                     ctx.status.set_caught_up(false);
-                    open = Some((Vec::new(), 0));
+                    open = Some((Vec::new(), xid));
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let msg = match pgoutput::decode(&data) {
@@ -601,6 +674,9 @@ impl PostgresCdcSource {
                             continue;
                         }
                     };
+                    if let Message::Relation(r) = &msg {
+                        self.shape_seen(r, &mut shapes, &by_name, &mut resyncs);
+                    }
                     self.on_message(
                         &ctx,
                         msg,
@@ -614,12 +690,18 @@ impl PostgresCdcSource {
                     commit_time_micros,
                     ..
                 } => {
-                    let Some((changes, _)) = open.take() else {
+                    let Some((mut changes, xid)) = open.take() else {
                         continue;
                     };
                     let end = end_lsn.0;
                     reached |= end >= server_end;
-                    if changes.is_empty() || end <= last_sent && end <= start {
+                    resyncs.note(xid, &changes);
+                    let resent = end <= last_sent && end <= start;
+                    if !resent && let Some((rows, handed)) = resyncs.due(end) {
+                        changes.extend(rows);
+                        report(&ctx, handed);
+                    }
+                    if changes.is_empty() || resent {
                         continue;
                     }
                     let txn = SourceTxn {
@@ -643,8 +725,16 @@ impl PostgresCdcSource {
                     // position past our last change (written by others, in
                     // tables or databases not captured) is answered.
                     if wal_end.0 > last_sent {
+                        // A chunk of a table's re-read goes with it when due.
+                        let rows = match resyncs.due(wal_end.0) {
+                            Some((rows, handed)) => {
+                                report(&ctx, handed);
+                                rows
+                            }
+                            None => Vec::new(),
+                        };
                         if !ctx
-                            .deliver(Position::Lsn(wal_end.0), super::now_micros(), Vec::new())
+                            .deliver(Position::Lsn(wal_end.0), super::now_micros(), rows)
                             .await?
                         {
                             client.stop();
@@ -661,6 +751,37 @@ impl PostgresCdcSource {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// A relation message: when a captured table's shape (names, types,
+    /// type modifiers) differs from what was seen before, its rows not
+    /// written since still have the old one: the table is read again.
+    fn shape_seen(
+        &self,
+        r: &Relation,
+        shapes: &mut HashMap<String, Vec<(String, u32, i32)>>,
+        by_name: &HashMap<&str, &str>,
+        resyncs: &mut pg_resync::Resyncs,
+    ) {
+        let qualified = r.qualified();
+        let Some(configured) = by_name.get(qualified.as_str()) else {
+            return;
+        };
+        let domains = self.domains.lock();
+        let shape: Vec<(String, u32, i32)> = r
+            .columns
+            .iter()
+            .map(|c| {
+                let base = domains.get(&c.type_oid).copied().unwrap_or(c.type_oid);
+                (c.name.clone(), base, c.type_modifier)
+            })
+            .collect();
+        drop(domains);
+        let before = shapes.insert(qualified.clone(), shape.clone());
+        if before.is_some_and(|b| b != shape) {
+            tracing::info!(table = %qualified, "the table's shape changed: its rows are read again while it streams");
+            resyncs.request(&qualified, configured);
         }
     }
 
@@ -796,7 +917,16 @@ impl Source for PostgresCdcSource {
     }
 }
 
-fn quote_qualified(q: &str) -> String {
+/// A chunk of a table's re-read was handed on: its progress.
+fn report(ctx: &SourceContext, handed: pg_resync::Handed) {
+    ctx.status.progress.advance(handed.rows as u64);
+    if handed.done {
+        ctx.status.progress.finish();
+        tracing::info!(table = %handed.table, "re-read done");
+    }
+}
+
+pub(crate) fn quote_qualified(q: &str) -> String {
     q.split('.')
         .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
         .collect::<Vec<_>>()
