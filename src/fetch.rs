@@ -172,8 +172,12 @@ impl Fetcher {
                 d => d,
             };
             worst = worst.max(behind);
-            if let Some(at) = st.last_sent() {
-                read.push((s.name.clone(), MinPosition::At(at)));
+            match st.last_sent() {
+                // Still in its initial snapshot: no position a read can
+                // wait for yet (unknown, so the sources are read).
+                Some(crate::event::Position::Snapshot(_)) => return None,
+                Some(at) => read.push((s.name.clone(), MinPosition::At(at))),
+                None => {}
             }
         }
         Some((worst, read))

@@ -122,7 +122,7 @@ enum Command {
         admin: AdminArgs,
     },
     /// Asks the running fabric to read a table of a source again while the
-    /// source streams (a postgres_cdc source; done by itself after a schema
+    /// source streams (postgres_cdc or mysql_binlog; done by itself after a schema
     /// change): every row then has the table's shape now. Progress shows on
     /// the status page and in ListSources.
     Resync {

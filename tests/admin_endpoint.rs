@@ -163,7 +163,10 @@ async fn only_admins_plan_and_reload_and_no_web_page_can() {
     assert_eq!(code, 403, "{said}");
     let (code, said) = send(resync("/sources/resync?source=crm&table=customers"), &ops).await;
     assert_eq!(code, 400, "{said}");
-    assert!(said.contains("only postgres_cdc"), "{said}");
+    assert!(
+        said.contains("only postgres_cdc and mysql_binlog"),
+        "{said}"
+    );
     let (code, said) = send(resync("/sources/resync?source=nope&table=customers"), &ops).await;
     assert_eq!(code, 404, "{said}");
 

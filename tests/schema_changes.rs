@@ -20,6 +20,9 @@ const OWNERS: i64 = 40;
 /// Every row of every owner, as the database has it: owner → id → column →
 /// text (NULL as "null").
 async fn at_source(url: &str) -> BTreeMap<i64, BTreeMap<i64, BTreeMap<String, String>>> {
+    if url.starts_with("mysql://") {
+        return at_mariadb(url).await;
+    }
     let mut c = sqlx::PgConnection::connect(url).await.unwrap();
     let columns: Vec<String> = sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns
@@ -45,6 +48,40 @@ async fn at_source(url: &str) -> BTreeMap<i64, BTreeMap<i64, BTreeMap<String, St
             .iter()
             .enumerate()
             .map(|(i, c)| (c.clone(), r.get::<String, _>(i)))
+            .collect();
+        let owner = row["owner"].parse().unwrap();
+        let id = row["id"].parse().unwrap();
+        out.entry(owner).or_default().insert(id, row);
+    }
+    out
+}
+
+/// [`at_source`] of a MariaDB database.
+async fn at_mariadb(url: &str) -> BTreeMap<i64, BTreeMap<i64, BTreeMap<String, String>>> {
+    use mysql_async::prelude::*;
+    let mut c = mysql_async::Conn::from_url(url).await.unwrap();
+    let columns: Vec<String> = c
+        .query(
+            "SELECT column_name FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = 'items' ORDER BY ordinal_position",
+        )
+        .await
+        .unwrap();
+    let select = columns
+        .iter()
+        .map(|c| format!("COALESCE(CAST(`{c}` AS CHAR), 'null')"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows: Vec<mysql_async::Row> = c
+        .query(format!("SELECT {select} FROM items"))
+        .await
+        .unwrap();
+    let mut out: BTreeMap<i64, BTreeMap<i64, BTreeMap<String, String>>> = BTreeMap::new();
+    for r in rows {
+        let row: BTreeMap<String, String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), r.get::<String, usize>(i).unwrap()))
             .collect();
         let owner = row["owner"].parse().unwrap();
         let id = row["id"].parse().unwrap();
@@ -318,4 +355,150 @@ delete_with_root = false
     .await;
     assert!(fabric.terminate());
     pg_drop_db(&db, &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_columns_added_renamed_widened_and_dropped_reach_every_row() {
+    use mysql_async::prelude::*;
+    let db = unique("fab_ddl_my");
+    let base = mysql_url();
+    let mut m = mysql_async::Conn::from_url(base.clone()).await.unwrap();
+    m.query_drop(format!("CREATE DATABASE {db}")).await.unwrap();
+    m.query_drop(format!("USE {db}")).await.unwrap();
+    m.query_drop(
+        "CREATE TABLE items (id BIGINT PRIMARY KEY, owner BIGINT NOT NULL, name VARCHAR(100), \
+         price DECIMAL(10,2), legacy VARCHAR(10))",
+    )
+    .await
+    .unwrap();
+    m.query_drop(format!(
+        "INSERT INTO items SELECT seq, 1 + seq % {OWNERS}, CONCAT('item ', seq), seq * 0.25, 'old' \
+         FROM seq_1_to_{ROWS}"
+    ))
+    .await
+    .unwrap();
+    let url = format!("{base}/{db}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+grpc_addr = "127.0.0.1:{}"
+admin_addr = "127.0.0.1:{}"
+[snapshot]
+dir = "{d}/snapshots"
+interval = "1s"
+[dlq]
+file = "{d}/dlq.jsonl"
+[[sources]]
+name = "shop"
+kind = "mysql_binlog"
+url = "{base}"
+tables = ["{db}.items"]
+[[entities]]
+name = "owner"
+delete_with_root = false
+  [[entities.tables]]
+  name = "items"
+  source = "shop"
+  from = "{db}.items"
+  id_column = "owner"
+  primary_key = ["id"]
+"#,
+            free_port(),
+            free_port(),
+            d = dir.path().display()
+        ),
+    );
+    let mut fabric = FabricProcess::start(&cfg, &dir.path().join("fabric.log"));
+    fabric.wait_serving(Duration::from_secs(60)).await;
+    converge(&fabric, &url, "the initial snapshot").await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut c = mysql_async::Conn::from_url(url).await.unwrap();
+            let mut n: i64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let id = 1 + (n * 7919) % ROWS;
+                let sql = match n % 5 {
+                    0 => format!("DELETE FROM items WHERE id = {id}"),
+                    1 => format!(
+                        "INSERT IGNORE INTO items (id, owner, price) VALUES ({}, {}, {n})",
+                        ROWS + n,
+                        1 + n % OWNERS
+                    ),
+                    _ => format!("UPDATE items SET price = price + 1 WHERE id = {id}"),
+                };
+                c.query_drop(sql).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let ddl = [
+        "ALTER TABLE items ADD COLUMN note VARCHAR(20) DEFAULT 'n/a'",
+        "ALTER TABLE items ADD COLUMN grade INT",
+        "ALTER TABLE items RENAME COLUMN name TO title",
+        "ALTER TABLE items MODIFY price DECIMAL(14,4)",
+        "ALTER TABLE items DROP COLUMN legacy",
+    ];
+    for sql in ddl {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        m.query_drop(sql).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = load.await.unwrap();
+    assert!(writes > 100, "the load wrote {writes} times");
+    converge(&fabric, &url, "every row in the new shape").await;
+    assert!(
+        fabric.log_text().contains("the table's shape changed"),
+        "no re-read was started"
+    );
+
+    // By hand: rows changed with the binlog off for the session never
+    // reached the fabric; `fabric resync` brings them.
+    m.query_drop(
+        "SET sql_log_bin = 0; UPDATE items SET title = 'changed unlogged' WHERE id % 10 = 3; \
+         SET sql_log_bin = 1",
+    )
+    .await
+    .unwrap();
+    m.query_drop("INSERT INTO items (id, owner, title) VALUES (999999, 2, 'marker')")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "a row written after", || async {
+        in_fabric(&fabric, 2)
+            .await
+            .contains_key(&999_999)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        difference(&fabric, &url).await.is_some(),
+        "the rows changed with the binlog off reached the fabric anyway"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args(["resync", "shop", &format!("{db}.items"), "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    converge(
+        &fabric,
+        &url,
+        "the rows changed with the binlog off, re-read",
+    )
+    .await;
+    assert!(fabric.terminate());
+    m.query_drop(format!("DROP DATABASE {db}")).await.unwrap();
 }

@@ -392,11 +392,14 @@ async fn source_resync(
             format!("no source named {:?}\n", q.source),
         );
     };
-    if cfg.kind != crate::config::SourceKind::PostgresCdc {
+    if !matches!(
+        cfg.kind,
+        crate::config::SourceKind::PostgresCdc | crate::config::SourceKind::MysqlBinlog
+    ) {
         return (
             StatusCode::BAD_REQUEST,
             format!(
-                "source {} is {}: only postgres_cdc sources re-read a table while they stream \
+                "source {} is {}: only postgres_cdc and mysql_binlog sources re-read a table while they stream \
                  (docs/sources.md, \"Schema changes\")\n",
                 cfg.name,
                 cfg.kind.as_str()
@@ -404,7 +407,7 @@ async fn source_resync(
         );
     }
     let qualified = |t: &str| {
-        if t.contains('.') {
+        if t.contains('.') || cfg.kind != crate::config::SourceKind::PostgresCdc {
             t.to_string()
         } else {
             format!("public.{t}")

@@ -594,26 +594,7 @@ impl MysqlBinlogSource {
     ) -> Result<Option<Start>, SourceError> {
         ctx.status.set_state("snapshotting");
         let ext = self.ext("read the initial snapshot");
-        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            .await
-            .map_err(&ext)?;
-        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            .await
-            .map_err(&ext)?;
-        let status: Vec<(String, String)> = conn
-            .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
-            .await
-            .map_err(&ext)?;
-        let var = |n: &str| {
-            status
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
-        let (Some(file), Some(pos)) = (
-            var("binlog_snapshot_file").filter(|f| !f.is_empty()),
-            var("binlog_snapshot_position").and_then(|p| p.parse::<u64>().ok()),
-        ) else {
+        let Some((file, pos)) = consistent_snapshot(conn, &ext).await? else {
             return Err(self.config_err(format!(
                 "{} does not report binlog_snapshot_file/binlog_snapshot_position (MariaDB does): \
                  the initial snapshot cannot be matched to a binlog position; set initial_snapshot = false",
@@ -779,9 +760,23 @@ impl MysqlBinlogSource {
         let mut meta_conn: Option<Conn> = None;
         let mut last_event = Instant::now();
         let mut last_progress = Instant::now();
+        let mut resync = Resync::new(ctx.status.clone());
+        resync.asked(&ctx.status.take_resyncs());
         loop {
+            // A table being re-read: its next chunk, read between two events
+            // (docs/sources.md, "Schema changes").
+            if resync.wants_chunk() {
+                self.read_chunk(ctx, &mut resync).await?;
+            }
+            if !self.hand_chunk(ctx, &mut st, &mut resync).await? {
+                break;
+            }
             let next = tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
+                _ = ctx.status.resync_asked.notified() => {
+                    resync.asked(&ctx.status.take_resyncs());
+                    continue;
+                }
                 // mysql_common unwraps a short read when a packet is shorter
                 // than its event header says: a panic there is an error of
                 // this stream (the source reconnects), not a dead task.
@@ -836,7 +831,16 @@ impl MysqlBinlogSource {
             };
             last_event = Instant::now();
             let done = self.handle(ctx, &mut st, &event, &mut meta_conn).await?;
-            if let Some(txn) = done {
+            if !st.altered.is_empty() {
+                let altered = std::mem::take(&mut st.altered);
+                for t in &altered {
+                    tracing::info!(table = %t, "the table's shape changed: its rows are read again while it streams");
+                }
+                resync.asked(&altered);
+            }
+            if let Some(mut txn) = done {
+                // A chunk due here goes with the group that reached its point.
+                resync.merge(ctx, &st, &mut txn);
                 if !ctx
                     .deliver(txn.position, txn.commit_micros, txn.changes)
                     .await?
@@ -888,8 +892,11 @@ impl MysqlBinlogSource {
         let header = event.header();
         let end = u64::from(header.log_pos());
         let ts = i64::from(header.timestamp()) * 1_000_000;
-        if end > 0 && !st.reached {
-            st.reached = binlog_reached(&st.file, end, &st.server_end);
+        if end > 0 {
+            st.pos = end;
+            if !st.reached {
+                st.reached = binlog_reached(&st.file, end, &st.server_end);
+            }
         }
         if ts > 0 {
             // Reading what was just written is being caught up, even while
@@ -944,6 +951,7 @@ impl MysqlBinlogSource {
                     name = &name[..name.len().saturating_sub(4)];
                 }
                 st.file = String::from_utf8_lossy(name).into_owned();
+                st.pos = r.position();
                 // Groups do not span files and repeat their table maps:
                 // forgetting them keeps the map small.
                 if end != 0 {
@@ -981,6 +989,10 @@ impl MysqlBinlogSource {
                         {
                             let change = RowChange::truncate(&t.configured);
                             st.txn.get_or_insert_with(Txn::default).changes.push(change);
+                        } else if let Some((db, table)) = altered_table(&sql, &q.schema())
+                            && let Some(t) = st.catalog.get(&db, &table)
+                        {
+                            st.altered.push(t.configured.clone());
                         } else if is_dml(&word)
                             && let Some(t) = st.catalog.mentioned_in(&sql)
                         {
@@ -1085,6 +1097,279 @@ impl MysqlBinlogSource {
     }
 }
 
+/// Starts a `START TRANSACTION WITH CONSISTENT SNAPSHOT` on `conn` and
+/// returns the binlog point it holds exactly (MariaDB's
+/// `binlog_snapshot_file` / `binlog_snapshot_position`); `None` on a server
+/// without them (MySQL).
+async fn consistent_snapshot(
+    conn: &mut Conn,
+    ext: &impl Fn(mysql_async::Error) -> SourceError,
+) -> Result<Option<(String, u64)>, SourceError> {
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(ext)?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .map_err(ext)?;
+    let status: Vec<(String, String)> = conn
+        .query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(ext)?;
+    let var = |n: &str| {
+        status
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    Ok(var("binlog_snapshot_file")
+        .filter(|f| !f.is_empty())
+        .zip(var("binlog_snapshot_position").and_then(|p| p.parse::<u64>().ok())))
+}
+
+/// Rows per chunk of a table's re-read.
+const RESYNC_CHUNK_ROWS: usize = 2_000;
+
+/// Configured tables read again while the binlog streams (after an `ALTER
+/// TABLE` of one, or `fabric resync`), so that every row gets the table's
+/// shape now. One chunk at a time, read between two events in a `START
+/// TRANSACTION WITH CONSISTENT SNAPSHOT` whose `binlog_snapshot_file` /
+/// `binlog_snapshot_position` say exactly which groups it holds: those
+/// ending at or before that point. The chunk is handed on where the stream
+/// reaches the point: after the group ending there, before the first group
+/// past it, or on its own between groups. Every group before the point is
+/// then delivered before the chunk, and every group after it after, so no
+/// change is lost or undone, and nothing else has to be tracked.
+struct Resync {
+    status: Arc<super::SourceStatus>,
+    queue: std::collections::VecDeque<String>,
+    active: Option<ResyncTable>,
+    pending: Option<ResyncChunk>,
+}
+
+struct ResyncTable {
+    configured: String,
+    /// The primary key of the last row read.
+    after: Option<Vec<mysql_async::Value>>,
+    rows: u64,
+}
+
+struct ResyncChunk {
+    rows: Vec<RowChange>,
+    /// The binlog point the chunk's snapshot holds exactly.
+    at: (String, u64),
+    done: bool,
+}
+
+impl Resync {
+    fn new(status: Arc<super::SourceStatus>) -> Self {
+        Resync {
+            status,
+            queue: Default::default(),
+            active: None,
+            pending: None,
+        }
+    }
+
+    /// Tables (as configured) to read again: queued, or started over when
+    /// being read now.
+    fn asked(&mut self, tables: &[String]) {
+        for t in tables {
+            match &mut self.active {
+                Some(a) if a.configured == *t => {
+                    a.after = None;
+                    a.rows = 0;
+                    self.pending = None;
+                    tracing::info!(table = %t, "table re-read starts over");
+                }
+                _ if !self.queue.contains(t) => self.queue.push_back(t.clone()),
+                _ => {}
+            }
+        }
+    }
+
+    fn wants_chunk(&self) -> bool {
+        self.pending.is_none() && (self.active.is_some() || !self.queue.is_empty())
+    }
+
+    /// Puts a chunk due at the group just read (`txn`, ending at `st`'s
+    /// position) into it: after its changes when it ends at the chunk's
+    /// point, before them when it ends past it.
+    fn merge(&mut self, ctx: &SourceContext, st: &StreamState, txn: &mut SourceTxn) {
+        let Some(p) = &self.pending else { return };
+        if !binlog_reached(&st.file, st.pos, &p.at) {
+            return;
+        }
+        let p = self.pending.take().expect("pending");
+        let n = p.rows.len();
+        if st.file == p.at.0 && st.pos == p.at.1 {
+            txn.changes.extend(p.rows);
+        } else {
+            let mut rows = p.rows;
+            rows.append(&mut txn.changes);
+            txn.changes = rows;
+        }
+        self.handed(ctx, n, p.done);
+    }
+
+    fn handed(&mut self, ctx: &SourceContext, rows: usize, done: bool) {
+        ctx.status.progress.advance(rows as u64);
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        a.rows += rows as u64;
+        if done {
+            ctx.status.progress.finish();
+            tracing::info!(table = %a.configured, rows = a.rows, "re-read done");
+            self.active = None;
+        }
+    }
+}
+
+impl Drop for Resync {
+    /// The run ends: a table not done yet is read again (from its start)
+    /// by the next run.
+    fn drop(&mut self) {
+        if let Some(a) = &self.active {
+            self.status.request_resync(&a.configured);
+        }
+        for t in &self.queue {
+            self.status.request_resync(t);
+        }
+    }
+}
+
+impl MysqlBinlogSource {
+    /// Reads the next chunk of the table being re-read (starting the next
+    /// table when none is). A table that cannot be read in chunks (no
+    /// primary key; a server without `binlog_snapshot_*`) is given up with
+    /// the reason in `last_error`; a lost connection ends the run.
+    async fn read_chunk(
+        &self,
+        ctx: &SourceContext,
+        resync: &mut Resync,
+    ) -> Result<(), SourceError> {
+        if resync.active.is_none() {
+            let Some(t) = resync.queue.pop_front() else {
+                return Ok(());
+            };
+            tracing::info!(table = %t, "re-reading table while streaming");
+            ctx.status
+                .progress
+                .start(format!("re-read of {t} while streaming"), "rows", None);
+            resync.active = Some(ResyncTable {
+                configured: t,
+                after: None,
+                rows: 0,
+            });
+        }
+        let a = resync.active.as_mut().expect("active");
+        let Some(tref) = self.tables.iter().find(|t| t.configured == a.configured) else {
+            resync.active = None;
+            return Ok(());
+        };
+        match self.chunk(tref, a.after.as_deref()).await {
+            Ok((chunk, last)) => {
+                if let Some(last) = last {
+                    a.after = Some(last);
+                }
+                resync.pending = Some(chunk);
+                Ok(())
+            }
+            Err(e @ SourceError::Config { .. }) => {
+                tracing::error!(error = %e, "table re-read given up");
+                ctx.status.set_error(&e.to_string());
+                ctx.status.progress.abandon();
+                resync.active = None;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One chunk of `t` after the key `after`, in a consistent snapshot,
+    /// with the binlog point it holds; and the key of its last row.
+    async fn chunk(
+        &self,
+        t: &TableRef,
+        after: Option<&[mysql_async::Value]>,
+    ) -> Result<(ResyncChunk, Option<Vec<mysql_async::Value>>), SourceError> {
+        let ext = self.ext("re-read a table");
+        let mut conn = self.connect().await?;
+        let Some((file, pos)) = consistent_snapshot(&mut conn, &ext).await? else {
+            return Err(self.config_err(format!(
+                "{} does not report binlog_snapshot_file/binlog_snapshot_position (MariaDB does): \
+                 table {} cannot be re-read while it streams",
+                self.server, t.configured
+            )));
+        };
+        let meta = self.table_meta(&mut conn, t).await?;
+        if meta.pk.is_empty() {
+            return Err(self.config_err(format!(
+                "table {} has no primary key: it cannot be re-read in chunks while it streams",
+                t.configured
+            )));
+        }
+        let cols: Vec<String> = meta.columns.iter().map(|c| ident(&c.name)).collect();
+        let from = format!("{}.{}", ident(&meta.db), ident(&meta.table));
+        let (sql, params) = page_query(&meta, &cols, &from, RESYNC_CHUNK_ROWS, after, 0);
+        let page: Vec<mysql_async::Row> = conn.exec(sql, params).await.map_err(&ext)?;
+        let _ = conn.query_drop("COMMIT").await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.disconnect()).await;
+        let done = page.len() < RESYNC_CHUNK_ROWS;
+        let mut rows = Vec::with_capacity(page.len());
+        let mut last = None;
+        for r in page {
+            let values = r.unwrap();
+            last = Some(meta.pk.iter().map(|&i| values[i].clone()).collect());
+            match decode_query_row(&meta, &values) {
+                Ok(row) => rows.push(RowChange::read(&meta.configured, row)),
+                Err(reason) => {
+                    tracing::warn!(table = %meta.configured, %reason, "a row of a re-read does not decode; left as it is")
+                }
+            }
+        }
+        Ok((
+            ResyncChunk {
+                rows,
+                at: (file, pos),
+                done,
+            },
+            last,
+        ))
+    }
+
+    /// Hands on a chunk that is due between two groups (the stream idle at
+    /// its point, or past it with only groups of other tables since): with
+    /// the position of skipped groups not sent yet, or else the position of
+    /// the last group sent (the chunk's rows are then a second transaction
+    /// at that position; a position never goes back). `false` when shutdown
+    /// came first.
+    async fn hand_chunk(
+        &self,
+        ctx: &SourceContext,
+        st: &mut StreamState,
+        resync: &mut Resync,
+    ) -> Result<bool, SourceError> {
+        let Some(p) = &resync.pending else {
+            return Ok(true);
+        };
+        if st.txn.is_some() || !binlog_reached(&st.file, st.pos, &p.at) {
+            return Ok(true);
+        }
+        let p = resync.pending.take().expect("pending");
+        let n = p.rows.len();
+        let (position, micros) = st
+            .unsent
+            .take()
+            .unwrap_or_else(|| (st.position(), now_micros()));
+        if !ctx.deliver(position, micros, p.rows).await? {
+            return Ok(false);
+        }
+        resync.handed(ctx, n, p.done);
+        Ok(true)
+    }
+}
+
 #[async_trait::async_trait]
 impl Source for MysqlBinlogSource {
     #[tracing::instrument(skip_all, fields(source = %ctx.name))]
@@ -1164,6 +1449,10 @@ struct StreamState {
     last: Position,
     checksum: bool,
     fde_seen: bool,
+    /// The end of the last event read in `file` (0 before the first).
+    pos: u64,
+    /// Configured tables an `ALTER TABLE` just changed.
+    altered: Vec<String>,
     /// The server's binlog file and position when the stream connected.
     server_end: (String, u64),
     /// The stream has got there (or a heartbeat said it is at the end).
@@ -1190,6 +1479,8 @@ impl StreamState {
             checksum,
             fde_seen: false,
             server_end: (String::new(), 0),
+            pos: start.pos,
+            altered: Vec::new(),
             reached: true,
         }
     }
@@ -2083,6 +2374,43 @@ fn truncated_table(sql: &str, default_db: &str) -> Option<(String, String)> {
     }
 }
 
+/// The table an `ALTER [ONLINE] [IGNORE] TABLE [IF EXISTS] [db.]table …`
+/// statement changes.
+fn altered_table(sql: &str, default_db: &str) -> Option<(String, String)> {
+    let mut rest = skip_comments(sql);
+    let word = |rest: &mut &str, w: &str| -> bool {
+        match rest.split_at_checked(w.len()) {
+            Some((head, tail))
+                if head.eq_ignore_ascii_case(w) && tail.starts_with(char::is_whitespace) =>
+            {
+                *rest = tail.trim_start();
+                true
+            }
+            _ => false,
+        }
+    };
+    if !word(&mut rest, "alter") {
+        return None;
+    }
+    word(&mut rest, "online");
+    word(&mut rest, "ignore");
+    if !word(&mut rest, "table") {
+        return None;
+    }
+    if word(&mut rest, "if") && !word(&mut rest, "exists") {
+        return None;
+    }
+    let (first, rest) = identifier(rest)?;
+    match rest.trim_start().strip_prefix('.') {
+        Some(r) => {
+            let (second, _) = identifier(r.trim_start())?;
+            Some((first, second))
+        }
+        None if !default_db.is_empty() => Some((default_db.to_string(), first)),
+        None => None,
+    }
+}
+
 /// A bare or back-quoted identifier at the start of `s`, and the rest.
 fn identifier(s: &str) -> Option<(String, &str)> {
     if let Some(body) = s.strip_prefix('`') {
@@ -2197,6 +2525,23 @@ mod tests {
         assert_eq!(t("truncated"), None);
         assert_eq!(t("INSERT INTO t VALUES (1)"), None);
         assert_eq!(truncated_table("TRUNCATE t", ""), None);
+        let a = |s: &str| altered_table(s, "shop");
+        assert_eq!(
+            a("ALTER TABLE items ADD COLUMN note text"),
+            Some(("shop".into(), "items".into()))
+        );
+        assert_eq!(
+            a("/* c */ alter online ignore table if exists `billing`.`in``v` drop x"),
+            Some(("billing".into(), "in`v".into()))
+        );
+        assert_eq!(
+            a("ALTER TABLE billing . x RENAME COLUMN a TO b"),
+            Some(("billing".into(), "x".into()))
+        );
+        assert_eq!(a("ALTER DATABASE shop CHARACTER SET utf8mb4"), None);
+        assert_eq!(a("ALTER TABLE IF x"), None);
+        assert_eq!(a("ALTERED TABLE t"), None);
+        assert_eq!(altered_table("ALTER TABLE t ADD c int", ""), None);
     }
 
     #[test]

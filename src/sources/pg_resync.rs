@@ -8,9 +8,10 @@
 //! handed on *inside* the stream, at a point where it is exact:
 //!
 //! - Its transaction's snapshot (`txid_current_snapshot()`) says which
-//!   transactions the chunk sees. After the read, a non-transactional logical
-//!   message (`pg_logical_emit_message`) marks the WAL: every transaction the
-//!   snapshot sees committed before that mark (its `high` LSN).
+//!   transactions the chunk sees. After the read, in the same transaction, a
+//!   logical message (`pg_logical_emit_message`) marks the WAL: every
+//!   transaction the snapshot sees committed before that mark (its `high`
+//!   LSN), and a TRUNCATE waiting for the read's lock commits after it.
 //! - The chunk waits until the stream reaches `high` (a commit at or past
 //!   it, or a keepalive between transactions; the message itself makes the
 //!   server send one). By then the stream has delivered every transaction
@@ -26,7 +27,9 @@
 //! This is the watermark algorithm of DBLog and Debezium's incremental
 //! snapshots, with the snapshot's own transaction list in place of a
 //! watermark table: nothing is written to the source but one WAL message per
-//! chunk. A resync in progress is kept per source across reconnects (it
+//! chunk. Rows that do not decode are dead-lettered, as in the initial
+//! snapshot. A re-read only writes rows that exist: a row deleted behind the
+//! fabric's back (with the table out of the publication) stays. A resync in progress is kept per source across reconnects (it
 //! starts that table over); a process restart forgets it, and the first
 //! relation message that differs from the catalog asks for it again.
 
@@ -84,6 +87,8 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Chunk {
     pub rows: Vec<Row>,
+    /// Rows that did not decode: (reason, the row as read).
+    pub dead: Vec<(String, String)>,
     pub pk: Vec<String>,
     pub snapshot: Snapshot,
     pub high: u64,
@@ -100,9 +105,12 @@ struct Active {
     after: Option<Vec<String>>,
     read: Option<JoinHandle<Result<Chunk, SourceError>>>,
     chunk: Option<Chunk>,
-    /// Rows of the table changed by streamed transactions since the current
-    /// chunk's read began: (transaction id, before, after).
-    touched: Vec<(u32, Option<Row>, Option<Row>)>,
+    /// Changes of the table by streamed transactions that the last chunk's
+    /// snapshot did not see (or since the re-read began): (transaction id,
+    /// a truncate?, before, after). Kept until a chunk's snapshot sees the
+    /// transaction: one streamed before a chunk's read may still be unseen
+    /// by its snapshot (its commit is flushed before other sessions see it).
+    touched: Vec<(u32, bool, Option<Row>, Option<Row>)>,
     rows: u64,
 }
 
@@ -120,8 +128,12 @@ pub struct Resyncs {
 /// What happened to a chunk handed on, for the caller's progress report.
 pub struct Handed {
     pub table: String,
+    /// The table as configured, for dead letters.
+    pub configured: String,
     pub rows: usize,
     pub done: bool,
+    /// Rows of the chunk that did not decode: (reason, the row as read).
+    pub dead: Vec<(String, String)>,
 }
 
 impl Resyncs {
@@ -153,7 +165,6 @@ impl Resyncs {
             a.chunk = None;
             a.after = None;
             a.rows = 0;
-            a.touched.clear();
             tracing::info!(source = %self.source, table = qualified, "table re-read starts over");
             return;
         }
@@ -198,7 +209,6 @@ impl Resyncs {
         }
         let a = self.active.as_mut().expect("active");
         if a.read.is_none() && a.chunk.is_none() {
-            a.touched.clear();
             a.read = Some(tokio::spawn(read_chunk(
                 self.source.clone(),
                 self.options.clone(),
@@ -236,16 +246,18 @@ impl Resyncs {
     }
 
     /// Notes the changes of a streamed transaction `xid` to the table being
-    /// read, while a chunk is read or waits.
+    /// read.
     pub fn note(&mut self, xid: u32, changes: &[RowChange]) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        if a.read.is_none() && a.chunk.is_none() {
-            return;
-        }
         for c in changes.iter().filter(|c| c.table == a.configured) {
-            a.touched.push((xid, c.before.clone(), c.after.clone()));
+            a.touched.push((
+                xid,
+                c.op == crate::event::Op::Truncate,
+                c.before.clone(),
+                c.after.clone(),
+            ));
         }
     }
 
@@ -267,13 +279,23 @@ impl Resyncs {
                 .map(|c| row.get(c).map(|v| format!("{v:?}")))
                 .collect()
         };
+        // What the snapshot saw is in the chunk; what it did not see is
+        // newer than the chunk, and kept for the next one.
+        a.touched
+            .retain(|(xid, _, _, _)| !chunk.snapshot.sees(*xid));
+        if a.touched.iter().any(|(_, truncate, _, _)| *truncate) {
+            // Emptied after the chunk's snapshot: its rows are gone. The
+            // same stretch is read again.
+            a.touched.retain(|(_, truncate, _, _)| !*truncate);
+            tracing::debug!(source = %self.source, table = %a.qualified, "a chunk overtaken by a truncate is read again");
+            return None;
+        }
         let newer: HashSet<Vec<String>> = a
             .touched
-            .drain(..)
-            .filter(|(xid, _, _)| !chunk.snapshot.sees(*xid))
-            .flat_map(|(_, b, f)| [b, f])
+            .iter()
+            .flat_map(|(_, _, b, f)| [b, f])
             .flatten()
-            .filter_map(|r| key(&r))
+            .filter_map(key)
             .collect();
         let changes: Vec<RowChange> = chunk
             .rows
@@ -293,8 +315,10 @@ impl Resyncs {
         a.rows += changes.len() as u64;
         let handed = Handed {
             table: a.qualified.clone(),
+            configured: a.configured.clone(),
             rows: changes.len(),
             done: chunk.done,
+            dead: chunk.dead,
         };
         if chunk.done {
             tracing::info!(source = %self.source, table = %a.qualified, rows = a.rows, "table re-read");
@@ -339,7 +363,12 @@ async fn read_chunk(
         .map_err(ext("connect to re-read a table"))?;
     let rel = super::postgres_cdc::quote_qualified(&qualified);
     let mut tx = conn.begin().await.map_err(ext("re-read a table"))?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .map_err(ext("re-read a table"))?;
+    // The mark below commits with this transaction, flushed at once.
+    sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await
         .map_err(ext("re-read a table"))?;
@@ -360,6 +389,7 @@ async fn read_chunk(
         "SELECT a.attname::text, a.atttypid::int8, format_type(a.atttypid, a.atttypmod)
          FROM pg_attribute a
          WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
          ORDER BY a.attnum",
     )
     .bind(&rel)
@@ -429,23 +459,25 @@ async fn read_chunk(
         q = q.bind(v);
     }
     let mut rows = Vec::new();
+    let mut dead = Vec::new();
     let mut last = None;
     {
         let mut stream = q.fetch(&mut *tx);
         while let Some(r) = stream.try_next().await.map_err(ext("re-read a table"))? {
             let mut row = Row::new();
+            let mut bad = None;
             for (i, (name, oid, _)) in columns.iter().enumerate() {
                 let text: Option<String> = r.try_get(i).map_err(ext("re-read a table"))?;
                 let base = domains.get(oid).copied().unwrap_or(*oid);
                 let v = match text {
                     None => Value::Null,
-                    Some(s) => pgoutput::value(base, &s).map_err(|e| {
-                        SourceError::external(
-                            &source,
-                            "re-read a table",
-                            format!("{qualified}.{name}: {e}"),
-                        )
-                    })?,
+                    Some(s) => match pgoutput::value(base, &s) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            bad = Some(format!("{qualified}.{name}: {e}"));
+                            break;
+                        }
+                    },
                 };
                 row.insert(name.clone(), v);
             }
@@ -454,22 +486,46 @@ async fn read_chunk(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ext("re-read a table"))?;
             last = Some(key);
-            rows.push(row);
+            match bad {
+                // As the initial snapshot does: kept aside, the read goes on.
+                Some(reason) => dead.push((reason, format!("{row:?}"))),
+                None => rows.push(row),
+            }
         }
     }
-    tx.commit().await.map_err(ext("re-read a table"))?;
-    // Every transaction the snapshot sees committed before this mark; the
-    // message also moves the WAL, so an idle server sends a keepalive past it.
-    let high: String = sqlx::query_scalar(
-        "SELECT pg_logical_emit_message(false, 'entity-fabric', 'resync')::text",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(ext("mark the WAL after a chunk (pg_logical_emit_message)"))?;
+    // Every transaction the snapshot sees committed before this mark. It is
+    // written inside the read's transaction, which holds its lock on the
+    // table until it commits: a TRUNCATE waiting for it commits after the
+    // mark. Its commit (flushed at once) moves the WAL, so an idle server
+    // sends a keepalive past it.
+    let high: String =
+        sqlx::query_scalar("SELECT pg_logical_emit_message(true, 'entity-fabric', 'resync')::text")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                let code = e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .map(|c| c.to_string());
+                let reason = format!("pg_logical_emit_message: {e}");
+                match code.as_deref() {
+                    // A standby (read only) or a user not allowed: asking again
+                    // does not help.
+                    Some("25006") | Some("42501") => SourceError::Config {
+                        source_name: source.clone(),
+                        reason: format!(
+                            "table {qualified} cannot be re-read while it streams: {reason}"
+                        ),
+                    },
+                    _ => SourceError::external(&source, "mark the WAL after a chunk", reason),
+                }
+            })?;
     let high = crate::event::position::parse_lsn(&high).unwrap_or(u64::MAX);
+    tx.commit().await.map_err(ext("re-read a table"))?;
     let _ = conn.close().await;
     Ok(Chunk {
-        done: rows.len() < CHUNK_ROWS,
+        done: rows.len() + dead.len() < CHUNK_ROWS,
+        dead,
         rows,
         pk,
         snapshot,

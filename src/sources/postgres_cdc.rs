@@ -235,6 +235,7 @@ impl PostgresCdcSource {
                  JOIN pg_type t ON t.oid = a.atttypid
                  LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
                  WHERE a.attrelid = ($1 || '.' || $2)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attgenerated = ''
                  ORDER BY a.attnum",
             )
             .bind(format!("\"{}\"", schema.replace('"', "\"\"")))
@@ -587,6 +588,9 @@ impl PostgresCdcSource {
         // keepalive comes between transactions (the server sends one when it
         // has nothing more to send), until the next transaction begins.
         let mut reached = server_end <= start;
+        // Nothing was there to read when it connected: caught up now (an
+        // idle server may send no keepalive for a long while).
+        ctx.status.set_caught_up(reached);
         let asked = |resyncs: &mut pg_resync::Resyncs| {
             for t in ctx.status.take_resyncs() {
                 match configured_of(&t) {
@@ -919,7 +923,12 @@ impl Source for PostgresCdcSource {
 
 /// A chunk of a table's re-read was handed on: its progress.
 fn report(ctx: &SourceContext, handed: pg_resync::Handed) {
-    ctx.status.progress.advance(handed.rows as u64);
+    for (reason, raw) in &handed.dead {
+        ctx.dead_letter(&handed.configured, reason, raw);
+    }
+    ctx.status
+        .progress
+        .advance((handed.rows + handed.dead.len()) as u64);
     if handed.done {
         ctx.status.progress.finish();
         tracing::info!(table = %handed.table, "re-read done");
