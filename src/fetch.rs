@@ -232,15 +232,17 @@ impl Fetcher {
         let young = match self.staleness(fabric, plan, key) {
             Some((age, read)) if age <= limit => {
                 // As young as its sources once memory holds what they read:
-                // wait for that within what is left of the bound, else read
-                // the sources.
+                // wait for that within what is left of the bound, and no
+                // longer than a read waits for positions
+                // (`server.min_position_wait`), else read the sources.
+                let within = (limit - age).min(fabric.config().min_position_wait());
                 read.is_empty()
                     || held.is_none()
                     || crate::freshness::wait(
                         fabric,
                         &read,
                         key.partition(fabric.bus.partitions()),
-                        std::time::Instant::now() + (limit - age),
+                        std::time::Instant::now() + within,
                     )
                     .await
                     .is_ok()
