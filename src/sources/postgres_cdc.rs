@@ -83,10 +83,9 @@ pub struct PostgresCdcSource {
 struct TableInfo {
     configured: String,
     qualified: String,
-    columns: Vec<(String, u32)>,
-    /// Names, types (a domain as its base) and type modifiers, as a
-    /// relation message describes them.
-    shape: Vec<(String, u32, i32)>,
+    /// Its columns: names, types (a domain as its base) and type
+    /// modifiers, as a relation message describes them.
+    columns: Vec<(String, u32, i32)>,
 }
 
 impl PostgresCdcSource {
@@ -244,7 +243,6 @@ impl PostgresCdcSource {
             .await
             .map_err(self.ext("read the columns"))?;
             let mut columns = Vec::with_capacity(rows.len());
-            let mut shape = Vec::with_capacity(rows.len());
             for r in rows {
                 let name: String = r.get(0);
                 let oid = r.get::<i64, _>(1) as u32;
@@ -260,14 +258,12 @@ impl PostgresCdcSource {
                         "column {qualified}.{name} has type {sql_type}, which the fabric does not map to a value type; set unmapped_types = \"text\" on the source to carry such columns as their text"
                     )));
                 }
-                shape.push((name.clone(), base, r.get::<i32, _>(6)));
-                columns.push((name, base));
+                columns.push((name, base, r.get::<i32, _>(6)));
             }
             infos.push(TableInfo {
                 configured: configured.clone(),
                 qualified: qualified.clone(),
                 columns,
-                shape,
             });
         }
         self.ensure_publication(conn).await?;
@@ -483,7 +479,7 @@ impl PostgresCdcSource {
             let cols = t
                 .columns
                 .iter()
-                .map(|(c, _)| format!("\"{}\"::text", c.replace('"', "\"\"")))
+                .map(|(c, _, _)| format!("\"{}\"::text", c.replace('"', "\"\"")))
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!("SELECT {cols} FROM {}", quote_qualified(&t.qualified));
@@ -491,7 +487,7 @@ impl PostgresCdcSource {
             while let Some(r) = stream.try_next().await.map_err(&ext)? {
                 let mut row = Row::new();
                 let mut bad = None;
-                for (i, (name, oid)) in t.columns.iter().enumerate() {
+                for (i, (name, oid, _)) in t.columns.iter().enumerate() {
                     let text: Option<String> = r.try_get(i).map_err(&ext)?;
                     let v = match text {
                         None => crate::event::Value::Null,
@@ -566,7 +562,7 @@ impl PostgresCdcSource {
         // then relation messages): a change of it re-reads the table.
         let mut shapes: HashMap<String, Vec<(String, u32, i32)>> = tables
             .iter()
-            .map(|t| (t.qualified.clone(), t.shape.clone()))
+            .map(|t| (t.qualified.clone(), t.columns.clone()))
             .collect();
         let mut resyncs = pg_resync::Resyncs::new(
             &self.name,
