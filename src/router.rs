@@ -352,6 +352,40 @@ impl Router {
         self.learn_links(&all);
     }
 
+    /// Forgets everything the index holds of the tables `sources` route
+    /// (their link rows, their linked rows, and where those were learned),
+    /// and the changes of theirs waiting for a link. Called before a source
+    /// starts in a process of a Kafka fabric that may have routed it before:
+    /// while it ran elsewhere the index here stood still, and what it still
+    /// held (a payment since deleted, still listed under its invoice) would
+    /// come back with the next move of its link row. What the restored
+    /// entities hold is then learned anew ([`Router::learn_links`]). The
+    /// tables of other sources, still routed here, keep their entries.
+    pub fn forget_links_of(&mut self, sources: &[Arc<str>]) {
+        let tables: HashSet<(Arc<str>, Arc<str>)> = sources
+            .iter()
+            .filter_map(|s| self.routes.get(&**s))
+            .flat_map(|tables| tables.values())
+            .flat_map(|routes| routes.iter())
+            .filter(|r| r.is_link_target || matches!(r.rule, IdRule::Via { .. }))
+            .map(|r| (r.entity_type.clone(), r.table.clone()))
+            .collect();
+        if tables.is_empty() {
+            return;
+        }
+        let ours = |ty: &Arc<str>, table: &Arc<str>| tables.contains(&(ty.clone(), table.clone()));
+        self.links.retain(|(ty, table, _), _| !ours(ty, table));
+        self.orphaned.retain(|(ty, table, _)| !ours(ty, table));
+        self.linked.retain(|(ty, table, _), _| !ours(ty, table));
+        self.children.retain(|(ty, _, _), c| {
+            c.retain(|(table, _)| !ours(ty, table));
+            !c.is_empty()
+        });
+        self.learned_at.retain(|(ty, table, _), _| !ours(ty, table));
+        self.gone.retain(|((ty, table, _), _, _)| !ours(ty, table));
+        self.pending.retain(|p| !sources.contains(&p.source));
+    }
+
     /// Routes by `config` from now on (a live reload): the links learned
     /// stay, and so do changes waiting for one; the checkpoints of
     /// `forget` (sources removed or starting over) go.
@@ -1699,6 +1733,66 @@ name = "customer"
                 t("7", "invoices", Op::Delete, 10),
                 t("7", "payments", Op::Delete, 1),
             ]
+        );
+    }
+
+    /// On Kafka a source may leave a process and come back to it: while it
+    /// ran elsewhere, a payment was deleted. The index this router kept from
+    /// before must not bring the payment back when its invoice moves.
+    #[test]
+    fn a_source_back_from_elsewhere_is_routed_by_what_the_entities_hold_now() {
+        let first = txn(
+            1,
+            vec![
+                insert("invoices", row(&[("id", 10), ("customer_id", 7)])),
+                insert("payments", row(&[("id", 1), ("invoice_id", 10)])),
+            ],
+        );
+        let mut here = router();
+        here.route(first.clone());
+        // Elsewhere: the same transaction, then the payment deleted.
+        let mut elsewhere = router();
+        let store = Store::new(4, &["customer"], 16);
+        apply_all(&store, &elsewhere.route(first.clone()));
+        apply_all(
+            &store,
+            &elsewhere.route(txn(
+                2,
+                vec![RowChange {
+                    table: "payments".into(),
+                    op: Op::Delete,
+                    before: Some(row(&[("id", 1), ("invoice_id", 10)])),
+                    after: None,
+                }],
+            )),
+        );
+        let move_invoice = || {
+            txn(
+                3,
+                vec![update(
+                    "invoices",
+                    None,
+                    row(&[("id", 10), ("customer_id", 8)]),
+                )],
+            )
+        };
+        let moved = vec![
+            t("8", "invoices", Op::Update, 10),
+            t("7", "invoices", Op::Delete, 10),
+        ];
+        // The source comes back here: what the index held goes first.
+        let mut back = router();
+        back.route(first);
+        let billing: Arc<str> = "billing".into();
+        back.forget_links_of(std::slice::from_ref(&billing));
+        back.learn_links_from(&store);
+        assert_eq!(routed(&back.route(move_invoice())), moved);
+        // Learning alone (what the fabric did before) keeps the deleted
+        // payment under its invoice, and the move brings it back.
+        here.learn_links_from(&store);
+        assert!(
+            routed(&here.route(move_invoice())).contains(&t("8", "payments", Op::Update, 1)),
+            "the stale index no longer shows: the test above proves nothing"
         );
     }
 

@@ -476,3 +476,98 @@ async fn with_sqlite_invoices_and_payments_move_and_every_customer_equals_its_so
     );
     assert!(fabric.terminate(), "{}", fabric.log_text());
 }
+
+/// What a process of a Kafka fabric says of source `name` (its state:
+/// "elsewhere" when another process runs it).
+async fn source_state(fabric: &FabricProcess, name: &str) -> Option<String> {
+    use entity_fabric::proto::ListSourcesRequest;
+    use entity_fabric::proto::catalog_service_client::CatalogServiceClient;
+    let mut c = CatalogServiceClient::connect(fabric.grpc.clone())
+        .await
+        .ok()?;
+    let sources = c
+        .list_sources(ListSourcesRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    sources
+        .sources
+        .into_iter()
+        .find(|s| s.name == name)
+        .map(|s| s.state)
+}
+
+/// Waits until `billing` runs on `here` (and not on `there`).
+async fn wait_billing_on(here: &FabricProcess, there: Option<&FabricProcess>) {
+    eventually(WITHIN, "billing to move", || async move {
+        let h = source_state(here, "billing").await?;
+        let t = match there {
+            Some(t) => source_state(t, "billing").await?,
+            None => "elsewhere".into(),
+        };
+        (h != "elsewhere" && h != "starting" && t == "elsewhere").then_some(())
+    })
+    .await;
+}
+
+/// On Kafka a source runs on one process and may move to another and back
+/// (a rebalance, a lease that ran out while a process stalled). Process B
+/// runs billing; process A joins and takes it (its instance id sorts
+/// first); 100 payments are deleted while A routes billing; A stops and
+/// billing comes back to B; then the 100 invoices of those payments move to
+/// another customer. The deleted payments stay deleted. Before the router
+/// forgot what it held of a source's tables when the source came back, B's
+/// index still listed them under their invoices, and the move brought them
+/// back into customer 9: 99 mismatches, "in the fabric, not in the source"
+/// (checked with the forgetting taken out), the symptom of the two-process
+/// chaos test's failures in CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_back_on_a_process_does_not_bring_back_rows_deleted_while_it_was_away() {
+    let brokers = std::env::var("FABRIC_TEST_KAFKA").expect(
+        "FABRIC_TEST_KAFKA is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+    );
+    let dbs = TwoDatabases::create("fab_back").await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("back");
+    let config = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        dbs.config(
+            &d,
+            &format!(
+                "kind = \"kafka\"\npartitions = 4\n[bus.kafka]\nbrokers = \"{brokers}\"\n\
+                 topic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\ninstance_id = \"node-{name}\"\n"
+            ),
+        )
+    };
+    let (cfg_a, cfg_b) = (config("a"), config("b"));
+    let mut b = FabricProcess::start(&cfg_b, &dir.path().join("b.log"));
+    b.wait_serving(WITHIN).await;
+    converge_to(&b, &dbs.expected().await, WITHIN).await;
+
+    let mut a = FabricProcess::start(&cfg_a, &dir.path().join("a.log"));
+    a.wait_serving(WITHIN).await;
+    wait_billing_on(&a, Some(&b)).await;
+    let mut m = mysql_async::Conn::from_url(dbs.my_db()).await.unwrap();
+    m.query_drop("DELETE FROM payments WHERE id <= 100")
+        .await
+        .unwrap();
+    let want = dbs.expected().await;
+    converge_to(&a, &want, WITHIN).await;
+    converge_to(&b, &want, WITHIN).await;
+
+    assert!(a.terminate(), "{}", a.log_text());
+    wait_billing_on(&b, None).await;
+    m.query_drop("UPDATE invoices SET customer_id = 9 WHERE id <= 100")
+        .await
+        .unwrap();
+    let want = dbs.expected().await;
+    assert!(want[&9]["invoices"].len() > 100);
+    converge_to(&b, &want, WITHIN).await;
+    println!(
+        "billing moved to another process and back, 100 payments deleted while away, their invoices moved: {} customers equal to the sources",
+        want.len()
+    );
+    assert!(b.terminate(), "{}", b.log_text());
+    dbs.drop_all().await;
+}

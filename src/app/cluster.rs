@@ -579,7 +579,7 @@ impl Sources {
         }
         self.deferred = None;
         if !new.is_empty() {
-            self.learn_links().await;
+            self.learn_links(&new).await;
             let checkpoints = retrying("read the checkpoints topic", || topic.read()).await;
             for name in new {
                 let Some(src) = self.fabric.source(&name) else {
@@ -639,8 +639,11 @@ impl Sources {
     /// changes topic after it ([`partition_as_of`]: the rows of a link
     /// table may have been routed by another process, and their holder may
     /// not have applied them yet). A child row whose link is unknown would
-    /// wait and be dead-lettered.
-    async fn learn_links(&self) {
+    /// wait and be dead-lettered. What the index held of the tables of
+    /// `starting` goes first: a process that routed them before and lost
+    /// them kept an index that stood still, and a row deleted since would
+    /// come back with the next move of its link row.
+    async fn learn_links(&self, starting: &[Arc<str>]) {
         let Some(st) = self.state_topic.clone() else {
             return;
         };
@@ -648,6 +651,11 @@ impl Sources {
         if !f.config().links_rows() {
             return;
         }
+        // What the index still holds from when these sources last ran here
+        // stood still while they ran elsewhere.
+        let _ = self
+            .router
+            .send(RouterControl::ForgetLinks(starting.to_vec()));
         let mut n = 0;
         for p in 0..f.bus.partitions() {
             if f.partitions[p as usize].owned.load(Ordering::Acquire) {

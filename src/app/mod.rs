@@ -956,6 +956,9 @@ async fn connect_kafka(
 pub enum RouterControl {
     /// Learn the links these entities hold (a partition was restored here).
     LearnLinks(Vec<Arc<crate::store::Entity>>),
+    /// These sources start here (again): forget what the index holds of
+    /// their tables before it learns them anew ([`Router::forget_links_of`]).
+    ForgetLinks(Vec<Arc<str>>),
     /// A source starts here from this checkpoint (the group gave it to
     /// this process): the router's checkpoint of it starts there too.
     Resume(Arc<str>, Option<Position>),
@@ -1083,6 +1086,7 @@ async fn route_loop(
             Some(c) = control.recv() => {
                 match c {
                     RouterControl::LearnLinks(entities) => router.learn_links(&entities),
+                    RouterControl::ForgetLinks(sources) => router.forget_links_of(&sources),
                     RouterControl::Resume(source, position) => {
                         router.resume(&source, position.clone());
                         f.routed.lock().insert(source, position);
