@@ -52,7 +52,7 @@ use crate::event::{
     TableChange, TruncateTable, Value,
 };
 use crate::store::{Pk, Store, StoredRow};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,6 +168,117 @@ struct Pending {
     change: RowChange,
     link: LinkKey,
     seq: u64,
+    /// About what the change takes in memory (its row images).
+    bytes: usize,
+}
+
+/// About the memory of a change's row images.
+fn change_bytes(change: &RowChange) -> usize {
+    let row = |r: &Option<Row>| {
+        r.as_ref().map_or(0, |r| {
+            r.iter()
+                .map(|(k, v)| {
+                    k.len()
+                        + 32
+                        + match v {
+                            Value::Decimal(s) | Value::Text(s) | Value::Json(s) => s.len(),
+                            Value::Bytes(b) => b.len(),
+                            _ => 0,
+                        }
+                })
+                .sum()
+        })
+    };
+    64 + change.table.len() + row(&change.before) + row(&change.after)
+}
+
+/// The changes waiting for a link: in arrival order, by the link each
+/// waits for (so a link arriving costs what waits for it, not the whole
+/// queue), and per source (its count and bytes are bounded apart from
+/// other sources': one source flooding unlinked rows pushes out only its
+/// own).
+#[derive(Default)]
+struct Waiting {
+    all: BTreeMap<u64, Pending>,
+    by_link: HashMap<LinkKey, Vec<u64>>,
+    by_source: HashMap<Arc<str>, (BTreeSet<u64>, usize)>,
+}
+
+impl Waiting {
+    fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    fn push(&mut self, p: Pending) {
+        self.by_link.entry(p.link.clone()).or_default().push(p.seq);
+        let s = self.by_source.entry(p.source.clone()).or_default();
+        s.0.insert(p.seq);
+        s.1 += p.bytes;
+        self.all.insert(p.seq, p);
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Pending> {
+        let p = self.all.remove(&seq)?;
+        if let Some(v) = self.by_link.get_mut(&p.link) {
+            v.retain(|s| *s != seq);
+            if v.is_empty() {
+                self.by_link.remove(&p.link);
+            }
+        }
+        if let Some(s) = self.by_source.get_mut(&p.source) {
+            s.0.remove(&seq);
+            s.1 -= p.bytes;
+            if s.0.is_empty() {
+                self.by_source.remove(&p.source);
+            }
+        }
+        Some(p)
+    }
+
+    /// The oldest waiting change.
+    fn oldest(&self) -> Option<&Pending> {
+        self.all.values().next()
+    }
+
+    /// The oldest waiting change of `source`, and what the source has
+    /// waiting: (count, bytes).
+    fn of_source(&self, source: &str) -> Option<(u64, usize, usize)> {
+        let (seqs, bytes) = self.by_source.get(source)?;
+        Some((*seqs.first()?, seqs.len(), *bytes))
+    }
+
+    /// Takes out the changes waiting for `lk`, oldest first.
+    fn take_link(&mut self, lk: &LinkKey) -> Vec<Pending> {
+        let Some(mut seqs) = self.by_link.remove(lk) else {
+            return Vec::new();
+        };
+        seqs.sort_unstable();
+        seqs.into_iter().filter_map(|s| self.remove(s)).collect()
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Pending) -> bool) {
+        let gone: Vec<u64> = self
+            .all
+            .values()
+            .filter(|p| !keep(p))
+            .map(|p| p.seq)
+            .collect();
+        for s in gone {
+            self.remove(s);
+        }
+    }
+
+    /// Per source with changes waiting, the checkpoint before its oldest.
+    fn held_checkpoints(&self) -> impl Iterator<Item = (&Arc<str>, &Option<Position>)> {
+        self.by_source.iter().filter_map(|(source, (seqs, _))| {
+            let p = self.all.get(seqs.first()?)?;
+            Some((source, &p.checkpoint_before))
+        })
+    }
 }
 
 type LinkKey = (Arc<str>, Arc<str>, String);
@@ -262,17 +373,44 @@ pub struct Router {
     /// change read again must not bring them back into the index) until
     /// the source no longer sends anything that old ([`Router::prune`]).
     gone: VecDeque<(LinkedKey, Arc<str>, Position)>,
-    pending: VecDeque<Pending>,
+    pending: Waiting,
     next_seq: u64,
+    /// Per source, at most this many changes and bytes wait for links.
     pending_max: usize,
+    pending_max_bytes: usize,
     pending_timeout: Duration,
     /// Per source: the position of the last routed transaction.
     routed: BTreeMap<Arc<str>, Position>,
+    /// (source, source table, column) a view of some entity type masks:
+    /// redacted in the dead letters the router writes.
+    masked: HashSet<(String, String, String)>,
 }
 
 /// `main.customers` and `customers` name the same SQLite table.
 fn norm(table: &str) -> &str {
     table.strip_prefix("main.").unwrap_or(table)
+}
+
+/// (source, source table, column) of every column a view masks.
+fn masked_of(config: &Config) -> HashSet<(String, String, String)> {
+    let mut out = HashSet::new();
+    for e in &config.entities {
+        for v in e.views.values() {
+            for key in v.mask.keys() {
+                let Some((table, column)) = key.split_once('.') else {
+                    continue;
+                };
+                for t in e.tables.iter().filter(|t| t.name == table) {
+                    out.insert((
+                        t.source.clone(),
+                        norm(&t.from).to_string(),
+                        column.to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Per source and source table, where its rows go.
@@ -329,9 +467,11 @@ impl Router {
             orphaned: HashSet::new(),
             learned_at: BTreeMap::new(),
             gone: VecDeque::new(),
-            pending: VecDeque::new(),
+            pending: Waiting::default(),
+            masked: masked_of(config),
             next_seq: 0,
             pending_max: config.router.pending_max,
+            pending_max_bytes: config.router.pending_max_bytes,
             pending_timeout: config.pending_timeout(),
             routed: config
                 .sources
@@ -350,6 +490,16 @@ impl Router {
         let mut all = Vec::new();
         store.for_each(|e| all.push(e.clone()));
         self.learn_links(&all);
+    }
+
+    /// `change` of `source` as a dead letter shows it (masked columns
+    /// redacted).
+    fn raw(&self, source: &str, change: &RowChange) -> String {
+        let table = norm(&change.table);
+        raw_of(change, |column| {
+            self.masked
+                .contains(&(source.to_string(), table.to_string(), column.to_string()))
+        })
     }
 
     /// Forgets everything the index holds of the tables `sources` route
@@ -391,6 +541,7 @@ impl Router {
     /// `forget` (sources removed or starting over) go.
     pub fn reconfigure(&mut self, config: &Config, forget: &[Arc<str>]) {
         self.routes = routes_of(config);
+        self.masked = masked_of(config);
         for s in forget {
             self.routed.remove(s);
         }
@@ -585,11 +736,8 @@ impl Router {
             .map(|(s, p)| (s.clone(), Some(p.clone())))
             .collect();
         // The oldest waiting change of each source holds its checkpoint back.
-        let mut held = std::collections::HashSet::new();
-        for p in &self.pending {
-            if held.insert(p.source.clone()) {
-                out.insert(p.source.clone(), p.checkpoint_before.clone());
-            }
+        for (source, before) in self.pending.held_checkpoints() {
+            out.insert(source.clone(), before.clone());
         }
         out
     }
@@ -686,7 +834,7 @@ impl Router {
                         source: txn.source.to_string(),
                         table: change.table.clone(),
                         reason,
-                        raw: raw_of(&change),
+                        raw: self.raw(&txn.source, &change),
                     }),
                 }
             }
@@ -702,11 +850,12 @@ impl Router {
     /// Gives up on changes that waited too long; returns them as dead letters.
     pub fn expire(&mut self, now: Instant) -> Vec<Unroutable> {
         let mut dead = Vec::new();
-        while let Some(p) = self.pending.front() {
+        while let Some(p) = self.pending.oldest() {
             if now.duration_since(p.since) < self.pending_timeout {
                 break;
             }
-            let p = self.pending.pop_front().expect("front exists");
+            let seq = p.seq;
+            let p = self.pending.remove(seq).expect("the oldest exists");
             dead.push(Unroutable {
                 source: p.source.to_string(),
                 table: p.change.table.clone(),
@@ -718,7 +867,7 @@ impl Router {
                     self.pending_timeout,
                     p.route.entity_type
                 ),
-                raw: raw_of(&p.change),
+                raw: self.raw(&p.source, &p.change),
             });
         }
         dead
@@ -733,21 +882,8 @@ impl Router {
         link: LinkKey,
         out: &mut Routed,
     ) {
-        if self.pending.len() >= self.pending_max
-            && let Some(old) = self.pending.pop_front()
-        {
-            out.dead.push(Unroutable {
-                source: old.source.to_string(),
-                table: old.change.table.clone(),
-                reason: format!(
-                    "more than {} changes wait for links (router.pending_max); the oldest, waiting for {}.{} key {:?}, is given up",
-                    self.pending_max, old.route.entity_type, old.link.1, old.link.2
-                ),
-                raw: raw_of(&old.change),
-            });
-        }
         self.next_seq += 1;
-        self.pending.push_back(Pending {
+        self.pending.push(Pending {
             since: Instant::now(),
             source: txn.source.clone(),
             checkpoint_before,
@@ -756,7 +892,32 @@ impl Router {
             change: change.clone(),
             link,
             seq: self.next_seq,
+            bytes: change_bytes(change),
         });
+        // Over its bounds, the source's oldest waiting changes go to the
+        // dead letters (synced before the checkpoint passes them): given
+        // up, never dropped unseen. Other sources' changes stay.
+        while let Some((oldest, count, bytes)) = self.pending.of_source(&txn.source)
+            && (count > self.pending_max || bytes > self.pending_max_bytes)
+        {
+            let old = self.pending.remove(oldest).expect("the oldest exists");
+            out.dead.push(Unroutable {
+                source: old.source.to_string(),
+                table: old.change.table.clone(),
+                reason: format!(
+                    "more than {} changes or {} bytes of source {} wait for links \
+                     (router.pending_max, router.pending_max_bytes); the oldest, waiting for \
+                     {}.{} key {:?}, is given up",
+                    self.pending_max,
+                    self.pending_max_bytes,
+                    old.source,
+                    old.route.entity_type,
+                    old.link.1,
+                    old.link.2
+                ),
+                raw: self.raw(&old.source, &old.change),
+            });
+        }
     }
 
     /// Records the link a link-table row gives, as of position `at` of
@@ -855,18 +1016,7 @@ impl Router {
         if self.pending.is_empty() {
             return (Vec::new(), follow);
         }
-        let mut released = Vec::new();
-        let mut keep = VecDeque::with_capacity(self.pending.len());
-        for p in self.pending.drain(..) {
-            if p.link == lk {
-                released.push(p);
-            } else {
-                keep.push_back(p);
-            }
-        }
-        self.pending = keep;
-        released.sort_by_key(|p| p.seq);
-        (released, follow)
+        (self.pending.take_link(&lk), follow)
     }
 
     /// The rows linked through `lk`, moved to entity `to`: a delete from
@@ -1143,7 +1293,7 @@ impl Router {
                 source: source.to_string(),
                 table: change.table.clone(),
                 reason: "link resolved but the row still cannot be routed".into(),
-                raw: raw_of(&change),
+                raw: self.raw(&source, &change),
             }),
         }
     }
@@ -1161,11 +1311,21 @@ impl Router {
                     )
                 })?;
                 let id = route.id_type.canonical(&text).ok_or_else(|| {
+                    let shown: String = text.chars().take(64).collect();
                     format!(
-                        "id column {col:?} holds {text:?}, not a valid {} id",
+                        "id column {col:?} holds {shown:?}{}, not a valid {} id",
+                        if shown.len() < text.len() { "…" } else { "" },
                         route.id_type.as_str()
                     )
                 })?;
+                if id.len() > crate::event::MAX_ID_BYTES {
+                    return Err(format!(
+                        "id column {col:?} holds an id of {} bytes, longer than the {} bytes an \
+                         id may have: no call could read or forget that entity",
+                        id.len(),
+                        crate::event::MAX_ID_BYTES
+                    ));
+                }
                 Ok(Some(id.into()))
             }
             IdRule::Via { table, column } => {
@@ -1312,10 +1472,23 @@ fn push_change(
     set.changes.push(tc);
 }
 
-fn raw_of(change: &RowChange) -> String {
+/// A change as a dead letter shows it: its images as JSON, the columns
+/// `masked` names redacted (`"***"`).
+fn raw_of(change: &RowChange, masked: impl Fn(&str) -> bool) -> String {
     let img = |r: &Option<Row>| {
         r.as_ref().map(|r| {
-            serde_json::Value::Object(r.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+            serde_json::Value::Object(
+                r.iter()
+                    .map(|(k, v)| {
+                        let v = if masked(k) {
+                            serde_json::Value::String("***".into())
+                        } else {
+                            v.to_json()
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            )
         })
     };
     serde_json::json!({
@@ -1390,6 +1563,119 @@ name = "customer"
                 _ => None,
             })
             .collect()
+    }
+
+    /// One source flooding rows whose link never comes pushes out its own
+    /// oldest waiting rows (to the dead letters, with the bound named), not
+    /// another source's; the other's row is released when its link comes,
+    /// and each source's checkpoint stays before its own oldest waiting row.
+    #[test]
+    fn waiting_rows_are_bounded_per_source() {
+        let text = format!(
+            "[router]\npending_max = 3\n{CFG}\
+             \n  [[entities.tables]]\n  name = \"refunds\"\n  source = \"shop\"\n  from = \"refunds\"\
+             \n  id_via = {{ table = \"invoices\", column = \"invoice_id\" }}\n  primary_key = [\"id\"]\
+             \n\n[[sources]]\nname = \"shop\"\nkind = \"grpc_push\"\n"
+        );
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+        let mut r = Router::new(&cfg, 4, &Checkpoints::default());
+        let out = r.route(SourceTxn {
+            source: "shop".into(),
+            ..txn(
+                1,
+                vec![insert("refunds", row(&[("id", 1), ("invoice_id", 10)]))],
+            )
+        });
+        assert!(out.records.is_empty() && out.dead.is_empty());
+        let mut dead = Vec::new();
+        for i in 0..10 {
+            let out = r.route(txn(
+                100 + i as u64,
+                vec![insert(
+                    "payments",
+                    row(&[("id", i), ("invoice_id", 1000 + i)]),
+                )],
+            ));
+            dead.extend(out.dead);
+        }
+        assert_eq!(dead.len(), 7, "billing keeps its newest 3");
+        assert!(dead.iter().all(|d| d.source == "billing"));
+        assert!(
+            dead[0].reason.contains("router.pending_max"),
+            "{}",
+            dead[0].reason
+        );
+        assert_eq!(r.pending_len(), 4);
+        let held = r.checkpoints();
+        assert_eq!(held[&Arc::<str>::from("billing")], Some(Position::Seq(106)));
+        assert_eq!(held[&Arc::<str>::from("shop")], None);
+        // The shop's refund was not pushed out: its invoice releases it.
+        let out = r.route(txn(
+            200,
+            vec![insert("invoices", row(&[("id", 10), ("customer_id", 7)]))],
+        ));
+        assert!(
+            routed(&out).contains(&t("7", "refunds", Op::Insert, 1)),
+            "{:?}",
+            routed(&out)
+        );
+        assert_eq!(r.pending_len(), 3);
+    }
+
+    /// A column a view masks is masked in the router's dead letters too.
+    #[test]
+    fn dead_letters_mask_what_views_mask() {
+        let text = format!(
+            "{CFG}  [entities.views.public]\n  tables = [\"payments\"]\n  \
+             mask = {{ \"payments.card\" = \"redact\" }}\n\n[router]\npending_max = 1\n"
+        );
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+        let mut r = Router::new(&cfg, 4, &Checkpoints::default());
+        let payment = |id: i64| {
+            let mut row = row(&[("id", id), ("invoice_id", 99)]);
+            row.insert("card".into(), Value::Text("4111 1111 1111 1111".into()));
+            insert("payments", row)
+        };
+        r.route(txn(1, vec![payment(1)]));
+        let out = r.route(txn(2, vec![payment(2)]));
+        assert_eq!(out.dead.len(), 1);
+        let raw = &out.dead[0].raw;
+        assert!(!raw.contains("4111"), "{raw}");
+        assert!(raw.contains(r#""card":"***""#), "{raw}");
+        assert!(raw.contains(r#""invoice_id":99"#), "{raw}");
+    }
+
+    /// A source row whose id is longer than the API takes is dead-lettered
+    /// (no call could read or forget its entity); one at the limit routes.
+    #[test]
+    fn ids_longer_than_the_api_takes_are_dead_lettered() {
+        let text = CFG.replace(
+            "name = \"customer\"\n",
+            "name = \"customer\"\nid_type = \"string\"\n",
+        );
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+        let mut r = Router::new(&cfg, 4, &Checkpoints::default());
+        let invoice = |id: i64, customer: String| {
+            let mut row = row(&[("id", id)]);
+            row.insert("customer_id".into(), Value::Text(customer));
+            insert("invoices", row)
+        };
+        let max = crate::event::MAX_ID_BYTES;
+        let out = r.route(txn(
+            1,
+            vec![invoice(1, "c".repeat(max)), invoice(2, "c".repeat(max + 1))],
+        ));
+        assert_eq!(sets(&out).len(), 1, "the one at the limit routes");
+        assert_eq!(out.dead.len(), 1);
+        assert!(
+            out.dead[0].reason.contains("longer than the 1024 bytes"),
+            "{}",
+            out.dead[0].reason
+        );
+        assert!(
+            out.dead[0].reason.len() < 300,
+            "the reason does not carry the id"
+        );
     }
 
     #[test]

@@ -391,7 +391,7 @@ impl Metrics {
 }
 
 /// One dead letter, as kept in memory and written to the file.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     pub time: String,
     pub source: String,
@@ -403,13 +403,55 @@ pub struct DeadLetter {
 /// The embedded dead-letter output: a JSON-lines file plus the last few in
 /// memory, counted per source.
 pub struct DeadLetters {
-    file: Mutex<Option<File>>,
+    file: Mutex<Option<DlqFile>>,
     path: PathBuf,
+    /// The file is rotated past this size (`dlq.max_file_bytes`) ...
+    max_file_bytes: u64,
+    /// ... and this many rotated files are kept (`dlq.keep_files`):
+    /// `<file>.1` the newest.
+    keep_files: usize,
     recent: Mutex<VecDeque<DeadLetter>>,
     keep_last: usize,
     metrics: std::sync::Arc<Metrics>,
     /// In Kafka mode, `<prefix>.dlq` too.
     topic: std::sync::OnceLock<DlqTopic>,
+}
+
+/// The open dead-letter file: its size, and whether lines were written
+/// since it was last synced to disk.
+struct DlqFile {
+    file: File,
+    len: u64,
+    dirty: bool,
+}
+
+/// Opens (appends to) the dead-letter file, created readable by the
+/// fabric's user only: dead letters carry rows as the sources sent them.
+fn open_dlq(path: &Path) -> std::io::Result<DlqFile> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut open = OpenOptions::new();
+    open.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.mode(0o600);
+    }
+    let file = open.open(path)?;
+    let len = file.metadata()?.len();
+    Ok(DlqFile {
+        file,
+        len,
+        dirty: false,
+    })
+}
+
+/// `<path>.<n>`: a rotated dead-letter file.
+fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
 }
 
 /// The dead-letter topic: raw input as the value, the reason in headers.
@@ -434,25 +476,70 @@ impl DeadLetters {
     /// Opens (appends to) `path`; a file that cannot be opened is reported
     /// once and dead letters are then only counted and kept in memory.
     pub fn new(path: &Path, keep_last: usize, metrics: std::sync::Arc<Metrics>) -> Self {
-        let file = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| OpenOptions::new().create(true).append(true).open(path));
-        let file = match file {
+        let file = match open_dlq(path) {
             Ok(f) => Some(f),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot open the dead-letter file; dead letters are only counted");
                 None
             }
         };
+        let defaults = crate::config::DlqConfig::default();
         DeadLetters {
             file: Mutex::new(file),
             path: path.to_path_buf(),
+            max_file_bytes: defaults.max_file_bytes,
+            keep_files: defaults.keep_files,
             recent: Mutex::new(VecDeque::new()),
             keep_last,
             metrics,
             topic: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Rotates the file past `max_file_bytes`, keeping `keep_files` rotated
+    /// files: what dead letters take on disk stays bounded however many
+    /// there are.
+    pub fn rotating(mut self, max_file_bytes: u64, keep_files: usize) -> Self {
+        self.max_file_bytes = max_file_bytes.max(1);
+        self.keep_files = keep_files;
+        self
+    }
+
+    /// Syncs the lines written since the last sync to disk. Called before
+    /// sources' checkpoints are published: a checkpoint past an input that
+    /// was dead-lettered means the source will not send it again, so its
+    /// dead letter must not be lost with the page cache.
+    pub fn sync(&self) {
+        if let Some(f) = self.file.lock().as_mut()
+            && f.dirty
+        {
+            if let Err(e) = f.file.sync_data() {
+                tracing::warn!(error = %e, "cannot sync the dead-letter file");
+            }
+            f.dirty = false;
+        }
+    }
+
+    /// Moves the full file to `<file>.1` (and each older one a number up,
+    /// the oldest beyond `keep_files` gone) and opens a new one.
+    fn rotate(&self, slot: &mut Option<DlqFile>) -> std::io::Result<()> {
+        if let Some(f) = slot.take() {
+            f.file.sync_data()?;
+        }
+        if self.keep_files == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(rotated(&self.path, self.keep_files));
+            for n in (1..self.keep_files).rev() {
+                let from = rotated(&self.path, n);
+                if from.exists() {
+                    std::fs::rename(&from, rotated(&self.path, n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        }
+        *slot = Some(open_dlq(&self.path)?);
+        Ok(())
     }
 
     /// Sends every dead letter from now on to `topic` as well.
@@ -534,12 +621,24 @@ impl DeadLetters {
             .dead_letters
             .get_or_create(&Metrics::source(source))
             .inc();
-        if let Some(f) = self.file.lock().as_mut() {
-            let line = serde_json::to_string(&dl).unwrap_or_default();
-            if let Err(e) = writeln!(f, "{line}") {
-                tracing::warn!(error = %e, "cannot write the dead-letter file");
+        let mut slot = self.file.lock();
+        let line = serde_json::to_string(&dl).unwrap_or_default() + "\n";
+        let full = slot
+            .as_ref()
+            .is_some_and(|f| f.len > 0 && f.len + line.len() as u64 > self.max_file_bytes);
+        if full && let Err(e) = self.rotate(&mut slot) {
+            tracing::warn!(error = %e, path = %self.path.display(), "cannot rotate the dead-letter file");
+        }
+        if let Some(f) = slot.as_mut() {
+            match f.file.write_all(line.as_bytes()) {
+                Ok(()) => {
+                    f.len += line.len() as u64;
+                    f.dirty = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot write the dead-letter file"),
             }
         }
+        drop(slot);
         let mut recent = self.recent.lock();
         recent.push_back(dl);
         while recent.len() > self.keep_last {
@@ -577,5 +676,67 @@ impl DeadLetters {
             .dead_letters
             .get_or_create(&Metrics::source(source))
             .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letters(dir: &Path, max: u64, keep: usize) -> DeadLetters {
+        DeadLetters::new(
+            &dir.join("dlq.jsonl"),
+            10,
+            std::sync::Arc::new(Metrics::new()),
+        )
+        .rotating(max, keep)
+    }
+
+    /// The dead-letter file is its owner's only, moves to `.1` when full,
+    /// keeps `keep_files` rotated files and no more, and loses no line of
+    /// those it keeps.
+    #[test]
+    fn the_dead_letter_file_is_private_rotated_and_bounded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = letters(dir.path(), 1000, 2);
+        let raw = "x".repeat(200);
+        for i in 0..40 {
+            dlq.record("pg", "t", &format!("bad row {i}"), &raw);
+        }
+        dlq.sync();
+        let path = dir.path().join("dlq.jsonl");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["dlq.jsonl", "dlq.jsonl.1", "dlq.jsonl.2"]);
+        let mut reasons = Vec::new();
+        for name in ["dlq.jsonl.2", "dlq.jsonl.1", "dlq.jsonl"] {
+            let p = dir.path().join(name);
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(text.len() <= 1000, "{name}: {} bytes", text.len());
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+            for line in text.lines() {
+                let d: DeadLetter = serde_json::from_str(line).unwrap();
+                reasons.push(d.reason);
+            }
+        }
+        // The newest lines, in order, with none missing between them.
+        let first: usize = reasons[0].trim_start_matches("bad row ").parse().unwrap();
+        let want: Vec<String> = (first..40).map(|i| format!("bad row {i}")).collect();
+        assert_eq!(reasons, want);
+        assert!(first > 0, "nothing was rotated away");
+        // A restart appends to the file it finds (and its size counts).
+        drop(dlq);
+        let again = letters(dir.path(), 1000, 2);
+        again.record("pg", "t", "after restart", &raw);
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.len() <= 1000);
+        assert!(last.lines().last().unwrap().contains("after restart"));
     }
 }

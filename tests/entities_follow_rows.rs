@@ -523,23 +523,10 @@ async fn wait_billing_on(here: &FabricProcess, there: Option<&FabricProcess>) {
 /// chaos test's failures in CI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_back_on_a_process_does_not_bring_back_rows_deleted_while_it_was_away() {
-    let brokers = std::env::var("FABRIC_TEST_KAFKA").expect(
-        "FABRIC_TEST_KAFKA is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
-    );
     let dbs = TwoDatabases::create("fab_back").await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique("back");
-    let config = |name: &str| {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        dbs.config(
-            &d,
-            &format!(
-                "kind = \"kafka\"\npartitions = 4\n[bus.kafka]\nbrokers = \"{brokers}\"\n\
-                 topic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\ninstance_id = \"node-{name}\"\n"
-            ),
-        )
-    };
+    let config = |name: &str| dbs.kafka_config(dir.path(), &prefix, name);
     let (cfg_a, cfg_b) = (config("a"), config("b"));
     let mut b = FabricProcess::start(&cfg_b, &dir.path().join("b.log"));
     b.wait_serving(WITHIN).await;

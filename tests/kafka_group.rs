@@ -575,3 +575,118 @@ async fn a_broker_outage_moves_nothing() {
     );
     assert!(a.terminate() && b.terminate(), "both stop cleanly");
 }
+
+/// A read or a watch answered by another process carries what a read
+/// asked of the holder directly does: a customer whose name is 5 MiB (over
+/// tonic's default of 4 MiB for what a client accepts, under the server's
+/// `max_response_bytes`). Each process is read and watched, so one of them
+/// forwards. Before forwarded calls took the server's size, the forwarded
+/// read failed ("decoded message length too large") and the forwarded
+/// watch sent nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_watches_forwarded_to_another_process_carry_entities_over_4_mib() {
+    use entity_fabric::proto::{GetEntityRequest, WatchEntitiesRequest};
+    use sqlx::Connection;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dbs = common::two_databases::TwoDatabases::create("fab_big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("big");
+    let config = |name: &str| dbs.kafka_config(dir.path(), &prefix, name);
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let mut n = FabricProcess::start(&config(name), &dir.path().join(format!("{name}.log")));
+        n.wait_serving(Duration::from_secs(90)).await;
+        nodes.push(n);
+    }
+    wait_spread(&[&nodes[0], &nodes[1]]).await;
+    let client = |n: &FabricProcess| {
+        let grpc = n.grpc.clone();
+        async move {
+            EntityServiceClient::new(Channel::from_shared(grpc).unwrap().connect().await.unwrap())
+                .max_decoding_message_size(64 << 20)
+        }
+    };
+    let customer = || GetEntityRequest {
+        r#type: "customer".into(),
+        id: "3".into(),
+        ..Default::default()
+    };
+    let mut watches = Vec::new();
+    for n in &nodes {
+        eventually(Duration::from_secs(60), "customer 3", || async {
+            client(n).await.get_entity(customer()).await.ok()
+        })
+        .await;
+        let mut w = client(n)
+            .await
+            .watch_entities(WatchEntitiesRequest {
+                r#type: "customer".into(),
+                id: "3".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The current version first.
+        tokio::time::timeout(Duration::from_secs(60), w.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        watches.push(w);
+    }
+    let big = 5 << 20;
+    let mut pg = sqlx::PgConnection::connect(&dbs.pg).await.unwrap();
+    sqlx::query("UPDATE customers SET name = repeat('x', $1) WHERE id = 3")
+        .bind(big as i32)
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    let name_len = |e: &entity_fabric::proto::Entity| {
+        e.tables
+            .iter()
+            .filter(|t| t.name == "customer")
+            .flat_map(|t| &t.rows)
+            .filter_map(|r| r.columns.get("name"))
+            .filter_map(|v| entity_fabric::view::value_from_proto(v).ok())
+            .map(|v| v.to_string().len())
+            .max()
+            .unwrap_or(0)
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        let e = eventually(Duration::from_secs(60), "the 5 MiB name read", || async {
+            let e = client(n).await.get_entity(customer()).await;
+            match e {
+                Ok(e) if name_len(e.get_ref()) == big => Some(Ok(())),
+                Ok(_) => None,
+                Err(s) if s.code() == tonic::Code::Unavailable => None,
+                Err(s) => Some(Err(s)),
+            }
+        })
+        .await;
+        assert!(
+            e.is_ok(),
+            "process {i}: {e:?}\nlogs:\n{}\n{}",
+            nodes[0].log_text(),
+            nodes[1].log_text()
+        );
+        // Versions before the update may come first; the watch must bring
+        // the 5 MiB one, and not end.
+        loop {
+            let change = tokio::time::timeout(Duration::from_secs(60), watches[i].message())
+                .await
+                .unwrap_or_else(|_| panic!("process {i}: the watch sent nothing in 60 s"));
+            let change = change
+                .unwrap_or_else(|s| panic!("process {i}: the watch ended: {s}"))
+                .unwrap_or_else(|| panic!("process {i}: the watch ended"));
+            if name_len(change.entity.as_ref().unwrap()) == big {
+                break;
+            }
+        }
+    }
+    drop(watches);
+    for mut n in nodes {
+        assert!(n.terminate(), "{}", n.log_text());
+    }
+    dbs.drop_all().await;
+}

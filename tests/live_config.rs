@@ -400,6 +400,48 @@ async fn sources_tables_views_and_types_change_while_serving() {
         ["customer", "orders"]
     );
 
+    // A watch of the whole type through the masked view, open across the
+    // reload that removes the view: every message it brings is masked, and
+    // it ends (ABORTED, saying why) rather than fall back to the whole
+    // entity, unmasked, for the changes after.
+    let mut watch = entity_fabric::proto::entity_service_client::EntityServiceClient::connect(
+        fabric.grpc.clone(),
+    )
+    .await
+    .unwrap()
+    .watch_entities(entity_fabric::proto::WatchEntitiesRequest {
+        r#type: "customer".into(),
+        view: "public".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    pg_at_source(
+        &url,
+        "UPDATE customers SET email = 'ada@example.org' WHERE id = 1;",
+    )
+    .await;
+    let masked = |m: &entity_fabric::proto::EntityChange| {
+        let e = m.entity.as_ref().unwrap();
+        for t in &e.tables {
+            for r in &t.rows {
+                if let Some(v) = r.columns.get("email") {
+                    let v = entity_fabric::view::value_from_proto(v)
+                        .unwrap()
+                        .to_string();
+                    assert_eq!(v, "***", "a watch of the view sent {} unmasked", e.id);
+                }
+            }
+        }
+    };
+    let first = tokio::time::timeout(WITHIN, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    masked(&first);
+
     // `fabric reload` drops the table and the view again.
     write(v1);
     let (code, out) = fabric_cli(&["reload", "--config", &path]);
@@ -422,6 +464,18 @@ async fn sources_tables_views_and_types_change_while_serving() {
         (first_row_field(&fabric.grpc, "customer", "2", "name").await? == "Bob B.").then_some(())
     })
     .await;
+    let ended = loop {
+        match tokio::time::timeout(WITHIN, watch.message()).await.unwrap() {
+            Ok(Some(m)) => masked(&m),
+            Ok(None) => panic!("the watch of the removed view ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Aborted, "{ended}");
+    assert!(
+        ended.message().contains("removed view \"public\""),
+        "{ended}"
+    );
     assert_eq!(row_ids(&fabric, "2", "orders").await, Some(vec![]));
     // A read straight from the source does not bring the dropped table back.
     assert_eq!(table_names(&get_fresh(&fabric, "2").await), ["customer"]);

@@ -263,11 +263,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ),
     );
     store.set_retention(config.retention());
-    let dead_letters = Arc::new(DeadLetters::new(
-        &config.resolve(&config.dlq.file),
-        config.dlq.keep_last,
-        metrics.clone(),
-    ));
+    let dead_letters = Arc::new(
+        DeadLetters::new(
+            &config.resolve(&config.dlq.file),
+            config.dlq.keep_last,
+            metrics.clone(),
+        )
+        .rotating(config.dlq.max_file_bytes, config.dlq.keep_files),
+    );
 
     // Before anything slow: a missing key is a start-up error.
     let mask_key = crate::view::MaskKey::load(&config)?;
@@ -835,7 +838,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         m.leave().await;
     }
     servers_stop.cancel();
-    while side.join_next().await.is_some() {}
+    // The servers end once their streams have (every watch ends with the
+    // stop); bounded all the same: a stop must stop.
+    let ended = tokio::time::timeout(SERVERS_END_MAX, async {
+        while side.join_next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        tracing::warn!(
+            left = side.len(),
+            waited = ?SERVERS_END_MAX,
+            "servers or side tasks did not end after the stop (a client holding a stream open?); stopping anyway"
+        );
+        side.abort_all();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -997,6 +1013,9 @@ const CUT_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// Transactions the router may have on their way to the bus at once.
 const MAX_IN_FLIGHT: usize = 4096;
 
+/// How long a stop waits for the servers and side tasks to end once told.
+const SERVERS_END_MAX: Duration = Duration::from_secs(10);
+
 /// What becomes true once a transaction's records are on the bus: the
 /// router's checkpoints after it, and the sender's notice.
 type Landed = (
@@ -1010,6 +1029,8 @@ type Landed = (
 /// end per partition (`ends`, kept by the router task) for reads that wait
 /// for positions.
 fn landed(f: &Fabric, checkpoints: BTreeMap<Arc<str>, Option<Position>>, ends: &[u64]) {
+    // Dead letters of what these checkpoints pass are on disk first.
+    f.dead_letters.sync();
     f.frontiers.reached(checkpoints.iter(), ends);
     publish_checkpoints(f, checkpoints);
 }
@@ -1397,7 +1418,7 @@ async fn supervise(
             stop.clone(),
         );
         ctx.store_may_hold_rows = fabric.store_may_hold_rows || replaces;
-        let result = source.run(ctx).await;
+        let result = caught(&name, source.run(ctx)).await;
         // Not connected any more: not caught up until a new run says so,
         // and its lag grows from now (or from its last commit read).
         status.disconnected();
@@ -1442,9 +1463,47 @@ async fn supervise(
     }
 }
 
+/// A source's run, with a panic in it (a bug, a decoder meeting input it
+/// did not expect) made a retryable error: the source is restarted with
+/// backoff from where the router has it, and its status and log say it
+/// panicked, instead of the task ending while the status still says
+/// streaming.
+async fn caught(
+    name: &str,
+    run: impl std::future::Future<Output = Result<(), crate::sources::SourceError>>,
+) -> Result<(), crate::sources::SourceError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => {
+            let what = crate::grpc::guard::panic_message(&*p).to_string();
+            tracing::error!(source = name, panic = %what, "the source's task panicked; restarting it");
+            Err(crate::sources::SourceError::external(
+                name,
+                "its task panicked (a bug: please report it with the log); restarted",
+                what,
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source whose run panics gets a retryable error saying so.
+    #[tokio::test]
+    async fn a_panicking_source_is_a_retryable_error_that_says_it_panicked() {
+        async fn boom() -> Result<(), crate::sources::SourceError> {
+            panic!("unexpected column type 245")
+        }
+        let e = caught("crm", boom()).await.unwrap_err();
+        assert!(e.retryable());
+        let text = e.to_string();
+        assert!(text.contains("panicked"), "{text}");
+        assert!(text.contains("unexpected column type 245"), "{text}");
+        assert!(caught("crm", async { Ok(()) }).await.is_ok());
+    }
 
     /// The reconnect schedule doubles while a source keeps failing, caps at
     /// 30 s, and starts over after a run that streamed.

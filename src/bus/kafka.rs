@@ -308,6 +308,13 @@ pub fn durable_producer(client: &ClientConfig) -> Result<Producer, BusError> {
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1");
+    if c.get("message.max.bytes").is_none() {
+        // A record of MAX_RECORD_BYTES, with its batch's framing.
+        c.set(
+            "message.max.bytes",
+            (MAX_RECORD_BYTES + (64 << 10)).to_string(),
+        );
+    }
     if c.get("message.timeout.ms").is_none() && c.get("delivery.timeout.ms").is_none() {
         c.set("message.timeout.ms", "0");
     }
@@ -318,6 +325,14 @@ pub fn durable_producer(client: &ClientConfig) -> Result<Producer, BusError> {
     }
     create(&c).map_err(kafka("create a producer"))
 }
+
+/// The largest record the fabric writes to its topics, and the
+/// `max.message.bytes` it creates them with (brokers default to about
+/// 1 MB: a transaction writing a large row, or the state of an entity of
+/// thousands of rows, is more). Consumers read records this large by
+/// default (librdkafka and the Java client fetch a record over their fetch
+/// sizes alone).
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
 /// Creates `topic` with `partitions` when it does not exist. An existing
 /// topic with fewer partitions than needed is refused: records would be
@@ -337,6 +352,10 @@ pub async fn ensure_topic(
     );
     for (k, v) in configs {
         new = new.set(k, v);
+    }
+    let max = MAX_RECORD_BYTES.to_string();
+    if !configs.iter().any(|(k, _)| *k == "max.message.bytes") {
+        new = new.set("max.message.bytes", &max);
     }
     let results = admin
         .create_topics(

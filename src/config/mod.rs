@@ -383,9 +383,13 @@ pub struct SnapshotEncryption {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RouterConfig {
     /// Change events whose `id_via` link is not known yet may wait, at most
-    /// this many at once; beyond it the oldest goes to the dead-letter output.
+    /// this many per source at once; beyond it the source's oldest goes to
+    /// the dead-letter output.
     #[serde(default = "default_pending_max")]
     pub pending_max: usize,
+    /// As `pending_max`, in bytes of row images per source.
+    #[serde(default = "default_pending_max_bytes")]
+    pub pending_max_bytes: usize,
     /// How long such an event may wait for its link, e.g. `"30s"`.
     #[serde(default = "default_pending_timeout")]
     pub pending_timeout: String,
@@ -399,6 +403,20 @@ pub struct DlqConfig {
     /// How many recent dead letters the status APIs keep in memory.
     #[serde(default = "default_dlq_keep_last")]
     pub keep_last: usize,
+    /// The file is moved to `<file>.1` once it would grow past this size.
+    #[serde(default = "default_dlq_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`<file>.1` the newest); older ones are deleted.
+    #[serde(default = "default_dlq_keep_files")]
+    pub keep_files: usize,
+}
+
+fn default_dlq_max_file_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_dlq_keep_files() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1155,6 +1173,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             pending_max: default_pending_max(),
+            pending_max_bytes: default_pending_max_bytes(),
             pending_timeout: default_pending_timeout(),
         }
     }
@@ -1165,6 +1184,8 @@ impl Default for DlqConfig {
         DlqConfig {
             file: default_dlq_file(),
             keep_last: default_dlq_keep_last(),
+            max_file_bytes: default_dlq_max_file_bytes(),
+            keep_files: default_dlq_keep_files(),
         }
     }
 }
@@ -1261,6 +1282,10 @@ fn default_snapshot_interval() -> String {
 fn default_snapshot_keep() -> usize {
     3
 }
+fn default_pending_max_bytes() -> usize {
+    256 << 20
+}
+
 fn default_pending_max() -> usize {
     100_000
 }

@@ -92,6 +92,12 @@ pub struct SourceTxn {
     pub changes: Vec<RowChange>,
 }
 
+/// The longest entity id, in bytes: the gRPC API refuses a longer one
+/// (INVALID_ARGUMENT: ids are Kafka keys and log fields, not payloads), and
+/// the router dead-letters a source row that would make one (an entity no
+/// call could read or forget).
+pub const MAX_ID_BYTES: usize = 1024;
+
 /// The key of one entity: its type and its id in canonical text form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EntityKey {

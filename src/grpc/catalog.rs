@@ -130,9 +130,10 @@ impl CatalogService for CatalogApi {
                 &*key.entity_type
             )));
         }
+        let peers = &*self.peers;
         let out = super::forward::on_holder(
             f,
-            &self.peers,
+            peers,
             &request,
             &key,
             || async {
@@ -143,7 +144,8 @@ impl CatalogService for CatalogApi {
                 Ok(lineage(f, &e))
             },
             |c, ask| async move {
-                crate::proto::catalog_service_client::CatalogServiceClient::new(c)
+                peers
+                    .catalog_client(c)
                     .get_lineage(ask)
                     .await
                     .map(Response::into_inner)

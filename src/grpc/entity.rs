@@ -674,6 +674,11 @@ async fn kept_versions(
     auth: &forward::Credentials,
 ) -> Vec<EntityChange> {
     let view = fabric.views().get(&key.entity_type, &r.view);
+    // A reload removed the view since the request was checked: nothing, not
+    // the whole entity (the live part of the watch ends with the reason).
+    if view.is_none() && !r.view.is_empty() {
+        return Vec::new();
+    }
     let view = view.as_deref();
     match forward::route(fabric, key.partition(fabric.bus.partitions())) {
         Route::Local if r.from_version == 0 => fabric
@@ -748,7 +753,18 @@ async fn local_changes(
 ) {
     let mut all = fabric.views();
     let mut view = all.get(&ty, &view_name);
+    // Removed by a reload since the request was checked: the watch ends
+    // before its first message, never falling back to the whole entity.
+    let mut removed = !view_name.is_empty() && view.is_none();
     loop {
+        if removed {
+            let _ = tx
+                .send(Err(Status::aborted(format!(
+                    "a config reload removed view {view_name:?} of {ty}; watch again"
+                ))))
+                .await;
+            return;
+        }
         let next = tokio::select! {
             _ = fabric.streams_stop.cancelled() => return,
             _ = tx.closed() => return,
@@ -780,18 +796,17 @@ async fn local_changes(
         if now.epoch != all.epoch {
             all = now;
             view = all.get(&ty, &view_name);
-            if (!view_name.is_empty() && view.is_none()) || fabric.config().entity(&ty).is_none() {
+            if fabric.config().entity(&ty).is_none() {
                 let _ = tx
                     .send(Err(Status::aborted(format!(
-                        "a config reload removed {}; watch again",
-                        if view.is_none() && !view_name.is_empty() {
-                            format!("view {view_name:?} of {ty}")
-                        } else {
-                            format!("entity type {ty:?}")
-                        }
+                        "a config reload removed entity type {ty:?}; watch again"
                     ))))
                     .await;
                 return;
+            }
+            removed = !view_name.is_empty() && view.is_none();
+            if removed {
+                continue;
             }
         }
         let tables: Vec<String> = change

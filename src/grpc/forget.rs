@@ -9,7 +9,6 @@ use crate::access::Action;
 use crate::app::Fabric;
 use crate::erase::{self, Erased};
 use crate::event::{EntityKey, EraseAction};
-use crate::proto::entity_service_client::EntityServiceClient;
 use crate::proto::{
     ForgetEntityRequest, ForgetEntityResponse, UnblockEntityRequest, UnblockEntityResponse,
 };
@@ -59,7 +58,8 @@ pub(super) async fn forget(
             Ok(response(&e))
         },
         |c, ask| async move {
-            EntityServiceClient::new(c)
+            peers
+                .entity_client(c)
                 .forget_entity(ask)
                 .await
                 .map(Response::into_inner)
@@ -110,7 +110,8 @@ pub(super) async fn unblock(
             })
         },
         |c, ask| async move {
-            EntityServiceClient::new(c)
+            peers
+                .entity_client(c)
                 .unblock_entity(ask)
                 .await
                 .map(Response::into_inner)

@@ -49,19 +49,37 @@ pub fn route(f: &Fabric, p: u32) -> Route {
 }
 
 /// Connections to the other processes, by address.
-#[derive(Default)]
 pub struct Peers {
     clients: DashMap<String, Channel>,
     /// With `[server.tls]`: how this process connects to the others (they
     /// serve TLS too), presenting its own certificate.
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The largest message a peer sends (`server.max_response_bytes`, the
+    /// same config on every process): a forwarded answer or watch message
+    /// is accepted up to the size a client asking here directly would get,
+    /// not tonic's default of 4 MiB.
+    max_message: usize,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers {
+            clients: DashMap::new(),
+            tls: None,
+            max_message: crate::config::ServerConfig::default().max_response_bytes,
+        }
+    }
 }
 
 impl Peers {
     /// Clients for the fabric of `config`; its TLS files are read now.
     pub fn new(config: &crate::config::Config) -> anyhow::Result<Peers> {
+        let max_message = config.server.max_response_bytes;
         let Some(tls) = &config.server.tls else {
-            return Ok(Peers::default());
+            return Ok(Peers {
+                max_message,
+                ..Peers::default()
+            });
         };
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
         let ca = tls
@@ -80,12 +98,27 @@ impl Peers {
         Ok(Peers {
             clients: DashMap::new(),
             tls: Some(client),
+            max_message,
         })
+    }
+
+    /// An `EntityService` client on connection `c` to a peer.
+    pub fn entity_client(&self, c: Channel) -> EntityServiceClient<Channel> {
+        EntityServiceClient::new(c).max_decoding_message_size(self.max_message)
+    }
+
+    /// A `CatalogService` client on connection `c` to a peer.
+    pub fn catalog_client(
+        &self,
+        c: Channel,
+    ) -> crate::proto::catalog_service_client::CatalogServiceClient<Channel> {
+        crate::proto::catalog_service_client::CatalogServiceClient::new(c)
+            .max_decoding_message_size(self.max_message)
     }
 
     /// An `EntityService` client of the process at `addr`.
     pub fn client(&self, addr: &str) -> Result<EntityServiceClient<Channel>, Status> {
-        self.channel(addr).map(EntityServiceClient::new)
+        self.channel(addr).map(|c| self.entity_client(c))
     }
 
     /// The connection to the process at `addr` (made on first use).

@@ -26,9 +26,7 @@ use std::task::{Context, Poll};
 use tonic::Status;
 use tonic::codegen::http;
 
-/// The longest id the gRPC API takes, in bytes; a longer one is
-/// INVALID_ARGUMENT (ids are Kafka keys and log fields, not payloads).
-pub const MAX_ID_BYTES: usize = 1024;
+pub use crate::event::MAX_ID_BYTES;
 
 /// At most this many characters of client input are echoed in messages.
 const SHOWN_CHARS: usize = 64;

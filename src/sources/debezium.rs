@@ -399,10 +399,23 @@ fn decimal_scale(schema: &Json) -> Result<i32, String> {
 /// of gigabytes (PostgreSQL's own limit is 16383 digits after the point).
 const MAX_DECIMAL_SCALE: i32 = 16_383;
 
+/// Longest unscaled decimal accepted, in bytes (about 9,860 digits; a
+/// PostgreSQL `numeric` with a declared precision has at most 1,000, a
+/// MySQL `DECIMAL` 65). Turning the bytes into digits costs the square of
+/// their length: checked before decoding, so one message cannot hold a
+/// connector for seconds.
+const MAX_DECIMAL_BYTES: usize = 4096;
+
 fn decimal_from_base64(s: &str, scale: i32) -> Result<String, String> {
     if !(-MAX_DECIMAL_SCALE..=MAX_DECIMAL_SCALE).contains(&scale) {
         return Err(format!(
             "decimal scale {scale} is outside -{MAX_DECIMAL_SCALE}..={MAX_DECIMAL_SCALE}"
+        ));
+    }
+    if s.len() > MAX_DECIMAL_BYTES.div_ceil(3) * 4 {
+        return Err(format!(
+            "a decimal of {} base64 characters is longer than the {MAX_DECIMAL_BYTES} bytes accepted",
+            s.len()
         ));
     }
     let bytes = base64::engine::general_purpose::STANDARD
@@ -745,6 +758,13 @@ mod tests {
         }
         assert_eq!(decimal_text(&ten30, 0), format!("1{}", "0".repeat(30)));
         assert!(decimal_from_base64("not base64!", 2).is_err());
+        // Longer than accepted: refused before decoding (a 1 MB one would
+        // take minutes to turn into digits).
+        use base64::Engine;
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0x7f; n]);
+        assert!(decimal_from_base64(&b64(MAX_DECIMAL_BYTES), 0).is_ok());
+        let err = decimal_from_base64(&b64(1 << 20), 0).unwrap_err();
+        assert!(err.contains("longer than the 4096 bytes"), "{err}");
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl BlockedFile {
         bytes.extend_from_slice(&body);
         fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = path.with_extension("ids.tmp");
-        let mut f = File::create(&tmp).map_err(io)?;
+        let mut f = super::snapshot::create_private(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;

@@ -211,7 +211,7 @@ pub fn write(
     };
     meta.key_generation = prepared.as_ref().map_or(0, |p| p.generation);
     let tmp = path.with_extension("snap.tmp");
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let file = create_private(&tmp).map_err(io_err(&tmp))?;
     let mut out = Summing {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -612,6 +612,19 @@ pub fn prune(dir: &Path, keep: usize) -> Result<Vec<u64>, SnapshotError> {
     Ok(rounds)
 }
 
+/// Creates (truncates) `path` readable and writable by the fabric's user
+/// only: snapshots hold every row of every entity (encrypted or not).
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    let mut open = std::fs::OpenOptions::new();
+    open.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.mode(0o600);
+    }
+    open.open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,6 +669,9 @@ mod tests {
         assert_eq!(back.meta, meta(5));
         assert_eq!(back.entities.len(), 100);
         assert_eq!(back.entities[7], *ents[7]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a snapshot is readable by its owner only");
     }
 
     #[test]

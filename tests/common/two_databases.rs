@@ -68,6 +68,25 @@ impl TwoDatabases {
         TwoDatabases { db, pg, my }
     }
 
+    /// The config of process `name` of a fabric of these databases on the
+    /// Kafka broker of the test services (`FABRIC_TEST_KAFKA`): 4 partitions,
+    /// topics under `prefix`, its own directory under `dir`, and
+    /// `node-<name>` as its member id (ids sort as the names do).
+    pub fn kafka_config(&self, dir: &Path, prefix: &str, name: &str) -> PathBuf {
+        let brokers = std::env::var("FABRIC_TEST_KAFKA").expect(
+            "FABRIC_TEST_KAFKA is not set: run the tests with ./scripts/test.sh, or eval \"$(scripts/services.sh start)\" first",
+        );
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        self.config(
+            &d,
+            &format!(
+                "kind = \"kafka\"\npartitions = 4\n[bus.kafka]\nbrokers = \"{brokers}\"\n\
+                 topic_prefix = \"{prefix}\"\nsession_timeout = \"6s\"\ninstance_id = \"node-{name}\"\n"
+            ),
+        )
+    }
+
     /// URL of the MariaDB database.
     pub fn my_db(&self) -> String {
         format!("{}/{}", self.my, self.db)
