@@ -470,8 +470,8 @@ impl Router {
             pending: Waiting::default(),
             masked: masked_of(config),
             next_seq: 0,
-            pending_max: config.router.pending_max,
-            pending_max_bytes: config.router.pending_max_bytes,
+            pending_max: config.router.pending_max.max(1),
+            pending_max_bytes: config.router.pending_max_bytes.max(1),
             pending_timeout: config.pending_timeout(),
             routed: config
                 .sources
@@ -882,6 +882,22 @@ impl Router {
         link: LinkKey,
         out: &mut Routed,
     ) {
+        let bytes = change_bytes(change);
+        if bytes > self.pending_max_bytes {
+            // Alone over the bound: given up at once, the source's other
+            // waiting changes stay.
+            out.dead.push(Unroutable {
+                source: txn.source.to_string(),
+                table: change.table.clone(),
+                reason: format!(
+                    "a change of {bytes} bytes waits for {}.{} key {:?}, more than the {} bytes \
+                     of changes a source may have waiting (router.pending_max_bytes)",
+                    route.entity_type, link.1, link.2, self.pending_max_bytes
+                ),
+                raw: self.raw(&txn.source, change),
+            });
+            return;
+        }
         self.next_seq += 1;
         self.pending.push(Pending {
             since: Instant::now(),
@@ -892,7 +908,7 @@ impl Router {
             change: change.clone(),
             link,
             seq: self.next_seq,
-            bytes: change_bytes(change),
+            bytes,
         });
         // Over its bounds, the source's oldest waiting changes go to the
         // dead letters (synced before the checkpoint passes them): given
@@ -1620,6 +1636,31 @@ name = "customer"
             routed(&out)
         );
         assert_eq!(r.pending_len(), 3);
+    }
+
+    /// One change larger than a source may have waiting is given up alone:
+    /// the source's other waiting changes stay.
+    #[test]
+    fn a_change_over_the_byte_bound_goes_alone() {
+        let text = format!("[router]\npending_max_bytes = 2000\n{CFG}");
+        let cfg = Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+        let mut r = Router::new(&cfg, 4, &Checkpoints::default());
+        let out = r.route(txn(
+            1,
+            vec![insert("payments", row(&[("id", 1), ("invoice_id", 10)]))],
+        ));
+        assert!(out.dead.is_empty());
+        let mut big = row(&[("id", 2), ("invoice_id", 11)]);
+        big.insert("note".into(), Value::Text("x".repeat(5000)));
+        let out = r.route(txn(2, vec![insert("payments", big)]));
+        assert_eq!(out.dead.len(), 1);
+        assert!(
+            out.dead[0].reason.contains("router.pending_max_bytes"),
+            "{}",
+            out.dead[0].reason
+        );
+        assert!(out.dead[0].raw.contains("\"id\":2"), "{}", out.dead[0].raw);
+        assert_eq!(r.pending_len(), 1, "the small one still waits");
     }
 
     /// A column a view masks is masked in the router's dead letters too.

@@ -439,6 +439,12 @@ fn open_dlq(path: &Path) -> std::io::Result<DlqFile> {
         open.mode(0o600);
     }
     let file = open.open(path)?;
+    // A file an older build made readable by others is made private too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     let len = file.metadata()?.len();
     Ok(DlqFile {
         file,
@@ -513,10 +519,11 @@ impl DeadLetters {
         if let Some(f) = self.file.lock().as_mut()
             && f.dirty
         {
-            if let Err(e) = f.file.sync_data() {
-                tracing::warn!(error = %e, "cannot sync the dead-letter file");
+            match f.file.sync_data() {
+                Ok(()) => f.dirty = false,
+                // Still dirty: tried again before the next checkpoint.
+                Err(e) => tracing::warn!(error = %e, "cannot sync the dead-letter file"),
             }
-            f.dirty = false;
         }
     }
 
@@ -527,7 +534,10 @@ impl DeadLetters {
             f.file.sync_data()?;
         }
         if self.keep_files == 0 {
-            std::fs::remove_file(&self.path)?;
+            match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         } else {
             let _ = std::fs::remove_file(rotated(&self.path, self.keep_files));
             for n in (1..self.keep_files).rev() {
@@ -536,7 +546,10 @@ impl DeadLetters {
                     std::fs::rename(&from, rotated(&self.path, n + 1))?;
                 }
             }
-            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+            match std::fs::rename(&self.path, rotated(&self.path, 1)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         *slot = Some(open_dlq(&self.path)?);
         Ok(())
@@ -627,7 +640,17 @@ impl DeadLetters {
             .as_ref()
             .is_some_and(|f| f.len > 0 && f.len + line.len() as u64 > self.max_file_bytes);
         if full && let Err(e) = self.rotate(&mut slot) {
-            tracing::warn!(error = %e, path = %self.path.display(), "cannot rotate the dead-letter file");
+            tracing::warn!(error = %e, path = %self.path.display(), "cannot rotate the dead-letter file; writing on to it");
+            // Never left without a file: the lines go on to the path as
+            // it is (reopened), and the next line tries rotating again.
+            if slot.is_none() {
+                match open_dlq(&self.path) {
+                    Ok(f) => *slot = Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, path = %self.path.display(), "cannot open the dead-letter file")
+                    }
+                }
+            }
         }
         if let Some(f) = slot.as_mut() {
             match f.file.write_all(line.as_bytes()) {
@@ -738,5 +761,24 @@ mod tests {
         let last = std::fs::read_to_string(&path).unwrap();
         assert!(last.len() <= 1000);
         assert!(last.lines().last().unwrap().contains("after restart"));
+    }
+
+    /// A file gone from under it (deleted by hand) does not stop the dead
+    /// letters reaching disk: rotating finds nothing to move and goes on.
+    #[test]
+    fn a_dead_letter_file_deleted_by_hand_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        for keep in [0, 2] {
+            let dlq = letters(dir.path(), 600, keep);
+            dlq.record("pg", "t", "first", &"x".repeat(200));
+            std::fs::remove_file(&path).unwrap();
+            for i in 0..6 {
+                dlq.record("pg", "t", &format!("after {i}"), &"x".repeat(200));
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains("after 5"), "keep_files {keep}: {text}");
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }

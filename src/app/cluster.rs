@@ -644,34 +644,37 @@ impl Sources {
     /// them kept an index that stood still, and a row deleted since would
     /// come back with the next move of its link row.
     async fn learn_links(&self, starting: &[Arc<str>]) {
-        let Some(st) = self.state_topic.clone() else {
-            return;
-        };
         let f = &self.fabric;
         if !f.config().links_rows() {
             return;
         }
-        // What the index still holds from when these sources last ran here
-        // stood still while they ran elsewhere.
-        let _ = self
-            .router
-            .send(RouterControl::ForgetLinks(starting.to_vec()));
-        let mut n = 0;
+        // Everything first, then one step of the router: what the index
+        // held of the starting sources' tables goes, and what the entities
+        // hold comes in, with nothing routed in between.
+        let mut entities = Vec::new();
         for p in 0..f.bus.partitions() {
             if f.partitions[p as usize].owned.load(Ordering::Acquire) {
-                let entities = f.store.shard_entities(p);
-                n += entities.len();
-                let _ = self.router.send(RouterControl::LearnLinks(entities));
+                entities.extend(f.store.shard_entities(p));
                 continue;
             }
+            // With the state topic off, links held only by other processes'
+            // partitions are not known here (docs/kafka.md).
+            let Some(st) = self.state_topic.clone() else {
+                continue;
+            };
             let end = retrying("read the end of the log", || f.bus.log_end(p)).await;
-            let entities = retrying("read a partition held elsewhere", || {
-                partition_as_of(f, &st, p, end)
-            })
-            .await;
-            n += entities.len();
-            let _ = self.router.send(RouterControl::LearnLinks(entities));
+            entities.extend(
+                retrying("read a partition held elsewhere", || {
+                    partition_as_of(f, &st, p, end)
+                })
+                .await,
+            );
         }
+        let n = entities.len();
+        let _ = self.router.send(RouterControl::Relearn {
+            sources: starting.to_vec(),
+            entities,
+        });
         tracing::info!(entities = n, "id_via links learned before sources start");
     }
 

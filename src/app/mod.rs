@@ -973,8 +973,13 @@ pub enum RouterControl {
     /// Learn the links these entities hold (a partition was restored here).
     LearnLinks(Vec<Arc<crate::store::Entity>>),
     /// These sources start here (again): forget what the index holds of
-    /// their tables before it learns them anew ([`Router::forget_links_of`]).
-    ForgetLinks(Vec<Arc<str>>),
+    /// their tables ([`Router::forget_links_of`]) and learn the links these
+    /// entities hold, in one step of the router (the sources still running
+    /// here are never routed by an index between the two).
+    Relearn {
+        sources: Vec<Arc<str>>,
+        entities: Vec<Arc<crate::store::Entity>>,
+    },
     /// A source starts here from this checkpoint (the group gave it to
     /// this process): the router's checkpoint of it starts there too.
     Resume(Arc<str>, Option<Position>),
@@ -1107,7 +1112,10 @@ async fn route_loop(
             Some(c) = control.recv() => {
                 match c {
                     RouterControl::LearnLinks(entities) => router.learn_links(&entities),
-                    RouterControl::ForgetLinks(sources) => router.forget_links_of(&sources),
+                    RouterControl::Relearn { sources, entities } => {
+                        router.forget_links_of(&sources);
+                        router.learn_links(&entities);
+                    }
                     RouterControl::Resume(source, position) => {
                         router.resume(&source, position.clone());
                         f.routed.lock().insert(source, position);
@@ -1418,7 +1426,7 @@ async fn supervise(
             stop.clone(),
         );
         ctx.store_may_hold_rows = fabric.store_may_hold_rows || replaces;
-        let result = caught(&name, source.run(ctx)).await;
+        let (result, panicked) = caught(&name, source.run(ctx)).await;
         // Not connected any more: not caught up until a new run says so,
         // and its lag grows from now (or from its last commit read).
         status.disconnected();
@@ -1442,7 +1450,10 @@ async fn supervise(
                     .transactions
                     .load(std::sync::atomic::Ordering::Relaxed)
                     > read_before;
-                let wait = backoff.next(read || started.elapsed() >= Reconnect::STREAMED);
+                // A panic is no outage that ended: one that comes back on
+                // the same input keeps backing off, up to the cap.
+                let wait =
+                    backoff.next(!panicked && (read || started.elapsed() >= Reconnect::STREAMED));
                 tracing::warn!(error = %e, backoff_ms = wait.as_millis() as u64, "source failed; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => { status.set_state("stopped"); return; }
@@ -1471,18 +1482,19 @@ async fn supervise(
 async fn caught(
     name: &str,
     run: impl std::future::Future<Output = Result<(), crate::sources::SourceError>>,
-) -> Result<(), crate::sources::SourceError> {
+) -> (Result<(), crate::sources::SourceError>, bool) {
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(run).catch_unwind().await {
-        Ok(r) => r,
+        Ok(r) => (r, false),
         Err(p) => {
             let what = crate::grpc::guard::panic_message(&*p).to_string();
             tracing::error!(source = name, panic = %what, "the source's task panicked; restarting it");
-            Err(crate::sources::SourceError::external(
+            let e = crate::sources::SourceError::external(
                 name,
                 "its task panicked (a bug: please report it with the log); restarted",
                 what,
-            ))
+            );
+            (Err(e), true)
         }
     }
 }
@@ -1497,12 +1509,15 @@ mod tests {
         async fn boom() -> Result<(), crate::sources::SourceError> {
             panic!("unexpected column type 245")
         }
-        let e = caught("crm", boom()).await.unwrap_err();
+        let (e, panicked) = caught("crm", boom()).await;
+        assert!(panicked);
+        let e = e.unwrap_err();
         assert!(e.retryable());
         let text = e.to_string();
         assert!(text.contains("panicked"), "{text}");
         assert!(text.contains("unexpected column type 245"), "{text}");
-        assert!(caught("crm", async { Ok(()) }).await.is_ok());
+        let (ok, panicked) = caught("crm", async { Ok(()) }).await;
+        assert!(ok.is_ok() && !panicked);
     }
 
     /// The reconnect schedule doubles while a source keeps failing, caps at

@@ -421,6 +421,12 @@ fn decimal_from_base64(s: &str, scale: i32) -> Result<String, String> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| format!("bad base64 decimal: {e}"))?;
+    if bytes.len() > MAX_DECIMAL_BYTES {
+        return Err(format!(
+            "a decimal of {} bytes is longer than the {MAX_DECIMAL_BYTES} bytes accepted",
+            bytes.len()
+        ));
+    }
     Ok(decimal_text(&bytes, scale))
 }
 
